@@ -1,0 +1,3 @@
+from cliplab.cli import main
+
+main()

@@ -1,0 +1,226 @@
+"""Command-line interface: ``cliplab embed | train | eval retrieval | demo``.
+
+Every command writes a run directory (config, metrics JSON, a markdown table) and prints a table.
+User errors print as one line (``error: ...``) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cliplab.errors import CliplabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Learn and evaluate shared image-text embedding spaces.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")
+app.add_typer(eval_app, name="eval")
+console = Console()
+DEFAULT_DATA = "../shared/data/flickr8k"
+
+
+def _print_retrieval(results: dict[str, dict[str, float]], title: str) -> None:
+    from cliplab.eval.tables import retrieval_rows
+
+    header, rows = retrieval_rows(results)
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, justify="left" if h == "model" else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _run_dir(run_dir: Optional[Path], prefix: str) -> Path:
+    return run_dir or Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _load_config(config: Optional[Path], data: Optional[str], on_error: Optional[str], cache_dir: Optional[Path],
+                 overrides: List[str]):
+    from cliplab.train.config import RunConfig
+
+    cfg = RunConfig.load(config) if config else RunConfig()
+    extra = list(overrides)
+    if data:
+        extra.append(f"data.path={data}")
+    if on_error:
+        extra.append(f"data.on_error={on_error}")
+    if cache_dir:
+        extra.append(f"data.cache_dir={cache_dir}")
+    return cfg.with_overrides(extra) if extra else cfg
+
+
+OnErrorOpt = typer.Option(None, "--on-error", help="raise (default) or skip bad images/captions and count them")
+CacheOpt = typer.Option(None, "--cache-dir", help="feature cache folder (default $CLIPLAB_CACHE or ~/.cache/cliplab)")
+SetOpt = typer.Option([], "--set", "-s", help="config override KEY=VALUE, e.g. train.lr=3e-4 (repeatable)")
+
+
+@app.command()
+def embed(
+    data: str = typer.Argument(DEFAULT_DATA, help="dataset: Flickr8k folder, COCO/Karpathy JSON, CSV or JSONL"),
+    split: str = typer.Option("all", help="train, dev, test or all"),
+    image_root: Optional[Path] = typer.Option(None, help="image folder for JSON/CSV datasets"),
+    config: Optional[Path] = typer.Option(None, help="YAML run config (its model section picks the towers)"),
+    run_dir: Optional[Path] = typer.Option(None, help="where to write the run record"),
+    on_error: Optional[str] = OnErrorOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    batch_size: int = typer.Option(64, help="images per forward pass"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Compute (or reuse) frozen-tower features for a dataset."""
+    from cliplab.data.captions import load_caption_dataset
+    from cliplab.embed.cache import FeatureCache
+    from cliplab.embed.pipeline import tower_features
+    from cliplab.models import ImageTower, TextTower
+    from cliplab.utils import resolve_device, write_json
+
+    cfg = _load_config(config, data, on_error, cache_dir, [])
+    out = _run_dir(run_dir, "embed")
+    t0 = time.time()
+    ds = load_caption_dataset(data, split, image_root=image_root, on_error=cfg.data.on_error)
+    image_tower, text_tower = ImageTower(cfg.model.image), TextTower(cfg.model.text)
+    feats = tower_features(image_tower, text_tower, ds, cache=FeatureCache(cfg.data.cache_dir),
+                           on_error=cfg.data.on_error, device=resolve_device(device), image_batch_size=batch_size)
+    summary = {"dataset": feats.dataset.name, "images": feats.dataset.num_images,
+               "captions": feats.dataset.num_captions, "image_dim": int(feats.image.shape[1]),
+               "text_dim": int(feats.text.shape[1]), "reused_cache": feats.reused,
+               "seconds": round(time.time() - t0, 2), **feats.dataset.skipped.to_dict()}
+    write_json(out / "config.json", {"data": data, "split": split, "model": cfg.model.to_dict()})
+    write_json(out / "embed.json", summary)
+    table = Table(title=f"features: {feats.dataset.name}")
+    for k in ("images", "captions", "image_dim", "text_dim", "reused_cache", "seconds", "skipped"):
+        table.add_row(k, str(summary[k]))
+    console.print(table)
+    _print_skips(feats.dataset.skipped)
+    console.print(f"run directory: {out}")
+
+
+def _print_skips(report) -> None:
+    if len(report):
+        console.print(f"[yellow]{report.summary()}[/yellow]")
+        for kind, msg in report.items[:20]:
+            console.print(f"  - {kind}: {msg}", highlight=False)
+
+
+@app.command()
+def train(
+    data: Optional[str] = typer.Argument(None, help="dataset (overrides data.path of the config)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config, e.g. configs/flickr8k_heads.yaml"),
+    run_dir: Optional[Path] = typer.Option(None, help="run directory (an existing one is resumed)"),
+    on_error: Optional[str] = OnErrorOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    overrides: List[str] = SetOpt,
+    fresh: bool = typer.Option(False, help="ignore a checkpoint in run_dir and start over"),
+) -> None:
+    """Train projection heads on frozen towers; evaluates test retrieval against ConSE."""
+    from cliplab.train.run import train_run
+
+    cfg = _load_config(config, data, on_error, cache_dir, overrides)
+    out = _run_dir(run_dir, "train")
+    results = train_run(cfg, out, resume=not fresh, log=lambda m: console.print(m, highlight=False))
+    _report_train(results, out)
+
+
+def _report_train(results: dict, out: Path) -> None:
+    _print_retrieval(results["test"], f"test retrieval ({results['data']['test']['name']})")
+    fit = results["fit"]
+    console.print(f"best dev epoch: {fit['best_epoch']}  features: {results['seconds']['features']:.0f}s  "
+                  f"training: {results['seconds']['train']:.0f}s  total: {results['seconds']['total']:.0f}s"
+                  f"{'  (features from cache)' if results['features_reused'] else ''}")
+    if results["skipped_total"]:
+        console.print(f"[yellow]skipped {results['skipped_total']} items[/yellow]")
+        for split in results["skipped"].values():
+            for kind, msg in split["items"][:20]:
+                console.print(f"  - {kind}: {msg}", highlight=False)
+    console.print(f"run directory: {out}")
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    data: str = typer.Argument(DEFAULT_DATA, help="dataset: Flickr8k folder, COCO/Karpathy JSON, CSV or JSONL"),
+    model: List[str] = typer.Option(["conse"], "--model", "-m",
+                                    help="trained model dir, 'conse', or 'clip:SPEC' (see load_clip); repeatable"),
+    split: str = typer.Option("test"),
+    image_root: Optional[Path] = typer.Option(None),
+    run_dir: Optional[Path] = typer.Option(None),
+    on_error: Optional[str] = OnErrorOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    device: str = typer.Option("auto"),
+) -> None:
+    """Recall@1/5/10 both ways, MRR and ranks for one or more models on one dataset split."""
+    from cliplab.data.captions import load_caption_dataset
+    from cliplab.embed.cache import FeatureCache
+    from cliplab.embed.pipeline import encode_dataset
+    from cliplab.eval.retrieval import retrieval_metrics
+    from cliplab.eval.tables import retrieval_markdown
+    from cliplab.utils import resolve_device, write_json, write_text
+
+    out = _run_dir(run_dir, "eval")
+    dev = resolve_device(device)
+    mode = on_error or "raise"
+    ds = load_caption_dataset(data, split, image_root=image_root, on_error=mode)
+    cache = FeatureCache(cache_dir)
+    results = {}
+    for spec in model:
+        m = build_eval_model(spec)
+        img, txt, used = encode_dataset(m, ds, cache=cache, on_error=mode, device=dev)
+        results[spec] = retrieval_metrics(img, txt, used.caption_image, device=dev).metrics
+        _print_skips(used.skipped)
+    write_json(out / "config.json", {"data": data, "split": split, "models": model, "on_error": mode})
+    write_json(out / "metrics.json", results)
+    write_text(out / "results.md", retrieval_markdown(results, f"{ds.name}"))
+    _print_retrieval(results, f"retrieval: {ds.name}")
+    console.print(f"run directory: {out}")
+
+
+def build_eval_model(spec: str):
+    """'conse' | 'clip:SPEC' | a trained model directory."""
+    from cliplab.models import ConSE, ImageTower, TextTower, TwoTower, load_clip
+
+    if spec == "conse":
+        return ConSE(ImageTower(), TextTower())
+    if spec.startswith("clip:"):
+        return load_clip(spec[5:])
+    path = Path(spec)
+    if (path / "best").is_dir():
+        path = path / "best"
+    return TwoTower.load(path)
+
+
+@app.command()
+def demo(
+    data: str = typer.Option(DEFAULT_DATA, help="Flickr8k folder"),
+    run_dir: Path = typer.Option(Path("runs/demo")),
+    config: Path = typer.Option(Path("configs/flickr8k_heads.yaml")),
+    cache_dir: Optional[Path] = CacheOpt,
+) -> None:
+    """Flickr8k end to end: ConSE baseline vs heads trained on frozen offline towers (1k test images)."""
+    from cliplab.train.run import train_run
+
+    if not Path(data).exists():
+        raise CliplabError(f"demo data not found: {data} (pass --data or DATA=... to make demo)")
+    cfg = _load_config(config if config.is_file() else None, data, None, cache_dir, [])
+    console.print(f"[bold]cliplab demo[/bold]: {data} -> {run_dir}")
+    results = train_run(cfg, run_dir, resume=False, log=lambda m: console.print(m, highlight=False))
+    _report_train(results, run_dir)
+
+
+def main() -> None:
+    try:
+        app()
+    except CliplabError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted; rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

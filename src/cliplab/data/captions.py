@@ -1,0 +1,374 @@
+"""Image-caption datasets: one image has many captions; every caption knows its image.
+
+Readers: Flickr8k (``captions.txt`` CSV or ``Flickr8k.token.txt`` + split files), COCO captions
+JSON, Karpathy ``dataset_*.json`` and generic CSV/JSONL (``image,caption`` relative to an image root).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal
+
+import numpy as np
+
+from cliplab.errors import DataError
+from cliplab.utils import sha256_text
+
+OnError = Literal["raise", "skip"]
+SPLITS = ("train", "dev", "test", "all")
+
+
+@dataclass
+class SkipReport:
+    """What was skipped under ``on_error='skip'``, one entry per bad item."""
+
+    items: list[tuple[str, str]] = field(default_factory=list)  # (kind, message)
+
+    def add(self, kind: str, message: str) -> None:
+        self.items.append((kind, message))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(kind for kind, _ in self.items))
+
+    def summary(self) -> str:
+        if not self.items:
+            return "skipped 0 items"
+        parts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.counts().items()))
+        return f"skipped {len(self.items)} items ({parts})"
+
+    def to_dict(self) -> dict:
+        return {"skipped": len(self.items), "counts": self.counts(), "items": [list(i) for i in self.items]}
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """One (image, caption) pair as read from a file, with where it came from."""
+
+    image: str
+    caption: str
+    source: str
+    line: int
+
+
+class CaptionDataset:
+    """Unique images plus captions, each caption mapped to the index of its image."""
+
+    def __init__(
+        self,
+        image_root: str | Path,
+        images: list[str],
+        captions: list[str],
+        caption_image: Iterable[int],
+        *,
+        name: str = "dataset",
+        image_sources: list[str] | None = None,
+        skipped: SkipReport | None = None,
+    ) -> None:
+        self.image_root = Path(image_root)
+        self.images = list(images)
+        self.captions = list(captions)
+        self.caption_image = np.asarray(list(caption_image), dtype=np.int64)
+        self.name = name
+        self.image_sources = image_sources or [""] * len(self.images)
+        self.skipped = skipped or SkipReport()
+        if len(self.caption_image) != len(self.captions):
+            raise ValueError("caption_image must have one entry per caption")
+
+    def __repr__(self) -> str:
+        return f"CaptionDataset({self.name!r}, images={len(self.images)}, captions={len(self.captions)})"
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+    def image_paths(self) -> list[Path]:
+        return [self.image_root / rel for rel in self.images]
+
+    def captions_of(self, image_index: int) -> list[int]:
+        return np.flatnonzero(self.caption_image == image_index).tolist()
+
+    def fingerprint(self) -> str:
+        """Content key of the image list and captions (for caches and run records)."""
+        return sha256_text(str(self.image_root.resolve()), *self.images, "\x01", *self.captions)
+
+    def drop_images(self, bad: Iterable[int], kind: str, messages: Iterable[str]) -> "CaptionDataset":
+        """A copy without the given images (and their captions), the drops recorded in ``skipped``."""
+        bad = sorted(set(int(b) for b in bad))
+        if not bad:
+            return self
+        report = SkipReport(list(self.skipped.items))
+        for msg in messages:
+            report.add(kind, msg)
+        keep = np.ones(len(self.images), dtype=bool)
+        keep[bad] = False
+        remap = np.cumsum(keep) - 1
+        cap_keep = keep[self.caption_image]
+        return CaptionDataset(
+            self.image_root,
+            [im for im, k in zip(self.images, keep) if k],
+            [c for c, k in zip(self.captions, cap_keep) if k],
+            remap[self.caption_image[cap_keep]],
+            name=self.name,
+            image_sources=[s for s, k in zip(self.image_sources, keep) if k],
+            skipped=report,
+        )
+
+    @classmethod
+    def from_records(
+        cls,
+        records: Iterable[CaptionRecord],
+        image_root: str | Path,
+        *,
+        name: str,
+        on_error: OnError = "raise",
+        check_files: bool = True,
+    ) -> "CaptionDataset":
+        """Group pairs by image; empty captions and missing images raise or are skipped and counted."""
+        if on_error not in ("raise", "skip"):
+            raise DataError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        image_root = Path(image_root)
+        report = SkipReport()
+        index: dict[str, int] = {}
+        images: list[str] = []
+        sources: list[str] = []
+        captions: list[str] = []
+        caption_image: list[int] = []
+        missing: set[str] = set()
+        exists: dict[str, bool] = {}
+        for rec in records:
+            where = f"{rec.source}:{rec.line}"
+            caption = " ".join(rec.caption.split())
+            if not rec.image:
+                _fail(on_error, report, "empty image field", f"{where}: empty image field")
+                continue
+            if not caption:
+                _fail(on_error, report, "empty caption", f"{where}: empty caption for image '{rec.image}'")
+                continue
+            if rec.image in missing:
+                continue
+            if check_files:
+                ok = exists.get(rec.image)
+                if ok is None:
+                    ok = exists[rec.image] = (image_root / rec.image).is_file()
+                if not ok:
+                    missing.add(rec.image)
+                    _fail(on_error, report, "missing image", f"{where}: image not found: {image_root / rec.image}")
+                    continue
+            if rec.image not in index:
+                index[rec.image] = len(images)
+                images.append(rec.image)
+                sources.append(where)
+            captions.append(caption)
+            caption_image.append(index[rec.image])
+        if not images:
+            raise DataError(f"{name}: no usable image-caption pairs")
+        return cls(image_root, images, captions, caption_image, name=name, image_sources=sources, skipped=report)
+
+
+def _fail(on_error: OnError, report: SkipReport, kind: str, message: str) -> None:
+    if on_error == "raise":
+        raise DataError(message)
+    report.add(kind, message)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _hash_split(image: str) -> str:
+    """Deterministic 90/5/5 split by image name, for formats that carry no split."""
+    bucket = int(hashlib.md5(image.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return "test" if bucket < 5 else "dev" if bucket < 10 else "train"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def read_flickr8k_records(root: Path) -> list[CaptionRecord]:
+    """Captions from ``captions.txt`` (CSV with header image,caption) or ``Flickr8k.token.txt``."""
+    csv_path, token_path = root / "captions.txt", root / "Flickr8k.token.txt"
+    if csv_path.is_file():
+        return _read_csv_records(csv_path, "image", "caption")
+    if token_path.is_file():
+        records = []
+        with open(token_path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                key, sep, caption = line.partition("\t")
+                if not sep:
+                    raise DataError(f"{token_path}:{lineno}: expected '<image>#<n><TAB><caption>'")
+                records.append(CaptionRecord(key.split("#")[0], caption, str(token_path), lineno))
+        return records
+    raise DataError(f"{root}: no captions.txt or Flickr8k.token.txt found")
+
+
+def read_flickr8k(root: str | Path, split: str = "test", *, on_error: OnError = "raise",
+                  images_dir: str = "images") -> CaptionDataset:
+    """Flickr8k with the standard 6000/1000/1000 split files (``split='all'`` keeps every image)."""
+    _check_split(split)
+    root = Path(root)
+    records = read_flickr8k_records(root)
+    if split != "all":
+        fname = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
+                 "test": "Flickr_8k.testImages.txt"}[split]
+        split_path = root / fname
+        if not split_path.is_file():
+            raise DataError(f"split file not found: {split_path}")
+        wanted = {ln.strip() for ln in split_path.read_text(encoding="utf-8").splitlines() if ln.strip()}
+        records = [r for r in records if r.image in wanted]
+    image_root = root / images_dir if (root / images_dir).is_dir() else root
+    return CaptionDataset.from_records(records, image_root, name=f"flickr8k/{split}", on_error=on_error)
+
+
+def read_coco(path: str | Path, image_root: str | Path, split: str = "all", *,
+              on_error: OnError = "raise") -> CaptionDataset:
+    """COCO captions JSON (``images`` + ``annotations``); the file itself is the split unless ``split`` hashes one."""
+    _check_split(split)
+    path = Path(path)
+    data = _load_json(path)
+    if "annotations" not in data or "images" not in data:
+        raise DataError(f"{path}: not a COCO captions file (needs 'images' and 'annotations')")
+    files = {im["id"]: im["file_name"] for im in data["images"]}
+    records = []
+    for i, ann in enumerate(data["annotations"]):
+        if ann.get("image_id") not in files:
+            raise DataError(f"{path}: annotations[{i}]: unknown image_id {ann.get('image_id')!r}")
+        fname = files[ann["image_id"]]
+        if split == "all" or _hash_split(fname) == split:
+            records.append(CaptionRecord(fname, str(ann.get("caption") or ""), str(path), i))
+    return CaptionDataset.from_records(records, image_root, name=f"coco/{split}", on_error=on_error)
+
+
+def read_karpathy(path: str | Path, image_root: str | Path, split: str = "test", *,
+                  on_error: OnError = "raise") -> CaptionDataset:
+    """Karpathy ``dataset_{coco,flickr8k,flickr30k}.json``; ``restval`` counts as train."""
+    _check_split(split)
+    path = Path(path)
+    data = _load_json(path)
+    if "images" not in data or (data["images"] and "sentences" not in data["images"][0]):
+        raise DataError(f"{path}: not a Karpathy split file (needs images[].sentences)")
+    alias = {"val": "dev", "restval": "train"}
+    records = []
+    for i, im in enumerate(data["images"]):
+        im_split = alias.get(im.get("split", "train"), im.get("split", "train"))
+        if split != "all" and im_split != split:
+            continue
+        rel = str(Path(im.get("filepath", "")) / im["filename"])
+        for sent in im["sentences"]:
+            records.append(CaptionRecord(rel, str(sent.get("raw", "")), str(path), i))
+    return CaptionDataset.from_records(records, image_root, name=f"karpathy/{split}", on_error=on_error)
+
+
+def read_pairs(path: str | Path, image_root: str | Path | None = None, split: str = "all", *,
+               image_column: str = "image", caption_column: str = "caption",
+               on_error: OnError = "raise") -> CaptionDataset:
+    """Generic CSV/TSV/JSONL of image-caption pairs; image paths relative to ``image_root`` (default: the file's folder).
+
+    A ``split`` column, when present, selects rows; otherwise ``train/dev/test`` hash image names 90/5/5.
+    """
+    _check_split(split)
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    if path.suffix == ".jsonl":
+        records, splits = _read_jsonl_records(path, image_column, caption_column)
+    else:
+        records, splits = _read_csv_records(path, image_column, caption_column, with_split=True)
+    if split != "all":
+        if any(splits):
+            records = [r for r, s in zip(records, splits) if _norm_split(s) == split]
+        else:
+            records = [r for r in records if _hash_split(r.image) == split]
+    root = Path(image_root) if image_root is not None else path.parent
+    return CaptionDataset.from_records(records, root, name=f"{path.stem}/{split}", on_error=on_error)
+
+
+def _norm_split(s: str | None) -> str:
+    s = (s or "").strip().lower()
+    return {"val": "dev", "valid": "dev", "validation": "dev", "restval": "train"}.get(s, s)
+
+
+def _read_csv_records(path: Path, image_column: str, caption_column: str, with_split: bool = False):
+    delimiter = "\t" if path.suffix in (".tsv", ".tab") else ","
+    records, splits = [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        fields = reader.fieldnames or []
+        for col in (image_column, caption_column):
+            if col not in fields:
+                raise DataError(f"{path}: missing column {col!r} (header has {', '.join(fields) or 'nothing'})")
+        for row in reader:
+            lineno = reader.line_num
+            records.append(CaptionRecord((row.get(image_column) or "").strip(), row.get(caption_column) or "",
+                                         str(path), lineno))
+            splits.append(row.get("split"))
+    return (records, splits) if with_split else records
+
+
+def _read_jsonl_records(path: Path, image_column: str, caption_column: str):
+    records, splits = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+            if image_column not in row:
+                raise DataError(f"{path}:{lineno}: missing field {image_column!r}")
+            records.append(CaptionRecord(str(row[image_column]).strip(), str(row.get(caption_column) or ""),
+                                         str(path), lineno))
+            splits.append(row.get("split"))
+    return records, splits
+
+
+def _load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+
+
+def load_caption_dataset(spec: str | Path, split: str = "test", *, image_root: str | Path | None = None,
+                         on_error: OnError = "raise") -> CaptionDataset:
+    """Open any supported dataset by path, detecting its format.
+
+    - a folder with ``captions.txt`` or ``Flickr8k.token.txt``: Flickr8k;
+    - ``*.json``: Karpathy (``images[].sentences``) or COCO captions (``annotations``);
+    - ``*.csv``/``*.tsv``/``*.jsonl``: generic pairs.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        if (path / "captions.txt").is_file() or (path / "Flickr8k.token.txt").is_file():
+            return read_flickr8k(path, split, on_error=on_error)
+        raise DataError(f"{path}: folder has no captions.txt or Flickr8k.token.txt")
+    if not path.exists():
+        raise DataError(f"dataset not found: {path}")
+    if path.suffix == ".json":
+        data = _load_json(path)
+        root = image_root if image_root is not None else path.parent
+        if "annotations" in data:
+            return read_coco(path, root, split, on_error=on_error)
+        return read_karpathy(path, root, split, on_error=on_error)
+    if path.suffix in (".csv", ".tsv", ".tab", ".jsonl"):
+        return read_pairs(path, image_root, split, on_error=on_error)
+    raise DataError(f"{path}: unsupported dataset format (folder, .json, .csv, .tsv or .jsonl)")

@@ -1,0 +1,134 @@
+"""Embed a whole caption dataset with any cliplab model, reusing cached tower features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from cliplab.data.captions import CaptionDataset
+from cliplab.embed.cache import FeatureCache
+from cliplab.embed.extract import embed_images, embed_texts
+from cliplab.errors import CliplabError
+from cliplab.utils import sha256_text
+
+
+@dataclass
+class DatasetFeatures:
+    """Frozen-tower features aligned with ``dataset`` (bad images already dropped from it)."""
+
+    dataset: CaptionDataset
+    image: np.ndarray  # [Ni, Di]
+    text: np.ndarray  # [Nc, Dt]
+    reused: bool = False
+
+    @property
+    def caption_image(self) -> np.ndarray:
+        return self.dataset.caption_image
+
+
+def _drop_invalid(dataset: CaptionDataset, image: np.ndarray, valid: np.ndarray, errors: dict[int, str]):
+    if valid.all():
+        return dataset, np.asarray(image)
+    bad = np.flatnonzero(~valid)
+    messages = []
+    for i in bad:
+        where = dataset.image_sources[i]
+        msg = errors.get(int(i), f"unreadable image: {dataset.image_paths()[i]}")
+        messages.append(f"{where}: {msg}" if where else msg)
+    return dataset.drop_images(bad, "corrupt image", messages), np.asarray(image[valid])
+
+
+def tower_features(image_tower: nn.Module, text_tower: nn.Module, dataset: CaptionDataset, *,
+                   cache: FeatureCache | None = None, on_error: str = "raise", device: str | torch.device = "cpu",
+                   image_batch_size: int = 64, text_batch_size: int = 256, num_workers: int | None = None,
+                   progress: bool = True) -> DatasetFeatures:
+    """Cached image- and text-tower features for a dataset; corrupt images raise or are skipped and counted."""
+    cache = cache or FeatureCache()
+    try:
+        img = embed_images(image_tower, dataset.image_paths(), cache=cache, batch_size=image_batch_size,
+                           num_workers=num_workers, device=device, on_error=on_error, progress=progress,
+                           desc=f"{dataset.name} images")
+    except CliplabError as exc:
+        # name the caption-file line that introduced the image
+        msg = str(exc)
+        for path, where in zip(dataset.image_paths(), dataset.image_sources):
+            if str(path) in msg and where:
+                raise CliplabError(f"{where}: {msg}") from None
+        raise
+    ds, image = _drop_invalid(dataset, img.features, img.valid, img.errors)
+    txt = embed_texts(text_tower, ds.captions, cache=cache, batch_size=text_batch_size, device=device,
+                      progress=progress, desc=f"{dataset.name} captions")
+    return DatasetFeatures(ds, image, np.asarray(txt.features), reused=img.reused and txt.reused)
+
+
+class _EncodeImageAdapter(nn.Module):
+    """Lets ``embed_images`` cache the final embeddings of a model without towers (e.g. a CLIP)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+        self._transform = model.preprocess()
+        crop = [t for t in self._transform.transforms if t.__class__.__name__ == "CenterCrop"]
+        size = crop[0].size if crop else (224, 224)
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def transform(self):
+        return self._transform
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode_image(images.contiguous(), normalize=False)
+
+    def fingerprint(self) -> str:
+        fp = self.inner.fingerprint() if hasattr(self.inner, "fingerprint") else str(id(self.inner))
+        return sha256_text("encode_image", fp)
+
+
+class _EncodeTextAdapter(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+        self.output_dim = None
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        return self.inner.encode_text(list(texts), normalize=False)
+
+    def fingerprint(self) -> str:
+        fp = self.inner.fingerprint() if hasattr(self.inner, "fingerprint") else str(id(self.inner))
+        return sha256_text("encode_text", fp)
+
+
+@torch.inference_mode()
+def _project(fn, feats: np.ndarray, device, batch_size: int = 4096) -> torch.Tensor:
+    out = []
+    for s in range(0, len(feats), batch_size):
+        out.append(fn(torch.as_tensor(np.asarray(feats[s:s + batch_size]), device=device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def has_towers(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("image_tower", "text_tower", "project_image", "project_text"))
+
+
+def encode_dataset(model: nn.Module, dataset: CaptionDataset, *, cache: FeatureCache | None = None,
+                   on_error: str = "raise", device: str | torch.device = "cpu", progress: bool = True,
+                   features: DatasetFeatures | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor, CaptionDataset]:
+    """Normalised image and caption embeddings of a dataset under ``model``.
+
+    Two-tower models and ConSE reuse cached frozen-tower features and only run their heads; other
+    models (a CLIP from ``load_clip``) are run end to end with their final embeddings cached.
+    """
+    model = model.eval().to(device)
+    if has_towers(model):
+        feats = features or tower_features(model.image_tower, model.text_tower, dataset, cache=cache,
+                                           on_error=on_error, device=device, progress=progress, **kwargs)
+        img = _project(model.project_image, feats.image, device)
+        txt = _project(model.project_text, feats.text, device)
+        return img, txt, feats.dataset
+    feats = tower_features(_EncodeImageAdapter(model), _EncodeTextAdapter(model), dataset, cache=cache,
+                           on_error=on_error, device=device, progress=progress, **kwargs)
+    img = torch.nn.functional.normalize(torch.as_tensor(np.asarray(feats.image)), dim=-1)
+    txt = torch.nn.functional.normalize(torch.as_tensor(np.asarray(feats.text)), dim=-1)
+    return img, txt, feats.dataset

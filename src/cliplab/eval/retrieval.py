@@ -1,0 +1,99 @@
+"""Image-text retrieval metrics, computed in blocks so 5k images x 25k captions fits in bounded memory.
+
+Conventions (as in the CLIP paper and CLIP_benchmark):
+- text->image: each caption has one correct image;
+- image->text: a hit at K when *any* of the image's captions is in the top K; the rank is that of
+  its best-placed caption.
+Ties are broken against the model: an item scoring equal to the correct one counts as ranked above
+it, so a model that gives every pair the same score gets the worst ranks, not the best.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+DEFAULT_KS = (1, 5, 10)
+
+
+@dataclass
+class RetrievalResult:
+    """Per-query ranks (1 = best) and the summary metrics (recalls in %)."""
+
+    t2i_ranks: np.ndarray
+    i2t_ranks: np.ndarray
+    ks: tuple[int, ...] = DEFAULT_KS
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.metrics:
+            self.metrics = summarize_ranks(self.t2i_ranks, self.i2t_ranks, self.ks)
+
+
+def _stats(ranks: np.ndarray, prefix: str, ks) -> dict[str, float]:
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out = {f"{prefix}_r{k}": float((ranks <= k).mean() * 100.0) for k in ks}
+    out[f"{prefix}_mrr"] = float((1.0 / ranks).mean())
+    out[f"{prefix}_median_rank"] = float(np.median(ranks))
+    out[f"{prefix}_mean_rank"] = float(ranks.mean())
+    return out
+
+
+def summarize_ranks(t2i_ranks: np.ndarray, i2t_ranks: np.ndarray, ks=DEFAULT_KS) -> dict[str, float]:
+    metrics = {**_stats(t2i_ranks, "t2i", ks), **_stats(i2t_ranks, "i2t", ks)}
+    metrics["rsum"] = float(sum(metrics[f"t2i_r{k}"] + metrics[f"i2t_r{k}"] for k in ks))
+    metrics["n_images"] = int(len(i2t_ranks))
+    metrics["n_captions"] = int(len(t2i_ranks))
+    return metrics
+
+
+def _as_tensor(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+@torch.inference_mode()
+def retrieval_ranks(image_emb, text_emb, caption_image, *, block_size: int = 512,
+                    device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Ranks of the correct item for every caption (text->image) and every image (image->text).
+
+    ``image_emb [Ni, d]`` and ``text_emb [Nc, d]`` are compared by dot product (normalise them first
+    for cosine); ``caption_image [Nc]`` gives each caption's image index.
+    """
+    img = _as_tensor(image_emb).float().to(device)
+    txt = _as_tensor(text_emb).float().to(device)
+    owner = _as_tensor(np.asarray(caption_image, dtype=np.int64)).to(device)
+    n_img, n_txt = img.shape[0], txt.shape[0]
+    if img.shape[1] != txt.shape[1]:
+        raise ValueError(f"embedding sizes differ: images {tuple(img.shape)}, captions {tuple(txt.shape)}")
+    if owner.shape[0] != n_txt:
+        raise ValueError(f"caption_image has {owner.shape[0]} entries for {n_txt} captions")
+    if n_txt and (owner.min() < 0 or owner.max() >= n_img):
+        raise ValueError("caption_image refers to an image index out of range")
+    counts = torch.bincount(owner, minlength=n_img)
+    if (counts == 0).any():
+        raise ValueError(f"{int((counts == 0).sum())} images have no caption")
+
+    t2i = torch.empty(n_txt, dtype=torch.long, device=device)
+    for s in range(0, n_txt, block_size):
+        scores = txt[s:s + block_size] @ img.T  # [b, Ni]
+        pos = scores.gather(1, owner[s:s + block_size, None])
+        t2i[s:s + block_size] = (scores >= pos).sum(1)  # the correct image counts itself once
+
+    i2t = torch.empty(n_img, dtype=torch.long, device=device)
+    for s in range(0, n_img, block_size):
+        scores = img[s:s + block_size] @ txt.T  # [b, Nc]
+        rows = torch.arange(s, min(s + block_size, n_img), device=device)
+        is_pos = owner[None, :] == rows[:, None]
+        best = scores.masked_fill(~is_pos, float("-inf")).amax(1, keepdim=True)
+        at_or_above = scores >= best
+        i2t[s:s + block_size] = (at_or_above & ~is_pos).sum(1) + 1
+    return t2i.cpu().numpy(), i2t.cpu().numpy()
+
+
+def retrieval_metrics(image_emb, text_emb, caption_image, *, ks=DEFAULT_KS, block_size: int = 512,
+                      device: str | torch.device = "cpu") -> RetrievalResult:
+    """Recall@K both ways, MRR, median and mean rank; see the module docstring for conventions."""
+    t2i, i2t = retrieval_ranks(image_emb, text_emb, caption_image, block_size=block_size, device=device)
+    return RetrievalResult(t2i, i2t, tuple(ks))

@@ -1,0 +1,28 @@
+"""Human-readable tables for retrieval results."""
+
+from __future__ import annotations
+
+TABLE_COLUMNS = (("t2i_r1", "T→I R@1"), ("t2i_r5", "R@5"), ("t2i_r10", "R@10"), ("i2t_r1", "I→T R@1"),
+                 ("i2t_r5", "R@5"), ("i2t_r10", "R@10"), ("t2i_mrr", "T→I MRR"), ("i2t_mrr", "I→T MRR"),
+                 ("t2i_median_rank", "T→I med"), ("i2t_median_rank", "I→T med"))
+
+
+def _fmt(key: str, value: float) -> str:
+    return f"{value:.3f}" if key.endswith("mrr") else f"{value:.1f}" if "rank" in key else f"{value:.2f}"
+
+
+def retrieval_rows(results: dict[str, dict[str, float]]) -> tuple[list[str], list[list[str]]]:
+    header = ["model"] + [label for _, label in TABLE_COLUMNS]
+    rows = [[name] + [_fmt(k, m[k]) for k, _ in TABLE_COLUMNS] for name, m in results.items()]
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def retrieval_markdown(results: dict[str, dict[str, float]], title: str | None = None) -> str:
+    text = f"### {title}\n\n" if title else ""
+    return text + markdown_table(*retrieval_rows(results))

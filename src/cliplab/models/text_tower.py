@@ -1,0 +1,71 @@
+"""Text tower: a Hugging Face encoder (folder or hub id) with mean or CLS pooling."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cliplab.errors import ConfigError
+from cliplab.models.pretrained import DEFAULT_TEXT_TOWER, resolve_text_model
+from cliplab.utils import sha256_file, sha256_text
+
+
+@dataclass
+class TextTowerConfig:
+    name: str = DEFAULT_TEXT_TOWER  # packaged alias, HF folder or hub id
+    pooling: str = "mean"  # mean | cls
+    max_length: int = 64
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TextTower(nn.Module):
+    """Sentence features ``[N, hidden]`` from token embeddings."""
+
+    def __init__(self, config: TextTowerConfig | None = None) -> None:
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        cfg = config or TextTowerConfig()
+        if cfg.pooling not in ("mean", "cls"):
+            raise ConfigError(f"text pooling must be 'mean' or 'cls', not {cfg.pooling!r}")
+        self.config = cfg
+        self.source = resolve_text_model(cfg.name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.source)
+            self.model = AutoModel.from_pretrained(self.source)
+        except OSError as exc:
+            raise ConfigError(f"cannot load text model {cfg.name!r}: {str(exc).splitlines()[0]}") from None
+        self.model.eval()
+        folder = Path(self.source)
+        weight_files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
+        self._weights_id = sha256_file(weight_files[0]) if weight_files else self.source
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def tokenize(self, texts: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.max_length,
+                               return_tensors="pt")
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        if self.config.pooling == "cls":
+            return out[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(out.dtype)
+        return (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Tokenise and pool a list of strings on the tower's device."""
+        device = next(self.model.parameters()).device
+        return self(**self.tokenize(texts, device))
+
+    def fingerprint(self) -> str:
+        return sha256_text("text", self.source if not Path(self.source).is_dir() else "dir", self._weights_id,
+                           self.config.pooling, str(self.config.max_length))

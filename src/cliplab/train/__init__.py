@@ -1,0 +1,7 @@
+"""Training: contrastive losses, configs and the head trainer."""
+
+from cliplab.train.config import DataConfig, RunConfig, TrainConfig
+from cliplab.train.losses import InfoNCELoss, create_loss
+from cliplab.train.trainer import HeadTrainer, read_metrics
+
+__all__ = ["DataConfig", "RunConfig", "TrainConfig", "InfoNCELoss", "create_loss", "HeadTrainer", "read_metrics"]

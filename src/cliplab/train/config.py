@@ -1,0 +1,106 @@
+"""Run configuration: model + training + data, loadable from YAML/JSON and saved next to results."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cliplab.errors import ConfigError
+from cliplab.models.two_tower import TwoTowerConfig
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_epochs: float = 2.0
+    schedule: str = "cosine"  # cosine | onecycle | constant
+    sampling: str = "random_caption"  # random_caption (one per image per step) | all_pairs
+    loss: str = "infonce"
+    grad_clip: float = 0.0  # 0 = off
+    patience: int = 10  # epochs without dev improvement before stopping (0 = never stop early)
+    select_metric: str = "rsum"  # dev metric that picks the best checkpoint
+    max_logit_scale: float = 100.0
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    path: str = "../shared/data/flickr8k"
+    image_root: str | None = None
+    train_split: str = "train"
+    dev_split: str = "dev"
+    test_split: str = "test"
+    on_error: str = "raise"  # raise | skip
+    cache_dir: str | None = None
+    num_workers: int | None = None
+
+
+@dataclass
+class RunConfig:
+    model: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    baseline: bool = True  # also evaluate the ConSE zero-shot baseline
+
+    def to_dict(self) -> dict:
+        return {"model": self.model.to_dict(), "train": asdict(self.train), "data": asdict(self.data),
+                "baseline": self.baseline}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        unknown = set(d) - {"model", "train", "data", "baseline"}
+        if unknown:
+            raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
+        return cls(model=TwoTowerConfig.from_dict(d.get("model") or {}),
+                   train=_build(TrainConfig, d.get("train") or {}, "train"),
+                   data=_build(DataConfig, d.get("data") or {}, "data"),
+                   baseline=bool(d.get("baseline", True)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+        return cls.from_dict(raw)
+
+    def with_overrides(self, overrides: list[str]) -> "RunConfig":
+        """Apply ``section.key=value`` overrides (values parsed as YAML)."""
+        d = self.to_dict()
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} is not KEY=VALUE")
+            node = d
+            parts = key.split(".")
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"override {key!r}: no section {part!r}")
+                node = node[part]
+            if parts[-1] not in node:
+                raise ConfigError(f"override {key!r}: unknown key {parts[-1]!r}")
+            node[parts[-1]] = yaml.safe_load(value)
+        return RunConfig.from_dict(d)
+
+
+def _build(cls, values: dict, section: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"unknown {section} config keys: {', '.join(sorted(unknown))}")
+    return cls(**values)
+
+
+def dump_config(config: RunConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2)
