@@ -1,0 +1,145 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cliplab.errors import ConfigError
+from cliplab.models import (ConSE, HeadConfig, ImageTower, TextTower, TwoTower, TwoTowerConfig, imagenet_classnames,
+                            load_clip)
+
+
+@pytest.fixture(scope="module")
+def towers():
+    return ImageTower(), TextTower()
+
+
+def test_efficientnet_lite0_classifies_chelsea_as_cat(towers):
+    from skimage import data
+
+    image_tower, _ = towers
+    x = image_tower.transform()(Image.fromarray(data.chelsea()))[None]
+    with torch.inference_mode():
+        probs = image_tower.classify(image_tower(x)).softmax(-1)[0]
+    names = imagenet_classnames()
+    top = [names[i] for i in probs.topk(3).indices]
+    assert set(top) & {"tabby cat", "tiger cat", "Egyptian Mau"}, top
+    assert probs.max() > 0.3
+    assert image_tower.mean == (0.5, 0.5, 0.5) and image_tower.output_dim == 1280
+
+
+def test_text_tower_mean_pooling_semantics(towers):
+    _, text_tower = towers
+    with torch.inference_mode():
+        e = torch.nn.functional.normalize(text_tower.encode(["a dog runs on grass", "a puppy running in a field",
+                                                             "stock market prices fell"]), dim=-1)
+    assert e.shape == (3, 384)
+    assert e[0] @ e[1] > e[0] @ e[2] + 0.3
+
+
+def test_two_tower_save_load_identical(towers, tmp_path):
+    cfg = TwoTowerConfig(head=HeadConfig(kind="mlp", embed_dim=64, hidden_dim=128))
+    model = TwoTower(cfg, image_tower=towers[0], text_tower=towers[1]).freeze_towers().eval()
+    with torch.no_grad():
+        for p in model.image_head.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        model.logit_scale.fill_(3.3)
+    x = torch.randn(2, 3, 224, 224)
+    texts = ["a red bus", "two people"]
+    with torch.inference_mode():
+        a_img, a_txt = model.encode_image(x), model.encode_text(texts)
+    model.save(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "cliplab_config.json").read_text())
+    assert saved["includes_towers"] is False and saved["head"]["embed_dim"] == 64
+    loaded = TwoTower.load(tmp_path / "m")
+    with torch.inference_mode():
+        assert torch.equal(loaded.encode_image(x), a_img)
+        assert torch.equal(loaded.encode_text(texts), a_txt)
+    assert loaded.logit_scale.item() == pytest.approx(3.3)
+    assert a_img.shape == (2, 64) and a_txt.shape == (2, 64)
+    with pytest.raises(ConfigError, match="not a cliplab model directory"):
+        TwoTower.load(tmp_path)
+
+
+def test_conse_embeds_images_in_text_space(towers):
+    image_tower, text_tower = towers
+    conse = ConSE(image_tower, text_tower, top_t=5)
+    from skimage import data
+
+    x = image_tower.transform()(Image.fromarray(data.chelsea()))[None]
+    with torch.inference_mode():
+        img = conse.encode_image(x)
+        txt = conse.encode_text(["a cat lying down", "a red sports car on a road"])
+    assert img.shape == (1, 384)
+    assert (img @ txt.T)[0, 0] > (img @ txt.T)[0, 1]
+
+
+def _tiny_open_clip(tmp_path):
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg).eval()
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+    out = tmp_path / "oc"  # the layout open_clip publishes on the HF hub
+    out.mkdir()
+    save_file(model.state_dict(), str(out / "open_clip_model.safetensors"))
+    (out / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28]}}))
+    return model, tokenizer, out
+
+
+def test_load_clip_open_clip_local_dir(tmp_path):
+    model, tokenizer, out = _tiny_open_clip(tmp_path)
+    wrapper = load_clip(str(out))
+    assert wrapper.backend == "open_clip"
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        ref_img = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
+        ref_txt = torch.nn.functional.normalize(model.encode_text(tokenizer(["a cat", "a dog"])), dim=-1)
+        img, txt = wrapper.encode_image(x), wrapper.encode_text(["a cat", "a dog"])
+    assert img.shape == (3, 32) and txt.shape == (2, 32)
+    assert torch.allclose(img, ref_img, atol=1e-6) and torch.allclose(txt, ref_txt, atol=1e-6)
+    assert load_clip(f"local-dir:{out}").backend == "open_clip"
+    t = wrapper.preprocess()
+    assert t(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
+
+
+def test_load_clip_hf_local_dir(tmp_path, towers):
+    from transformers import CLIPConfig, CLIPModel
+
+    _, text_tower = towers
+    cfg = CLIPConfig(text_config={"vocab_size": text_tower.tokenizer.vocab_size, "hidden_size": 32,
+                                  "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                  "max_position_embeddings": 32,
+                                  "bos_token_id": text_tower.tokenizer.cls_token_id,
+                                  "eos_token_id": text_tower.tokenizer.sep_token_id},
+                     vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                                    "num_hidden_layers": 1, "num_attention_heads": 2},
+                     projection_dim=24)
+    torch.manual_seed(0)
+    model = CLIPModel(cfg).eval()
+    out = tmp_path / "hf"
+    model.save_pretrained(out)
+    text_tower.tokenizer.save_pretrained(out)
+    wrapper = load_clip(str(out))
+    assert wrapper.backend == "hf"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        img = wrapper.encode_image(x)
+        pooled = model.vision_model(pixel_values=x).pooler_output
+        ref = torch.nn.functional.normalize(model.visual_projection(pooled), dim=-1)
+        txt = wrapper.encode_text(["a cat", "two dogs playing"])
+    assert img.shape == (2, 24) and txt.shape == (2, 24)
+    assert torch.allclose(img, ref, atol=1e-6)
+    assert np.allclose(txt.norm(dim=-1).numpy(), 1.0, atol=1e-5)
+
+
+def test_load_clip_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no open_clip_config.json"):
+        load_clip(str(tmp_path))
+    with pytest.raises(ConfigError, match="cannot resolve"):
+        load_clip("not-a-model")

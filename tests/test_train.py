@@ -1,0 +1,108 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cliplab.data import CaptionDataset
+from cliplab.embed.pipeline import DatasetFeatures
+from cliplab.models.heads import HeadConfig, ProjectionHead
+from cliplab.train.config import TrainConfig
+from cliplab.train.trainer import HeadTrainer, PairSampler, read_metrics
+
+
+class FeatureModel(torch.nn.Module):
+    """Heads + temperature over raw feature vectors (the part of a TwoTower that head training touches)."""
+
+    def __init__(self, di, dt, cfg):
+        super().__init__()
+        self.image_head = ProjectionHead(di, cfg)
+        self.text_head = ProjectionHead(dt, cfg)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
+
+    def project_image(self, x, normalize=True):
+        return torch.nn.functional.normalize(self.image_head(x), dim=-1)
+
+    def project_text(self, x, normalize=True):
+        return torch.nn.functional.normalize(self.text_head(x), dim=-1)
+
+    def save(self, directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), directory / "state.pt")
+
+
+def synthetic_split(seed, n_images=120, di=24, dt=16):
+    """Image and caption features that are different noisy linear views of one latent per image."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(n_images, 8))
+    wi, wt = np.random.default_rng(99).normal(size=(8, di)), np.random.default_rng(98).normal(size=(8, dt))
+    owner = np.repeat(np.arange(n_images), rng.integers(1, 4, n_images))
+    img = latent @ wi + 0.1 * rng.normal(size=(n_images, di))
+    txt = latent[owner] @ wt + 0.3 * rng.normal(size=(len(owner), dt))
+    ds = CaptionDataset("/x", [f"{i}.jpg" for i in range(n_images)], [f"c{j}" for j in range(len(owner))], owner)
+    return DatasetFeatures(ds, img.astype(np.float32), txt.astype(np.float32))
+
+
+def make_trainer(tmp_path, name, epochs=12, **kw):
+    torch.manual_seed(0)
+    model = FeatureModel(24, 16, HeadConfig(kind="mlp", embed_dim=16, hidden_dim=32, dropout=0.1))
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=3e-3, warmup_epochs=1, patience=0, device="cpu", **kw)
+    return HeadTrainer(model, cfg, tmp_path / name, progress=False, tensorboard=False)
+
+
+def test_training_learns_alignment(tmp_path):
+    train, dev = synthetic_split(0), synthetic_split(1)
+    trainer = make_trainer(tmp_path, "run")
+    before = trainer.evaluate(dev)
+    info = trainer.fit(train, dev)
+    after = trainer.evaluate(dev)
+    assert after["t2i_r1"] > before["t2i_r1"] + 30 and after["i2t_r1"] > 40
+    rows = read_metrics(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == list(range(12))
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert info["best_epoch"] >= 0 and (tmp_path / "run" / "best" / "state.pt").is_file()
+
+
+def test_all_pairs_sampling_has_duplicates_masked(tmp_path):
+    sampler = PairSampler(np.array([0, 0, 0, 1, 2, 2]), 3, "all_pairs", 6, seed=0)
+    (images, captions), = list(sampler.epoch(0))
+    assert sorted(captions.tolist()) == list(range(6)) and len(set(images.tolist())) == 3
+    rc = PairSampler(np.array([0, 0, 0, 1, 2, 2]), 3, "random_caption", 3, seed=0)
+    (images, captions), = list(rc.epoch(0))
+    assert sorted(images.tolist()) == [0, 1, 2]
+    assert all(np.array([0, 0, 0, 1, 2, 2])[c] == i for i, c in zip(images, captions))
+    trainer = make_trainer(tmp_path, "pairs", epochs=3, sampling="all_pairs")
+    trainer.fit(synthetic_split(0), synthetic_split(1))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    train, dev = synthetic_split(0), synthetic_split(1)
+    full = make_trainer(tmp_path, "full")
+    full.fit(train, dev)
+    ref = full.evaluate(dev)
+
+    killed = make_trainer(tmp_path, "killed")
+    original = killed._save_checkpoint
+
+    def save_then_die(epoch, *a):
+        original(epoch, *a)
+        if epoch == 4:
+            raise Killed
+
+    killed._save_checkpoint = save_then_die
+    with pytest.raises(Killed):
+        killed.fit(train, dev)
+    assert len(read_metrics(tmp_path / "killed")) == 5
+
+    resumed = make_trainer(tmp_path, "killed")  # fresh process state, same run dir
+    torch.manual_seed(1234)  # any global RNG state: the checkpoint restores it
+    resumed.fit(train, dev)
+    got = resumed.evaluate(dev)
+    assert got == pytest.approx(ref, abs=1e-9)
+    full_rows = read_metrics(tmp_path / "full")
+    res_rows = read_metrics(tmp_path / "killed")
+    assert [r["train_loss"] for r in res_rows] == pytest.approx([r["train_loss"] for r in full_rows], abs=1e-9)
