@@ -21,7 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Learn and evaluate shared image-text embedding spaces.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")
 app.add_typer(eval_app, name="eval")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes get whole tables
 DEFAULT_DATA = "../shared/data/flickr8k"
 
 
@@ -98,7 +98,7 @@ def embed(
         table.add_row(k, str(summary[k]))
     console.print(table)
     _print_skips(feats.dataset.skipped)
-    console.print(f"run directory: {out}")
+    console.print(f"run directory: {out}", soft_wrap=True)
 
 
 def _print_skips(report) -> None:
@@ -138,7 +138,7 @@ def _report_train(results: dict, out: Path) -> None:
         for split in results["skipped"].values():
             for kind, msg in split["items"][:20]:
                 console.print(f"  - {kind}: {msg}", highlight=False)
-    console.print(f"run directory: {out}")
+    console.print(f"run directory: {out}", soft_wrap=True)
 
 
 @eval_app.command("retrieval")
@@ -176,7 +176,7 @@ def eval_retrieval(
     write_json(out / "metrics.json", results)
     write_text(out / "results.md", retrieval_markdown(results, f"{ds.name}"))
     _print_retrieval(results, f"retrieval: {ds.name}")
-    console.print(f"run directory: {out}")
+    console.print(f"run directory: {out}", soft_wrap=True)
 
 
 def build_eval_model(spec: str):

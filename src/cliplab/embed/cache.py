@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from cliplab.utils import atomic_write, default_cache_dir, sha256_text, write_json
@@ -53,10 +54,21 @@ class FeatureCache:
         ``compute`` returns ``(features [stop-start, D], valid [stop-start], error messages)``.
         """
         folder = self.entry_dir(kind, key)
-        done = folder / "features.npy"
-        if done.is_file() and (folder / "valid.npy").is_file():
+        if self._complete(folder):
             return self._load(folder, reused=True)
         folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder / ".lock")):  # a second process waits, then reuses the result
+            if self._complete(folder):
+                return self._load(folder, reused=True)
+            self._compute(folder, kind, key, n_items, compute, desc, meta, progress)
+        return self._load(folder, reused=False)
+
+    @staticmethod
+    def _complete(folder: Path) -> bool:
+        return (folder / "features.npy").is_file() and (folder / "valid.npy").is_file()
+
+    def _compute(self, folder: Path, kind: str, key: str, n_items: int, compute: ComputeChunk, desc: str,
+                 meta: dict | None, progress: bool) -> None:
         write_json(folder / "meta.json", {"kind": kind, "key": key, "n_items": n_items,
                                           "chunk_size": self.chunk_size, **(meta or {})})
         starts = list(range(0, n_items, self.chunk_size))
@@ -74,7 +86,6 @@ class FeatureCache:
                 atomic_write(path, lambda p: _save_npz(p, payload))
                 bar.update(stop - start)
         self._merge(folder, chunk_paths)
-        return self._load(folder, reused=False)
 
     def _merge(self, folder: Path, chunk_paths: list[Path]) -> None:
         feats, valid, errors = [], [], {}

@@ -114,7 +114,7 @@ class HeadTrainer:
         return retrieval_metrics(img, txt, feats.caption_image, device=self.device).metrics
 
     def _project(self, fn, x: np.ndarray, batch: int = 4096) -> torch.Tensor:
-        return torch.cat([fn(torch.as_tensor(np.asarray(x[s:s + batch]), device=self.device))
+        return torch.cat([fn(torch.from_numpy(np.array(x[s:s + batch], dtype=np.float32)).to(self.device))
                           for s in range(0, len(x), batch)])
 
     # -- checkpoints
@@ -153,8 +153,8 @@ class HeadTrainer:
         elif (self.run_dir / METRICS).exists():
             (self.run_dir / METRICS).unlink()
         writer = self._writer()
-        img_all = torch.as_tensor(np.asarray(train.image), device=self.device)
-        txt_all = torch.as_tensor(np.asarray(train.text), device=self.device)
+        img_all = torch.from_numpy(np.array(train.image, dtype=np.float32)).to(self.device)
+        txt_all = torch.from_numpy(np.array(train.text, dtype=np.float32)).to(self.device)
         log_scale_max = math.log(cfg.max_logit_scale)
         epochs = range(start_epoch, cfg.epochs)
         bar = tqdm(epochs, desc="train", unit="epoch", disable=not self.progress, dynamic_ncols=True)

@@ -1,0 +1,102 @@
+"""The CLI end to end on tiny synthetic data: one-line errors, --on-error skip, run directories."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_image
+
+
+def run_cli(*args, cwd, cache):
+    env = {**os.environ, "CLIPLAB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "cliplab", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture()
+def broken_dir(caption_dir, tmp_path):
+    """The synthetic pairs plus a corrupt JPEG, a missing image and an empty caption."""
+    root = tmp_path / "broken"
+    shutil.copytree(caption_dir, root)
+    (root / "images" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    rows = list(csv.reader(open(root / "captions.csv")))
+    rows += [["images/corrupt.jpg", "a broken picture"], ["images/gone.jpg", "an image that is not there"],
+             ["images/img03.jpg", "   "]]
+    with open(root / "captions.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return root
+
+
+def test_bad_inputs_give_one_line_errors(broken_dir, tmp_path):
+    cache = tmp_path / "cache"
+    data = str(broken_dir / "captions.csv")
+    res = run_cli("embed", data, "--run-dir", str(tmp_path / "r0"), cwd=tmp_path, cache=cache)
+    assert res.returncode == 2
+    # header + 40 good rows, then corrupt (line 42), missing (43), empty caption (44): the first found is reported
+    lines = [ln for ln in res.stdout.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stdout + res.stderr
+    assert "captions.csv:43: image not found" in lines[0] and "gone.jpg" in lines[0]
+
+    # fix the missing image: now the empty caption is reported
+    rows = list(csv.reader(open(broken_dir / "captions.csv")))
+    no_missing = broken_dir / "no_missing.csv"
+    with open(no_missing, "w", newline="") as f:
+        csv.writer(f).writerows([r for r in rows if r[0] != "images/gone.jpg"])
+    res = run_cli("embed", str(no_missing), cwd=tmp_path, cache=cache)
+    assert res.returncode == 2 and "no_missing.csv:43: empty caption for image 'images/img03.jpg'" in res.stdout
+
+    # only the corrupt image left
+    only_corrupt = broken_dir / "only_corrupt.csv"
+    with open(only_corrupt, "w", newline="") as f:
+        csv.writer(f).writerows([r for r in rows if r[0] != "images/gone.jpg" and r[1].strip()])
+    res = run_cli("embed", str(only_corrupt), cwd=tmp_path, cache=cache)
+    assert res.returncode == 2 and "Traceback" not in res.stdout + res.stderr
+    assert "corrupt image" in res.stdout and "corrupt.jpg" in res.stdout and "only_corrupt.csv:42" in res.stdout
+
+
+def test_skip_completes_and_counts(broken_dir, tmp_path):
+    cache = tmp_path / "cache"
+    run = tmp_path / "embed-run"
+    res = run_cli("embed", str(broken_dir / "captions.csv"), "--on-error", "skip", "--run-dir", str(run),
+                  cwd=tmp_path, cache=cache)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "skipped 3 items" in res.stdout
+    summary = json.loads((run / "embed.json").read_text())
+    assert summary["skipped"] == 3 and summary["images"] == 16
+    assert summary["counts"] == {"corrupt image": 1, "missing image": 1, "empty caption": 1}
+
+
+def test_train_and_eval_commands(caption_dir, tmp_path):
+    cache = tmp_path / "cache"
+    run = tmp_path / "train-run"
+    res = run_cli("train", str(caption_dir / "captions.csv"), "--run-dir", str(run),
+                  "-s", "train.epochs=3", "-s", "train.batch_size=4", "-s", "data.dev_split=train",
+                  "-s", "data.test_split=train", "-s", "model.head.embed_dim=32", cwd=tmp_path, cache=cache)
+    assert res.returncode == 0, res.stdout + res.stderr
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["test"]) == {"conse", "trained"}
+    assert (run / "results.md").read_text().count("|") > 10
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 3
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (run / "best" / "model.safetensors").is_file() and (run / "last.pt").is_file()
+    assert list((run / "tensorboard").iterdir())
+    assert "T→I R@1" in res.stdout
+
+    ev = tmp_path / "eval-run"
+    res = run_cli("eval", "retrieval", str(caption_dir / "captions.csv"), "--split", "all", "-m", str(run),
+                  "-m", "conse", "--run-dir", str(ev), cwd=tmp_path, cache=cache)
+    assert res.returncode == 0, res.stdout + res.stderr
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["conse"]["n_images"] == 16 and 0 <= metrics[str(run)]["t2i_r1"] <= 100
+
+    res = run_cli("train", str(tmp_path / "nowhere.csv"), cwd=tmp_path, cache=cache)
+    assert res.returncode == 2 and "dataset not found" in res.stdout
+
+    res = run_cli("train", "-s", "train.nope=1", cwd=tmp_path, cache=cache)
+    assert res.returncode == 2 and "unknown key 'nope'" in res.stdout
