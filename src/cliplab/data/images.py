@@ -20,3 +20,63 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise DataError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"corrupt image: {path} ({exc.__class__.__name__}: {exc})") from None
+
+
+class ImageSet:
+    """An indexable collection of images: ``load(i)`` gives RGB, ``keys()`` identifies content for caches."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+
+class ImageFiles(ImageSet):
+    """Images on disk; the cache key of each is its path, size and mtime (edits in place invalidate it)."""
+
+    def __init__(self, paths) -> None:
+        self.paths = [Path(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> Image.Image:
+        return load_rgb(self.paths[i])
+
+    def keys(self) -> list[str]:
+        import os
+
+        out = []
+        for p in self.paths:
+            try:
+                st = os.stat(p)
+                out.append(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+            except OSError:
+                out.append(f"{p}|missing")
+        return out
+
+
+class ImageArrays(ImageSet):
+    """Images held as a ``[N, H, W, 3]`` uint8 array (e.g. CIFAR pickles); ``source`` names their origin."""
+
+    def __init__(self, arrays, source: str) -> None:
+        import numpy as np
+
+        self.arrays = np.asarray(arrays, dtype=np.uint8)
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def load(self, i: int) -> Image.Image:
+        return Image.fromarray(self.arrays[i], "RGB")
+
+    def keys(self) -> list[str]:
+        import hashlib
+
+        digest = hashlib.sha256(self.arrays.tobytes()).hexdigest()
+        return [f"{self.source}|{digest}|{len(self.arrays)}"]

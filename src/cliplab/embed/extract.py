@@ -10,26 +10,26 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cliplab.data.images import load_rgb
+from cliplab.data.images import ImageFiles, ImageSet
 from cliplab.embed.cache import CachedFeatures, FeatureCache
 from cliplab.errors import CliplabError
 from cliplab.utils import sha256_text
 
 
-class _ImageFiles(Dataset):
-    """Decoded, preprocessed images; a bad file yields ``ok=False`` and its message instead of raising."""
+class _Decoded(Dataset):
+    """Decoded, preprocessed images; a bad one yields ``ok=False`` and its message instead of raising."""
 
-    def __init__(self, paths: Sequence[Path], transform, size: int) -> None:
-        self.paths = list(paths)
+    def __init__(self, images: ImageSet, start: int, stop: int, transform, size: int) -> None:
+        self.images, self.start, self.stop = images, start, stop
         self.transform = transform
         self.size = size
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return self.stop - self.start
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(load_rgb(self.paths[i])), True, ""
+            return self.transform(self.images.load(self.start + i)), True, ""
         except CliplabError as exc:
             return torch.zeros(3, self.size, self.size), False, str(exc)
 
@@ -38,23 +38,12 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
-def _files_fingerprint(paths: Sequence[Path]) -> list[str]:
-    """Path, size and mtime of each file: edits in place invalidate the cache."""
-    out = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            out.append(f"{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}")
-        except OSError:
-            out.append(f"{p}|missing")
-    return out
-
-
 @torch.inference_mode()
-def embed_images(tower: torch.nn.Module, paths: Sequence[Path], *, cache: FeatureCache | None = None,
+def embed_images(tower: torch.nn.Module, images: Sequence[Path] | ImageSet, *, cache: FeatureCache | None = None,
                  batch_size: int = 64, num_workers: int | None = None, device: str | torch.device = "cpu",
                  on_error: str = "raise", progress: bool = True, desc: str = "images") -> CachedFeatures:
-    """Pooled image-tower features for ``paths`` (cached); corrupt/missing files raise or are marked invalid."""
+    """Pooled image-tower features (cached); corrupt/missing images raise or are marked invalid."""
+    images = images if isinstance(images, ImageSet) else ImageFiles(images)
     cache = cache or FeatureCache()
     device = torch.device(device)
     tower = tower.eval().to(device)
@@ -63,28 +52,28 @@ def embed_images(tower: torch.nn.Module, paths: Sequence[Path], *, cache: Featur
     transform = tower.transform()
     size = tower.image_size
     workers = default_workers() if num_workers is None else num_workers
-    key = FeatureCache.key(tower.fingerprint(), _files_fingerprint(paths), extra="image-v1")
+    key = FeatureCache.key(tower.fingerprint(), images.keys(), extra="image-v1")
 
     def compute(start: int, stop: int):
-        ds = _ImageFiles(paths[start:stop], transform, size)
+        ds = _Decoded(images, start, stop, transform, size)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False)
         feats, valid, errors = [], [], []
-        for offset_batch, (images, ok, messages) in enumerate(loader):
+        for offset_batch, (batch, ok, messages) in enumerate(loader):
             base = start + offset_batch * batch_size
             for j, (good, msg) in enumerate(zip(ok.tolist(), messages)):
                 if not good:
                     if on_error == "raise":
                         raise CliplabError(msg)
                     errors.append(f"{base + j}\t{msg}")
-            images = images.to(device, non_blocking=True)
+            batch = batch.to(device, non_blocking=True)
             if device.type == "cpu":
-                images = images.contiguous(memory_format=torch.channels_last)
-            feats.append(tower(images).float().cpu().numpy())
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            feats.append(tower(batch).float().cpu().numpy())
             valid.append(ok.numpy())
         return np.concatenate(feats), np.concatenate(valid), errors
 
-    return cache.get_or_compute("image", key, len(paths), compute, desc=desc, progress=progress,
-                                meta={"tower": tower.fingerprint(), "first": str(paths[0]) if paths else ""})
+    return cache.get_or_compute("image", key, len(images), compute, desc=desc, progress=progress,
+                                meta={"tower": tower.fingerprint(), "n_images": len(images)})
 
 
 @torch.inference_mode()

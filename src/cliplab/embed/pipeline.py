@@ -104,7 +104,7 @@ class _EncodeTextAdapter(nn.Module):
 def _project(fn, feats: np.ndarray, device, batch_size: int = 4096) -> torch.Tensor:
     out = []
     for s in range(0, len(feats), batch_size):
-        out.append(fn(torch.as_tensor(np.asarray(feats[s:s + batch_size]), device=device)).float().cpu())
+        out.append(fn(torch.from_numpy(np.array(feats[s:s + batch_size], dtype=np.float32)).to(device)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -132,3 +132,30 @@ def encode_dataset(model: nn.Module, dataset: CaptionDataset, *, cache: FeatureC
     img = torch.nn.functional.normalize(torch.as_tensor(np.asarray(feats.image)), dim=-1)
     txt = torch.nn.functional.normalize(torch.as_tensor(np.asarray(feats.text)), dim=-1)
     return img, txt, feats.dataset
+
+
+def encode_images(model: nn.Module, images, *, cache: FeatureCache | None = None, device: str | torch.device = "cpu",
+                  normalize: bool = False, progress: bool = True, desc: str = "images", **kwargs) -> torch.Tensor:
+    """Image embeddings ``[N, d]`` of an :class:`~cliplab.data.images.ImageSet` (or paths) under any model.
+
+    Raw (unnormalised) by default, for experiments that compare cosine with dot product.
+    """
+    model = model.eval().to(device)
+    if has_towers(model):
+        feats = embed_images(model.image_tower, images, cache=cache, device=device, progress=progress, desc=desc,
+                             **kwargs)
+        z = _project(lambda x: model.project_image(x, normalize=False), feats.features, device)
+    else:
+        feats = embed_images(_EncodeImageAdapter(model), images, cache=cache, device=device, progress=progress,
+                             desc=desc, **kwargs)
+        z = torch.as_tensor(np.array(feats.features, dtype=np.float32))
+    return torch.nn.functional.normalize(z, dim=-1) if normalize else z
+
+
+def image_tower_features(model: nn.Module, images, *, cache: FeatureCache | None = None,
+                         device: str | torch.device = "cpu", progress: bool = True, desc: str = "images",
+                         **kwargs) -> np.ndarray:
+    """Frozen image features for linear probes: the image tower's pooled output, or a CLIP's image embedding."""
+    tower = model.image_tower if has_towers(model) else _EncodeImageAdapter(model.eval().to(device))
+    feats = embed_images(tower, images, cache=cache, device=device, progress=progress, desc=desc, **kwargs)
+    return np.array(feats.features, dtype=np.float32)

@@ -7,6 +7,8 @@ Both land in the text tower's space, so retrieval works with no training.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,7 +46,8 @@ class ConSE(nn.Module):
                 per_template.append(F.normalize(torch.cat(chunks), dim=-1))
             class_emb = F.normalize(torch.stack(per_template).mean(0), dim=-1)
         self.register_buffer("class_embeddings", class_emb.clone(), persistent=False)
-        self.logit_scale = nn.Parameter(torch.tensor(0.0), requires_grad=False)  # scores are plain cosines
+        # no learned temperature: softmax over cosines at CLIP's usual scale of 100
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)), requires_grad=False)
 
     def project_image(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Pooled image-tower features -> ConSE embeddings."""

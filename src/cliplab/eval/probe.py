@@ -1,0 +1,155 @@
+"""Linear probes on frozen image features.
+
+(a) scikit-learn logistic regression on standardised features, its inverse regularisation C chosen on
+a validation split held out of the training set (the CLIP paper's protocol: a log-spaced sweep, then
+a finer search around the best value), refit on the whole training set;
+(b) a small torch linear classifier with its own trainer (epochs, LR, weight decay, early stopping on
+validation accuracy), so the two can be compared.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from cliplab.errors import ConfigError
+
+
+def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, val) index arrays."""
+    if not 0 < fraction < 1:
+        raise ConfigError(f"validation fraction must be in (0, 1), not {fraction}")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_val = max(1, int(round(len(idx) * fraction))) if len(idx) > 1 else 0
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+@dataclass
+class ProbeFit:
+    """A fitted probe: predicts class scores for raw features."""
+
+    method: str
+    scaler: StandardScaler
+    model: object
+    hyperparameters: dict
+    val_accuracy: float
+    search: list[dict]
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        x = self.scaler.transform(np.asarray(features, dtype=np.float32))
+        if self.method == "logistic":
+            return self.model.predict_log_proba(x)
+        with torch.inference_mode():
+            return torch.log_softmax(self.model(torch.from_numpy(x.astype(np.float32))), -1).numpy()
+
+    def summary(self) -> dict:
+        return {"method": self.method, "hyperparameters": self.hyperparameters, "val_accuracy": self.val_accuracy,
+                "search": self.search}
+
+
+def _logreg(x, y, c: float, max_iter: int, seed: int) -> LogisticRegression:
+    clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(x, y)
+    return clf
+
+
+def fit_logistic_probe(features: np.ndarray, labels: np.ndarray, *, val_fraction: float = 0.2, seed: int = 0,
+                       c_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
+                       refine_steps: int = 4, max_iter: int = 1000) -> ProbeFit:
+    """Logistic regression with C picked on a held-out validation split, then refit on all ``features``."""
+    labels = np.asarray(labels)
+    tr, va = validation_split(labels, val_fraction, seed)
+    scaler = StandardScaler().fit(features[tr])
+    xtr, xva = scaler.transform(features[tr]), scaler.transform(features[va])
+    search = []
+
+    def val_acc(c: float) -> float:
+        for row in search:
+            if np.isclose(row["C"], c):
+                return row["val_accuracy"]
+        acc = float((_logreg(xtr, labels[tr], c, max_iter, seed).predict(xva) == labels[va]).mean() * 100)
+        search.append({"C": float(c), "val_accuracy": acc})
+        return acc
+
+    accs = [val_acc(c) for c in c_grid]
+    best = int(np.argmax(accs))
+    lo = np.log10(c_grid[max(best - 1, 0)])
+    hi = np.log10(c_grid[min(best + 1, len(c_grid) - 1)])
+    for _ in range(refine_steps):  # bisect the log-C interval around the best value
+        mid_lo, mid_hi = (2 * lo + hi) / 3, (lo + 2 * hi) / 3
+        if val_acc(10 ** mid_lo) >= val_acc(10 ** mid_hi):
+            hi = mid_hi
+        else:
+            lo = mid_lo
+    best_row = max(search, key=lambda r: (r["val_accuracy"], -abs(np.log10(r["C"]))))
+    full_scaler = StandardScaler().fit(features)
+    model = _logreg(full_scaler.transform(features), labels, best_row["C"], max_iter, seed)
+    return ProbeFit("logistic", full_scaler, model, {"C": best_row["C"], "max_iter": max_iter},
+                    best_row["val_accuracy"], sorted(search, key=lambda r: r["C"]))
+
+
+@dataclass
+class TorchProbeConfig:
+    epochs: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    patience: int = 10
+    label_smoothing: float = 0.0
+    val_fraction: float = 0.2
+    seed: int = 0
+
+
+def fit_torch_probe(features: np.ndarray, labels: np.ndarray, cfg: TorchProbeConfig | None = None) -> ProbeFit:
+    """A linear layer trained with AdamW + cosine LR; the epoch with the best validation accuracy is kept."""
+    cfg = cfg or TorchProbeConfig()
+    labels = np.asarray(labels)
+    tr, va = validation_split(labels, cfg.val_fraction, cfg.seed)
+    scaler = StandardScaler().fit(features[tr])
+    xtr = torch.from_numpy(scaler.transform(features[tr]).astype(np.float32))
+    xva = torch.from_numpy(scaler.transform(features[va]).astype(np.float32))
+    ytr, yva = torch.from_numpy(labels[tr]), torch.from_numpy(labels[va])
+    n_classes = int(labels.max()) + 1
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = torch.nn.Linear(xtr.shape[1], n_classes)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * max(1, -(-len(xtr) // cfg.batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    best = (-1.0, 0, None)
+    history, bad = [], 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        for idx in torch.randperm(len(xtr), generator=gen).split(cfg.batch_size):
+            loss = loss_fn(model(xtr[idx]), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        model.eval()
+        with torch.inference_mode():
+            acc = float((model(xva).argmax(-1) == yva).float().mean() * 100)
+        history.append({"epoch": epoch, "val_accuracy": acc, "train_loss": loss.item()})
+        if acc > best[0]:
+            best, bad = (acc, epoch, {k: v.clone() for k, v in model.state_dict().items()}), 0
+        else:
+            bad += 1
+            if cfg.patience and bad >= cfg.patience:
+                break
+    model.load_state_dict(best[2])
+    model.eval()
+    return ProbeFit("torch_linear", scaler, model, {**asdict(cfg), "best_epoch": best[1]}, best[0], history)

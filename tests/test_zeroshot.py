@@ -1,0 +1,165 @@
+"""Zero-shot classifier, metrics and probes on synthetic data with known answers."""
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from torch import nn
+
+from cliplab.data.labelled import load_labelled, read_image_folder
+from cliplab.embed import FeatureCache
+from cliplab.embed.pipeline import encode_images
+from cliplab.eval.classification import classification_metrics, top_k_accuracy
+from cliplab.eval.probe import TorchProbeConfig, fit_logistic_probe, fit_torch_probe
+from cliplab.eval.zeroshot import ZeroShotClassifier, resolve_templates, zeroshot_experiment
+from tests.conftest import COLOURS, make_image
+
+_YELLOW = np.array([0.4, 0.4, 0.0, 1.0]) / np.linalg.norm([0.4, 0.4, 0.0, 1.0])
+DIRECTIONS = {"red": [1.0, 0, 0, 0], "green": [0, 1.0, 0, 0], "blue": [0, 0, 1.0, 0], "yellow": _YELLOW.tolist()}
+REFERENCE = torch.tensor([COLOURS[c] for c in ("red", "green", "blue", "yellow")], dtype=torch.float32) / 255
+
+
+class ColourModel(nn.Module):
+    """Stub: an image embeds as the fraction of its pixels close to red, green, blue and yellow; a text embeds
+    as the unit direction of the colour word it names (yellow overlaps red and green), scaled per class by
+    ``text_norms`` (1 for all by default)."""
+
+    def __init__(self, text_norms=None):
+        super().__init__()
+        self.text_norms = text_norms or {}
+
+    def preprocess(self):
+        return T.Compose([T.Resize(16), T.CenterCrop(16), T.ToTensor()])
+
+    def encode_image(self, images, normalize=True):
+        pixels = images.flatten(2).transpose(1, 2)  # [N, P, 3]
+        near = (pixels[:, :, None, :] - REFERENCE[None, None]).abs().amax(-1) < 0.2  # [N, P, 4]
+        z = near.float().mean(1)
+        return torch.nn.functional.normalize(z, dim=-1) if normalize else z
+
+    def encode_text(self, texts, normalize=True):
+        out = []
+        for t in texts:
+            v = torch.zeros(4)
+            for word, d in DIRECTIONS.items():
+                if word in t.split() or word + "." in t.split():
+                    v = v + torch.tensor(d) * self.text_norms.get(word, 1.0)
+            out.append(v)
+        z = torch.stack(out)
+        return torch.nn.functional.normalize(z, dim=-1) if normalize else z
+
+    def fingerprint(self):
+        return f"colour-stub-{sorted(self.text_norms.items())}"
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    for c in COLOURS:
+        (root / c).mkdir()
+        for i in range(6):
+            make_image(root / c / f"{i}.png", c, "square" if i % 2 else "circle", seed=i)
+    return root
+
+
+def test_zeroshot_classifies_colours(colour_folder, tmp_path):
+    ds = read_image_folder(colour_folder)
+    assert ds.class_names == sorted(COLOURS) and len(ds) == 24
+    model = ColourModel()
+    emb = encode_images(model, ds.images, cache=FeatureCache(tmp_path), progress=False, num_workers=0)
+    for templates in ("photo", "clip80", ["a {} thing", "the colour {}"]):
+        clf = ZeroShotClassifier(model, ds.class_names, templates)
+        pred = clf.predict(emb).numpy()
+        assert (pred == ds.labels).all()
+        probs = clf.predict_proba(emb)
+        assert torch.allclose(probs.sum(-1), torch.ones(len(ds)))
+    m = classification_metrics(ds.labels, clf.scores(emb).numpy(), ds.class_names)
+    assert m["accuracy"] == 100 and m["macro_f1"] == 100 and np.trace(m["confusion"]) == 24
+
+
+def test_cosine_and_dot_differ_exactly_when_norms_differ(colour_folder, tmp_path):
+    ds = read_image_folder(colour_folder)
+    cache = FeatureCache(tmp_path)
+    equal = ColourModel()
+    emb = encode_images(equal, ds.images, cache=cache, progress=False, num_workers=0)
+    emb = emb * torch.linspace(0.2, 5, len(emb))[:, None]  # very different image norms change nothing
+    cos = ZeroShotClassifier(equal, ds.class_names, "photo", "cosine")
+    dot = ZeroShotClassifier(equal, ds.class_names, "photo", "dot")
+    assert torch.equal(cos.predict(emb), dot.predict(emb))
+    skewed = ColourModel({"yellow": 4.0})  # one long class vector
+    cos = ZeroShotClassifier(skewed, ds.class_names, "photo", "cosine")
+    dot = ZeroShotClassifier(skewed, ds.class_names, "photo", "dot")
+    assert (cos.predict(emb).numpy() == ds.labels).all()
+    differ = (cos.predict(emb) != dot.predict(emb)).numpy()
+    assert differ.any()
+    assert (dot.predict(emb)[torch.from_numpy(differ)] == ds.class_names.index("yellow")).all()
+
+
+def test_zeroshot_experiment_and_templates(colour_folder, tmp_path):
+    ds = read_image_folder(colour_folder)
+    model = ColourModel({"yellow": 2.0})
+    emb = encode_images(model, ds.images, cache=FeatureCache(tmp_path), progress=False, num_workers=0)
+    out = zeroshot_experiment(model, emb, ds.labels, ds.class_names, variants=("photo", "prefixed", "negated"),
+                              top_images=[0, 5])
+    assert set(out["results"]) == {f"{v}|{s}" for v in ("photo", "prefixed", "negated") for s in ("cosine", "dot")}
+    assert out["results"]["photo|cosine"]["accuracy"] == 100
+    assert out["cosine_vs_dot"]["class_norm_max"] == pytest.approx(2.0)
+    assert "differ exactly when class norms differ" in out["cosine_vs_dot"]["explanation"]
+    top = out["top5"]["images"][0]
+    assert top["classes"][0] == top["label"] and len(top["probabilities"]) == 4
+    with pytest.raises(Exception, match="placeholder"):
+        resolve_templates(["no placeholder"])
+    assert len(resolve_templates("clip80")) == 80
+
+
+def test_metrics_against_hand_computed():
+    y = np.array([0, 0, 1, 2, 2, 2])
+    scores = np.array([[3, 1, 0], [1, 3, 0], [0, 2, 1], [0, 0, 1], [1, 0, 0], [0, 1, 0.5]], dtype=float)
+    m = classification_metrics(y, scores, ["a", "b", "c"], ks=(1, 2))
+    assert m["accuracy"] == pytest.approx(100 * 3 / 6)
+    # class a: P=1/2 R=1/2; b: P=1/3 R=1; c: P=1 R=1/3
+    f = [0.5, 2 * (1 / 3) / (4 / 3), 2 * (1 / 3) / (4 / 3)]
+    assert m["macro_f1"] == pytest.approx(100 * np.mean(f))
+    assert m["confusion"] == [[1, 1, 0], [0, 1, 0], [1, 1, 1]]
+    assert m["top2"] == pytest.approx(100 * 5 / 6)
+    assert top_k_accuracy(np.array([0]), np.array([[1.0, 1.0, 1.0]]), 2) == 0.0  # ties against the model
+
+
+def test_linear_probes_learn_clusters():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 20)) * 3
+    y = rng.integers(0, 5, 600)
+    x = (centres[y] + rng.normal(size=(600, 20))).astype(np.float32) * 7 + 3  # unstandardised on purpose
+    yt = rng.integers(0, 5, 300)
+    xt = (centres[yt] + rng.normal(size=(300, 20))).astype(np.float32) * 7 + 3
+    lr = fit_logistic_probe(x, y, c_grid=(1e-3, 1e-1, 10.0), refine_steps=2)
+    assert (lr.scores(xt).argmax(1) == yt).mean() > 0.95
+    assert len(lr.search) >= 3 and lr.hyperparameters["C"] > 0
+    tp = fit_torch_probe(x, y, TorchProbeConfig(epochs=40, lr=1e-2))
+    assert (tp.scores(xt).argmax(1) == yt).mean() > 0.95
+    assert tp.val_accuracy > 90
+
+
+def test_labelled_readers(colour_folder, tmp_path):
+    import pickle
+
+    ds = load_labelled(colour_folder)
+    assert ds.renamed({"red": "crimson"}).class_names[2] == "crimson"
+    with pytest.raises(Exception, match="unknown class"):
+        ds.renamed({"purple": "violet"})
+    assert len(ds.few_shot(2)) == 8
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("image,label\n" + "".join(f"{colour_folder}/{c}/0.png,{c}\n" for c in COLOURS))
+    assert len(load_labelled(csv_path)) == 4
+    csv_path.write_text(f"image,label\n{colour_folder}/red/0.png,purple\n")
+    with pytest.raises(Exception, match=r"labels.csv:2: unknown class 'purple'"):
+        load_labelled(csv_path, class_names=sorted(COLOURS))
+    cifar = tmp_path / "cifar-10-batches-py"
+    cifar.mkdir()
+    pickle.dump({b"label_names": [b"cat", b"dog"]}, open(cifar / "batches.meta", "wb"))
+    data = np.random.default_rng(0).integers(0, 255, (4, 3072), dtype=np.uint8)
+    pickle.dump({b"data": data, b"labels": [0, 1, 1, 0]}, open(cifar / "test_batch", "wb"))
+    c = load_labelled(cifar, split="test")
+    assert c.class_names == ["cat", "dog"] and len(c) == 4
+    im = np.asarray(c.images.load(1))
+    assert im.shape == (32, 32, 3) and im[0, 0, 0] == data[1, 0] and im[0, 0, 1] == data[1, 1024]
