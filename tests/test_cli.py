@@ -100,3 +100,42 @@ def test_train_and_eval_commands(caption_dir, tmp_path):
 
     res = run_cli("train", "-s", "train.nope=1", cwd=tmp_path, cache=cache)
     assert res.returncode == 2 and "unknown key 'nope'" in res.stdout
+
+
+@pytest.fixture()
+def labelled_splits(tmp_path):
+    from tests.conftest import COLOURS
+
+    root = tmp_path / "shapes"
+    for split, n in (("train", 5), ("test", 3)):
+        for c in COLOURS:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                make_image(root / split / c / f"{i}.jpg", c, "circle" if i % 2 else "square", seed=i + 10 * n)
+    return root
+
+
+def test_zeroshot_and_probe_commands(labelled_splits, tmp_path):
+    cache = tmp_path / "cache"
+    zs = tmp_path / "zs"
+    res = run_cli("zeroshot", str(labelled_splits), "-m", "conse", "-v", "photo", "-v", "negated",
+                  "-v", "a {} coloured shape", "--rename", "red=crimson", "--top5", "3", "--run-dir", str(zs),
+                  cwd=tmp_path, cache=cache)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = json.loads((zs / "zeroshot.json").read_text())
+    assert len(out["results"]) == 6 and out["n_images"] == 12 and "crimson" in out["class_names"]
+    assert out["results"]["a {} coloured shape|cosine"]["example"] == "a blue coloured shape"
+    assert len(out["top5"]["images"]) == 3 and "explanation" in out["cosine_vs_dot"]
+    assert "macro-F1" in (zs / "results.md").read_text()
+
+    pr = tmp_path / "pr"
+    res = run_cli("probe", str(labelled_splits), "-m", "conse", "--variant", "photo", "--run-dir", str(pr),
+                  cwd=tmp_path, cache=cache)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = json.loads((pr / "probe.json").read_text())
+    assert set(out["results"]) == {"probe:logistic", "probe:torch", "zeroshot"}
+    assert out["dataset"]["n_train"] == 20 and out["dataset"]["n_test"] == 12 and out["feature_dim"] == 1280
+    assert out["results"]["probe:logistic"]["accuracy"] >= 75  # colours are easy for ImageNet features
+
+    res = run_cli("zeroshot", str(labelled_splits), "--rename", "purple=violet", cwd=tmp_path, cache=cache)
+    assert res.returncode == 2 and "unknown class(es) purple" in res.stdout

@@ -1,4 +1,4 @@
-"""Command-line interface: ``cliplab embed | train | eval retrieval | demo``.
+"""Command-line interface: ``cliplab embed | train | eval retrieval | zeroshot | probe | demo``.
 
 Every command writes a run directory (config, metrics JSON, a markdown table) and prints a table.
 User errors print as one line (``error: ...``) with exit code 2.
@@ -191,6 +191,147 @@ def build_eval_model(spec: str):
     if (path / "best").is_dir():
         path = path / "best"
     return TwoTower.load(path)
+
+
+def _labelled(data: str, split: str, classes: Optional[Path], rename: List[str]):
+    from cliplab.data.labelled import load_labelled, read_class_names
+
+    ds = load_labelled(data, split=split, class_names=read_class_names(classes) if classes else None)
+    if rename:
+        pairs = [r.split("=", 1) for r in rename]
+        if any(len(p) != 2 for p in pairs):
+            raise CliplabError("--rename takes OLD=NEW, e.g. --rename automobile=car")
+        ds = ds.renamed(dict(pairs))
+    return ds
+
+
+def _classification_table(results: dict[str, dict], title: str, key_label: str = "variant") -> tuple[str, Table]:
+    from cliplab.eval.tables import markdown_table
+
+    header = [key_label, "accuracy", "top-5", "macro-F1", "macro-P", "macro-R"]
+    rows = [[name, f"{r['accuracy']:.2f}", f"{r.get('top5', float('nan')):.2f}", f"{r['macro_f1']:.2f}",
+             f"{r['macro_precision']:.2f}", f"{r['macro_recall']:.2f}"] for name, r in results.items()]
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, justify="left" if h == key_label else "right")
+    for row in rows:
+        table.add_row(*row)
+    return f"### {title}\n\n" + markdown_table(header, rows), table
+
+
+ClassesOpt = typer.Option(None, "--classes", help="file with one class name per line (fixes names and order)")
+RenameOpt = typer.Option([], "--rename", help="rename a class for prompts, OLD=NEW (repeatable)")
+
+
+@app.command()
+def zeroshot(
+    data: str = typer.Argument(..., help="labelled images: class-per-folder tree, CIFAR pickle folder or image,label CSV"),
+    model: str = typer.Option("conse", "--model", "-m", help="trained model dir, 'conse' or 'clip:SPEC'"),
+    split: str = typer.Option("test", help="sub-folder / CIFAR split to use when DATA has one"),
+    variant: List[str] = typer.Option([], "--variant", "-v",
+                                      help="prompt variant: a named set (photo, name, simple7, clip80, prefixed, "
+                                           "negated) or a template with {} (repeatable; default: all named sets)"),
+    similarity: str = typer.Option("both", help="cosine, dot or both"),
+    classes: Optional[Path] = ClassesOpt,
+    rename: List[str] = RenameOpt,
+    top5: int = typer.Option(8, help="save top-5 class probabilities for this many random images"),
+    run_dir: Optional[Path] = typer.Option(None),
+    cache_dir: Optional[Path] = CacheOpt,
+    device: str = typer.Option("auto"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Zero-shot accuracy/F1 for prompt variants side by side, cosine vs dot product."""
+    import numpy as np
+
+    from cliplab.embed.cache import FeatureCache
+    from cliplab.embed.pipeline import encode_images
+    from cliplab.eval.zeroshot import DEFAULT_VARIANTS, zeroshot_experiment
+    from cliplab.utils import resolve_device, write_json, write_text
+
+    out = _run_dir(run_dir, "zeroshot")
+    dev = resolve_device(device)
+    ds = _labelled(data, split, classes, rename)
+    sims = ("cosine", "dot") if similarity == "both" else (similarity,)
+    m = build_eval_model(model)
+    t0 = time.time()
+    emb = encode_images(m, ds.images, cache=FeatureCache(cache_dir), device=dev, desc=f"{ds.name} images")
+    t_embed = time.time() - t0
+    picks = sorted(np.random.default_rng(seed).choice(len(ds), size=min(top5, len(ds)), replace=False).tolist())
+    result = zeroshot_experiment(m, emb, ds.labels, ds.class_names, variants=tuple(variant) or DEFAULT_VARIANTS,
+                                 similarities=sims, top_images=picks)
+    result.update({"dataset": ds.name, "model": model, "n_images": len(ds), "class_names": ds.class_names,
+                   "seconds": {"embed": t_embed, "classify": time.time() - t0 - t_embed}})
+    write_json(out / "config.json", {"data": data, "split": split, "model": model, "variants": variant,
+                                     "similarity": similarity, "rename": rename, "seed": seed})
+    write_json(out / "zeroshot.json", result)
+    md, table = _classification_table(result["results"], f"zero-shot: {ds.name} ({model})")
+    if "cosine_vs_dot" in result:
+        md += "\n" + result["cosine_vs_dot"]["explanation"] + "\n"
+    write_text(out / "results.md", md)
+    console.print(table)
+    if "cosine_vs_dot" in result:
+        console.print(result["cosine_vs_dot"]["explanation"], highlight=False)
+    console.print(f"embedding: {t_embed:.1f}s, classification of all variants: {result['seconds']['classify']:.1f}s")
+    console.print(f"run directory: {out}", soft_wrap=True)
+
+
+@app.command()
+def probe(
+    data: str = typer.Argument(..., help="labelled images with train and test splits (e.g. ../shared/data/cifar10)"),
+    model: str = typer.Option("conse", "--model", "-m", help="trained model dir, 'conse' or 'clip:SPEC'"),
+    train_split: str = typer.Option("train"),
+    test_split: str = typer.Option("test"),
+    method: List[str] = typer.Option(["logistic", "torch"], "--method", help="logistic and/or torch"),
+    few_shot: int = typer.Option(0, help="k training images per class (0 = all)"),
+    variant: str = typer.Option("clip80", help="prompt variant for the zero-shot comparison"),
+    classes: Optional[Path] = ClassesOpt,
+    rename: List[str] = RenameOpt,
+    run_dir: Optional[Path] = typer.Option(None),
+    cache_dir: Optional[Path] = CacheOpt,
+    device: str = typer.Option("auto"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Linear probe(s) on frozen image features vs zero-shot, on the same test images."""
+    from cliplab.embed.cache import FeatureCache
+    from cliplab.embed.pipeline import encode_images, image_tower_features
+    from cliplab.eval.probe import probe_vs_zeroshot
+    from cliplab.eval.zeroshot import ZeroShotClassifier
+    from cliplab.utils import resolve_device, write_json, write_text
+
+    out = _run_dir(run_dir, "probe")
+    dev = resolve_device(device)
+    cache = FeatureCache(cache_dir)
+    train_ds = _labelled(data, train_split, classes, rename)
+    test_ds = _labelled(data, test_split, classes, rename)
+    if train_ds.class_names != test_ds.class_names:
+        raise CliplabError(f"train and test classes differ: {train_ds.class_names} vs {test_ds.class_names}")
+    if few_shot:
+        train_ds = train_ds.few_shot(few_shot, seed)
+    m = build_eval_model(model)
+    t0 = time.time()
+    xtr = image_tower_features(m, train_ds.images, cache=cache, device=dev, desc=f"{train_ds.name} images")
+    xte = image_tower_features(m, test_ds.images, cache=cache, device=dev, desc=f"{test_ds.name} images")
+    emb = encode_images(m, test_ds.images, cache=cache, device=dev, progress=False)
+    zs = ZeroShotClassifier(m, test_ds.class_names, variant).scores(emb).cpu().numpy()
+    t1 = time.time()
+    results = probe_vs_zeroshot(xtr, train_ds.labels, xte, test_ds.labels, test_ds.class_names, methods=tuple(method),
+                                zeroshot_scores=zs, seed=seed)
+    summary = {"dataset": {"train": train_ds.name, "test": test_ds.name, "n_train": len(train_ds),
+                           "n_test": len(test_ds)}, "model": model, "feature_dim": int(xtr.shape[1]),
+               "zeroshot_variant": variant, "results": results,
+               "seconds": {"features": t1 - t0, "fit": time.time() - t1}}
+    write_json(out / "config.json", {"data": data, "model": model, "train_split": train_split,
+                                     "test_split": test_split, "methods": method, "few_shot": few_shot,
+                                     "variant": variant, "seed": seed})
+    write_json(out / "probe.json", summary)
+    md, table = _classification_table(results, f"linear probe vs zero-shot: {test_ds.name} ({model})", "method")
+    write_text(out / "results.md", md)
+    console.print(table)
+    for name, r in results.items():
+        if "fit" in r:
+            console.print(f"{name}: {r['fit']['hyperparameters']} (validation accuracy {r['fit']['val_accuracy']:.2f})",
+                          highlight=False)
+    console.print(f"run directory: {out}", soft_wrap=True)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Datasets: image-caption pairs and image decoding."""
+"""Datasets: image-caption pairs, labelled images and image decoding."""
 
 from cliplab.data.captions import (
     CaptionDataset,
@@ -10,9 +10,11 @@ from cliplab.data.captions import (
     read_karpathy,
     read_pairs,
 )
-from cliplab.data.images import load_rgb
+from cliplab.data.images import ImageArrays, ImageFiles, ImageSet, load_rgb
+from cliplab.data.labelled import LabelledImages, load_labelled, read_cifar, read_image_folder, read_labelled_csv
 
 __all__ = [
     "CaptionDataset", "CaptionRecord", "SkipReport", "load_caption_dataset", "read_coco", "read_flickr8k",
-    "read_karpathy", "read_pairs", "load_rgb",
+    "read_karpathy", "read_pairs", "ImageArrays", "ImageFiles", "ImageSet", "load_rgb", "LabelledImages",
+    "load_labelled", "read_cifar", "read_image_folder", "read_labelled_csv",
 ]

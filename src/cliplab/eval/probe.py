@@ -153,3 +153,25 @@ def fit_torch_probe(features: np.ndarray, labels: np.ndarray, cfg: TorchProbeCon
     model.load_state_dict(best[2])
     model.eval()
     return ProbeFit("torch_linear", scaler, model, {**asdict(cfg), "best_epoch": best[1]}, best[0], history)
+
+
+def probe_vs_zeroshot(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
+                      test_labels: np.ndarray, class_names: list[str], *, methods=("logistic", "torch"),
+                      zeroshot_scores: np.ndarray | None = None, seed: int = 0,
+                      torch_config: TorchProbeConfig | None = None) -> dict:
+    """Fit the chosen probes and score them beside zero-shot on the same test images."""
+    from cliplab.eval.classification import classification_metrics
+
+    out = {}
+    for method in methods:
+        if method == "logistic":
+            fit = fit_logistic_probe(train_features, train_labels, seed=seed)
+        elif method == "torch":
+            fit = fit_torch_probe(train_features, train_labels, torch_config or TorchProbeConfig(seed=seed))
+        else:
+            raise ConfigError(f"probe method must be logistic or torch, not {method!r}")
+        out[f"probe:{method}"] = {**classification_metrics(test_labels, fit.scores(test_features), class_names),
+                                  "fit": fit.summary()}
+    if zeroshot_scores is not None:
+        out["zeroshot"] = classification_metrics(test_labels, zeroshot_scores, class_names)
+    return out
