@@ -101,7 +101,8 @@ class _EncodeTextAdapter(nn.Module):
 
 
 @torch.inference_mode()
-def _project(fn, feats: np.ndarray, device, batch_size: int = 4096) -> torch.Tensor:
+def project_features(fn, feats: np.ndarray, device, batch_size: int = 4096) -> torch.Tensor:
+    """Apply ``fn`` (a projection head) to cached features in batches; returns a CPU tensor."""
     out = []
     for s in range(0, len(feats), batch_size):
         out.append(fn(torch.from_numpy(np.array(feats[s:s + batch_size], dtype=np.float32)).to(device)).float().cpu())
@@ -124,8 +125,8 @@ def encode_dataset(model: nn.Module, dataset: CaptionDataset, *, cache: FeatureC
     if has_towers(model):
         feats = features or tower_features(model.image_tower, model.text_tower, dataset, cache=cache,
                                            on_error=on_error, device=device, progress=progress, **kwargs)
-        img = _project(model.project_image, feats.image, device)
-        txt = _project(model.project_text, feats.text, device)
+        img = project_features(model.project_image, feats.image, device)
+        txt = project_features(model.project_text, feats.text, device)
         return img, txt, feats.dataset
     feats = tower_features(_EncodeImageAdapter(model), _EncodeTextAdapter(model), dataset, cache=cache,
                            on_error=on_error, device=device, progress=progress, **kwargs)
@@ -144,7 +145,7 @@ def encode_images(model: nn.Module, images, *, cache: FeatureCache | None = None
     if has_towers(model):
         feats = embed_images(model.image_tower, images, cache=cache, device=device, progress=progress, desc=desc,
                              **kwargs)
-        z = _project(lambda x: model.project_image(x, normalize=False), feats.features, device)
+        z = project_features(lambda x: model.project_image(x, normalize=False), feats.features, device)
     else:
         feats = embed_images(_EncodeImageAdapter(model), images, cache=cache, device=device, progress=progress,
                              desc=desc, **kwargs)

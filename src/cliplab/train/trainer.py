@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cliplab.embed.pipeline import DatasetFeatures
+from cliplab.embed.pipeline import DatasetFeatures, project_features
 from cliplab.errors import ConfigError
 from cliplab.eval.retrieval import retrieval_metrics
 from cliplab.train.config import TrainConfig
@@ -109,13 +109,9 @@ class HeadTrainer:
     @torch.inference_mode()
     def evaluate(self, feats: DatasetFeatures) -> dict[str, float]:
         self.model.eval()
-        img = self._project(self.model.project_image, feats.image)
-        txt = self._project(self.model.project_text, feats.text)
+        img = project_features(self.model.project_image, feats.image, self.device)
+        txt = project_features(self.model.project_text, feats.text, self.device)
         return retrieval_metrics(img, txt, feats.caption_image, device=self.device).metrics
-
-    def _project(self, fn, x: np.ndarray, batch: int = 4096) -> torch.Tensor:
-        return torch.cat([fn(torch.from_numpy(np.array(x[s:s + batch], dtype=np.float32)).to(self.device))
-                          for s in range(0, len(x), batch)])
 
     # -- checkpoints
     def _trainable_state(self) -> dict[str, torch.Tensor]:
