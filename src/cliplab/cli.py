@@ -59,6 +59,8 @@ def _load_config(config: Optional[Path], data: Optional[str], on_error: Optional
 OnErrorOpt = typer.Option(None, "--on-error", help="raise (default) or skip bad images/captions and count them")
 CacheOpt = typer.Option(None, "--cache-dir", help="feature cache folder (default $CLIPLAB_CACHE or ~/.cache/cliplab)")
 SetOpt = typer.Option([], "--set", "-s", help="config override KEY=VALUE, e.g. train.lr=3e-4 (repeatable)")
+BackendOpt = typer.Option("auto", help="frozen-tower inference: auto (ONNX Runtime on CPU, torch on CUDA), "
+                                       "torch, onnx or onnx-int8 (quantised, changes results)")
 
 
 @app.command()
@@ -72,6 +74,7 @@ def embed(
     cache_dir: Optional[Path] = CacheOpt,
     batch_size: int = typer.Option(64, help="images per forward pass"),
     device: str = typer.Option("auto"),
+    backend: str = BackendOpt,
 ) -> None:
     """Compute (or reuse) frozen-tower features for a dataset."""
     from cliplab.data.captions import load_caption_dataset
@@ -86,7 +89,8 @@ def embed(
     ds = load_caption_dataset(data, split, image_root=image_root, on_error=cfg.data.on_error)
     image_tower, text_tower = ImageTower(cfg.model.image), TextTower(cfg.model.text)
     feats = tower_features(image_tower, text_tower, ds, cache=FeatureCache(cfg.data.cache_dir),
-                           on_error=cfg.data.on_error, device=resolve_device(device), image_batch_size=batch_size)
+                           on_error=cfg.data.on_error, device=resolve_device(device), image_batch_size=batch_size,
+                           backend=backend)
     summary = {"dataset": feats.dataset.name, "images": feats.dataset.num_images,
                "captions": feats.dataset.num_captions, "image_dim": int(feats.image.shape[1]),
                "text_dim": int(feats.text.shape[1]), "reused_cache": feats.reused,

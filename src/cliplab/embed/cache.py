@@ -36,19 +36,24 @@ class CachedFeatures:
 class FeatureCache:
     """A folder of cached feature matrices keyed by content."""
 
-    def __init__(self, root: str | Path | None = None, chunk_size: int = 512) -> None:
+    def __init__(self, root: str | Path | None = None, chunk_size: int = 512, dtype: str = "float32") -> None:
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"feature dtype must be float32 or float16, not {dtype!r}")
         self.root = Path(root) if root is not None else default_cache_dir()
         self.chunk_size = chunk_size
+        self.dtype = dtype
 
-    @staticmethod
-    def key(tower_fingerprint: str, items: Sequence[str], extra: str = "") -> str:
-        return sha256_text(tower_fingerprint, extra, *items)[:32]
+    def key(self, tower_fingerprint: str, items: Sequence[str], extra: str = "") -> str:
+        """Content key: tower (weights + preprocessing), the item list and the stored dtype."""
+        dtype = "" if self.dtype == "float32" else self.dtype
+        return sha256_text(tower_fingerprint, extra + dtype, *items)[:32]
 
     def entry_dir(self, kind: str, key: str) -> Path:
         return self.root / f"{kind}-{key}"
 
     def get_or_compute(self, kind: str, key: str, n_items: int, compute: ComputeChunk, *,
-                       desc: str = "", meta: dict | None = None, progress: bool = True) -> CachedFeatures:
+                       desc: str = "", meta: dict | None = None, progress: bool = True,
+                       chunk_size: int | None = None) -> CachedFeatures:
         """Return cached features, computing missing chunks with ``compute(start, stop)``.
 
         ``compute`` returns ``(features [stop-start, D], valid [stop-start], error messages)``.
@@ -60,7 +65,7 @@ class FeatureCache:
         with FileLock(str(folder / ".lock")):  # a second process waits, then reuses the result
             if self._complete(folder):
                 return self._load(folder, reused=True)
-            self._compute(folder, kind, key, n_items, compute, desc, meta, progress)
+            self._compute(folder, kind, key, n_items, compute, desc, meta, progress, chunk_size or self.chunk_size)
         return self._load(folder, reused=False)
 
     @staticmethod
@@ -68,38 +73,51 @@ class FeatureCache:
         return (folder / "features.npy").is_file() and (folder / "valid.npy").is_file()
 
     def _compute(self, folder: Path, kind: str, key: str, n_items: int, compute: ComputeChunk, desc: str,
-                 meta: dict | None, progress: bool) -> None:
-        write_json(folder / "meta.json", {"kind": kind, "key": key, "n_items": n_items,
-                                          "chunk_size": self.chunk_size, **(meta or {})})
-        starts = list(range(0, n_items, self.chunk_size))
-        chunk_paths = [folder / f"chunk-{i:06d}.npz" for i in range(len(starts))]
-        have = sum(min(self.chunk_size, n_items - s) for s, p in zip(starts, chunk_paths) if p.is_file())
+                 meta: dict | None, progress: bool, chunk_size: int) -> None:
+        write_json(folder / "meta.json", {"kind": kind, "key": key, "n_items": n_items, "dtype": self.dtype,
+                                          **(meta or {})})
+        spans = [(s, min(s + chunk_size, n_items)) for s in range(0, n_items, chunk_size)]
+        chunk_paths = [folder / f"chunk-{a:010d}-{b:010d}.npz" for a, b in spans]
+        have = sum(b - a for (a, b), p in zip(spans, chunk_paths) if p.is_file())
         with tqdm(total=n_items, initial=have, desc=desc or kind, unit="item", disable=not progress,
                   dynamic_ncols=True) as bar:
-            for start, path in zip(starts, chunk_paths):
+            for (start, stop), path in zip(spans, chunk_paths):
                 if path.is_file():
                     continue
-                stop = min(start + self.chunk_size, n_items)
                 feats, valid, errors = compute(start, stop)
-                payload = {"features": np.asarray(feats, dtype=np.float32), "valid": np.asarray(valid, dtype=bool),
+                payload = {"features": np.asarray(feats, dtype=self.dtype), "valid": np.asarray(valid, dtype=bool),
                            "errors": np.asarray(json.dumps(errors))}
                 atomic_write(path, lambda p: _save_npz(p, payload))
                 bar.update(stop - start)
-        self._merge(folder, chunk_paths)
+        self._merge(folder, chunk_paths, n_items)
 
-    def _merge(self, folder: Path, chunk_paths: list[Path]) -> None:
-        feats, valid, errors = [], [], {}
-        for path in chunk_paths:
-            with np.load(path) as z:
-                feats.append(z["features"])
-                valid.append(z["valid"])
-                for msg in json.loads(str(z["errors"])):
-                    idx, _, text = msg.partition("\t")
-                    errors[int(idx)] = text
-        features = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
-        atomic_write(folder / "features.npy", lambda p: _save_npy(p, features))
+    def _merge(self, folder: Path, chunk_paths: list[Path], n_items: int) -> None:
+        """Stream chunks into one memory-mappable ``features.npy`` (never all in RAM at once)."""
+        dim = 0
+        if chunk_paths:
+            with np.load(chunk_paths[0]) as z:
+                dim = z["features"].shape[1]
+        valid = np.zeros(n_items, dtype=bool)
+        errors: dict[int, str] = {}
+
+        def write_features(tmp: Path) -> None:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=(n_items, dim))
+            offset = 0
+            for path in chunk_paths:
+                with np.load(path) as z:
+                    n = len(z["valid"])
+                    out[offset:offset + n] = z["features"]
+                    valid[offset:offset + n] = z["valid"]
+                    for msg in json.loads(str(z["errors"])):
+                        idx, _, text = msg.partition("\t")
+                        errors[int(idx)] = text
+                offset += n
+            out.flush()
+            del out
+
+        atomic_write(folder / "features.npy", write_features)
         write_json(folder / "errors.json", {str(k): v for k, v in sorted(errors.items())})
-        atomic_write(folder / "valid.npy", lambda p: _save_npy(p, np.concatenate(valid) if valid else np.zeros(0, bool)))
+        atomic_write(folder / "valid.npy", lambda p: _save_npy(p, valid))
         for path in chunk_paths:
             path.unlink()
 

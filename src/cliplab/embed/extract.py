@@ -1,7 +1,13 @@
-"""Turn images and captions into frozen-tower features, through the feature cache."""
+"""Turn images and captions into frozen-tower features, through the feature cache.
+
+Decoding and preprocessing run in DataLoader worker processes while the model computes; captions are
+encoded in length-sorted batches (less padding) and returned in input order. The encoder is chosen by
+``backend`` (see :mod:`cliplab.embed.backends`) and only built when something must be computed.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -11,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cliplab.data.images import ImageFiles, ImageSet
+from cliplab.embed.backends import OnnxImageTower, OnnxTextTower, resolve_backend
 from cliplab.embed.cache import CachedFeatures, FeatureCache
 from cliplab.errors import CliplabError
 from cliplab.utils import sha256_text
@@ -38,25 +45,63 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
+def _is_cliplab_tower(tower) -> bool:
+    from cliplab.models.image_tower import ImageTower
+    from cliplab.models.text_tower import TextTower
+
+    return isinstance(tower, (ImageTower, TextTower))
+
+
+def _cache_fingerprint(tower, backend: str) -> str:
+    fp = tower.fingerprint()
+    return sha256_text(fp, "int8") if backend == "onnx-int8" and _is_cliplab_tower(tower) else fp
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class _LazyEncoder:
+    """Builds the backend's encoder on first use, so a fully cached run never exports or loads anything."""
+
+    def __init__(self, tower, backend: str, device: torch.device, cache: FeatureCache, onnx_cls) -> None:
+        self.tower, self.device, self.cache, self.onnx_cls = tower, device, cache, onnx_cls
+        chosen = resolve_backend(backend, device)
+        self.use_onnx = chosen.startswith("onnx") and device.type == "cpu" and _is_cliplab_tower(tower)
+        self.quantize = chosen == "onnx-int8"
+        self._encoder = None
+
+    def get(self):
+        if self._encoder is None:
+            if self.use_onnx:
+                self._encoder = self.onnx_cls(self.tower, self.cache.root, quantize=self.quantize)
+            else:
+                self._encoder = self.tower.eval().to(self.device)
+                if self.device.type == "cpu" and hasattr(self._encoder, "image_size"):
+                    self._encoder = self._encoder.to(memory_format=torch.channels_last)
+        return self._encoder
+
+
 @torch.inference_mode()
 def embed_images(tower: torch.nn.Module, images: Sequence[Path] | ImageSet, *, cache: FeatureCache | None = None,
                  batch_size: int = 64, num_workers: int | None = None, device: str | torch.device = "cpu",
-                 on_error: str = "raise", progress: bool = True, desc: str = "images") -> CachedFeatures:
+                 on_error: str = "raise", progress: bool = True, desc: str = "images",
+                 backend: str = "auto") -> CachedFeatures:
     """Pooled image-tower features (cached); corrupt/missing images raise or are marked invalid."""
     images = images if isinstance(images, ImageSet) else ImageFiles(images)
     cache = cache or FeatureCache()
     device = torch.device(device)
-    tower = tower.eval().to(device)
-    if device.type == "cpu":
-        tower = tower.to(memory_format=torch.channels_last)
+    encoder = _LazyEncoder(tower, backend, device, cache, OnnxImageTower)
     transform = tower.transform()
     size = tower.image_size
     workers = default_workers() if num_workers is None else num_workers
-    key = FeatureCache.key(tower.fingerprint(), images.keys(), extra="image-v1")
+    fingerprint = _cache_fingerprint(tower, resolve_backend(backend, device))
+    key = cache.key(fingerprint, images.keys(), extra="image-v1")
 
     def compute(start: int, stop: int):
-        ds = _Decoded(images, start, stop, transform, size)
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False)
+        model = encoder.get()
+        loader = DataLoader(_Decoded(images, start, stop, transform, size), batch_size=batch_size,
+                            num_workers=workers, shuffle=False, pin_memory=device.type == "cuda")
         feats, valid, errors = [], [], []
         for offset_batch, (batch, ok, messages) in enumerate(loader):
             base = start + offset_batch * batch_size
@@ -66,37 +111,46 @@ def embed_images(tower: torch.nn.Module, images: Sequence[Path] | ImageSet, *, c
                         raise CliplabError(msg)
                     errors.append(f"{base + j}\t{msg}")
             batch = batch.to(device, non_blocking=True)
-            if device.type == "cpu":
+            if device.type == "cpu" and not encoder.use_onnx:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            feats.append(tower(batch).float().cpu().numpy())
+            with _autocast(device):
+                feats.append(model(batch).float().cpu().numpy())
             valid.append(ok.numpy())
         return np.concatenate(feats), np.concatenate(valid), errors
 
     return cache.get_or_compute("image", key, len(images), compute, desc=desc, progress=progress,
-                                meta={"tower": tower.fingerprint(), "n_images": len(images)})
+                                meta={"tower": fingerprint, "n_images": len(images)})
+
+
+def encode_texts_sorted(encode, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    """``encode`` over length-sorted batches (less padding); rows returned in input order."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = None
+    for b in range(0, len(texts), batch_size):
+        idx = order[b:b + batch_size]
+        z = encode([texts[i] for i in idx]).float().cpu().numpy()
+        if out is None:
+            out = np.zeros((len(texts), z.shape[1]), dtype=np.float32)
+        out[idx] = z
+    return out if out is not None else np.zeros((0, 0), np.float32)
 
 
 @torch.inference_mode()
 def embed_texts(tower: torch.nn.Module, texts: Sequence[str], *, cache: FeatureCache | None = None,
-                batch_size: int = 256, device: str | torch.device = "cpu", progress: bool = True,
-                desc: str = "captions") -> CachedFeatures:
+                batch_size: int = 128, device: str | torch.device = "cpu", progress: bool = True,
+                desc: str = "captions", backend: str = "auto", chunk_size: int = 4096) -> CachedFeatures:
     """Pooled text-tower features for ``texts`` (cached); batches sorted by length, results in input order."""
     cache = cache or FeatureCache()
     device = torch.device(device)
-    tower = tower.eval().to(device)
-    key = FeatureCache.key(tower.fingerprint(), [sha256_text(*texts)], extra="text-v1")
+    encoder = _LazyEncoder(tower, backend, device, cache, OnnxTextTower)
+    fingerprint = _cache_fingerprint(tower, resolve_backend(backend, device))
+    key = cache.key(fingerprint, [sha256_text(*texts)], extra="text-v1")
 
     def compute(start: int, stop: int):
-        chunk = list(texts[start:stop])
-        order = np.argsort([len(t) for t in chunk], kind="stable")
-        out = None
-        for b in range(0, len(chunk), batch_size):
-            idx = order[b:b + batch_size]
-            z = tower.encode([chunk[i] for i in idx]).float().cpu().numpy()
-            if out is None:
-                out = np.zeros((len(chunk), z.shape[1]), dtype=np.float32)
-            out[idx] = z
-        return out, np.ones(len(chunk), dtype=bool), []
+        model = encoder.get()
+        with _autocast(device):
+            out = encode_texts_sorted(model.encode, list(texts[start:stop]), batch_size)
+        return out, np.ones(stop - start, dtype=bool), []
 
     return cache.get_or_compute("text", key, len(texts), compute, desc=desc, progress=progress,
-                                meta={"tower": tower.fingerprint(), "n_texts": len(texts)})
+                                meta={"tower": fingerprint, "n_texts": len(texts)}, chunk_size=chunk_size)

@@ -43,14 +43,14 @@ def _drop_invalid(dataset: CaptionDataset, image: np.ndarray, valid: np.ndarray,
 
 def tower_features(image_tower: nn.Module, text_tower: nn.Module, dataset: CaptionDataset, *,
                    cache: FeatureCache | None = None, on_error: str = "raise", device: str | torch.device = "cpu",
-                   image_batch_size: int = 64, text_batch_size: int = 256, num_workers: int | None = None,
-                   progress: bool = True) -> DatasetFeatures:
+                   image_batch_size: int = 64, text_batch_size: int = 128, num_workers: int | None = None,
+                   progress: bool = True, backend: str = "auto") -> DatasetFeatures:
     """Cached image- and text-tower features for a dataset; corrupt images raise or are skipped and counted."""
     cache = cache or FeatureCache()
     try:
         img = embed_images(image_tower, dataset.image_paths(), cache=cache, batch_size=image_batch_size,
                            num_workers=num_workers, device=device, on_error=on_error, progress=progress,
-                           desc=f"{dataset.name} images")
+                           desc=f"{dataset.name} images", backend=backend)
     except CliplabError as exc:
         # name the caption-file line that introduced the image
         msg = str(exc)
@@ -60,7 +60,7 @@ def tower_features(image_tower: nn.Module, text_tower: nn.Module, dataset: Capti
         raise
     ds, image = _drop_invalid(dataset, img.features, img.valid, img.errors)
     txt = embed_texts(text_tower, ds.captions, cache=cache, batch_size=text_batch_size, device=device,
-                      progress=progress, desc=f"{dataset.name} captions")
+                      progress=progress, desc=f"{dataset.name} captions", backend=backend)
     return DatasetFeatures(ds, image, np.asarray(txt.features), reused=img.reused and txt.reused)
 
 

@@ -41,6 +41,7 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip
     cache_dir: str | None = None
     num_workers: int | None = None
+    backend: str = "auto"  # frozen-tower inference: auto | torch | onnx | onnx-int8
 
 
 @dataclass

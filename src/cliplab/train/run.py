@@ -36,7 +36,7 @@ def load_split_features(config: RunConfig, split: str, image_tower, text_tower, 
     d = config.data
     ds = load_caption_dataset(d.path, split, image_root=d.image_root, on_error=d.on_error)
     return tower_features(image_tower, text_tower, ds, cache=cache, on_error=d.on_error, device=device,
-                          num_workers=d.num_workers, progress=progress)
+                          num_workers=d.num_workers, progress=progress, backend=d.backend)
 
 
 def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, progress: bool = True,

@@ -1,0 +1,162 @@
+"""Inference backends for frozen towers: ONNX Runtime on CPU, torch eager (channels-last) as the fallback,
+CUDA with autocast when a GPU is present.
+
+ONNX exports are made once per tower fingerprint and kept in ``<cache>/onnx/``; the batch axis (and
+the sequence axis for text) is dynamic. fp32 ONNX features match torch eager within 1e-4 (tested), so
+they share cache entries with torch; dynamic int8 quantisation (never on by default) changes the
+features and gets its own cache key.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cliplab.errors import ConfigError
+from cliplab.utils import atomic_write, default_cache_dir, sha256_text
+
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto``: torch on CUDA (with autocast), ONNX Runtime on CPU when installed, else torch eager."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "auto":
+        return "torch" if device.type == "cuda" or not onnxruntime_available() else "onnx"
+    if backend.startswith("onnx") and not onnxruntime_available():
+        raise ConfigError("backend 'onnx' needs onnxruntime: pip install onnxruntime")
+    return backend
+
+
+def _session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes, quantize: bool) -> Path:
+    """Export to ONNX atomically (and quantise dynamically to int8 if asked)."""
+    if path.is_file():
+        return path
+    import warnings
+
+    fp32 = path.with_name(path.name.replace("-int8", "")) if quantize else path
+
+    def export(tmp: Path) -> None:
+        # export a copy: tracing can leave the original (e.g. a transformers model) in a changed state
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(copy.deepcopy(module).eval(), args, str(tmp), input_names=input_names, output_names=output_names,
+                              dynamic_axes=dynamic_axes, opset_version=17, dynamo=False)
+
+    if not fp32.is_file():
+        atomic_write(fp32, export)
+    if quantize:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        atomic_write(path, lambda tmp: quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8))
+    return path
+
+
+class OnnxImageTower(nn.Module):
+    """An :class:`~cliplab.models.ImageTower` executed by ONNX Runtime (same transform, same features)."""
+
+    def __init__(self, tower: nn.Module, cache_dir: str | Path | None = None, quantize: bool = False,
+                 threads: int | None = None) -> None:
+        super().__init__()
+        self._tower_fp = tower.fingerprint()
+        self.quantize = quantize
+        self.image_size = tower.image_size
+        self._transform = tower.transform()
+        self.output_dim = tower.output_dim
+        folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        path = folder / "onnx" / f"image-{self._tower_fp[:24]}{'-int8' if quantize else ''}.onnx"
+        dummy = torch.zeros(2, 3, self.image_size, self.image_size)
+        _export(tower, (dummy,), path, ["pixel_values"], ["features"],
+                {"pixel_values": {0: "batch"}, "features": {0: "batch"}}, quantize)
+        self.onnx_path = path
+        self.session = _session(path, threads)
+
+    def transform(self):
+        return self._transform
+
+    def fingerprint(self) -> str:
+        return sha256_text(self._tower_fp, "int8") if self.quantize else self._tower_fp
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(images.detach().cpu().contiguous().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {"pixel_values": x})[0])
+
+
+class _TextEncoderCore(nn.Module):
+    """token ids -> last hidden state (what gets exported)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class OnnxTextTower(nn.Module):
+    """A :class:`~cliplab.models.TextTower` whose transformer runs in ONNX Runtime; pooling as the tower's."""
+
+    def __init__(self, tower: nn.Module, cache_dir: str | Path | None = None, quantize: bool = False,
+                 threads: int | None = None) -> None:
+        super().__init__()
+        self.tower = tower
+        self.quantize = quantize
+        folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._fp = tower.fingerprint()
+        path = folder / "onnx" / f"text-{self._fp[:24]}{'-int8' if quantize else ''}.onnx"
+        sample = tower.tokenize(["an example caption for export", "two"])
+        _export(_TextEncoderCore(tower.model), (sample["input_ids"], sample["attention_mask"]), path,
+                ["input_ids", "attention_mask"], ["last_hidden_state"],
+                {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                 "last_hidden_state": {0: "batch", 1: "seq"}}, quantize)
+        self.onnx_path = path
+        self.session = _session(path, threads)
+        self.output_dim = tower.output_dim
+
+    def fingerprint(self) -> str:
+        return sha256_text(self._fp, "int8") if self.quantize else self._fp
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        batch = self.tower.tokenize(list(texts))
+        ids = batch["input_ids"].numpy().astype(np.int64)
+        mask = batch["attention_mask"].numpy().astype(np.int64)
+        hidden = torch.from_numpy(self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0])
+        m = torch.from_numpy(mask).unsqueeze(-1).to(hidden.dtype)
+        if self.tower.config.pooling == "cls":
+            return hidden[:, 0]
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def accelerate_towers(image_tower: nn.Module, text_tower: nn.Module, backend: str = "auto",
+                      device: str | torch.device = "cpu", cache_dir: str | Path | None = None):
+    """The (image, text) encoders to use for feature extraction under ``backend``."""
+    device = torch.device(device)
+    chosen = resolve_backend(backend, device)
+    if chosen == "torch" or device.type == "cuda":
+        return image_tower, text_tower
+    quantize = chosen == "onnx-int8"
+    return (OnnxImageTower(image_tower, cache_dir, quantize=quantize),
+            OnnxTextTower(text_tower, cache_dir, quantize=quantize))

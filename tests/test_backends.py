@@ -1,0 +1,73 @@
+"""Every inference backend matches torch eager (cosine >= 0.9999); int8 is separate and reports its cost."""
+
+import numpy as np
+import pytest
+import torch
+
+from cliplab.data import read_pairs
+from cliplab.embed import FeatureCache, embed_images, embed_texts
+from cliplab.embed.backends import OnnxImageTower, OnnxTextTower, resolve_backend
+from cliplab.models import ImageTower, TextTower
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def towers():
+    return ImageTower(), TextTower()
+
+
+def cosine(a, b):
+    a, b = torch.as_tensor(np.array(a, dtype=np.float32)), torch.as_tensor(np.array(b, dtype=np.float32))
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+def test_onnx_image_and_text_parity(towers, tmp_path):
+    image_tower, text_tower = towers
+    x = torch.randn(5, 3, 224, 224)
+    onnx_img = OnnxImageTower(image_tower, tmp_path)
+    with torch.inference_mode():
+        ref = image_tower(x)
+    got = onnx_img(x)
+    assert cosine(ref, got).min() >= 0.9999 and (ref - got).abs().max() < 1e-3
+    texts = ["a dog", "two children are playing in the water near a big red boat", "x", "A man in a hat ."]
+    onnx_txt = OnnxTextTower(text_tower, tmp_path)
+    with torch.inference_mode():
+        ref_t = text_tower.encode(texts)
+    got_t = onnx_txt.encode(texts)
+    assert cosine(ref_t, got_t).min() >= 0.9999 and (ref_t - got_t).abs().max() < 1e-4
+    # the export is cached on disk and the original model is untouched
+    assert onnx_img.onnx_path.is_file()
+    with torch.inference_mode():
+        assert torch.allclose(text_tower.encode(texts), ref_t)
+
+
+def test_cached_features_match_across_backends(towers, caption_dir, tmp_path):
+    image_tower, text_tower = towers
+    ds = read_pairs(caption_dir / "captions.csv")
+    torch_img = embed_images(image_tower, ds.image_paths(), cache=FeatureCache(tmp_path / "a"), backend="torch",
+                             progress=False, num_workers=0)
+    onnx_img = embed_images(image_tower, ds.image_paths(), cache=FeatureCache(tmp_path / "b"), backend="onnx",
+                            progress=False, num_workers=0)
+    assert cosine(torch_img.features, onnx_img.features).min() >= 0.9999
+    t1 = embed_texts(text_tower, ds.captions, cache=FeatureCache(tmp_path / "a"), backend="torch", progress=False)
+    t2 = embed_texts(text_tower, ds.captions, cache=FeatureCache(tmp_path / "b"), backend="onnx", progress=False)
+    assert cosine(t1.features, t2.features).min() >= 0.9999
+    # float16 store: half the bytes, same features to fp16 precision, its own cache key
+    half = embed_texts(text_tower, ds.captions, cache=FeatureCache(tmp_path / "a", dtype="float16"),
+                       backend="torch", progress=False)
+    assert half.features.dtype == np.float16 and half.path != t1.path
+    assert cosine(t1.features, half.features.astype(np.float32)).min() >= 0.9999
+
+
+def test_int8_is_opt_in_and_keyed_separately(towers, caption_dir, tmp_path):
+    image_tower, _ = towers
+    assert resolve_backend("auto", torch.device("cpu")) == "onnx"
+    ds = read_pairs(caption_dir / "captions.csv")
+    cache = FeatureCache(tmp_path)
+    fp32 = embed_images(image_tower, ds.image_paths()[:4], cache=cache, backend="onnx", progress=False, num_workers=0)
+    int8 = embed_images(image_tower, ds.image_paths()[:4], cache=cache, backend="onnx-int8", progress=False,
+                        num_workers=0)
+    assert int8.path != fp32.path
+    cos = cosine(fp32.features, int8.features)
+    assert 0.6 < cos.mean() < 0.9999  # correlated, but not the same numbers: int8 has an accuracy cost
