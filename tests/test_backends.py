@@ -71,3 +71,36 @@ def test_int8_is_opt_in_and_keyed_separately(towers, caption_dir, tmp_path):
     assert int8.path != fp32.path
     cos = cosine(fp32.features, int8.features)
     assert 0.6 < cos.mean() < 0.9999  # correlated, but not the same numbers: int8 has an accuracy cost
+
+
+def test_faiss_index_exact_and_approximate(tmp_path):
+    from cliplab.embed.index import VectorIndex
+
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(3000, 32)).astype(np.float32)
+    np.save(tmp_path / "g.npy", gallery)
+    mm = np.load(tmp_path / "g.npy", mmap_mode="r")
+    queries = gallery[:50] + 0.05 * rng.normal(size=(50, 32)).astype(np.float32)
+    normed = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    brute = np.argsort(-(qn @ normed.T), axis=1)[:, :5]
+    flat = VectorIndex.build(mm, "flat", batch_size=700)
+    scores, ids = flat.search(queries, 5)
+    np.testing.assert_array_equal(ids, brute)
+    assert np.allclose(scores[:, 0], (qn * normed[brute[:, 0]]).sum(1), atol=1e-5)
+    for kind in ("ivf", "hnsw"):
+        _, ids = VectorIndex.build(mm, kind).search(queries, 1)
+        assert (ids[:, 0] == np.arange(50)).mean() >= 0.9
+    flat.save(tmp_path / "i.faiss")
+    assert len(VectorIndex.load(tmp_path / "i.faiss")) == 3000
+
+
+def test_draft_mode_decodes_large_jpeg_smaller(tmp_path):
+    from PIL import Image
+
+    from cliplab.data.images import load_rgb
+
+    Image.new("RGB", (2000, 1600), (10, 200, 30)).save(tmp_path / "big.jpg")
+    assert load_rgb(tmp_path / "big.jpg").size == (2000, 1600)
+    small = load_rgb(tmp_path / "big.jpg", draft_size=224)
+    assert min(small.size) >= 224 and small.size[0] < 2000 and small.size == (500, 400)

@@ -9,11 +9,19 @@ from PIL import Image, UnidentifiedImageError
 from cliplab.errors import DataError
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as RGB, fully decoded; raise :class:`DataError` naming the file when it is missing or corrupt."""
+def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
+    """Open an image as RGB, fully decoded; raise :class:`DataError` naming the file when it is missing or corrupt.
+
+    ``draft_size`` lets the JPEG decoder downscale large files by 1/2-1/8 while decoding (PIL draft mode),
+    never below ``draft_size`` on either side.
+    """
     path = Path(path)
     try:
         with Image.open(path) as im:
+            if draft_size and im.format == "JPEG":
+                w, h = im.size
+                short = max(1, min(w, h))  # ask for a size whose short side stays >= draft_size
+                im.draft("RGB", (-(-draft_size * w // short), -(-draft_size * h // short)))
             im.load()
             return im.convert("RGB")
     except FileNotFoundError:
@@ -38,14 +46,20 @@ class ImageSet:
 class ImageFiles(ImageSet):
     """Images on disk; the cache key of each is its path, size and mtime (edits in place invalidate it)."""
 
-    def __init__(self, paths) -> None:
+    def __init__(self, paths, draft_size: int | None = None) -> None:
         self.paths = [Path(p) for p in paths]
+        self.draft_size = draft_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def with_draft(self, size: int) -> "ImageFiles":
+        out = ImageFiles.__new__(ImageFiles)
+        out.paths, out.draft_size = self.paths, size
+        return out
+
     def load(self, i: int) -> Image.Image:
-        return load_rgb(self.paths[i])
+        return load_rgb(self.paths[i], self.draft_size)
 
     def keys(self) -> list[str]:
         import os

@@ -94,6 +94,8 @@ def embed_images(tower: torch.nn.Module, images: Sequence[Path] | ImageSet, *, c
     encoder = _LazyEncoder(tower, backend, device, cache, OnnxImageTower)
     transform = tower.transform()
     size = tower.image_size
+    if isinstance(images, ImageFiles) and images.draft_size is None:
+        images = images.with_draft(size)  # decode big JPEGs at reduced scale; same cache key
     workers = default_workers() if num_workers is None else num_workers
     fingerprint = _cache_fingerprint(tower, resolve_backend(backend, device))
     key = cache.key(fingerprint, images.keys(), extra="image-v1")
