@@ -1,0 +1,134 @@
+"""Images/s and captions/s: the cliplab engine vs a naive eager loop, with parity.
+
+The naive loop is what tutorials and course projects write: per batch, open each file with PIL,
+apply torchvision transforms, stack, run the eager model under no_grad (NCHW); captions in file
+order, 32 at a time, padded to the longest in the batch. The engine: decoding in worker processes,
+ONNX Runtime (exported once and cached), length-sorted caption batches.
+
+    python bench/embed.py [--data ../shared/data/flickr8k] [--images 768] [--captions 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, save, table  # noqa: E402
+
+from cliplab.data import read_flickr8k  # noqa: E402
+from cliplab.embed import FeatureCache, embed_images, embed_texts  # noqa: E402
+from cliplab.embed.backends import OnnxImageTower, OnnxTextTower  # noqa: E402
+from cliplab.models import ImageTower, TextTower  # noqa: E402
+
+
+def naive_images(tower: ImageTower, paths, batch_size: int) -> np.ndarray:
+    tf = T.Compose([T.Resize(tower.image_size), T.CenterCrop(tower.image_size), T.ToTensor(),
+                    T.Normalize(tower.mean, tower.std)])
+    model = tower.model.eval()
+    out = []
+    for s in range(0, len(paths), batch_size):
+        x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[s:s + batch_size]])
+        with torch.no_grad():
+            out.append(model.forward_head(model.forward_features(x), pre_logits=True).numpy())
+    return np.concatenate(out)
+
+
+def naive_captions(tower: TextTower, texts, batch_size: int) -> np.ndarray:
+    out = []
+    for s in range(0, len(texts), batch_size):
+        batch = tower.tokenizer(texts[s:s + batch_size], padding=True, truncation=True, max_length=64,
+                                return_tensors="pt")
+        with torch.no_grad():
+            hidden = tower.model(**batch).last_hidden_state
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        out.append(((hidden * m).sum(1) / m.sum(1)).numpy())
+    return np.concatenate(out)
+
+
+def cosine(a, b) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="../shared/data/flickr8k")
+    ap.add_argument("--images", type=int, default=768)
+    ap.add_argument("--captions", type=int, default=4096)
+    ap.add_argument("--batch-size", type=int, default=32, help="naive loop batch size (images and captions)")
+    ap.add_argument("--int8", action="store_true", help="also measure dynamic int8 quantisation")
+    args = ap.parse_args()
+    ds = read_flickr8k(args.data, "all")
+    paths = ds.image_paths()[: args.images]
+    texts = ds.captions[: args.captions]
+    image_tower, text_tower = ImageTower(), TextTower()
+    res: dict = {"n_images": len(paths), "n_captions": len(texts), "machine": machine()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        OnnxImageTower(image_tower, tmp)
+        OnnxTextTower(text_tower, tmp)
+        res["onnx_export_seconds_once"] = time.perf_counter() - t
+        naive_images(image_tower, paths[:32], args.batch_size)  # warm-up both paths
+        naive_captions(text_tower, texts[:64], args.batch_size)
+
+        t = time.perf_counter()
+        ref_img = naive_images(image_tower, paths, args.batch_size)
+        res["naive_images_per_s"] = len(paths) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        eng_img = embed_images(image_tower, paths, cache=FeatureCache(Path(tmp) / "a"), backend="onnx",
+                               progress=False).features
+        res["engine_images_per_s"] = len(paths) / (time.perf_counter() - t)
+
+        t = time.perf_counter()
+        ref_txt = naive_captions(text_tower, texts, args.batch_size)
+        res["naive_captions_per_s"] = len(texts) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        eng_txt = embed_texts(text_tower, texts, cache=FeatureCache(Path(tmp) / "a"), backend="onnx",
+                              progress=False).features
+        res["engine_captions_per_s"] = len(texts) / (time.perf_counter() - t)
+
+        t = time.perf_counter()
+        tor_img = embed_images(image_tower, paths, cache=FeatureCache(Path(tmp) / "b"), backend="torch",
+                               progress=False).features
+        res["engine_torch_images_per_s"] = len(paths) / (time.perf_counter() - t)
+        res["image_parity_min_cosine"] = float(cosine(ref_img, eng_img).min())
+        res["image_parity_max_abs"] = float(np.abs(ref_img - eng_img).max())
+        res["image_torch_backend_min_cosine"] = float(cosine(ref_img, tor_img).min())
+        res["caption_parity_min_cosine"] = float(cosine(ref_txt, eng_txt).min())
+        res["caption_parity_max_abs"] = float(np.abs(ref_txt - eng_txt).max())
+        if args.int8:
+            t = time.perf_counter()
+            q_img = embed_images(image_tower, paths, cache=FeatureCache(Path(tmp) / "c"), backend="onnx-int8",
+                                 progress=False).features
+            res["int8_images_per_s_incl_quantisation"] = len(paths) / (time.perf_counter() - t)
+            res["int8_image_mean_cosine"] = float(cosine(ref_img, q_img).mean())
+            q_txt = embed_texts(text_tower, texts, cache=FeatureCache(Path(tmp) / "c"), backend="onnx-int8",
+                                progress=False).features
+            res["int8_caption_mean_cosine"] = float(cosine(ref_txt, q_txt).mean())
+
+    res["images_speedup"] = res["engine_images_per_s"] / res["naive_images_per_s"]
+    res["captions_speedup"] = res["engine_captions_per_s"] / res["naive_captions_per_s"]
+    print(res["machine"])
+    print(table([
+        ("images/s", f"{res['naive_images_per_s']:.1f}", f"{res['engine_images_per_s']:.1f}",
+         f"{res['images_speedup']:.2f}x", f"{res['image_parity_min_cosine']:.6f}"),
+        ("captions/s", f"{res['naive_captions_per_s']:.1f}", f"{res['engine_captions_per_s']:.1f}",
+         f"{res['captions_speedup']:.2f}x", f"{res['caption_parity_min_cosine']:.6f}"),
+    ], ("what", "naive eager loop", "cliplab engine (ONNX)", "speedup", "min cosine vs naive")))
+    print(f"torch-eager engine backend (channels-last, inference_mode, workers): "
+          f"{res['engine_torch_images_per_s']:.1f} images/s; one-time ONNX export {res['onnx_export_seconds_once']:.1f}s")
+    save("embed", res)
+
+
+if __name__ == "__main__":
+    main()
