@@ -24,5 +24,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+# Speed/memory benchmarks (results in bench/results/*.json; figures copied into BENCHMARKS.md)
+bench: $(BENCH_STAMP)
+	$(PY) bench/embed.py --int8
+	$(PY) bench/train.py
+	$(PY) bench/eval.py
+	$(PY) bench/scale.py
+
 clean:
 	rm -rf runs .cliplab-cache
