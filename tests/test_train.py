@@ -106,3 +106,14 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     full_rows = read_metrics(tmp_path / "full")
     res_rows = read_metrics(tmp_path / "killed")
     assert [r["train_loss"] for r in res_rows] == pytest.approx([r["train_loss"] for r in full_rows], abs=1e-9)
+
+
+@pytest.mark.parametrize("loss,args", [("triplet", {"margin": 0.2, "mining": "semihard"}), ("ntxent", {}),
+                                       ("sigmoid", {})])
+def test_every_loss_trains(tmp_path, loss, args):
+    train, dev = synthetic_split(0), synthetic_split(1)
+    trainer = make_trainer(tmp_path, loss, epochs=12, loss=loss, loss_args=args)
+    before = trainer.evaluate(dev)
+    trainer.fit(train, dev)
+    after = trainer.evaluate(dev)
+    assert after["t2i_r1"] > before["t2i_r1"] + 25, (loss, before["t2i_r1"], after["t2i_r1"])

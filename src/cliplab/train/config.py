@@ -22,7 +22,8 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     schedule: str = "cosine"  # cosine | onecycle | constant
     sampling: str = "random_caption"  # random_caption (one per image per step) | all_pairs
-    loss: str = "infonce"
+    loss: str = "infonce"  # infonce | triplet | ntxent | sigmoid
+    loss_args: dict = field(default_factory=dict)  # e.g. {margin: 0.2, mining: semihard} for triplet
     grad_clip: float = 0.0  # 0 = off
     patience: int = 10  # epochs without dev improvement before stopping (0 = never stop early)
     select_metric: str = "rsum"  # dev metric that picks the best checkpoint

@@ -101,7 +101,7 @@ class HeadTrainer:
         self.cfg = config
         self.run_dir = Path(run_dir)
         self.device = resolve_device(config.device)
-        self.loss_fn = create_loss(config.loss)
+        self.loss_fn = create_loss(config.loss, **config.loss_args)
         self.progress = progress
         self.tensorboard = tensorboard
 
@@ -120,7 +120,8 @@ class HeadTrainer:
                 if k in names or k.startswith(("image_head.", "text_head."))}
 
     def _save_checkpoint(self, epoch: int, optimizer, scheduler, state: dict) -> None:
-        ckpt = {"epoch": epoch, "model": self._trainable_state(), "optimizer": optimizer.state_dict(),
+        ckpt = {"epoch": epoch, "model": self._trainable_state(), "loss": self.loss_fn.state_dict(),
+                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **state}
         atomic_write(self.run_dir / CHECKPOINT, lambda p: torch.save(ckpt, p))
 
@@ -132,7 +133,10 @@ class HeadTrainer:
         sampler = PairSampler(train.caption_image, len(train.image), cfg.sampling, cfg.batch_size, cfg.seed)
         if len(train.image) < 2:
             raise ConfigError("training needs at least 2 images")
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        self.loss_fn = self.loss_fn.to(self.device)
+        groups = param_groups(model, cfg.weight_decay)
+        groups[1]["params"] += [p for p in self.loss_fn.parameters() if p.requires_grad]  # e.g. SigLIP's bias
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         scheduler = make_scheduler(optimizer, cfg, len(sampler))
         state = {"best_metric": -float("inf"), "best_epoch": -1, "bad_epochs": 0, "stopped_early": False}
         start_epoch = 0
@@ -140,6 +144,7 @@ class HeadTrainer:
         if resume and ckpt_path.is_file():
             ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=False)
             model.load_state_dict(ckpt["model"], strict=False)
+            self.loss_fn.load_state_dict(ckpt.get("loss", {}))
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             torch.set_rng_state(ckpt["torch_rng"])
