@@ -139,3 +139,31 @@ def test_zeroshot_and_probe_commands(labelled_splits, tmp_path):
 
     res = run_cli("zeroshot", str(labelled_splits), "--rename", "purple=violet", cwd=tmp_path, cache=cache)
     assert res.returncode == 2 and "unknown class(es) purple" in res.stdout
+
+
+def test_sweep_runs_grid_and_writes_tables(caption_dir, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"""
+set:
+  data.path: {caption_dir / 'captions.csv'}
+  data.dev_split: train
+  data.test_split: train
+  train.epochs: 2
+  train.batch_size: 4
+  model.head.embed_dim: 16
+  baseline: false
+grid:
+  train.lr: [1.0e-3, 1.0e-4]
+  train.trainable: [heads, text_head]
+""")
+    out = tmp_path / "sweep"
+    res = run_cli("sweep", str(sweep), "--out-dir", str(out), cwd=tmp_path, cache=tmp_path / "cache")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 4 and {r["train.trainable"] for r in rows} == {"heads", "text_head"}
+    curves = list(csv.DictReader(open(out / "curves.csv")))
+    assert len(curves) == 8 and all(c["test_t2i_r1"] != "" for c in curves)
+    assert "best_epoch" in (out / "results.md").read_text()
+    # a second start skips finished runs
+    res = run_cli("sweep", str(sweep), "--out-dir", str(out), cwd=tmp_path, cache=tmp_path / "cache")
+    assert res.returncode == 0 and "train:" not in res.stderr

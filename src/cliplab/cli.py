@@ -1,4 +1,4 @@
-"""Command-line interface: ``cliplab embed | train | eval retrieval | zeroshot | probe | demo``.
+"""Command-line interface: ``cliplab embed | train | sweep | eval retrieval | zeroshot | probe | demo``.
 
 Every command writes a run directory (config, metrics JSON, a markdown table) and prints a table.
 User errors print as one line (``error: ...``) with exit code 2.
@@ -336,6 +336,25 @@ def probe(
             console.print(f"{name}: {r['fit']['hyperparameters']} (validation accuracy {r['fit']['val_accuracy']:.2f})",
                           highlight=False)
     console.print(f"run directory: {out}", soft_wrap=True)
+
+
+@app.command()
+def sweep(
+    sweep_file: Path = typer.Argument(..., help="sweep YAML: base config, fixed overrides and a grid of values"),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="folder for the runs and tables"),
+) -> None:
+    """Run a grid of training configs one after another (features cached once) and tabulate them."""
+    from cliplab.train.sweep import run_sweep
+
+    out = out_dir or Path("runs") / f"sweep-{sweep_file.stem}"
+    rows = run_sweep(sweep_file, out, log=lambda m: console.print(m, highlight=False))
+    table = Table(title=f"sweep: {sweep_file.name}")
+    for h in rows[0]:
+        table.add_column(h)
+    for r in rows:
+        table.add_row(*[str(v) for v in r.values()])
+    console.print(table)
+    console.print(f"tables: {out / 'results.md'}, {out / 'curves.csv'}", soft_wrap=True)
 
 
 @app.command()

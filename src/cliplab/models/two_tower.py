@@ -79,6 +79,17 @@ class TwoTower(nn.Module):
             p.requires_grad_(False)
         return self
 
+    def set_trainable(self, mode: str) -> "TwoTower":
+        """``heads`` (both heads + temperature), ``image_head`` or ``text_head`` (the other side fixed)."""
+        modes = {"heads": ("image_head", "text_head"), "image_head": ("image_head",), "text_head": ("text_head",)}
+        if mode not in modes:
+            raise ConfigError(f"trainable must be one of {', '.join(modes)}, not {mode!r}")
+        self.freeze_towers()
+        for name in ("image_head", "text_head"):
+            for p in getattr(self, name).parameters():
+                p.requires_grad_(name in modes[mode])
+        return self
+
     # -- from cached tower features (training heads on frozen towers)
     def project_image(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         z = self.image_head(features)

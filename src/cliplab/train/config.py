@@ -24,6 +24,7 @@ class TrainConfig:
     sampling: str = "random_caption"  # random_caption (one per image per step) | all_pairs
     loss: str = "infonce"  # infonce | triplet | ntxent | sigmoid
     loss_args: dict = field(default_factory=dict)  # e.g. {margin: 0.2, mining: semihard} for triplet
+    trainable: str = "heads"  # heads | image_head | text_head (the other head stays at its initialisation)
     grad_clip: float = 0.0  # 0 = off
     patience: int = 10  # epochs without dev improvement before stopping (0 = never stop early)
     select_metric: str = "rsum"  # dev metric that picks the best checkpoint

@@ -40,8 +40,11 @@ def load_split_features(config: RunConfig, split: str, image_tower, text_tower, 
 
 
 def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, progress: bool = True,
-              log=print) -> dict:
-    """Train heads on frozen towers and evaluate on the test split; writes results.json and results.md."""
+              log=print, track_test: bool = False) -> dict:
+    """Train heads on frozen towers and evaluate on the test split; writes results.json and results.md.
+
+    ``track_test`` also records test metrics every epoch (for curves; never used to pick the checkpoint).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", config.to_dict())
@@ -60,10 +63,12 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     t_features = time.time() - t0
 
     seed_everything(config.train.seed)
-    model = TwoTower(config.model, image_tower=image_tower, text_tower=text_tower).freeze_towers()
+    model = TwoTower(config.model, image_tower=image_tower, text_tower=text_tower)
+    model.set_trainable(config.train.trainable)
     trainer = HeadTrainer(model, config.train, run_dir, progress=progress)
     t1 = time.time()
-    fit = trainer.fit(splits["train"], splits["dev"], resume=resume)
+    fit = trainer.fit(splits["train"], splits["dev"], resume=resume,
+                      also_evaluate={"test": splits["test"]} if track_test else None)
     t_train = time.time() - t1
     model.load_state_dict(load_file(str(run_dir / BEST_DIR / WEIGHTS_NAME)), strict=False)
 

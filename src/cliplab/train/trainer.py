@@ -125,7 +125,9 @@ class HeadTrainer:
                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **state}
         atomic_write(self.run_dir / CHECKPOINT, lambda p: torch.save(ckpt, p))
 
-    def fit(self, train: DatasetFeatures, dev: DatasetFeatures | None = None, resume: bool = True) -> dict:
+    def fit(self, train: DatasetFeatures, dev: DatasetFeatures | None = None, resume: bool = True,
+            also_evaluate: dict[str, DatasetFeatures] | None = None) -> dict:
+        """Train; ``dev`` picks the best epoch, ``also_evaluate`` splits are only logged each epoch."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
@@ -180,6 +182,8 @@ class HeadTrainer:
                 losses.append(loss.item())
             record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
                       "temperature": float(1.0 / model.logit_scale.exp().item()), "epoch_seconds": time.time() - t0}
+            for name, feats in (also_evaluate or {}).items():
+                record[name] = self.evaluate(feats)
             if dev is not None:
                 dev_metrics = self.evaluate(dev)
                 record["dev"] = dev_metrics
@@ -217,8 +221,9 @@ class HeadTrainer:
             step = record["epoch"]
             for key in ("train_loss", "lr", "temperature"):
                 writer.add_scalar(key, record[key], step)
-            for key, value in record.get("dev", {}).items():
-                writer.add_scalar(f"dev/{key}", value, step)
+            for split in ("dev", "test"):
+                for key, value in record.get(split, {}).items():
+                    writer.add_scalar(f"{split}/{key}", value, step)
             writer.flush()
 
     def _truncate_metrics(self, last_epoch: int) -> None:

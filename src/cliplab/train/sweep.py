@@ -1,0 +1,103 @@
+"""Experiment runner: a grid over any config keys, run one after another on cached features.
+
+Sweep file (YAML)::
+
+    base: configs/flickr8k_heads.yaml       # a run config (path relative to this file), optional
+    set: {train.epochs: 20}                 # overrides applied to every run, optional
+    grid:                                   # every combination is one run
+      train.lr: [1.0e-4, 1.0e-5, 1.0e-6]
+      train.loss: [infonce, triplet]
+
+Writes ``results.csv`` + ``results.md`` (one row per run: its settings, best dev epoch, test recalls)
+and ``curves.csv`` (per run and epoch: train loss, dev and test R@1) next to one folder per run.
+A finished run is skipped when the sweep is started again; an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+from pathlib import Path
+
+import yaml
+
+from cliplab.errors import ConfigError
+from cliplab.eval.tables import markdown_table
+from cliplab.train.config import RunConfig
+from cliplab.train.run import train_run
+from cliplab.train.trainer import read_metrics
+from cliplab.utils import write_json, write_text
+
+
+def load_sweep(path: str | Path) -> tuple[RunConfig, dict[str, list], list[str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    unknown = set(raw) - {"base", "set", "grid"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep keys {', '.join(sorted(unknown))} (use base, set, grid)")
+    base = RunConfig()
+    if raw.get("base"):
+        base_path = Path(raw["base"])
+        base = RunConfig.load(base_path if base_path.is_absolute() or base_path.exists() else path.parent / base_path)
+    fixed = [f"{k}={json.dumps(v)}" for k, v in (raw.get("set") or {}).items()]
+    grid = raw.get("grid") or {}
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"{path}: 'grid' must map config keys to non-empty lists")
+    return base, grid, fixed
+
+
+def run_name(settings: dict) -> str:
+    parts = [f"{k.split('.')[-1]}={v}" for k, v in settings.items()]
+    return "_".join(parts).replace("/", "-").replace(" ", "")
+
+
+def run_sweep(sweep_file: str | Path, out_dir: str | Path, *, progress: bool = True, log=print) -> list[dict]:
+    base, grid, fixed = load_sweep(sweep_file)
+    out_dir = Path(out_dir)
+    keys = list(grid)
+    combos = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    base = base.with_overrides(fixed) if fixed else base
+    configs = [(s, base.with_overrides([f"{k}={json.dumps(v)}" for k, v in s.items()])) for s in combos]
+    write_json(out_dir / "sweep.json", {"base": base.to_dict(), "grid": grid, "runs": [run_name(s) for s in combos]})
+    rows, curves = [], []
+    for i, (settings, cfg) in enumerate(configs, 1):
+        name = run_name(settings)
+        run_dir = out_dir / name
+        log(f"[{i}/{len(configs)}] {name}")
+        done = run_dir / "results.json"
+        if done.is_file() and json.loads((run_dir / "config.json").read_text()) == cfg.to_dict():
+            results = json.loads(done.read_text())
+        else:
+            results = train_run(cfg, run_dir, resume=True, progress=progress, log=log, track_test=True)
+        test = results["test"]["trained"]
+        rows.append({"run": name, **settings, "best_epoch": results["fit"]["best_epoch"],
+                     "test_t2i_r1": round(test["t2i_r1"], 2), "test_i2t_r1": round(test["i2t_r1"], 2),
+                     "test_t2i_r5": round(test["t2i_r5"], 2), "test_i2t_r5": round(test["i2t_r5"], 2),
+                     "test_rsum": round(test["rsum"], 1), "train_seconds": round(results["seconds"]["train"], 1)})
+        for rec in read_metrics(run_dir):
+            curves.append({"run": name, "epoch": rec["epoch"], "train_loss": rec["train_loss"],
+                           "dev_t2i_r1": rec.get("dev", {}).get("t2i_r1"), "dev_i2t_r1": rec.get("dev", {}).get("i2t_r1"),
+                           "test_t2i_r1": rec.get("test", {}).get("t2i_r1"),
+                           "test_i2t_r1": rec.get("test", {}).get("i2t_r1")})
+        _write_tables(out_dir, rows, curves)
+    return rows
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _write_tables(out_dir: Path, rows: list[dict], curves: list[dict]) -> None:
+    write_text(out_dir / "results.csv", _csv(rows))
+    write_text(out_dir / "curves.csv", _csv(curves))
+    header = list(dict.fromkeys(k for r in rows for k in r))
+    write_text(out_dir / "results.md", markdown_table(header, [[str(r.get(h, "")) for h in header] for r in rows]))
