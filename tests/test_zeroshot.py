@@ -163,3 +163,22 @@ def test_labelled_readers(colour_folder, tmp_path):
     assert c.class_names == ["cat", "dog"] and len(c) == 4
     im = np.asarray(c.images.load(1))
     assert im.shape == (32, 32, 3) and im[0, 0, 0] == data[1, 0] and im[0, 0, 1] == data[1, 1024]
+
+
+def test_power_norm_probe_and_mirrored_images(colour_folder, tmp_path):
+    from PIL import Image
+
+    from cliplab.data.images import ImageFiles, MirroredImages
+    from cliplab.eval.probe import power_normalize
+
+    x = np.array([[4.0, -9.0, 0.0]])
+    assert np.allclose(power_normalize(x), [[2.0, -3.0, 0.0]])
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 300)
+    feats = np.abs(rng.normal(size=(300, 10)) + 3 * np.eye(10)[y])  # non-negative, like pooled activations
+    fit = fit_logistic_probe(feats, y, c_grid=(0.01, 1.0), refine_steps=1, power_norm=True)
+    assert fit.power_norm and (fit.scores(feats).argmax(1) == y).mean() > 0.9
+    files = ImageFiles(sorted((colour_folder / "red").glob("*.png")))
+    mirrored = MirroredImages(files)
+    a, b = np.asarray(files.load(0)), np.asarray(mirrored.load(0))
+    assert np.array_equal(a[:, ::-1], b) and mirrored.keys() != files.keys()

@@ -288,6 +288,10 @@ def probe(
     method: List[str] = typer.Option(["logistic", "torch"], "--method", help="logistic and/or torch"),
     few_shot: int = typer.Option(0, help="k training images per class (0 = all)"),
     variant: str = typer.Option("clip80", help="prompt variant for the zero-shot comparison"),
+    flip_tta: bool = typer.Option(True, "--flip-tta/--no-flip-tta",
+                                  help="average features of each image and its mirror (train and test)"),
+    power_norm: bool = typer.Option(True, "--power-norm/--no-power-norm",
+                                    help="signed square root of features before standardising"),
     classes: Optional[Path] = ClassesOpt,
     rename: List[str] = RenameOpt,
     run_dir: Optional[Path] = typer.Option(None),
@@ -313,20 +317,23 @@ def probe(
         train_ds = train_ds.few_shot(few_shot, seed)
     m = build_eval_model(model)
     t0 = time.time()
-    xtr = image_tower_features(m, train_ds.images, cache=cache, device=dev, desc=f"{train_ds.name} images")
-    xte = image_tower_features(m, test_ds.images, cache=cache, device=dev, desc=f"{test_ds.name} images")
+    xtr = image_tower_features(m, train_ds.images, cache=cache, device=dev, desc=f"{train_ds.name} images",
+                               flip_tta=flip_tta)
+    xte = image_tower_features(m, test_ds.images, cache=cache, device=dev, desc=f"{test_ds.name} images",
+                               flip_tta=flip_tta)
     emb = encode_images(m, test_ds.images, cache=cache, device=dev, progress=False)
     zs = ZeroShotClassifier(m, test_ds.class_names, variant).scores(emb).cpu().numpy()
     t1 = time.time()
     results = probe_vs_zeroshot(xtr, train_ds.labels, xte, test_ds.labels, test_ds.class_names, methods=tuple(method),
-                                zeroshot_scores=zs, seed=seed)
+                                zeroshot_scores=zs, seed=seed, power_norm=power_norm)
     summary = {"dataset": {"train": train_ds.name, "test": test_ds.name, "n_train": len(train_ds),
                            "n_test": len(test_ds)}, "model": model, "feature_dim": int(xtr.shape[1]),
                "zeroshot_variant": variant, "results": results,
                "seconds": {"features": t1 - t0, "fit": time.time() - t1}}
     write_json(out / "config.json", {"data": data, "model": model, "train_split": train_split,
                                      "test_split": test_split, "methods": method, "few_shot": few_shot,
-                                     "variant": variant, "seed": seed})
+                                     "variant": variant, "seed": seed, "flip_tta": flip_tta,
+                                     "power_norm": power_norm})
     write_json(out / "probe.json", summary)
     md, table = _classification_table(results, f"linear probe vs zero-shot: {test_ds.name} ({model})", "method")
     write_text(out / "results.md", md)

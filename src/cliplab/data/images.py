@@ -94,3 +94,19 @@ class ImageArrays(ImageSet):
 
         digest = hashlib.sha256(self.arrays.tobytes()).hexdigest()
         return [f"{self.source}|{digest}|{len(self.arrays)}"]
+
+
+class MirroredImages(ImageSet):
+    """The horizontal mirror of every image of another set (for flip test-time augmentation)."""
+
+    def __init__(self, inner: ImageSet) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def load(self, i: int) -> Image.Image:
+        return self.inner.load(i).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+    def keys(self) -> list[str]:
+        return ["hflip"] + self.inner.keys()

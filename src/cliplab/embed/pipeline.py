@@ -155,8 +155,19 @@ def encode_images(model: nn.Module, images, *, cache: FeatureCache | None = None
 
 def image_tower_features(model: nn.Module, images, *, cache: FeatureCache | None = None,
                          device: str | torch.device = "cpu", progress: bool = True, desc: str = "images",
-                         **kwargs) -> np.ndarray:
-    """Frozen image features for linear probes: the image tower's pooled output, or a CLIP's image embedding."""
+                         flip_tta: bool = False, **kwargs) -> np.ndarray:
+    """Frozen image features for linear probes: the image tower's pooled output, or a CLIP's image embedding.
+
+    ``flip_tta`` averages the features of each image and its horizontal mirror.
+    """
+    from cliplab.data.images import ImageFiles, ImageSet, MirroredImages
+
     tower = model.image_tower if has_towers(model) else _EncodeImageAdapter(model.eval().to(device))
-    feats = embed_images(tower, images, cache=cache, device=device, progress=progress, desc=desc, **kwargs)
-    return np.array(feats.features, dtype=np.float32)
+    images = images if isinstance(images, ImageSet) else ImageFiles(images)
+    feats = np.array(embed_images(tower, images, cache=cache, device=device, progress=progress, desc=desc,
+                                  **kwargs).features, dtype=np.float32)
+    if flip_tta:
+        mirrored = embed_images(tower, MirroredImages(images), cache=cache, device=device, progress=progress,
+                                desc=f"{desc} (mirrored)", **kwargs).features
+        feats = (feats + np.asarray(mirrored, dtype=np.float32)) / 2
+    return feats

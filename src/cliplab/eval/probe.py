@@ -35,6 +35,12 @@ def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def power_normalize(features: np.ndarray) -> np.ndarray:
+    """Signed square root: damps the few very large activations of pooled ReLU-type features."""
+    x = np.asarray(features, dtype=np.float32)
+    return np.sign(x) * np.sqrt(np.abs(x))
+
+
 @dataclass
 class ProbeFit:
     """A fitted probe: predicts class scores for raw features."""
@@ -45,9 +51,11 @@ class ProbeFit:
     hyperparameters: dict
     val_accuracy: float
     search: list[dict]
+    power_norm: bool = False
 
     def scores(self, features: np.ndarray) -> np.ndarray:
-        x = self.scaler.transform(np.asarray(features, dtype=np.float32))
+        x = power_normalize(features) if self.power_norm else np.asarray(features, dtype=np.float32)
+        x = self.scaler.transform(x)
         if self.method == "logistic":
             return self.model.predict_log_proba(x)
         with torch.inference_mode():
@@ -68,9 +76,13 @@ def _logreg(x, y, c: float, max_iter: int, seed: int) -> LogisticRegression:
 
 def fit_logistic_probe(features: np.ndarray, labels: np.ndarray, *, val_fraction: float = 0.2, seed: int = 0,
                        c_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
-                       refine_steps: int = 4, max_iter: int = 1000) -> ProbeFit:
-    """Logistic regression with C picked on a held-out validation split, then refit on all ``features``."""
+                       refine_steps: int = 4, max_iter: int = 1000, power_norm: bool = False) -> ProbeFit:
+    """Logistic regression with C picked on a held-out validation split, then refit on all ``features``.
+
+    ``power_norm`` applies a signed square root before standardising.
+    """
     labels = np.asarray(labels)
+    features = power_normalize(features) if power_norm else np.asarray(features, dtype=np.float32)
     tr, va = validation_split(labels, val_fraction, seed)
     scaler = StandardScaler().fit(features[tr])
     xtr, xva = scaler.transform(features[tr]), scaler.transform(features[va])
@@ -97,8 +109,8 @@ def fit_logistic_probe(features: np.ndarray, labels: np.ndarray, *, val_fraction
     best_row = max(search, key=lambda r: (r["val_accuracy"], -abs(np.log10(r["C"]))))
     full_scaler = StandardScaler().fit(features)
     model = _logreg(full_scaler.transform(features), labels, best_row["C"], max_iter, seed)
-    return ProbeFit("logistic", full_scaler, model, {"C": best_row["C"], "max_iter": max_iter},
-                    best_row["val_accuracy"], sorted(search, key=lambda r: r["C"]))
+    return ProbeFit("logistic", full_scaler, model, {"C": best_row["C"], "max_iter": max_iter, "power_norm": power_norm},
+                    best_row["val_accuracy"], sorted(search, key=lambda r: r["C"]), power_norm)
 
 
 @dataclass
@@ -111,12 +123,14 @@ class TorchProbeConfig:
     label_smoothing: float = 0.0
     val_fraction: float = 0.2
     seed: int = 0
+    power_norm: bool = False
 
 
 def fit_torch_probe(features: np.ndarray, labels: np.ndarray, cfg: TorchProbeConfig | None = None) -> ProbeFit:
     """A linear layer trained with AdamW + cosine LR; the epoch with the best validation accuracy is kept."""
     cfg = cfg or TorchProbeConfig()
     labels = np.asarray(labels)
+    features = power_normalize(features) if cfg.power_norm else np.asarray(features, dtype=np.float32)
     tr, va = validation_split(labels, cfg.val_fraction, cfg.seed)
     scaler = StandardScaler().fit(features[tr])
     xtr = torch.from_numpy(scaler.transform(features[tr]).astype(np.float32))
@@ -152,12 +166,13 @@ def fit_torch_probe(features: np.ndarray, labels: np.ndarray, cfg: TorchProbeCon
                 break
     model.load_state_dict(best[2])
     model.eval()
-    return ProbeFit("torch_linear", scaler, model, {**asdict(cfg), "best_epoch": best[1]}, best[0], history)
+    return ProbeFit("torch_linear", scaler, model, {**asdict(cfg), "best_epoch": best[1]}, best[0], history,
+                    cfg.power_norm)
 
 
 def probe_vs_zeroshot(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
                       test_labels: np.ndarray, class_names: list[str], *, methods=("logistic", "torch"),
-                      zeroshot_scores: np.ndarray | None = None, seed: int = 0,
+                      zeroshot_scores: np.ndarray | None = None, seed: int = 0, power_norm: bool = False,
                       torch_config: TorchProbeConfig | None = None) -> dict:
     """Fit the chosen probes and score them beside zero-shot on the same test images."""
     from cliplab.eval.classification import classification_metrics
@@ -165,9 +180,10 @@ def probe_vs_zeroshot(train_features: np.ndarray, train_labels: np.ndarray, test
     out = {}
     for method in methods:
         if method == "logistic":
-            fit = fit_logistic_probe(train_features, train_labels, seed=seed)
+            fit = fit_logistic_probe(train_features, train_labels, seed=seed, power_norm=power_norm)
         elif method == "torch":
-            fit = fit_torch_probe(train_features, train_labels, torch_config or TorchProbeConfig(seed=seed))
+            fit = fit_torch_probe(train_features, train_labels,
+                                  torch_config or TorchProbeConfig(seed=seed, power_norm=power_norm))
         else:
             raise ConfigError(f"probe method must be logistic or torch, not {method!r}")
         out[f"probe:{method}"] = {**classification_metrics(test_labels, fit.scores(test_features), class_names),
