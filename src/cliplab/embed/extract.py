@@ -1,6 +1,6 @@
 """Turn images and captions into frozen-tower features, through the feature cache.
 
-Decoding and preprocessing run in DataLoader worker processes while the model computes; captions are
+Decoding and preprocessing run in background threads while the model computes; captions are
 encoded in length-sorted batches (less padding) and returned in input order. The encoder is chosen by
 ``backend`` (see :mod:`cliplab.embed.backends`) and only built when something must be computed.
 """
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from cliplab.data.images import ImageFiles, ImageSet
 from cliplab.embed.backends import OnnxImageTower, OnnxTextTower, resolve_backend
@@ -23,25 +24,47 @@ from cliplab.errors import CliplabError
 from cliplab.utils import sha256_text
 
 
-class _Decoded(Dataset):
-    """Decoded, preprocessed images; a bad one yields ``ok=False`` and its message instead of raising."""
+class _Decoder:
+    """Decodes and preprocesses images; a bad one yields ``ok=False`` and its message instead of raising."""
 
-    def __init__(self, images: ImageSet, start: int, stop: int, transform, size: int) -> None:
-        self.images, self.start, self.stop = images, start, stop
-        self.transform = transform
-        self.size = size
+    def __init__(self, images: ImageSet, transform, size: int) -> None:
+        self.images, self.transform, self.size = images, transform, size
 
-    def __len__(self) -> int:
-        return self.stop - self.start
+    def batch(self, indices: range) -> tuple[torch.Tensor, list[bool], list[str]]:
+        tensors, ok, messages = [], [], []
+        for i in indices:
+            try:
+                tensors.append(self.transform(self.images.load(i)))
+                ok.append(True)
+                messages.append("")
+            except CliplabError as exc:
+                tensors.append(torch.zeros(3, self.size, self.size))
+                ok.append(False)
+                messages.append(str(exc))
+        return torch.stack(tensors), ok, messages
 
-    def __getitem__(self, i: int):
-        try:
-            return self.transform(self.images.load(self.start + i)), True, ""
-        except CliplabError as exc:
-            return torch.zeros(3, self.size, self.size), False, str(exc)
+
+def prefetched_batches(decoder: _Decoder, start: int, stop: int, batch_size: int, workers: int):
+    """Yield decoded batches in order while the next ones decode in background threads (PIL and the
+    transforms release the GIL), keeping at most ``workers + 1`` batches in memory."""
+    ranges = [range(s, min(s + batch_size, stop)) for s in range(start, stop, batch_size)]
+    if workers <= 0:
+        for r in ranges:
+            yield r, decoder.batch(r)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = deque((r, pool.submit(decoder.batch, r)) for r in ranges[: workers + 1])
+        next_index = len(pending)
+        while pending:
+            r, fut = pending.popleft()
+            if next_index < len(ranges):
+                pending.append((ranges[next_index], pool.submit(decoder.batch, ranges[next_index])))
+                next_index += 1
+            yield r, fut.result()
 
 
 def default_workers() -> int:
+    """Decode threads: one per spare core, at least one (decoding overlaps the model either way)."""
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
@@ -102,31 +125,38 @@ def embed_images(tower: torch.nn.Module, images: Sequence[Path] | ImageSet, *, c
 
     def compute(start: int, stop: int):
         model = encoder.get()
-        loader = DataLoader(_Decoded(images, start, stop, transform, size), batch_size=batch_size,
-                            num_workers=workers, shuffle=False, pin_memory=device.type == "cuda")
+        decoder = _Decoder(images, transform, size)
         feats, valid, errors = [], [], []
-        for offset_batch, (batch, ok, messages) in enumerate(loader):
-            base = start + offset_batch * batch_size
-            for j, (good, msg) in enumerate(zip(ok.tolist(), messages)):
+        for indices, (batch, ok, messages) in prefetched_batches(decoder, start, stop, batch_size, workers):
+            for i, good, msg in zip(indices, ok, messages):
                 if not good:
                     if on_error == "raise":
                         raise CliplabError(msg)
-                    errors.append(f"{base + j}\t{msg}")
+                    errors.append(f"{i}\t{msg}")
             batch = batch.to(device, non_blocking=True)
             if device.type == "cpu" and not encoder.use_onnx:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             with _autocast(device):
                 feats.append(model(batch).float().cpu().numpy())
-            valid.append(ok.numpy())
+            valid.append(np.asarray(ok, dtype=bool))
         return np.concatenate(feats), np.concatenate(valid), errors
 
     return cache.get_or_compute("image", key, len(images), compute, desc=desc, progress=progress,
                                 meta={"tower": fingerprint, "n_images": len(images)})
 
 
-def encode_texts_sorted(encode, texts: Sequence[str], batch_size: int) -> np.ndarray:
-    """``encode`` over length-sorted batches (less padding); rows returned in input order."""
-    order = np.argsort([len(t) for t in texts], kind="stable")
+def text_lengths(tower, texts: Sequence[str]) -> list[int]:
+    """Token counts when the tower has a tokenizer (exact padding), else character counts."""
+    tokenizer = getattr(tower, "tokenizer", None) or getattr(getattr(tower, "tower", None), "tokenizer", None)
+    if tokenizer is None or not callable(tokenizer) or not hasattr(tokenizer, "model_max_length"):
+        return [len(t) for t in texts]
+    max_length = getattr(getattr(tower, "config", None), "max_length", None) or 512
+    return [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+
+
+def encode_texts_sorted(encode, texts: Sequence[str], batch_size: int, lengths: Sequence[int] | None = None) -> np.ndarray:
+    """``encode`` over length-sorted batches (least padding); rows returned in input order."""
+    order = np.argsort(lengths if lengths is not None else [len(t) for t in texts], kind="stable")
     out = None
     for b in range(0, len(texts), batch_size):
         idx = order[b:b + batch_size]
@@ -139,11 +169,15 @@ def encode_texts_sorted(encode, texts: Sequence[str], batch_size: int) -> np.nda
 
 @torch.inference_mode()
 def embed_texts(tower: torch.nn.Module, texts: Sequence[str], *, cache: FeatureCache | None = None,
-                batch_size: int = 128, device: str | torch.device = "cpu", progress: bool = True,
+                batch_size: int | None = None, device: str | torch.device = "cpu", progress: bool = True,
                 desc: str = "captions", backend: str = "auto", chunk_size: int = 4096) -> CachedFeatures:
-    """Pooled text-tower features for ``texts`` (cached); batches sorted by length, results in input order."""
+    """Pooled text-tower features for ``texts`` (cached); batches sorted by length, results in input order.
+
+    Default batch: 32 on CPU (short sorted batches use 2 cores best), 256 on CUDA.
+    """
     cache = cache or FeatureCache()
     device = torch.device(device)
+    batch_size = batch_size or (256 if device.type == "cuda" else 32)
     encoder = _LazyEncoder(tower, backend, device, cache, OnnxTextTower)
     fingerprint = _cache_fingerprint(tower, resolve_backend(backend, device))
     key = cache.key(fingerprint, [sha256_text(*texts)], extra="text-v1")
@@ -151,7 +185,8 @@ def embed_texts(tower: torch.nn.Module, texts: Sequence[str], *, cache: FeatureC
     def compute(start: int, stop: int):
         model = encoder.get()
         with _autocast(device):
-            out = encode_texts_sorted(model.encode, list(texts[start:stop]), batch_size)
+            chunk = list(texts[start:stop])
+            out = encode_texts_sorted(model.encode, chunk, batch_size, text_lengths(tower, chunk))
         return out, np.ones(stop - start, dtype=bool), []
 
     return cache.get_or_compute("text", key, len(texts), compute, desc=desc, progress=progress,

@@ -43,7 +43,7 @@ def _drop_invalid(dataset: CaptionDataset, image: np.ndarray, valid: np.ndarray,
 
 def tower_features(image_tower: nn.Module, text_tower: nn.Module, dataset: CaptionDataset, *,
                    cache: FeatureCache | None = None, on_error: str = "raise", device: str | torch.device = "cpu",
-                   image_batch_size: int = 64, text_batch_size: int = 128, num_workers: int | None = None,
+                   image_batch_size: int = 64, text_batch_size: int | None = None, num_workers: int | None = None,
                    progress: bool = True, backend: str = "auto") -> DatasetFeatures:
     """Cached image- and text-tower features for a dataset; corrupt images raise or are skipped and counted."""
     cache = cache or FeatureCache()
