@@ -143,3 +143,12 @@ def test_load_clip_errors(tmp_path):
         load_clip(str(tmp_path))
     with pytest.raises(ConfigError, match="cannot resolve"):
         load_clip("not-a-model")
+
+
+def test_frozen_towers_stay_in_eval_mode(towers):
+    model = TwoTower(TwoTowerConfig(head=HeadConfig(embed_dim=16)), image_tower=towers[0],
+                     text_tower=towers[1]).freeze_towers()
+    model.train()
+    assert model.image_head.training and model.text_head.training
+    assert not model.image_tower.training and not model.text_tower.training
+    assert not any(m.training for m in model.image_tower.modules())

@@ -79,6 +79,14 @@ class TwoTower(nn.Module):
             p.requires_grad_(False)
         return self
 
+    def train(self, mode: bool = True) -> "TwoTower":
+        """Frozen towers stay in eval mode (BatchNorm statistics and dropout untouched) while heads train."""
+        super().train(mode)
+        for tower in (self.image_tower, self.text_tower):
+            if not any(p.requires_grad for p in tower.parameters()):
+                tower.eval()
+        return self
+
     def set_trainable(self, mode: str) -> "TwoTower":
         """``heads`` (both heads + temperature), ``image_head`` or ``text_head`` (the other side fixed)."""
         modes = {"heads": ("image_head", "text_head"), "image_head": ("image_head",), "text_head": ("text_head",)}
