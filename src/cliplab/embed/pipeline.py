@@ -90,7 +90,6 @@ class _EncodeTextAdapter(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.inner = model
-        self.output_dim = None
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         return self.inner.encode_text(list(texts), normalize=False)
@@ -107,6 +106,17 @@ def project_features(fn, feats: np.ndarray, device, batch_size: int = 4096) -> t
     for s in range(0, len(feats), batch_size):
         out.append(fn(torch.from_numpy(np.array(feats[s:s + batch_size], dtype=np.float32)).to(device)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.inference_mode()
+def evaluate_retrieval(model: nn.Module, feats: DatasetFeatures, device: str | torch.device = "cpu") -> dict:
+    """Retrieval metrics of a model with projection heads (TwoTower, ConSE) on cached tower features."""
+    from cliplab.eval.retrieval import retrieval_metrics
+
+    model.eval()
+    img = project_features(model.project_image, feats.image, device)
+    txt = project_features(model.project_text, feats.text, device)
+    return retrieval_metrics(img, txt, feats.caption_image, device=device).metrics
 
 
 def has_towers(model: nn.Module) -> bool:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from cliplab.data.captions import load_caption_dataset
 from cliplab.embed.cache import FeatureCache
-from cliplab.embed.pipeline import DatasetFeatures, tower_features
+from cliplab.embed.pipeline import DatasetFeatures, evaluate_retrieval, tower_features
 from cliplab.eval.tables import retrieval_markdown
 from cliplab.models.conse import ConSE
 from cliplab.models.image_tower import ImageTower
@@ -75,8 +75,7 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     test = {"trained": trainer.evaluate(splits["test"])}
     if config.baseline:
         conse = ConSE(image_tower, text_tower).to(trainer.device)
-        baseline_eval = HeadTrainer(conse, config.train, run_dir, progress=False, tensorboard=False)
-        test = {"conse": baseline_eval.evaluate(splits["test"]), **test}
+        test = {"conse": evaluate_retrieval(conse, splits["test"], trainer.device), **test}
     skipped = {name: f.dataset.skipped.to_dict() for name, f in splits.items()}
     results = {
         "test": test,

@@ -18,9 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cliplab.embed.pipeline import DatasetFeatures, project_features
+from cliplab.embed.pipeline import DatasetFeatures, evaluate_retrieval
 from cliplab.errors import ConfigError
-from cliplab.eval.retrieval import retrieval_metrics
 from cliplab.train.config import TrainConfig
 from cliplab.train.losses import create_loss
 from cliplab.utils import atomic_write, resolve_device, seed_everything, write_text
@@ -106,12 +105,8 @@ class HeadTrainer:
         self.tensorboard = tensorboard
 
     # -- evaluation
-    @torch.inference_mode()
     def evaluate(self, feats: DatasetFeatures) -> dict[str, float]:
-        self.model.eval()
-        img = project_features(self.model.project_image, feats.image, self.device)
-        txt = project_features(self.model.project_text, feats.text, self.device)
-        return retrieval_metrics(img, txt, feats.caption_image, device=self.device).metrics
+        return evaluate_retrieval(self.model, feats, self.device)
 
     # -- checkpoints
     def _trainable_state(self) -> dict[str, torch.Tensor]:
