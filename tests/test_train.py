@@ -117,3 +117,30 @@ def test_every_loss_trains(tmp_path, loss, args):
     trainer.fit(train, dev)
     after = trainer.evaluate(dev)
     assert after["t2i_r1"] > before["t2i_r1"] + 25, (loss, before["t2i_r1"], after["t2i_r1"])
+
+
+def test_plateau_schedule_and_grad_accumulation(tmp_path):
+    train, dev = synthetic_split(0), synthetic_split(1)
+    plateau = make_trainer(tmp_path, "plateau", epochs=8, schedule="plateau")
+    plateau.fit(train, dev)
+    assert plateau.evaluate(dev)["t2i_r1"] > 40
+    # accumulating 2 batches of 16 takes the same number of optimiser steps as one batch of 32 would
+    torch.manual_seed(0)
+    model = FeatureModel(24, 16, HeadConfig(kind="linear", embed_dim=16, dropout=0.0))
+    cfg = TrainConfig(epochs=1, batch_size=16, grad_accum_steps=2, lr=1e-3, warmup_epochs=0, patience=0,
+                      device="cpu", schedule="constant")
+    trainer = HeadTrainer(model, cfg, tmp_path / "accum", progress=False, tensorboard=False)
+    steps = []
+    original = torch.optim.AdamW.step
+
+    def counting_step(self, *a, **k):
+        steps.append(1)
+        return original(self, *a, **k)
+
+    torch.optim.AdamW.step = counting_step
+    try:
+        trainer.fit(train, None)
+    finally:
+        torch.optim.AdamW.step = original
+    n_batches = len(PairSampler(train.caption_image, len(train.image), "random_caption", 16, 0))
+    assert len(steps) == -(-n_batches // 2)

@@ -20,12 +20,13 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_epochs: float = 2.0
-    schedule: str = "cosine"  # cosine | onecycle | constant
+    schedule: str = "cosine"  # cosine | onecycle | plateau (ReduceLROnPlateau on the dev metric) | constant
     sampling: str = "random_caption"  # random_caption (one per image per step) | all_pairs
     loss: str = "infonce"  # infonce | triplet | ntxent | sigmoid
     loss_args: dict = field(default_factory=dict)  # e.g. {margin: 0.2, mining: semihard} for triplet
     trainable: str = "heads"  # heads | image_head | text_head (the other head stays at its initialisation)
     grad_clip: float = 0.0  # 0 = off
+    grad_accum_steps: int = 1  # optimiser step every N batches (each batch keeps its own negatives)
     patience: int = 10  # epochs without dev improvement before stopping (0 = never stop early)
     select_metric: str = "rsum"  # dev metric that picks the best checkpoint
     max_logit_scale: float = 100.0

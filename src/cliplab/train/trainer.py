@@ -45,8 +45,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
                                                    pct_start=max(warmup / total, 0.01))
+    if cfg.schedule == "plateau":  # stepped once per epoch on the dev metric (see HeadTrainer.fit)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
     if cfg.schedule not in ("cosine", "constant"):
-        raise ConfigError(f"schedule must be cosine, onecycle or constant, not {cfg.schedule!r}")
+        raise ConfigError(f"schedule must be cosine, onecycle, plateau or constant, not {cfg.schedule!r}")
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -134,7 +136,10 @@ class HeadTrainer:
         groups = param_groups(model, cfg.weight_decay)
         groups[1]["params"] += [p for p in self.loss_fn.parameters() if p.requires_grad]  # e.g. SigLIP's bias
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-        scheduler = make_scheduler(optimizer, cfg, len(sampler))
+        if cfg.grad_accum_steps < 1:
+            raise ConfigError("grad_accum_steps must be >= 1")
+        scheduler = make_scheduler(optimizer, cfg, -(-len(sampler) // cfg.grad_accum_steps))
+        per_epoch = cfg.schedule == "plateau"
         state = {"best_metric": -float("inf"), "best_epoch": -1, "bad_epochs": 0, "stopped_early": False}
         start_epoch = 0
         ckpt_path = self.run_dir / CHECKPOINT
@@ -161,20 +166,26 @@ class HeadTrainer:
                 break
             model.train()
             t0, losses = time.time(), []
-            for images, captions in sampler.epoch(epoch):
+            optimizer.zero_grad(set_to_none=True)
+            n_batches = len(sampler)
+            for step, (images, captions) in enumerate(sampler.epoch(epoch), 1):
                 ids = torch.as_tensor(images, device=self.device)
                 zi = model.project_image(img_all[ids])
                 zt = model.project_text(txt_all[torch.as_tensor(captions, device=self.device)])
                 loss = self.loss_fn(zi, zt, model.logit_scale.exp(), image_ids=ids)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # accumulation averages gradients of micro-batches; each keeps its own in-batch negatives
+                (loss / cfg.grad_accum_steps).backward()
+                losses.append(loss.item())
+                if step % cfg.grad_accum_steps and step != n_batches:
+                    continue
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
                 optimizer.step()
-                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if not per_epoch:
+                    scheduler.step()
                 with torch.no_grad():
                     model.logit_scale.clamp_(0, log_scale_max)
-                losses.append(loss.item())
             record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
                       "temperature": float(1.0 / model.logit_scale.exp().item()), "epoch_seconds": time.time() - t0}
             for name, feats in (also_evaluate or {}).items():
@@ -183,6 +194,8 @@ class HeadTrainer:
                 dev_metrics = self.evaluate(dev)
                 record["dev"] = dev_metrics
                 score = dev_metrics[cfg.select_metric]
+                if per_epoch:
+                    scheduler.step(score)
                 if score > state["best_metric"]:
                     state.update(best_metric=score, best_epoch=epoch, bad_epochs=0)
                     model.save(self.run_dir / BEST_DIR)
