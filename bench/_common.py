@@ -7,8 +7,10 @@ import os
 import platform
 import resource
 import time
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -33,11 +35,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@contextmanager
-def timed(store: dict, key: str):
+def per_second(store: dict, key: str, n: int, fn: Callable[[], T]) -> T:
+    """Run ``fn`` once, record ``n`` items per second of it under ``store[key]``, return its result."""
     t = time.perf_counter()
-    yield
-    store[key] = time.perf_counter() - t
+    out = fn()
+    store[key] = n / (time.perf_counter() - t)
+    return out
 
 
 def save(name: str, payload: dict) -> Path:

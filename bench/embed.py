@@ -22,7 +22,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save, table  # noqa: E402
+from _common import machine, per_second, save, table  # noqa: E402
 
 from cliplab.data import read_flickr8k  # noqa: E402
 from cliplab.embed import FeatureCache, embed_images, embed_texts  # noqa: E402
@@ -81,39 +81,30 @@ def main() -> None:
         naive_images(image_tower, paths[:32], args.batch_size)  # warm-up both paths
         naive_captions(text_tower, texts[:64], args.batch_size)
 
-        t = time.perf_counter()
-        ref_img = naive_images(image_tower, paths, args.batch_size)
-        res["naive_images_per_s"] = len(paths) / (time.perf_counter() - t)
-        t = time.perf_counter()
-        eng_img = embed_images(image_tower, paths, cache=FeatureCache(Path(tmp) / "a"), backend="onnx",
-                               progress=False).features
-        res["engine_images_per_s"] = len(paths) / (time.perf_counter() - t)
+        n_img, n_txt = len(paths), len(texts)
 
-        t = time.perf_counter()
-        ref_txt = naive_captions(text_tower, texts, args.batch_size)
-        res["naive_captions_per_s"] = len(texts) / (time.perf_counter() - t)
-        t = time.perf_counter()
-        eng_txt = embed_texts(text_tower, texts, cache=FeatureCache(Path(tmp) / "a"), backend="onnx",
-                              progress=False).features
-        res["engine_captions_per_s"] = len(texts) / (time.perf_counter() - t)
+        def engine_images(store: str, backend: str):
+            return lambda: embed_images(image_tower, paths, cache=FeatureCache(Path(tmp) / store), backend=backend,
+                                        progress=False).features
 
-        t = time.perf_counter()
-        tor_img = embed_images(image_tower, paths, cache=FeatureCache(Path(tmp) / "b"), backend="torch",
-                               progress=False).features
-        res["engine_torch_images_per_s"] = len(paths) / (time.perf_counter() - t)
+        def engine_texts(store: str, backend: str):
+            return lambda: embed_texts(text_tower, texts, cache=FeatureCache(Path(tmp) / store), backend=backend,
+                                       progress=False).features
+
+        ref_img = per_second(res, "naive_images_per_s", n_img, lambda: naive_images(image_tower, paths, args.batch_size))
+        eng_img = per_second(res, "engine_images_per_s", n_img, engine_images("a", "onnx"))
+        ref_txt = per_second(res, "naive_captions_per_s", n_txt, lambda: naive_captions(text_tower, texts, args.batch_size))
+        eng_txt = per_second(res, "engine_captions_per_s", n_txt, engine_texts("a", "onnx"))
+        tor_img = per_second(res, "engine_torch_images_per_s", n_img, engine_images("b", "torch"))
         res["image_parity_min_cosine"] = float(cosine(ref_img, eng_img).min())
         res["image_parity_max_abs"] = float(np.abs(ref_img - eng_img).max())
         res["image_torch_backend_min_cosine"] = float(cosine(ref_img, tor_img).min())
         res["caption_parity_min_cosine"] = float(cosine(ref_txt, eng_txt).min())
         res["caption_parity_max_abs"] = float(np.abs(ref_txt - eng_txt).max())
         if args.int8:
-            t = time.perf_counter()
-            q_img = embed_images(image_tower, paths, cache=FeatureCache(Path(tmp) / "c"), backend="onnx-int8",
-                                 progress=False).features
-            res["int8_images_per_s_incl_quantisation"] = len(paths) / (time.perf_counter() - t)
+            q_img = per_second(res, "int8_images_per_s_incl_quantisation", n_img, engine_images("c", "onnx-int8"))
             res["int8_image_mean_cosine"] = float(cosine(ref_img, q_img).mean())
-            q_txt = embed_texts(text_tower, texts, cache=FeatureCache(Path(tmp) / "c"), backend="onnx-int8",
-                                progress=False).features
+            q_txt = engine_texts("c", "onnx-int8")()
             res["int8_caption_mean_cosine"] = float(cosine(ref_txt, q_txt).mean())
 
     res["images_speedup"] = res["engine_images_per_s"] / res["naive_images_per_s"]

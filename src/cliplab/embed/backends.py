@@ -149,14 +149,3 @@ class OnnxTextTower(nn.Module):
             return hidden[:, 0]
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
-
-def accelerate_towers(image_tower: nn.Module, text_tower: nn.Module, backend: str = "auto",
-                      device: str | torch.device = "cpu", cache_dir: str | Path | None = None):
-    """The (image, text) encoders to use for feature extraction under ``backend``."""
-    device = torch.device(device)
-    chosen = resolve_backend(backend, device)
-    if chosen == "torch" or device.type == "cuda":
-        return image_tower, text_tower
-    quantize = chosen == "onnx-int8"
-    return (OnnxImageTower(image_tower, cache_dir, quantize=quantize),
-            OnnxTextTower(text_tower, cache_dir, quantize=quantize))

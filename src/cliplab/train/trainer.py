@@ -229,9 +229,10 @@ class HeadTrainer:
             step = record["epoch"]
             for key in ("train_loss", "lr", "temperature"):
                 writer.add_scalar(key, record[key], step)
-            for split in ("dev", "test"):
-                for key, value in record.get(split, {}).items():
-                    writer.add_scalar(f"{split}/{key}", value, step)
+            for split, metrics in record.items():  # dev and any also_evaluate splits
+                if isinstance(metrics, dict):
+                    for key, value in metrics.items():
+                        writer.add_scalar(f"{split}/{key}", value, step)
             writer.flush()
 
     def _truncate_metrics(self, last_epoch: int) -> None:
