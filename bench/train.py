@@ -28,12 +28,12 @@ from cliplab.embed import FeatureCache, tower_features  # noqa: E402
 from cliplab.models import HeadConfig, ImageTower, TextTower, TwoTower, TwoTowerConfig  # noqa: E402
 from cliplab.train.config import TrainConfig  # noqa: E402
 from cliplab.train.losses import InfoNCELoss  # noqa: E402
-from cliplab.train.trainer import HeadTrainer, PairSampler, make_scheduler, param_groups  # noqa: E402
+from cliplab.train.trainer import Trainer, PairSampler, make_scheduler, param_groups  # noqa: E402
 
 
 def one_epoch(model: TwoTower, sampler: PairSampler, cfg: TrainConfig, batch_features) -> float:
     torch.manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr)
     sched = make_scheduler(opt, cfg, len(sampler))
     loss_fn = InfoNCELoss()
     model.train()
@@ -89,7 +89,7 @@ def main() -> None:
 
     recall = {}
     for name, model in (("cached", cached_model), ("re-encoded", naive_model)):
-        m = HeadTrainer(model, cfg, "/tmp/unused", progress=False, tensorboard=False).evaluate(dev)
+        m = Trainer(model, cfg, "/tmp/unused", progress=False, tensorboard=False).evaluate(dev)
         recall[name] = {k: m[k] for k in ("t2i_r1", "i2t_r1", "rsum")}
     res = {"epoch_seconds_cached": cached_s, "epoch_seconds_reencode": naive_s, "speedup": naive_s / cached_s,
            "one_time_cache_seconds_this_run": cache_seconds, "dev": recall, "batch_size": args.batch_size,

@@ -7,8 +7,9 @@ import torch
 from cliplab.data import CaptionDataset
 from cliplab.embed.pipeline import DatasetFeatures
 from cliplab.models.heads import HeadConfig, ProjectionHead
+from cliplab.models.stages import Stage, Stages
 from cliplab.train.config import TrainConfig
-from cliplab.train.trainer import HeadTrainer, PairSampler, read_metrics
+from cliplab.train.trainer import Trainer, PairSampler, read_metrics
 
 
 class FeatureModel(torch.nn.Module):
@@ -25,6 +26,12 @@ class FeatureModel(torch.nn.Module):
 
     def project_text(self, x, normalize=True):
         return torch.nn.functional.normalize(self.text_head(x), dim=-1)
+
+    def image_stages(self):
+        return Stages([Stage("head", [self.image_head], self.image_head, is_block=False)])
+
+    def text_stages(self):
+        return Stages([Stage("head", [self.text_head], self.text_head, is_block=False)])
 
     def save(self, directory):
         directory.mkdir(parents=True, exist_ok=True)
@@ -47,7 +54,7 @@ def make_trainer(tmp_path, name, epochs=12, **kw):
     torch.manual_seed(0)
     model = FeatureModel(24, 16, HeadConfig(kind="mlp", embed_dim=16, hidden_dim=32, dropout=0.1))
     cfg = TrainConfig(epochs=epochs, batch_size=32, lr=3e-3, warmup_epochs=1, patience=0, device="cpu", **kw)
-    return HeadTrainer(model, cfg, tmp_path / name, progress=False, tensorboard=False)
+    return Trainer(model, cfg, tmp_path / name, progress=False, tensorboard=False)
 
 
 def test_training_learns_alignment(tmp_path):
@@ -129,7 +136,7 @@ def test_plateau_schedule_and_grad_accumulation(tmp_path):
     model = FeatureModel(24, 16, HeadConfig(kind="linear", embed_dim=16, dropout=0.0))
     cfg = TrainConfig(epochs=1, batch_size=16, grad_accum_steps=2, lr=1e-3, warmup_epochs=0, patience=0,
                       device="cpu", schedule="constant")
-    trainer = HeadTrainer(model, cfg, tmp_path / "accum", progress=False, tensorboard=False)
+    trainer = Trainer(model, cfg, tmp_path / "accum", progress=False, tensorboard=False)
     steps = []
     original = torch.optim.AdamW.step
 

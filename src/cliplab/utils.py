@@ -60,6 +60,14 @@ def sha256_text(*parts: str) -> str:
     return h.hexdigest()
 
 
+def sha256_tensor(t) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 

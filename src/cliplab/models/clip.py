@@ -10,15 +10,33 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cliplab.errors import ConfigError
-from cliplab.utils import sha256_file, sha256_text
+from cliplab.models.stages import Stage, Stages, _ParamHolder
+from cliplab.models.tuning import TowerTuning, apply_lora_spec, apply_tower_tuning, count_parameters
+from cliplab.utils import atomic_write, sha256_file, sha256_tensor, sha256_text, write_json
+
+CLIP_TUNED_CONFIG = "cliplab_clip.json"
+CLIP_WEIGHTS = "model.safetensors"
+
+
+@contextmanager
+def _without(module: nn.Module, name: str):
+    """Temporarily set a module's projection to None (so it returns pre-projection features)."""
+    saved = getattr(module, name)
+    setattr(module, name, None)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
 
 class CLIPModelWrapper(nn.Module):
@@ -31,6 +49,9 @@ class CLIPModelWrapper(nn.Module):
         self.tokenizer = tokenizer
         self._transform = transform
         self.source = source
+        self.lora: dict[str, dict] = {}  # side -> LoRA spec (with the root module it was injected into)
+        self.saved_keys: list[str] = []  # tensors loaded from a fine-tuned checkpoint
+        self.weights_delta = ""
 
     # -- towers (used by fine-tuning code to find the parts to adapt)
     @property
@@ -70,7 +91,91 @@ class CLIPModelWrapper(nn.Module):
     def fingerprint(self) -> str:
         folder = Path(self.source)
         files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
-        return sha256_text("clip", self.backend, sha256_file(files[0]) if files else self.source)
+        return sha256_text("clip", self.backend, sha256_file(files[0]) if files else self.source, *self.tuned_parts)
+
+    # -- fine-tuning: each side is [encoder, projection]
+    def _roots(self) -> dict[str, nn.Module]:
+        if self.backend == "hf":
+            return {"image": self.model.vision_model, "text": self.model.text_model}
+        return {"image": self.model.visual, "text": self.model}
+
+    def _root_names(self) -> dict[str, str]:
+        return {"image": "vision_model", "text": "text_model"} if self.backend == "hf" else {"image": "visual", "text": ""}
+
+    def image_stages(self) -> Stages:
+        if self.backend == "hf":
+            vm, proj = self.model.vision_model, self.model.visual_projection
+            return Stages([Stage("vision", [vm], lambda px: vm(pixel_values=px).pooler_output),
+                           Stage("projection", [proj], proj, is_block=False)])
+        visual = self.model.visual
+        if not isinstance(getattr(visual, "proj", None), nn.Parameter):
+            raise ConfigError(f"{self.source}: this open_clip vision tower has no separate projection to tune")
+        body = _ParamHolder([p for n, p in visual.named_parameters() if n != "proj"], visual)
+
+        def encode(px):
+            with _without(visual, "proj"):
+                return visual(px)
+
+        return Stages([Stage("vision", [body], encode),
+                       Stage("projection", [_ParamHolder([visual.proj])], lambda x: x @ visual.proj, is_block=False)])
+
+    def text_stages(self) -> Stages:
+        if self.backend == "hf":
+            tm, proj = self.model.text_model, self.model.text_projection
+            return Stages([Stage("text", [tm], lambda tok: tm(**tok).pooler_output),
+                           Stage("projection", [proj], proj, is_block=False)])
+        m = self.model
+        if not hasattr(m, "token_embedding") or m.text_projection is None:
+            raise ConfigError(f"{self.source}: only open_clip CLIP models with a text projection can be tuned")
+        proj = m.text_projection
+        body = _ParamHolder([p for n, p in m.named_parameters()
+                             if not n.startswith(("visual.", "logit_", "text_projection"))], m.transformer)
+
+        def encode(tokens):
+            with _without(m, "text_projection"):
+                return m.encode_text(tokens)
+
+        if isinstance(proj, nn.Linear):
+            project, holder = proj, proj
+        else:
+            project, holder = (lambda x: x @ proj), _ParamHolder([proj])
+        return Stages([Stage("text", [body], encode), Stage("projection", [holder], project, is_block=False)])
+
+    def set_trainable(self, mode: str) -> "CLIPModelWrapper":
+        """``heads``: both projections + temperature (the classic exercise); ``image_head``/``text_head``: one
+        projection; ``none``: only tower tuning. Everything else is frozen."""
+        sides = {"heads": ("image", "text"), "image_head": ("image",), "text_head": ("text",), "none": ()}
+        if mode not in sides:
+            raise ConfigError(f"trainable must be one of {', '.join(sides)}, not {mode!r}")
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for side, stages in (("image", self.image_stages()), ("text", self.text_stages())):
+            for p in stages.parameters(len(stages) - 1):
+                p.requires_grad_(side in sides[mode])
+        self.model.logit_scale.requires_grad_(True)
+        return self
+
+    def tune_towers(self, image: TowerTuning, text: TowerTuning) -> dict:
+        roots, names = self._roots(), self._root_names()
+        for side, tuning, stages in (("image", image, self.image_stages()), ("text", text, self.text_stages())):
+            spec = apply_tower_tuning(roots[side], stages, tuning)
+            if spec is not None:
+                self.lora[side] = {**spec, "root": names[side]}
+        return {"model": count_parameters(self.model)}
+
+    @property
+    def tuned_parts(self) -> list[str]:
+        return ([repr(sorted(self.lora.items()))] if self.lora else []) + ([self.weights_delta] if self.weights_delta else [])
+
+    def save(self, directory: str | Path) -> Path:
+        """The fine-tuned tensors (projections, adapters, unfrozen blocks) + how to rebuild the base model."""
+        directory = Path(directory)
+        keys = {n for n, p in self.model.named_parameters() if p.requires_grad} | set(self.saved_keys)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items() if k in keys}
+        atomic_write(directory / CLIP_WEIGHTS, lambda p: save_file(state, str(p)))
+        write_json(directory / CLIP_TUNED_CONFIG, {"model_type": "cliplab.CLIP", "source": self.source,
+                                                   "backend": self.backend, "lora": self.lora})
+        return directory
 
 
 def _as_tensor(out) -> torch.Tensor:
@@ -133,6 +238,8 @@ def load_clip(name_or_path: str, backend: str = "auto", device: str | torch.devi
     if backend not in ("auto", "open_clip", "hf"):
         raise ConfigError(f"backend must be auto, open_clip or hf, not {backend!r}")
     path = Path(spec)
+    if (path / CLIP_TUNED_CONFIG).is_file():
+        return _load_tuned(path).to(device)
     if spec.startswith("hf:"):
         backend, spec = "hf", spec[3:]
         path = Path(spec)
@@ -160,3 +267,22 @@ def load_clip(name_or_path: str, backend: str = "auto", device: str | torch.devi
     else:
         raise ConfigError(f"cannot resolve CLIP model {spec!r}: not a folder, 'ARCH/PRETRAINED' or hub id")
     return wrapper.to(device)
+
+
+def _load_tuned(directory: Path) -> CLIPModelWrapper:
+    """A CLIP fine-tuned by cliplab: the base model, its LoRA adapters, then the saved tensors."""
+    import json
+
+    raw = json.loads((directory / CLIP_TUNED_CONFIG).read_text(encoding="utf-8"))
+    wrapper = load_clip(raw["source"], backend=raw["backend"])
+    for side, spec in (raw.get("lora") or {}).items():
+        root = wrapper.model.get_submodule(spec["root"]) if spec["root"] else wrapper.model
+        apply_lora_spec(root, spec)
+        wrapper.lora[side] = spec
+    state = load_file(str(directory / CLIP_WEIGHTS))
+    missing, unexpected = wrapper.model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ConfigError(f"{directory}: weights do not match the model (unexpected {unexpected[:3]})")
+    wrapper.saved_keys = sorted(state)
+    wrapper.weights_delta = sha256_text(*(f"{k}:{sha256_tensor(v)}" for k, v in sorted(state.items())))
+    return wrapper.eval()

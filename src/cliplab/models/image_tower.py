@@ -12,6 +12,8 @@ from torch import nn
 
 from cliplab.errors import ConfigError
 from cliplab.models.pretrained import DEFAULT_IMAGE_TOWER, packaged_image_weights
+from cliplab.models.stages import Stage, timm_image_stages
+from cliplab.models.tuning import apply_lora_spec, tuned_parts
 from cliplab.utils import sha256_file, sha256_text
 
 
@@ -27,6 +29,7 @@ class ImageTowerConfig:
     std: tuple[float, float, float] | None = None
     interpolation: str = "bicubic"
     extra: dict = field(default_factory=dict)  # passed to timm.create_model
+    lora: dict | None = None  # LoRA adapters (set by fine-tuning; rebuilt on load)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +96,8 @@ class ImageTower(nn.Module):
         self.mean = tuple(float(x) for x in (cfg.mean or defaults[1]))
         self.std = tuple(float(x) for x in (cfg.std or defaults[2]))
         self._weights_id = sha256_file(weights_file) if weights_file else cfg.weights
+        self.weights_delta = ""  # digest of fine-tuned tensors loaded on top of the weights
+        apply_lora_spec(self.model, cfg.lora)
         self.model.eval()
 
     @property
@@ -117,6 +122,9 @@ class ImageTower(nn.Module):
         """``[N, 3, H, W]`` -> pooled features ``[N, output_dim]``."""
         return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
 
+    def stages(self) -> list[Stage]:
+        return timm_image_stages(self.model)
+
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """Pooled features -> ImageNet-style class logits of the pretrained classifier."""
         head = self.model.get_classifier()
@@ -127,4 +135,5 @@ class ImageTower(nn.Module):
     def fingerprint(self) -> str:
         """Identifies architecture, weights and preprocessing (a feature-cache key part)."""
         return sha256_text("image", self.config.arch, self._weights_id, str(self.image_size), str(self.mean),
-                           str(self.std), self.config.interpolation, repr(sorted(self.config.extra.items())))
+                           str(self.std), self.config.interpolation, repr(sorted(self.config.extra.items())),
+                           *tuned_parts(self.config.lora, self.weights_delta))

@@ -10,6 +10,8 @@ from torch import nn
 
 from cliplab.errors import ConfigError
 from cliplab.models.pretrained import DEFAULT_TEXT_TOWER, resolve_text_model
+from cliplab.models.stages import Stage, cls_pool, hf_text_stages, mean_pool
+from cliplab.models.tuning import apply_lora_spec, tuned_parts
 from cliplab.utils import sha256_file, sha256_text
 
 
@@ -18,6 +20,7 @@ class TextTowerConfig:
     name: str = DEFAULT_TEXT_TOWER  # packaged alias, HF folder or hub id
     pooling: str = "mean"  # mean | cls
     max_length: int = 64
+    lora: dict | None = None  # LoRA adapters (set by fine-tuning; rebuilt on load)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,7 +43,9 @@ class TextTower(nn.Module):
             self.model = AutoModel.from_pretrained(self.source)
         except OSError as exc:
             raise ConfigError(f"cannot load text model {cfg.name!r}: {str(exc).splitlines()[0]}") from None
+        apply_lora_spec(self.model, cfg.lora)
         self.model.eval()
+        self.weights_delta = ""  # digest of fine-tuned tensors loaded on top of the weights
         folder = Path(self.source)
         weight_files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
         self._weights_id = sha256_file(weight_files[0]) if weight_files else self.source
@@ -54,12 +59,15 @@ class TextTower(nn.Module):
                                return_tensors="pt")
         return {k: v.to(device) for k, v in batch.items()}
 
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return (cls_pool if self.config.pooling == "cls" else mean_pool)(hidden, attention_mask)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        if self.config.pooling == "cls":
-            return out[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(out.dtype)
-        return (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return self.pool(out, attention_mask)
+
+    def stages(self) -> list[Stage]:
+        return hf_text_stages(self.model, self.pool)
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """Tokenise and pool a list of strings on the tower's device."""
@@ -68,4 +76,4 @@ class TextTower(nn.Module):
 
     def fingerprint(self) -> str:
         return sha256_text("text", self.source if not Path(self.source).is_dir() else "dir", self._weights_id,
-                           self.config.pooling, str(self.config.max_length))
+                           self.config.pooling, str(self.config.max_length), *tuned_parts(self.config.lora, self.weights_delta))

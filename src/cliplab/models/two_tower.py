@@ -16,7 +16,9 @@ from cliplab.errors import ConfigError
 from cliplab.models.heads import HeadConfig, ProjectionHead
 from cliplab.models.image_tower import ImageTower, ImageTowerConfig
 from cliplab.models.text_tower import TextTower, TextTowerConfig
-from cliplab.utils import atomic_write, write_json
+from cliplab.models.stages import Stage, Stages
+from cliplab.models.tuning import TowerTuning, apply_tower_tuning, count_parameters
+from cliplab.utils import atomic_write, sha256_tensor, sha256_text, write_json
 
 CONFIG_NAME = "cliplab_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -67,6 +69,7 @@ class TwoTower(nn.Module):
         self.text_tower = text_tower or TextTower(self.config.text)
         self.image_head = ProjectionHead(self.image_tower.output_dim, self.config.head)
         self.text_head = ProjectionHead(self.text_tower.output_dim, self.config.head)
+        self.tuned_tower_keys: list[str] = []
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.config.init_temperature)),
                                         requires_grad=self.config.learn_temperature)
 
@@ -80,16 +83,22 @@ class TwoTower(nn.Module):
         return self
 
     def train(self, mode: bool = True) -> "TwoTower":
-        """Frozen towers stay in eval mode (BatchNorm statistics and dropout untouched) while heads train."""
+        """Frozen towers stay in eval mode (dropout off) while heads train; BatchNorm statistics are never
+        updated, also in partly trained towers (their cached prefixes were computed with them)."""
         super().train(mode)
         for tower in (self.image_tower, self.text_tower):
             if not any(p.requires_grad for p in tower.parameters()):
                 tower.eval()
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
         return self
 
     def set_trainable(self, mode: str) -> "TwoTower":
-        """``heads`` (both heads + temperature), ``image_head`` or ``text_head`` (the other side fixed)."""
-        modes = {"heads": ("image_head", "text_head"), "image_head": ("image_head",), "text_head": ("text_head",)}
+        """``heads`` (both heads + temperature), ``image_head`` or ``text_head`` (the other side fixed), or
+        ``none`` (only tower tuning and the temperature train). Freezes the towers."""
+        modes = {"heads": ("image_head", "text_head"), "image_head": ("image_head",), "text_head": ("text_head",),
+                 "none": ()}
         if mode not in modes:
             raise ConfigError(f"trainable must be one of {', '.join(modes)}, not {mode!r}")
         self.freeze_towers()
@@ -97,6 +106,26 @@ class TwoTower(nn.Module):
             for p in getattr(self, name).parameters():
                 p.requires_grad_(name in modes[mode])
         return self
+
+    def tune_towers(self, image: TowerTuning, text: TowerTuning) -> dict:
+        """Make tower parameters trainable (last N blocks, whole, or LoRA adapters); call after
+        ``set_trainable``. Returns trainable/total parameter counts per part."""
+        for tower, tuning, stages in ((self.image_tower, image, self.image_stages()),
+                                      (self.text_tower, text, self.text_stages())):
+            spec = apply_tower_tuning(tower.model, stages, tuning)
+            if spec is not None:
+                tower.config.lora = spec
+        self.tuned_tower_keys = sorted(k for k, p in self.named_parameters()
+                                       if p.requires_grad and k.startswith(("image_tower.", "text_tower.")))
+        return {name: count_parameters(getattr(self, name)) for name in
+                ("image_tower", "text_tower", "image_head", "text_head")}
+
+    # -- stages (what fine-tuning caches and runs)
+    def image_stages(self) -> Stages:
+        return Stages(self.image_tower.stages() + [Stage("head", [self.image_head], self.image_head, is_block=False)])
+
+    def text_stages(self) -> Stages:
+        return Stages(self.text_tower.stages() + [Stage("head", [self.text_head], self.text_head, is_block=False)])
 
     # -- from cached tower features (training heads on frozen towers)
     def project_image(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -124,18 +153,17 @@ class TwoTower(nn.Module):
         return self.image_tower.transform()
 
     # -- persistence
-    def _tower_state_trained(self) -> bool:
-        return any(p.requires_grad for p in list(self.image_tower.parameters()) + list(self.text_tower.parameters()))
-
-    def save(self, directory: str | Path, include_towers: bool | None = None) -> Path:
-        """Config JSON + safetensors. Tower weights are stored when they were trained (or asked for)."""
+    def save(self, directory: str | Path, include_towers: bool = False) -> Path:
+        """Config JSON + safetensors: heads, temperature and the fine-tuned tower tensors (LoRA adapters,
+        unfrozen blocks); the rest of each tower comes from its weight source on load. ``include_towers``
+        stores the towers whole."""
         directory = Path(directory)
-        include = self._tower_state_trained() if include_towers is None else include_towers
+        tuned = set(self.tuned_tower_keys)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
-                 if include or not k.startswith(("image_tower.", "text_tower."))}
+                 if include_towers or k in tuned or not k.startswith(("image_tower.", "text_tower."))}
         atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p)))
-        write_json(directory / CONFIG_NAME, {"model_type": "cliplab.TwoTower", "includes_towers": include,
-                                              **self.config.to_dict()})
+        write_json(directory / CONFIG_NAME, {"model_type": "cliplab.TwoTower", "includes_towers": include_towers,
+                                              "tuned_tower_keys": sorted(tuned), **self.config.to_dict()})
         return directory
 
     @classmethod
@@ -147,11 +175,18 @@ class TwoTower(nn.Module):
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
         raw.pop("model_type", None)
         includes_towers = raw.pop("includes_towers", False)
+        tuned = raw.pop("tuned_tower_keys", [])
         model = cls(TwoTowerConfig.from_dict(raw))
         state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
         missing, unexpected = model.load_state_dict(state, strict=False)
-        bad_missing = [k for k in missing if includes_towers or not k.startswith(("image_tower.", "text_tower."))]
+        bad_missing = [k for k in missing if includes_towers or k in tuned
+                       or not k.startswith(("image_tower.", "text_tower."))]
         if bad_missing or unexpected:
             raise ConfigError(f"{directory}: weights do not match config (missing {bad_missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
+        model.tuned_tower_keys = list(tuned)
+        for prefix, tower in (("image_tower.", model.image_tower), ("text_tower.", model.text_tower)):
+            keys = sorted(k for k in state if k.startswith(prefix))
+            if keys:  # feature caches must not mix fine-tuned and original tower outputs
+                tower.weights_delta = sha256_text(*(f"{k}:{sha256_tensor(state[k])}" for k in keys))
         return model.eval()

@@ -21,10 +21,16 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_epochs: float = 2.0
     schedule: str = "cosine"  # cosine | onecycle | plateau (ReduceLROnPlateau on the dev metric) | constant
-    sampling: str = "random_caption"  # random_caption (one per image per step) | all_pairs
+    sampling: str = "random_caption"  # random_caption (each image once) | all_pairs | hard (k-means grouped)
     loss: str = "infonce"  # infonce | triplet | ntxent | sigmoid
     loss_args: dict = field(default_factory=dict)  # e.g. {margin: 0.2, mining: semihard} for triplet
-    trainable: str = "heads"  # heads | image_head | text_head (the other head stays at its initialisation)
+    trainable: str = "heads"  # heads | image_head | text_head | none (for a CLIP: its projections)
+    # tower tuning: {mode: frozen | last_n | full | lora, last_n: N, lora_r, lora_alpha, lora_dropout, lora_targets}
+    image_tower: dict = field(default_factory=lambda: {"mode": "frozen"})
+    text_tower: dict = field(default_factory=lambda: {"mode": "frozen"})
+    tower_lr: float | None = None  # learning rate of tower parameters (None = lr)
+    augment: str = "none"  # none | flip (also on cached prefixes) | full (crop/flip/jitter; image tower from pixels)
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)
     grad_clip: float = 0.0  # 0 = off
     grad_accum_steps: int = 1  # optimiser step every N batches (each batch keeps its own negatives)
     patience: int = 10  # epochs without dev improvement before stopping (0 = never stop early)
@@ -32,6 +38,19 @@ class TrainConfig:
     max_logit_scale: float = 100.0
     seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        from cliplab.models.tuning import TowerTuning
+
+        if self.augment not in ("none", "flip", "full"):
+            raise ConfigError(f"train.augment must be none, flip or full, not {self.augment!r}")
+        self.image_tower = TowerTuning.from_any(self.image_tower, "train.image_tower").to_dict()
+        self.text_tower = TowerTuning.from_any(self.text_tower, "train.text_tower").to_dict()
+
+    def tunings(self):
+        from cliplab.models.tuning import TowerTuning
+
+        return TowerTuning(**self.image_tower), TowerTuning(**self.text_tower)
 
 
 @dataclass
@@ -52,21 +71,22 @@ class RunConfig:
     model: TwoTowerConfig = field(default_factory=TwoTowerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    baseline: bool = True  # also evaluate the ConSE zero-shot baseline
+    baseline: bool = True  # also evaluate the zero-shot baseline (ConSE, or the CLIP before tuning)
+    clip: str | None = None  # fine-tune this CLIP (a load_clip name or folder) instead of building `model`
 
     def to_dict(self) -> dict:
         return {"model": self.model.to_dict(), "train": asdict(self.train), "data": asdict(self.data),
-                "baseline": self.baseline}
+                "baseline": self.baseline, "clip": self.clip}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        unknown = set(d) - {"model", "train", "data", "baseline"}
+        unknown = set(d) - {"model", "train", "data", "baseline", "clip"}
         if unknown:
             raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
         return cls(model=TwoTowerConfig.from_dict(d.get("model") or {}),
                    train=_build(TrainConfig, d.get("train") or {}, "train"),
                    data=_build(DataConfig, d.get("data") or {}, "data"),
-                   baseline=bool(d.get("baseline", True)))
+                   baseline=bool(d.get("baseline", True)), clip=d.get("clip"))
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":

@@ -1,24 +1,33 @@
-"""One training run end to end: data -> cached features -> heads -> test retrieval vs the ConSE baseline."""
+"""One training run end to end: data -> cached inputs -> training -> test retrieval vs the baseline.
+
+Under ``torchrun`` every process runs this; process 0 writes the results.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from cliplab.data.captions import load_caption_dataset
+from cliplab.data.images import ImageFiles, MirroredImages
 from cliplab.embed.cache import FeatureCache
-from cliplab.embed.pipeline import DatasetFeatures, evaluate_retrieval, tower_features
+from cliplab.embed.extract import embed_images
+from cliplab.embed.pipeline import _EncodeImageAdapter, _EncodeTextAdapter, evaluate_retrieval, tower_features
 from cliplab.eval.tables import retrieval_markdown
 from cliplab.models.conse import ConSE
 from cliplab.models.image_tower import ImageTower
 from cliplab.models.text_tower import TextTower
-from cliplab.models.two_tower import WEIGHTS_NAME, TwoTower
+from cliplab.models.two_tower import TwoTower
 from cliplab.train.config import RunConfig
-from cliplab.train.trainer import BEST_DIR, HeadTrainer
+from cliplab.train.distributed import init_distributed
+from cliplab.train.inputs import ArrayActs, SplitInputs, image_acts, text_acts
+from cliplab.train.trainer import BEST_DIR, Trainer
 from cliplab.utils import resolve_device, seed_everything, write_json, write_text
 
 
@@ -31,63 +40,150 @@ def environment() -> dict:
             "cpus": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
 
 
-def load_split_features(config: RunConfig, split: str, image_tower, text_tower, cache: FeatureCache,
-                        device, progress: bool) -> DatasetFeatures:
+def build_model(config: RunConfig):
+    """The model a run trains, with ``train.trainable`` and the tower tunings applied."""
+    if config.clip:
+        from cliplab.models.clip import load_clip
+
+        model = load_clip(config.clip)
+    else:
+        model = TwoTower(config.model, image_tower=ImageTower(config.model.image), text_tower=TextTower(config.model.text))
+    fingerprints = _side_fingerprints(model)  # before adapters change them: the frozen prefixes are untouched
+    model.set_trainable(config.train.trainable)
+    counts = model.tune_towers(*config.train.tunings())
+    return model, fingerprints, counts
+
+
+def _side_fingerprints(model) -> tuple[str, str]:
+    if hasattr(model, "image_tower"):
+        return model.image_tower.fingerprint(), model.text_tower.fingerprint()
+    return model.fingerprint(), model.fingerprint()
+
+
+def frozen_features(model, config: RunConfig, split: str, cache: FeatureCache, device, progress: bool):
+    """Pooled frozen-tower features (a CLIP: its embeddings) of a split; drops or raises on bad images."""
     d = config.data
     ds = load_caption_dataset(d.path, split, image_root=d.image_root, on_error=d.on_error)
-    return tower_features(image_tower, text_tower, ds, cache=cache, on_error=d.on_error, device=device,
+    if hasattr(model, "image_tower"):
+        towers = model.image_tower, model.text_tower
+    else:
+        towers = _EncodeImageAdapter(model), _EncodeTextAdapter(model)
+    return tower_features(*towers, ds, cache=cache, on_error=d.on_error, device=device,
                           num_workers=d.num_workers, progress=progress, backend=d.backend)
+
+
+def split_inputs(model, fingerprints: tuple[str, str], feats, config: RunConfig, cache: FeatureCache, device,
+                 progress: bool, train: bool) -> SplitInputs:
+    """Inputs at each side's first trainable stage: pooled features when only heads train, else the
+    cached output of the frozen prefix (or raw pixels / tokens when the first stage trains)."""
+    ds = feats.dataset
+    image_stages, text_stages = model.image_stages(), model.text_stages()
+    bi = min(image_stages.first_trainable(), len(image_stages) - 1)
+    bt = min(text_stages.first_trainable(), len(text_stages) - 1)
+    augment = config.train.augment if train else "none"
+    images = ImageFiles(ds.image_paths())
+    pooled = hasattr(model, "image_tower")  # a TwoTower's pooled features are the head's input
+    if pooled and bi == len(image_stages) - 1:
+        mirrored = None
+        if augment == "flip":
+            mirrored = embed_images(model.image_tower, MirroredImages(images), cache=cache, device=device,
+                                    progress=progress, desc=f"{ds.name} images (mirrored)",
+                                    backend=config.data.backend).features
+        img = ArrayActs(feats.image, mirrored)
+    else:
+        img = image_acts(model, image_stages, bi, images, cache=cache, device=device, fingerprint=fingerprints[0],
+                         augment=augment, progress=progress, desc=f"{ds.name} images")
+    if pooled and bt == len(text_stages) - 1:
+        txt = ArrayActs(feats.text)
+    else:
+        tokenize = model.text_tower.tokenize if pooled else model.tokenize
+        txt = text_acts(text_stages, bt, ds.captions, tokenize, cache=cache, device=device,
+                        fingerprint=fingerprints[1], progress=progress, desc=f"{ds.name} captions")
+    return SplitInputs(ds, img, txt, bi, bt, features=feats,
+                       info={"image_stage": image_stages[bi].name, "text_stage": text_stages[bt].name})
 
 
 def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, progress: bool = True,
               log=print, track_test: bool = False) -> dict:
-    """Train heads on frozen towers and evaluate on the test split; writes results.json and results.md.
+    """Train and evaluate on the test split; writes config.json, results.json and results.md.
 
     ``track_test`` also records test metrics every epoch (for curves; never used to pick the checkpoint).
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", config.to_dict())
-    seed_everything(config.train.seed)
     device = resolve_device(config.train.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist = init_distributed(device)
+    progress = progress and dist.is_main
+    log = log if dist.is_main else (lambda *a, **k: None)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", config.to_dict())
+    seed_everything(config.train.seed)
     cache = FeatureCache(config.data.cache_dir)
     t0 = time.time()
-    image_tower, text_tower = ImageTower(config.model.image), TextTower(config.model.text)
-    splits = {}
+    model, fingerprints, counts = build_model(config)
+    model.to(device)
+    baseline = None
+    if config.baseline and config.clip:  # the CLIP before tuning is the zero-shot baseline
+        baseline = "zero-shot CLIP"
+    if not dist.is_main:
+        dist.barrier()  # process 0 fills the caches first
+    splits, inputs = {}, {}
     for name, split in (("train", config.data.train_split), ("dev", config.data.dev_split),
                         ("test", config.data.test_split)):
-        splits[name] = load_split_features(config, split, image_tower, text_tower, cache, device, progress)
+        splits[name] = frozen_features(model, config, split, cache, device, progress)
+        inputs[name] = split_inputs(model, fingerprints, splits[name], config, cache, device, progress, name == "train")
         ds = splits[name].dataset
         skipped = f"; {ds.skipped.summary()}" if len(ds.skipped) else ""
         log(f"{name}: {ds.name} {ds.num_images} images, {ds.num_captions} captions{skipped}")
+    if dist.is_main:
+        dist.barrier()
     t_features = time.time() - t0
+    log(f"trainable parameters: {counts}; inputs start at image stage {inputs['train'].info['image_stage']!r}, "
+        f"text stage {inputs['train'].info['text_stage']!r}")
 
     seed_everything(config.train.seed)
-    model = TwoTower(config.model, image_tower=image_tower, text_tower=text_tower)
-    model.set_trainable(config.train.trainable)
-    trainer = HeadTrainer(model, config.train, run_dir, progress=progress)
+    trainer = Trainer(model, config.train, run_dir, progress=progress, dist=dist, device=device)
+    test = {}
+    if baseline:
+        test[baseline] = _clip_zero_shot(splits["test"], device)
     t1 = time.time()
-    fit = trainer.fit(splits["train"], splits["dev"], resume=resume,
-                      also_evaluate={"test": splits["test"]} if track_test else None)
+    fit = trainer.fit(inputs["train"], inputs["dev"], resume=resume,
+                      also_evaluate={"test": inputs["test"]} if track_test else None)
     t_train = time.time() - t1
-    model.load_state_dict(load_file(str(run_dir / BEST_DIR / WEIGHTS_NAME)), strict=False)
+    dist.barrier()
+    model.load_state_dict(load_file(str(run_dir / BEST_DIR / "model.safetensors")), strict=False)
 
-    test = {"trained": trainer.evaluate(splits["test"])}
-    if config.baseline:
-        conse = ConSE(image_tower, text_tower).to(trainer.device)
-        test = {"conse": evaluate_retrieval(conse, splits["test"], trainer.device), **test}
+    test["trained"] = trainer.evaluate(inputs["test"])
+    if config.baseline and not config.clip:
+        conse = ConSE(model.image_tower, model.text_tower).to(device)
+        test = {"conse": evaluate_retrieval(conse, splits["test"], device), **test}
     skipped = {name: f.dataset.skipped.to_dict() for name, f in splits.items()}
     results = {
         "test": test,
         "fit": fit,
+        "parameters": counts,
         "data": {name: {"name": f.dataset.name, "images": f.dataset.num_images, "captions": f.dataset.num_captions}
                  for name, f in splits.items()},
         "skipped": skipped,
         "skipped_total": sum(s["skipped"] for s in skipped.values()),
         "seconds": {"features": t_features, "train": t_train, "total": time.time() - t0},
         "features_reused": all(f.reused for f in splits.values()),
+        "world_size": dist.world_size,
         "environment": environment(),
     }
-    write_json(run_dir / "results.json", results)
-    write_text(run_dir / "results.md", retrieval_markdown(test, f"Test retrieval: {splits['test'].dataset.name}"))
+    if dist.is_main:
+        write_json(run_dir / "results.json", results)
+        write_text(run_dir / "results.md", retrieval_markdown(test, f"Test retrieval: {splits['test'].dataset.name}"))
     return results
+
+
+def _clip_zero_shot(feats, device) -> dict:
+    """Retrieval of the untuned CLIP: its cached embeddings, compared directly."""
+    from cliplab.eval.retrieval import retrieval_metrics
+
+    img = torch.nn.functional.normalize(torch.as_tensor(np.asarray(feats.image, dtype=np.float32)), dim=-1)
+    txt = torch.nn.functional.normalize(torch.as_tensor(np.asarray(feats.text, dtype=np.float32)), dim=-1)
+    return retrieval_metrics(img, txt, feats.caption_image, device=device).metrics

@@ -1,0 +1,145 @@
+"""What trains in a tower: nothing, its last N blocks, all of it, or LoRA adapters (PEFT).
+
+``apply_tower_tuning`` works on the :class:`~cliplab.models.stages.Stages` of a side (the last stage, the
+projection head, is handled by ``train.trainable``). LoRA adapters are injected with
+``peft.inject_adapter_in_model`` into the tower's own modules, so the stage structure (and the cached
+frozen prefix in front of the first adapted block) is unchanged; the adapter settings are recorded in
+the tower's config so a saved model rebuilds them on load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from cliplab.errors import ConfigError
+from cliplab.models.stages import Stages
+
+TUNING_MODES = ("frozen", "last_n", "full", "lora")
+
+# module-name suffixes tried in order when lora_targets is not given
+DEFAULT_LORA_TARGETS = (
+    ("query", "value"),  # BERT / MiniLM / RoBERTa
+    ("q_proj", "v_proj"),  # HF CLIP, many HF encoders
+    ("qkv",),  # timm ViT
+    ("conv_pw", "conv_pwl"),  # timm EfficientNet / MobileNet inverted residuals
+)
+
+
+@dataclass
+class TowerTuning:
+    """``mode``: frozen | last_n | full | lora. ``last_n``: blocks that train (last_n mode) or receive
+    adapters (lora; 0 = every block)."""
+
+    mode: str = "frozen"
+    last_n: int = 0
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    lora_targets: list[str] | None = None
+    extra: dict = field(default_factory=dict)  # other peft.LoraConfig arguments
+
+    def __post_init__(self) -> None:
+        if self.mode not in TUNING_MODES:
+            raise ConfigError(f"tower tuning mode must be one of {', '.join(TUNING_MODES)}, not {self.mode!r}")
+        if self.last_n < 0:
+            raise ConfigError("tower tuning last_n must be >= 0")
+        if self.mode == "last_n" and self.last_n == 0:
+            raise ConfigError("tower tuning mode last_n needs last_n >= 1")
+
+    @classmethod
+    def from_any(cls, value: "TowerTuning | dict | str | None", where: str) -> "TowerTuning":
+        if isinstance(value, TowerTuning):
+            return value
+        if value is None:
+            return cls()
+        if isinstance(value, str):
+            return cls(mode=value)
+        try:
+            return cls(**value)
+        except TypeError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _selected_stages(stages: Stages, n_blocks: int) -> list[int]:
+    """Tower stages (the last stage, the head, excluded) that a tuning with ``n_blocks`` touches."""
+    blocks = stages.block_indices(len(stages) - 1)
+    if not blocks:
+        return list(range(len(stages) - 1))
+    if n_blocks > len(blocks):
+        raise ConfigError(f"last_n={n_blocks} but the tower has only {len(blocks)} blocks")
+    return blocks[-n_blocks:] if n_blocks else list(range(len(stages) - 1))
+
+
+def lora_target_names(root: nn.Module, stages: Stages, tuning: TowerTuning) -> list[str]:
+    """Full module names (relative to ``root``) of the layers that get adapters."""
+    chosen = {id(m) for i in _selected_stages(stages, tuning.last_n) for sm in stages[i].modules for m in sm.modules()}
+    candidates = [(name, m) for name, m in root.named_modules() if id(m) in chosen and name]
+    suffix_sets = [tuple(tuning.lora_targets)] if tuning.lora_targets else DEFAULT_LORA_TARGETS
+    for suffixes in suffix_sets:
+        names = [n for n, m in candidates if n.split(".")[-1] in suffixes and isinstance(m, (nn.Linear, nn.Conv2d))]
+        if names:
+            return names
+    raise ConfigError(f"no LoRA target layers ({', '.join(tuning.lora_targets or ['defaults'])}) in the tuned blocks; "
+                      f"set lora_targets to module names of Linear/Conv2d layers")
+
+
+def inject_lora(root: nn.Module, targets: list[str], r: int, alpha: float, dropout: float, extra: dict | None = None) -> None:
+    """Add LoRA adapters (PEFT) to the named layers of ``root``, in place."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), **(extra or {}))
+    inject_adapter_in_model(cfg, root)
+
+
+def lora_spec(targets: list[str], tuning: TowerTuning) -> dict:
+    """What a tower config records so the adapters are rebuilt when a saved model loads."""
+    return {"targets": list(targets), "r": tuning.lora_r, "alpha": tuning.lora_alpha,
+            "dropout": tuning.lora_dropout, "extra": dict(tuning.extra)}
+
+
+def apply_lora_spec(root: nn.Module, spec: dict | None) -> None:
+    if spec:
+        inject_lora(root, spec["targets"], spec["r"], spec["alpha"], spec["dropout"], spec.get("extra"))
+
+
+def is_lora_param(name: str) -> bool:
+    return "lora_" in name
+
+
+def apply_tower_tuning(root: nn.Module, stages: Stages, tuning: TowerTuning) -> dict | None:
+    """Set ``requires_grad`` on a tower's parameters (the tower stages are frozen first; the last stage, the
+    projection, is left alone); returns the LoRA spec, if any. ``root`` names the modules for PEFT."""
+    for p in stages.parameters(0, len(stages) - 1):
+        p.requires_grad_(False)
+    if tuning.mode == "frozen":
+        return None
+    if tuning.mode == "lora":
+        targets = lora_target_names(root, stages, tuning)
+        inject_lora(root, targets, tuning.lora_r, tuning.lora_alpha, tuning.lora_dropout, tuning.extra)
+        adapted = tuple(t + "." for t in targets)
+        for name, p in root.named_parameters():
+            if is_lora_param(name) and name.startswith(adapted):
+                p.requires_grad_(True)
+        return lora_spec(targets, tuning)
+    n_blocks = tuning.last_n if tuning.mode == "last_n" else 0
+    for i in _selected_stages(stages, n_blocks):
+        for m in stages[i].modules:
+            for p in m.parameters():
+                p.requires_grad_(True)
+    return None
+
+
+def count_parameters(module: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+def tuned_parts(lora: dict | None, weights_delta: str) -> list[str]:
+    """Fingerprint parts of a fine-tuned tower (none for an untouched one, so its cache keys never change)."""
+    return ([repr(sorted(lora.items()))] if lora else []) + ([weights_delta] if weights_delta else [])

@@ -1,0 +1,281 @@
+"""Training inputs for each side of a split: activations at the first trainable stage boundary.
+
+Frozen prefixes never run per epoch: their output is computed once and cached on disk (float16,
+memory-mapped), keyed by the tower fingerprint, the boundary, the items and the preprocessing. When a
+side trains from its first stage the inputs are raw pixels (decoded per batch, optionally augmented)
+or token batches.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from tqdm.auto import tqdm
+
+from cliplab.data.captions import CaptionDataset
+from cliplab.data.images import ImageFiles, ImageSet, MirroredImages
+from cliplab.embed.cache import FeatureCache
+from cliplab.embed.extract import default_workers
+from cliplab.embed.pipeline import DatasetFeatures
+from cliplab.errors import ConfigError
+from cliplab.models.stages import Stages
+from cliplab.utils import atomic_write, sha256_text
+
+
+class Acts:
+    """Per-item activations of one side; ``batch`` returns the model input for a list of items."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batch(self, idx: np.ndarray, device, rng: np.random.Generator | None = None) -> Any:
+        raise NotImplementedError
+
+
+class ArrayActs(Acts):
+    """Fixed-shape activations ``[N, ...]``; with ``mirrored`` (those of the flipped images) a training
+    batch takes each item's original or mirror at random (flip augmentation on cached prefixes)."""
+
+    def __init__(self, array: np.ndarray, mirrored: np.ndarray | None = None) -> None:
+        self.array, self.mirrored = array, mirrored
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def batch(self, idx, device, rng=None):
+        idx = np.asarray(idx)
+        order = np.argsort(idx, kind="stable")  # sorted reads are faster on memory maps
+        rows = np.empty((len(idx),) + self.array.shape[1:], dtype=np.float32)
+        rows[order] = self.array[idx[order]]
+        if self.mirrored is not None and rng is not None:
+            flip = rng.random(len(idx)) < 0.5
+            if flip.any():
+                rows[flip] = self.mirrored[idx[flip]]
+        return torch.from_numpy(rows).to(device)
+
+
+class TokenActs(Acts):
+    """Ragged token activations (hidden states of each caption without padding), re-padded per batch."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray) -> None:
+        self.data, self.offsets = data, np.asarray(offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def batch(self, idx, device, rng=None):
+        lengths = self.offsets[np.asarray(idx) + 1] - self.offsets[np.asarray(idx)]
+        hidden = np.zeros((len(idx), int(lengths.max()), self.data.shape[1]), dtype=np.float32)
+        mask = np.zeros((len(idx), int(lengths.max())), dtype=np.int64)
+        for row, (i, n) in enumerate(zip(idx, lengths)):
+            hidden[row, :n] = self.data[self.offsets[i]:self.offsets[i] + n]
+            mask[row, :n] = 1
+        return torch.from_numpy(hidden).to(device), torch.from_numpy(mask).to(device)
+
+
+class PixelActs(Acts):
+    """Raw images decoded per batch (threads), with the training augmentation when one is given."""
+
+    def __init__(self, images: ImageSet, transform: Callable, train_transform: Callable | None = None,
+                 workers: int | None = None) -> None:
+        self.images, self.transform, self.train_transform = images, transform, train_transform
+        self.workers = workers or default_workers()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, idx, device, rng=None):
+        tf = self.train_transform if (rng is not None and self.train_transform is not None) else self.transform
+        with ThreadPoolExecutor(self.workers) as pool:
+            tensors = list(pool.map(lambda i: tf(self.images.load(int(i))), idx))
+        return torch.stack(tensors).to(device)
+
+
+class TextActs(Acts):
+    """Captions tokenised per batch."""
+
+    def __init__(self, texts: Sequence[str], tokenize: Callable[[list[str]], Any]) -> None:
+        self.texts, self.tokenize = list(texts), tokenize
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def batch(self, idx, device, rng=None):
+        tokens = self.tokenize([self.texts[int(i)] for i in idx])
+        if isinstance(tokens, dict):
+            return {k: v.to(device) for k, v in tokens.items()}
+        return tokens.to(device)
+
+
+@dataclass
+class SplitInputs:
+    """A split ready for training or evaluation: per-side activations at the given stage boundaries."""
+
+    dataset: CaptionDataset
+    image: Acts
+    text: Acts
+    image_boundary: int
+    text_boundary: int
+    features: DatasetFeatures | None = None  # frozen pooled tower features (hard negatives, baselines)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def caption_image(self) -> np.ndarray:
+        return self.dataset.caption_image
+
+
+def inputs_from_features(feats: DatasetFeatures, model) -> SplitInputs:
+    """Head training on cached pooled tower features (both boundaries at the projection head)."""
+    return SplitInputs(feats.dataset, ArrayActs(feats.image), ArrayActs(feats.text),
+                       len(model.image_stages()) - 1, len(model.text_stages()) - 1, features=feats)
+
+
+def train_augmentation(size: int, mean, std) -> T.Compose:
+    """Image augmentation for towers trained from pixels: random resized crop, flip, colour jitter."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.6, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(0.2, 0.2, 0.2),
+        T.ToTensor(),
+        T.Normalize(tuple(mean), tuple(std)),
+    ])
+
+
+def _normalize_of(transform) -> tuple[tuple, tuple, int]:
+    norm = [t for t in getattr(transform, "transforms", []) if isinstance(t, T.Normalize)]
+    crop = [t for t in getattr(transform, "transforms", []) if isinstance(t, T.CenterCrop)]
+    size = crop[0].size if crop else (224, 224)
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    if not norm:
+        return (0.5,) * 3, (0.5,) * 3, size
+    return tuple(norm[0].mean), tuple(norm[0].std), size
+
+
+def _save_array(path: Path, arr: np.ndarray) -> None:
+    atomic_write(path, lambda p: np.save(open(p, "wb"), arr))
+
+
+@torch.inference_mode()
+def _image_prefix(stages: Stages, boundary: int, images: ImageSet, transform, device, batch_size: int,
+                  progress: bool, desc: str) -> np.ndarray:
+    out = None
+    workers = default_workers()
+    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    with ThreadPoolExecutor(workers) as pool:
+        for s in range(0, len(images), batch_size):
+            idx = range(s, min(s + batch_size, len(images)))
+            x = torch.stack(list(pool.map(lambda i: transform(images.load(i)), idx))).to(device)
+            y = stages.run(x, 0, boundary)
+            if not isinstance(y, torch.Tensor):
+                raise ConfigError("image stage outputs must be tensors")
+            if out is None:
+                out = np.empty((len(images),) + tuple(y.shape[1:]), dtype=np.float16)
+            out[s:s + len(idx)] = y.float().cpu().numpy()
+            bar.update(len(idx))
+    bar.close()
+    return out
+
+
+@torch.inference_mode()
+def _text_prefix(stages: Stages, boundary: int, texts: Sequence[str], tokenize, device, batch_size: int,
+                 progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Returns ``(array, None)`` for pooled outputs or ``(tokens [T_total, H], offsets [N+1])``."""
+    order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths share a batch
+    pieces: dict[int, np.ndarray] = {}
+    pooled = None
+    bar = tqdm(total=len(texts), desc=desc, unit="cap", disable=not progress, dynamic_ncols=True)
+    for s in range(0, len(texts), batch_size):
+        idx = order[s:s + batch_size]
+        tokens = tokenize([texts[i] for i in idx])
+        tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
+        y = stages.run(tokens, 0, boundary)
+        if isinstance(y, torch.Tensor):
+            if pooled is None:
+                pooled = np.empty((len(texts),) + tuple(y.shape[1:]), dtype=np.float16)
+            pooled[idx] = y.float().cpu().numpy()
+        else:
+            hidden, mask = y
+            lengths = mask.sum(1).tolist()
+            h = hidden.float().cpu().numpy().astype(np.float16)
+            for row, (i, n) in enumerate(zip(idx, lengths)):
+                pieces[int(i)] = h[row, :n]
+        bar.update(len(idx))
+    bar.close()
+    if pooled is not None:
+        return pooled, None
+    lengths = np.array([len(pieces[i]) for i in range(len(texts))])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return np.concatenate([pieces[i] for i in range(len(texts))]), offsets
+
+
+def _cached(cache: FeatureCache, key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray | None]]):
+    folder = cache.root / f"prefix-{key}"
+    acts, offsets = folder / "acts.npy", folder / "offsets.npy"
+    done = folder / "done"
+    if not done.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        arr, offs = compute()
+        _save_array(acts, arr)
+        if offs is not None:
+            _save_array(offsets, offs)
+        done.write_text("ok\n")
+    arr = np.load(acts, mmap_mode="r")
+    return arr, (np.load(offsets) if offsets.is_file() else None)
+
+
+def image_acts(model, stages: Stages, boundary: int, images: ImageSet, *, cache: FeatureCache, device,
+               fingerprint: str, augment: str = "none", batch_size: int = 64, progress: bool = True,
+               desc: str = "images") -> Acts:
+    """Image-side inputs at ``boundary`` (cached prefix output, or pixels when ``boundary`` is 0)."""
+    transform = model.preprocess()
+    if boundary == 0:
+        train_tf = None
+        if augment == "full":
+            mean, std, size = _normalize_of(transform)
+            train_tf = train_augmentation(size, mean, std)
+        elif augment == "flip":
+            train_tf = T.Compose([T.RandomHorizontalFlip(), *transform.transforms])
+        return PixelActs(images, transform, train_tf)
+    if augment == "full":
+        raise ConfigError("train.augment=full needs the image side trained from its first stage; "
+                          "with a cached frozen prefix use augment=flip")
+
+    def compute(imgs: ImageSet, what: str):
+        key = sha256_text(fingerprint, "image-prefix", str(boundary), stages[boundary - 1].name, *imgs.keys())[:32]
+        return _cached(cache, key, lambda: (_image_prefix(stages, boundary, imgs, transform, device, batch_size,
+                                                          progress, what), None))[0]
+
+    array = compute(images, f"{desc} (frozen prefix)")
+    mirrored = compute(MirroredImages(images), f"{desc} (mirrored prefix)") if augment == "flip" else None
+    return ArrayActs(array, mirrored)
+
+
+def text_acts(stages: Stages, boundary: int, texts: Sequence[str], tokenize, *, cache: FeatureCache, device,
+              fingerprint: str, batch_size: int = 128, progress: bool = True, desc: str = "captions") -> Acts:
+    if boundary == 0:
+        return TextActs(texts, tokenize)
+    key = sha256_text(fingerprint, "text-prefix", str(boundary), stages[boundary - 1].name, *texts)[:32]
+    arr, offsets = _cached(cache, key, lambda: _text_prefix(stages, boundary, texts, tokenize, device, batch_size,
+                                                            progress, f"{desc} (frozen prefix)"))
+    return ArrayActs(arr) if offsets is None else TokenActs(arr, offsets)
+
+
+@torch.inference_mode()
+def embed_side(stages: Stages, boundary: int, acts: Acts, device, batch_size: int = 256) -> torch.Tensor:
+    """Normalised embeddings of every item of a side (runs the stages after ``boundary``)."""
+    out = []
+    for s in range(0, len(acts), batch_size):
+        idx = np.arange(s, min(s + batch_size, len(acts)))
+        out.append(F.normalize(stages.run(acts.batch(idx, device), boundary).float(), dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def dataset_images(dataset: CaptionDataset) -> ImageSet:
+    return ImageFiles(dataset.image_paths())
