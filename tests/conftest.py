@@ -51,3 +51,46 @@ def caption_dir(tmp_path_factory) -> Path:
 @pytest.fixture()
 def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"
+
+
+def tiny_open_clip(tmp_path: Path):
+    """A small random open_clip CLIP saved in open_clip's hub layout; returns (model, tokenizer, folder)."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg).eval()
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+    out = tmp_path / "oc"  # the layout open_clip publishes on the HF hub
+    out.mkdir()
+    save_file(model.state_dict(), str(out / "open_clip_model.safetensors"))
+    (out / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28]}}))
+    return model, tokenizer, out
+
+
+
+
+def tiny_hf_clip(tmp_path: Path, tokenizer):
+    """A small random Hugging Face CLIPModel saved with ``tokenizer``; returns (model, folder)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(text_config={"vocab_size": tokenizer.vocab_size, "hidden_size": 32,
+                                  "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                  "max_position_embeddings": 32,
+                                  "bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id},
+                     vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                                    "num_hidden_layers": 1, "num_attention_heads": 2},
+                     projection_dim=24)
+    torch.manual_seed(0)
+    model = CLIPModel(cfg).eval()
+    out = tmp_path / "hf"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return model, out

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from cliplab.errors import ConfigError
+from tests.conftest import tiny_hf_clip, tiny_open_clip
 from cliplab.models import (ConSE, HeadConfig, ImageTower, TextTower, TwoTower, TwoTowerConfig, imagenet_classnames,
                             load_clip)
 
@@ -75,25 +76,8 @@ def test_conse_embeds_images_in_text_space(towers):
     assert (img @ txt.T)[0, 0] > (img @ txt.T)[0, 1]
 
 
-def _tiny_open_clip(tmp_path):
-    import open_clip
-    from safetensors.torch import save_file
-
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**cfg).eval()
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=16)
-    out = tmp_path / "oc"  # the layout open_clip publishes on the HF hub
-    out.mkdir()
-    save_file(model.state_dict(), str(out / "open_clip_model.safetensors"))
-    (out / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28]}}))
-    return model, tokenizer, out
-
-
 def test_load_clip_open_clip_local_dir(tmp_path):
-    model, tokenizer, out = _tiny_open_clip(tmp_path)
+    model, tokenizer, out = tiny_open_clip(tmp_path)
     wrapper = load_clip(str(out))
     assert wrapper.backend == "open_clip"
     x = torch.randn(3, 3, 32, 32)
@@ -109,22 +93,8 @@ def test_load_clip_open_clip_local_dir(tmp_path):
 
 
 def test_load_clip_hf_local_dir(tmp_path, towers):
-    from transformers import CLIPConfig, CLIPModel
-
     _, text_tower = towers
-    cfg = CLIPConfig(text_config={"vocab_size": text_tower.tokenizer.vocab_size, "hidden_size": 32,
-                                  "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                  "max_position_embeddings": 32,
-                                  "bos_token_id": text_tower.tokenizer.cls_token_id,
-                                  "eos_token_id": text_tower.tokenizer.sep_token_id},
-                     vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-                                    "num_hidden_layers": 1, "num_attention_heads": 2},
-                     projection_dim=24)
-    torch.manual_seed(0)
-    model = CLIPModel(cfg).eval()
-    out = tmp_path / "hf"
-    model.save_pretrained(out)
-    text_tower.tokenizer.save_pretrained(out)
+    model, out = tiny_hf_clip(tmp_path, text_tower.tokenizer)
     wrapper = load_clip(str(out))
     assert wrapper.backend == "hf"
     x = torch.randn(2, 3, 32, 32)

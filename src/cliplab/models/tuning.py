@@ -119,6 +119,11 @@ def apply_tower_tuning(root: nn.Module, stages: Stages, tuning: TowerTuning) -> 
     if tuning.mode == "frozen":
         return None
     if tuning.mode == "lora":
+        existing = [n for n, _ in root.named_parameters() if is_lora_param(n)]
+        if existing:  # a model saved with adapters: train those again
+            for name, p in root.named_parameters():
+                p.requires_grad_(is_lora_param(name))
+            return None
         targets = lora_target_names(root, stages, tuning)
         inject_lora(root, targets, tuning.lora_r, tuning.lora_alpha, tuning.lora_dropout, tuning.extra)
         adapted = tuple(t + "." for t in targets)

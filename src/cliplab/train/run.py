@@ -5,6 +5,7 @@ Under ``torchrun`` every process runs this; process 0 writes the results.
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import time
@@ -47,7 +48,8 @@ def build_model(config: RunConfig):
 
         model = load_clip(config.clip)
     else:
-        model = TwoTower(config.model, image_tower=ImageTower(config.model.image), text_tower=TextTower(config.model.text))
+        mcfg = copy.deepcopy(config.model)  # tuning records adapters in the model's config, not the caller's
+        model = TwoTower(mcfg, image_tower=ImageTower(mcfg.image), text_tower=TextTower(mcfg.text))
     fingerprints = _side_fingerprints(model)  # before adapters change them: the frozen prefixes are untouched
     model.set_trainable(config.train.trainable)
     counts = model.tune_towers(*config.train.tunings())
@@ -184,6 +186,6 @@ def _clip_zero_shot(feats, device) -> dict:
     """Retrieval of the untuned CLIP: its cached embeddings, compared directly."""
     from cliplab.eval.retrieval import retrieval_metrics
 
-    img = torch.nn.functional.normalize(torch.as_tensor(np.asarray(feats.image, dtype=np.float32)), dim=-1)
-    txt = torch.nn.functional.normalize(torch.as_tensor(np.asarray(feats.text, dtype=np.float32)), dim=-1)
+    img = torch.nn.functional.normalize(torch.from_numpy(np.array(feats.image, dtype=np.float32)), dim=-1)
+    txt = torch.nn.functional.normalize(torch.from_numpy(np.array(feats.text, dtype=np.float32)), dim=-1)
     return retrieval_metrics(img, txt, feats.caption_image, device=device).metrics

@@ -101,7 +101,7 @@ class PairSampler:
     def _cluster(self, feats: np.ndarray) -> np.ndarray:
         from sklearn.cluster import KMeans
 
-        k = int(np.clip(4 * len(feats) // max(1, self.batch_size), 2, max(2, len(feats) // 2)))
+        k = int(np.clip(len(feats) // max(1, self.batch_size), 2, max(2, len(feats) // 2)))  # ~one cluster a batch
         feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
         return KMeans(n_clusters=k, n_init=1, random_state=self.seed).fit_predict(feats)
 

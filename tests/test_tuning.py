@@ -1,0 +1,212 @@
+"""Tower tuning: stages, last-N / LoRA / CLIP modes, cached prefixes, resume, hard negatives."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cliplab.models import ImageTower, TextTower, TwoTower, TwoTowerConfig, load_clip
+from cliplab.models.heads import HeadConfig
+from cliplab.models.tuning import TowerTuning
+from cliplab.errors import ConfigError
+from cliplab.train.config import RunConfig
+from cliplab.train.run import train_run
+from cliplab.train.trainer import PairSampler, Trainer, read_metrics
+from tests.conftest import tiny_hf_clip, tiny_open_clip
+
+
+@pytest.fixture(scope="module")
+def towers():
+    return ImageTower(), TextTower()
+
+
+def small_model(towers):
+    image, text = towers
+    cfg = TwoTowerConfig(image=image.config, text=text.config, head=HeadConfig(kind="linear", embed_dim=16))
+    torch.manual_seed(0)
+    return TwoTower(cfg, image_tower=image, text_tower=text)
+
+
+@torch.inference_mode()
+def test_stages_reproduce_tower_outputs(towers):
+    image, text = towers
+    model = small_model(towers)
+    x = torch.randn(2, 3, 64, 64)
+    ist = model.image_stages()
+    assert [s.name for s in ist][:2] == ["stem", "blocks.0.0"] and ist[len(ist) - 1].name == "head"
+    ref = image(x)
+    for b in (0, 5, len(ist) - 2, len(ist) - 1):  # split anywhere: prefix then suffix gives the same features
+        mid = ist.run(x, 0, b)
+        assert torch.allclose(ist.run(mid, b, len(ist) - 1), ref, atol=1e-5)
+    tokens = text.tokenize(["a dog runs on the beach", "two cats"])
+    tst = model.text_stages()
+    ref = text(**tokens)
+    for b in (1, 4, len(tst) - 2):
+        hidden, mask = tst.run(tokens, 0, b)
+        assert torch.allclose(tst.run((hidden, mask), b, len(tst) - 1), ref, atol=1e-5)
+        # cached prefixes are re-padded per batch: extra padding must not change the output
+        padded = (torch.cat([hidden, torch.zeros(2, 3, hidden.shape[-1])], 1), torch.cat([mask, torch.zeros(2, 3, dtype=mask.dtype)], 1))
+        assert torch.allclose(tst.run(padded, b, len(tst) - 1), ref, atol=1e-5)
+
+
+def test_last_n_and_lora_choose_the_right_parameters(towers):
+    model = small_model(towers)
+    model.set_trainable("heads")
+    model.tune_towers(TowerTuning("last_n", last_n=2), TowerTuning("frozen"))
+    ist = model.image_stages()
+    assert ist.first_trainable() == len(ist) - 3  # last block + head conv
+    assert not any(p.requires_grad for p in model.text_tower.parameters())
+    assert all(p.requires_grad for p in model.image_tower.model.conv_head.parameters())
+    assert not any(p.requires_grad for p in model.image_tower.model.conv_stem.parameters())
+
+    image, _ = towers
+    text = TextTower()  # LoRA changes the module tree: use a tower of its own
+    model = TwoTower(TwoTowerConfig(text=text.config, head=HeadConfig(kind="linear", embed_dim=16)),
+                     image_tower=image, text_tower=text)
+    tokens = text.tokenize(["a man rides a bike"])
+    with torch.inference_mode():
+        before = text(**tokens)
+    model.set_trainable("heads")
+    model.tune_towers(TowerTuning("frozen"), TowerTuning("lora", last_n=2, lora_r=4))
+    trainable = [n for n, p in model.text_tower.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".")[3] for n in trainable} == {"4", "5"}  # encoder.layer.{4,5}
+    assert {n.split(".")[6] for n in trainable} == {"query", "value"}
+    assert model.text_stages().first_trainable() == 5  # embeddings + 4 frozen layers are the cached prefix
+    with torch.inference_mode():
+        assert torch.allclose(text(**tokens), before, atol=1e-6)  # LoRA starts as the identity
+    assert text.config.lora["targets"][0].startswith("encoder.layer.4.")
+
+    with pytest.raises(ConfigError, match="last_n=40"):
+        small_model(towers).tune_towers(TowerTuning("last_n", last_n=40), TowerTuning())
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        TowerTuning("everything")
+
+
+def tuned_config(caption_dir, cache, **train):
+    cfg = RunConfig.from_dict({
+        "model": {"head": {"kind": "linear", "embed_dim": 32}},
+        "train": {"epochs": 3, "batch_size": 8, "lr": 1e-3, "tower_lr": 1e-4, "device": "cpu", "patience": 0,
+                  "image_tower": {"mode": "last_n", "last_n": 1},
+                  "text_tower": {"mode": "lora", "last_n": 1, "lora_r": 4}, "augment": "flip", **train},
+        "data": {"path": str(caption_dir / "captions.csv"), "dev_split": "train", "test_split": "train",
+                 "cache_dir": str(cache)},
+        "baseline": False,
+    })
+    return cfg
+
+
+def test_tuned_run_saves_adapters_and_reloads(caption_dir, tmp_path):
+    cfg = tuned_config(caption_dir, tmp_path / "cache")
+    run = tmp_path / "run"
+    res = train_run(cfg, run, progress=False, log=lambda *a: None)
+    assert res["parameters"]["text_tower"]["trainable"] > 0 and res["parameters"]["image_tower"]["trainable"] > 0
+    prefix_dirs = sorted((tmp_path / "cache").glob("prefix-*"))
+    assert len(prefix_dirs) == 3  # image, mirrored image, text prefixes (dev/test are the same items: reused)
+    saved = json.loads((run / "best" / "cliplab_config.json").read_text())
+    assert saved["text"]["lora"]["r"] == 4 and any("lora_" in k for k in saved["tuned_tower_keys"])
+    assert any(k.startswith("image_tower.model.conv_head") for k in saved["tuned_tower_keys"])
+    loaded = TwoTower.load(run / "best")
+    model = TwoTower.load(run / "best")
+    texts = ["a red circle", "a blue square"]
+    with torch.inference_mode():
+        a, b = loaded.encode_text(texts), model.encode_text(texts)
+    assert torch.allclose(a, b)
+    fresh = TextTower(loaded.config.text)
+    assert loaded.text_tower.fingerprint() != TextTower().fingerprint() != fresh.fingerprint()
+    # the loaded model's retrieval equals the one measured at the end of training
+    from cliplab.data import load_caption_dataset
+    from cliplab.embed.cache import FeatureCache
+    from cliplab.embed.pipeline import encode_dataset
+    from cliplab.eval.retrieval import retrieval_metrics
+
+    ds = load_caption_dataset(str(caption_dir / "captions.csv"), "train")
+    img, txt, ds = encode_dataset(loaded, ds, cache=FeatureCache(tmp_path / "cache2"), progress=False, backend="torch")
+    got = retrieval_metrics(img, txt, ds.caption_image).metrics
+    assert got["t2i_r1"] == pytest.approx(res["test"]["trained"]["t2i_r1"], abs=1e-6)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_tuned_run_resumes_to_the_same_metrics(caption_dir, tmp_path, monkeypatch):
+    cfg = tuned_config(caption_dir, tmp_path / "cache", epochs=4)
+    ref = train_run(cfg, tmp_path / "full", progress=False, log=lambda *a: None)
+
+    original = Trainer._save_checkpoint
+
+    def save_then_die(self, epoch, *a):
+        original(self, epoch, *a)
+        if epoch == 1:
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_run(cfg, tmp_path / "killed", progress=False, log=lambda *a: None)
+    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+    torch.manual_seed(999)
+    got = train_run(cfg, tmp_path / "killed", progress=False, log=lambda *a: None)
+    assert got["test"]["trained"] == pytest.approx(ref["test"]["trained"], abs=1e-9)
+    assert [r["train_loss"] for r in read_metrics(tmp_path / "killed")] == \
+        pytest.approx([r["train_loss"] for r in read_metrics(tmp_path / "full")], abs=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["hf", "open_clip"])
+def test_clip_projection_only_and_lora(caption_dir, tmp_path, towers, kind):
+    if kind == "hf":
+        _, folder = tiny_hf_clip(tmp_path, towers[1].tokenizer)
+    else:
+        _, _, folder = tiny_open_clip(tmp_path)
+    base = load_clip(str(folder))
+    cache = tmp_path / "cache"
+    common = {"data": {"path": str(caption_dir / "captions.csv"), "dev_split": "train", "test_split": "train",
+                       "cache_dir": str(cache)}, "clip": str(folder)}
+    # projection layers only: both sides cached before their projection
+    cfg = RunConfig.from_dict({**common, "train": {"epochs": 3, "batch_size": 8, "lr": 1e-2, "device": "cpu"}})
+    res = train_run(cfg, tmp_path / "proj", progress=False, log=lambda *a: None)
+    assert set(res["test"]) == {"zero-shot CLIP", "trained"}
+    tuned = load_clip(str(tmp_path / "proj" / "best"))
+    changed = [k for k, v in tuned.model.state_dict().items() if not torch.equal(v, base.model.state_dict()[k])]
+    assert changed and all("proj" in k or "logit_scale" in k for k in changed)
+    assert tuned.fingerprint() != base.fingerprint()
+
+    if kind == "open_clip":  # nn.MultiheadAttention has no separate q/v layers
+        bad = RunConfig.from_dict({**common, "train": {"device": "cpu", "text_tower": "lora"}})
+        with pytest.raises(ConfigError, match="no LoRA target layers"):
+            train_run(bad, tmp_path / "bad", progress=False, log=lambda *a: None)
+        return
+    # LoRA on the text encoder's q/v projections, projections frozen
+    cfg = RunConfig.from_dict({**common, "train": {"epochs": 2, "batch_size": 8, "lr": 1e-2, "device": "cpu",
+                                                   "trainable": "none", "text_tower": {"mode": "lora", "lora_r": 2}}})
+    res = train_run(cfg, tmp_path / "lora", progress=False, log=lambda *a: None)
+    tuned = load_clip(str(tmp_path / "lora" / "best"))
+    names = [n for n, _ in tuned.model.named_parameters() if "lora_" in n]
+    assert names and all(n.split(".")[-4] in ("q_proj", "v_proj") for n in names)
+    assert all(n.startswith("text_model.") for n in names)
+    with torch.inference_mode():
+        z = tuned.encode_text(["a red circle"])
+    assert z.shape == (1, 24)
+    assert res["test"]["trained"]["t2i_r1"] >= 0
+
+
+def test_hard_negative_batches_group_similar_images():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 16)) * 5
+    owner_cluster = np.repeat(np.arange(6), 16)
+    feats = centres[owner_cluster] + rng.normal(size=(96, 16)) * 0.1
+    caption_image = np.repeat(np.arange(96), 2)
+    sampler = PairSampler(caption_image, 96, "hard", batch_size=8, seed=0, image_features=feats)
+    seen = []
+    purity = []
+    for images, captions in sampler.epoch(0):
+        assert np.all(caption_image[captions] == images)
+        seen.extend(images)
+        purity.append(np.bincount(owner_cluster[images]).max() / len(images))
+    assert sorted(seen) == list(range(96))  # every image once per epoch
+    rand = PairSampler(caption_image, 96, "random_caption", batch_size=8, seed=0)
+    rand_purity = np.mean([np.bincount(owner_cluster[i]).max() / 8 for i, _ in rand.epoch(0)])
+    assert np.mean(purity) > 0.7 and np.mean(purity) > rand_purity + 0.3  # batches are groups of look-alikes
+    a = [i.tolist() for i, _ in sampler.epoch(3)]
+    assert a == [i.tolist() for i, _ in sampler.epoch(3)] and a != [i.tolist() for i, _ in sampler.epoch(4)]
