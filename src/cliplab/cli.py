@@ -121,13 +121,16 @@ def train(
     cache_dir: Optional[Path] = CacheOpt,
     overrides: List[str] = SetOpt,
     fresh: bool = typer.Option(False, help="ignore a checkpoint in run_dir and start over"),
+    track_test: bool = typer.Option(False, help="also log test recall every epoch (for curves; never selects)"),
 ) -> None:
-    """Train projection heads on frozen towers; evaluates test retrieval against ConSE."""
+    """Train heads (and tower blocks / LoRA adapters, see train.image_tower / train.text_tower); evaluates
+    test retrieval against the zero-shot baseline. Runs data-parallel under torchrun."""
     from cliplab.train.run import train_run
 
     cfg = _load_config(config, data, on_error, cache_dir, overrides)
     out = _run_dir(run_dir, "train")
-    results = train_run(cfg, out, resume=not fresh, log=lambda m: console.print(m, highlight=False))
+    results = train_run(cfg, out, resume=not fresh, log=lambda m: console.print(m, highlight=False),
+                        track_test=track_test)
     _report_train(results, out)
 
 
