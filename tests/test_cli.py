@@ -167,3 +167,20 @@ grid:
     # a second start skips finished runs
     res = run_cli("sweep", str(sweep), "--out-dir", str(out), cwd=tmp_path, cache=tmp_path / "cache")
     assert res.returncode == 0 and "train:" not in res.stderr
+
+
+def test_sweep_vary_is_one_factor_at_a_time(tmp_path):
+    from cliplab.train.config import RunConfig
+    from cliplab.train.sweep import load_sweep, sweep_settings
+
+    (tmp_path / "s.yaml").write_text("set: {train.lr: 1.0e-4}\nvary:\n  train.lr: [1.0e-4, 1.0e-5]\n"
+                                     "  train.loss: [triplet]\n")
+    base, grid, fixed, kind = load_sweep(tmp_path / "s.yaml")
+    runs = sweep_settings(base.with_overrides(fixed), grid, kind)
+    assert kind == "vary" and runs == [{"train.lr": 1e-4, "train.loss": "infonce"},
+                                       {"train.lr": 1e-5, "train.loss": "infonce"},
+                                       {"train.lr": 1e-4, "train.loss": "triplet"}]
+    (tmp_path / "bad.yaml").write_text("grid: {train.lr: [1]}\nvary: {train.lr: [2]}\n")
+    with pytest.raises(Exception, match="exactly one of"):
+        load_sweep(tmp_path / "bad.yaml")
+    assert isinstance(base, RunConfig)

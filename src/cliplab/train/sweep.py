@@ -7,6 +7,9 @@ Sweep file (YAML)::
     grid:                                   # every combination is one run
       train.lr: [1.0e-4, 1.0e-5, 1.0e-6]
       train.loss: [infonce, triplet]
+    vary:                                   # or: one factor at a time around the base run
+      train.lr: [1.0e-5, 1.0e-6]
+      train.trainable: [image_head, text_head]
 
 Writes ``results.csv`` + ``results.md`` (one row per run: its settings, best dev epoch, test recalls)
 and ``curves.csv`` (per run and epoch: train loss, dev and test R@1) next to one folder per run.
@@ -31,23 +34,46 @@ from cliplab.train.trainer import read_metrics
 from cliplab.utils import write_json, write_text
 
 
-def load_sweep(path: str | Path) -> tuple[RunConfig, dict[str, list], list[str]]:
+def load_sweep(path: str | Path) -> tuple[RunConfig, dict[str, list], list[str], str]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    unknown = set(raw) - {"base", "set", "grid"}
+    unknown = set(raw) - {"base", "set", "grid", "vary"}
     if unknown:
-        raise ConfigError(f"{path}: unknown sweep keys {', '.join(sorted(unknown))} (use base, set, grid)")
+        raise ConfigError(f"{path}: unknown sweep keys {', '.join(sorted(unknown))} (use base, set, grid, vary)")
+    if ("grid" in raw) == ("vary" in raw):
+        raise ConfigError(f"{path}: give exactly one of 'grid' (all combinations) or 'vary' (one factor at a time)")
+    kind = "grid" if "grid" in raw else "vary"
     base = RunConfig()
     if raw.get("base"):
         base_path = Path(raw["base"])
         base = RunConfig.load(base_path if base_path.is_absolute() or base_path.exists() else path.parent / base_path)
     fixed = [f"{k}={json.dumps(v)}" for k, v in (raw.get("set") or {}).items()]
-    grid = raw.get("grid") or {}
+    grid = raw.get(kind) or {}
     if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ConfigError(f"{path}: 'grid' must map config keys to non-empty lists")
-    return base, grid, fixed
+        raise ConfigError(f"{path}: '{kind}' must map config keys to non-empty lists")
+    return base, grid, fixed, kind
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            raise ConfigError(f"sweep key {dotted!r}: unknown config key")
+        d = d[part]
+    return d
+
+
+def sweep_settings(base: RunConfig, grid: dict[str, list], kind: str) -> list[dict]:
+    """Every combination (grid), or the base run plus each value of each key changed alone (vary)."""
+    keys = list(grid)
+    if kind == "grid":
+        return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    defaults = {k: _get(base.to_dict(), k) for k in keys}
+    runs = [dict(defaults)]
+    for k in keys:
+        runs += [{**defaults, k: v} for v in grid[k] if v != defaults[k]]
+    return runs
 
 
 def run_name(settings: dict) -> str:
@@ -55,17 +81,21 @@ def run_name(settings: dict) -> str:
     return "_".join(parts).replace("/", "-").replace(" ", "")
 
 
+def _vary_name(settings: dict, defaults: dict) -> str:
+    changed = {k: v for k, v in settings.items() if v != defaults[k]}
+    return run_name(changed) if changed else "base"
+
+
 def run_sweep(sweep_file: str | Path, out_dir: str | Path, *, progress: bool = True, log=print) -> list[dict]:
-    base, grid, fixed = load_sweep(sweep_file)
+    base, grid, fixed, kind = load_sweep(sweep_file)
     out_dir = Path(out_dir)
-    keys = list(grid)
-    combos = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
     base = base.with_overrides(fixed) if fixed else base
+    combos = sweep_settings(base, grid, kind)
     configs = [(s, base.with_overrides([f"{k}={json.dumps(v)}" for k, v in s.items()])) for s in combos]
-    write_json(out_dir / "sweep.json", {"base": base.to_dict(), "grid": grid, "runs": [run_name(s) for s in combos]})
+    names = [run_name(s) if kind == "grid" else _vary_name(s, combos[0]) for s in combos]
+    write_json(out_dir / "sweep.json", {"base": base.to_dict(), kind: grid, "runs": names})
     rows, curves = [], []
-    for i, (settings, cfg) in enumerate(configs, 1):
-        name = run_name(settings)
+    for i, ((settings, cfg), name) in enumerate(zip(configs, names), 1):
         run_dir = out_dir / name
         log(f"[{i}/{len(configs)}] {name}")
         done = run_dir / "results.json"
