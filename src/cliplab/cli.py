@@ -59,6 +59,7 @@ def _load_config(config: Optional[Path], data: Optional[str], on_error: Optional
 OnErrorOpt = typer.Option(None, "--on-error", help="raise (default) or skip bad images/captions and count them")
 CacheOpt = typer.Option(None, "--cache-dir", help="feature cache folder (default $CLIPLAB_CACHE or ~/.cache/cliplab)")
 SetOpt = typer.Option([], "--set", "-s", help="config override KEY=VALUE, e.g. train.lr=3e-4 (repeatable)")
+PlotsOpt = typer.Option(False, "--plots", help="also write the figures (PNG + data) to RUN_DIR/plots/")
 BackendOpt = typer.Option("auto", help="frozen-tower inference: auto (ONNX Runtime on CPU, torch on CUDA), "
                                        "torch, onnx or onnx-int8 (quantised, changes results)")
 
@@ -122,6 +123,7 @@ def train(
     overrides: List[str] = SetOpt,
     fresh: bool = typer.Option(False, help="ignore a checkpoint in run_dir and start over"),
     track_test: bool = typer.Option(False, help="also log test recall every epoch (for curves; never selects)"),
+    plots: bool = PlotsOpt,
 ) -> None:
     """Train heads (and tower blocks / LoRA adapters, see train.image_tower / train.text_tower); evaluates
     test retrieval against the zero-shot baseline. Runs data-parallel under torchrun."""
@@ -130,7 +132,7 @@ def train(
     cfg = _load_config(config, data, on_error, cache_dir, overrides)
     out = _run_dir(run_dir, "train")
     results = train_run(cfg, out, resume=not fresh, log=lambda m: console.print(m, highlight=False),
-                        track_test=track_test)
+                        track_test=track_test, plots=plots)
     _report_train(results, out)
 
 
@@ -159,6 +161,7 @@ def eval_retrieval(
     on_error: Optional[str] = OnErrorOpt,
     cache_dir: Optional[Path] = CacheOpt,
     device: str = typer.Option("auto"),
+    plots: bool = PlotsOpt,
 ) -> None:
     """Recall@1/5/10 both ways, MRR and ranks for one or more models on one dataset split."""
     from cliplab.data.captions import load_caption_dataset
@@ -173,15 +176,20 @@ def eval_retrieval(
     mode = on_error or "raise"
     ds = load_caption_dataset(data, split, image_root=image_root, on_error=mode)
     cache = FeatureCache(cache_dir)
-    results = {}
+    results, spaces = {}, {}
     for spec in model:
         m = build_eval_model(spec)
         img, txt, used = encode_dataset(m, ds, cache=cache, on_error=mode, device=dev)
         results[spec] = retrieval_metrics(img, txt, used.caption_image, device=dev).metrics
+        spaces[spec] = (img, txt)
         _print_skips(used.skipped)
     write_json(out / "config.json", {"data": data, "split": split, "models": model, "on_error": mode})
     write_json(out / "metrics.json", results)
     write_text(out / "results.md", retrieval_markdown(results, f"{ds.name}"))
+    if plots:
+        from cliplab.viz.runs import plot_retrieval
+
+        plot_retrieval(out, used, spaces)
     _print_retrieval(results, f"retrieval: {ds.name}")
     console.print(f"run directory: {out}", soft_wrap=True)
 
@@ -246,6 +254,7 @@ def zeroshot(
     cache_dir: Optional[Path] = CacheOpt,
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),
+    plots: bool = PlotsOpt,
 ) -> None:
     """Zero-shot accuracy/F1 for prompt variants side by side, cosine vs dot product."""
     import numpy as np
@@ -275,6 +284,10 @@ def zeroshot(
     if "cosine_vs_dot" in result:
         md += "\n" + result["cosine_vs_dot"]["explanation"] + "\n"
     write_text(out / "results.md", md)
+    if plots:
+        from cliplab.viz.runs import plot_zeroshot
+
+        plot_zeroshot(out, result, ds.images, ds.labels)
     console.print(table)
     if "cosine_vs_dot" in result:
         console.print(result["cosine_vs_dot"]["explanation"], highlight=False)
@@ -301,6 +314,7 @@ def probe(
     cache_dir: Optional[Path] = CacheOpt,
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),
+    plots: bool = PlotsOpt,
 ) -> None:
     """Linear probe(s) on frozen image features vs zero-shot, on the same test images."""
     from cliplab.embed.cache import FeatureCache
@@ -340,6 +354,10 @@ def probe(
     write_json(out / "probe.json", summary)
     md, table = _classification_table(results, f"linear probe vs zero-shot: {test_ds.name} ({model})", "method")
     write_text(out / "results.md", md)
+    if plots:
+        from cliplab.viz.runs import plot_probe
+
+        plot_probe(out, summary, xte, test_ds.labels, seed=seed)
     console.print(table)
     for name, r in results.items():
         if "fit" in r:
@@ -352,6 +370,7 @@ def probe(
 def sweep(
     sweep_file: Path = typer.Argument(..., help="sweep YAML: base config, fixed overrides and a grid of values"),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="folder for the runs and tables"),
+    plots: bool = PlotsOpt,
 ) -> None:
     """Run a grid of training configs one after another (features cached once) and tabulate them."""
     from cliplab.train.sweep import run_sweep
@@ -364,7 +383,24 @@ def sweep(
     for r in rows:
         table.add_row(*[str(v) for v in r.values()])
     console.print(table)
+    if plots:
+        from cliplab.viz.runs import plot_sweep
+
+        plot_sweep(out)
     console.print(f"tables: {out / 'results.md'}, {out / 'curves.csv'}", soft_wrap=True)
+
+
+@app.command()
+def report(
+    run_dirs: List[Path] = typer.Argument(..., help="run folders: train, eval, zeroshot, probe or sweep outputs"),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write"),
+    title: str = typer.Option("cliplab report"),
+) -> None:
+    """One self-contained HTML page (metrics, comparisons, figures, galleries) for one or more runs."""
+    from cliplab.viz.report import build_report
+
+    path = build_report(run_dirs, out, title=title)
+    console.print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline)", soft_wrap=True)
 
 
 @app.command()

@@ -19,7 +19,9 @@ from cliplab.data.captions import load_caption_dataset
 from cliplab.data.images import ImageFiles, MirroredImages
 from cliplab.embed.cache import FeatureCache
 from cliplab.embed.extract import embed_images
-from cliplab.embed.pipeline import _EncodeImageAdapter, _EncodeTextAdapter, evaluate_retrieval, tower_features
+from cliplab.embed.pipeline import (_EncodeImageAdapter, _EncodeTextAdapter, evaluate_retrieval, project_features,
+                                    tower_features)
+from cliplab.eval.retrieval import retrieval_metrics
 from cliplab.eval.tables import retrieval_markdown
 from cliplab.models.conse import ConSE
 from cliplab.models.image_tower import ImageTower
@@ -106,10 +108,11 @@ def split_inputs(model, fingerprints: tuple[str, str], feats, config: RunConfig,
 
 
 def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, progress: bool = True,
-              log=print, track_test: bool = False) -> dict:
+              log=print, track_test: bool = False, plots: bool = False) -> dict:
     """Train and evaluate on the test split; writes config.json, results.json and results.md.
 
-    ``track_test`` also records test metrics every epoch (for curves; never used to pick the checkpoint).
+    ``track_test`` also records test metrics every epoch (for curves; never used to pick the checkpoint);
+    ``plots`` writes the run's figures (curves, Recall@K, maps before/after, galleries) to ``plots/``.
     """
     run_dir = Path(run_dir)
     device = resolve_device(config.train.device)
@@ -158,10 +161,16 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     dist.barrier()
     model.load_state_dict(load_file(str(run_dir / BEST_DIR / "model.safetensors")), strict=False)
 
-    test["trained"] = trainer.evaluate(inputs["test"])
+    trained_space = trainer.embed(inputs["test"])
+    test["trained"] = retrieval_metrics(*trained_space, splits["test"].caption_image, device=device).metrics
+    spaces = {}
     if config.baseline and not config.clip:
         conse = ConSE(model.image_tower, model.text_tower).to(device)
         test = {"conse": evaluate_retrieval(conse, splits["test"], device), **test}
+        spaces["conse (before)"] = (project_features(conse.project_image, splits["test"].image, device),
+                                    project_features(conse.project_text, splits["test"].text, device))
+    elif baseline:
+        spaces["zero-shot CLIP (before)"] = _normalized(splits["test"])
     skipped = {name: f.dataset.skipped.to_dict() for name, f in splits.items()}
     results = {
         "test": test,
@@ -179,13 +188,21 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     if dist.is_main:
         write_json(run_dir / "results.json", results)
         write_text(run_dir / "results.md", retrieval_markdown(test, f"Test retrieval: {splits['test'].dataset.name}"))
+        if plots:
+            from cliplab.viz.runs import plot_retrieval, plot_training
+
+            spaces["trained (after)"] = trained_space
+            plot_training(run_dir)
+            plot_retrieval(run_dir, splits["test"].dataset, spaces, seed=config.train.seed)
     return results
+
+
+def _normalized(feats) -> tuple[torch.Tensor, torch.Tensor]:
+    img = torch.nn.functional.normalize(torch.from_numpy(np.array(feats.image, dtype=np.float32)), dim=-1)
+    txt = torch.nn.functional.normalize(torch.from_numpy(np.array(feats.text, dtype=np.float32)), dim=-1)
+    return img, txt
 
 
 def _clip_zero_shot(feats, device) -> dict:
     """Retrieval of the untuned CLIP: its cached embeddings, compared directly."""
-    from cliplab.eval.retrieval import retrieval_metrics
-
-    img = torch.nn.functional.normalize(torch.from_numpy(np.array(feats.image, dtype=np.float32)), dim=-1)
-    txt = torch.nn.functional.normalize(torch.from_numpy(np.array(feats.text, dtype=np.float32)), dim=-1)
-    return retrieval_metrics(img, txt, feats.caption_image, device=device).metrics
+    return retrieval_metrics(*_normalized(feats), feats.caption_image, device=device).metrics

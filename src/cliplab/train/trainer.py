@@ -155,15 +155,21 @@ class Trainer:
         return split if isinstance(split, SplitInputs) else inputs_from_features(split, self.model)
 
     # -- evaluation
-    def evaluate(self, split: SplitInputs | DatasetFeatures) -> dict[str, float]:
-        from cliplab.eval.retrieval import retrieval_metrics
-
+    def embed(self, split: SplitInputs | DatasetFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised image and caption embeddings of a split under the current model (CPU tensors)."""
         split = self._inputs(split)
         self.model.eval()
         with self._autocast():
             img = embed_side(self.image_stages, split.image_boundary, split.image, self.device)
             txt = embed_side(self.text_stages, split.text_boundary, split.text, self.device)
-        return retrieval_metrics(img.float(), txt.float(), split.caption_image, device=self.device).metrics
+        return img.float(), txt.float()
+
+    def evaluate(self, split: SplitInputs | DatasetFeatures) -> dict[str, float]:
+        from cliplab.eval.retrieval import retrieval_metrics
+
+        split = self._inputs(split)
+        img, txt = self.embed(split)
+        return retrieval_metrics(img, txt, split.caption_image, device=self.device).metrics
 
     def _autocast(self):
         if self.device.type == "cuda" and self.cfg.amp:

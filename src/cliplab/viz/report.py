@@ -1,0 +1,187 @@
+"""``cliplab report``: one self-contained HTML page for one or more runs (opens offline, shareable).
+
+Recognised run folders: training runs (``results.json`` + ``metrics.jsonl``), retrieval evaluations
+(``metrics.json``), zero-shot runs (``zeroshot.json``), probes (``probe.json``) and sweeps
+(``results.csv`` + ``curves.csv``). Figures are read from ``RUN/plots/`` and embedded as data URIs;
+training curves and sweep overlays are drawn on the spot when missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import re
+from pathlib import Path
+
+from cliplab.errors import ConfigError
+from cliplab.utils import write_text
+
+RETRIEVAL_COLUMNS = [("t2i_r1", "T→I R@1"), ("t2i_r5", "T→I R@5"), ("t2i_r10", "T→I R@10"), ("i2t_r1", "I→T R@1"),
+                     ("i2t_r5", "I→T R@5"), ("i2t_r10", "I→T R@10"), ("t2i_mrr", "T→I MRR"), ("i2t_mrr", "I→T MRR")]
+CLASS_COLUMNS = [("accuracy", "accuracy"), ("top5", "top-5"), ("macro_f1", "macro-F1")]
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222;background:#fafafa}
+header{background:#1f3b57;color:#fff;padding:18px 32px}header h1{margin:0;font-size:24px}
+main{padding:8px 32px 48px}section{background:#fff;border:1px solid #ddd;border-radius:6px;margin:18px 0;padding:8px 20px}
+h2{border-bottom:1px solid #eee;padding-bottom:6px}table{border-collapse:collapse;margin:8px 0 16px;font-size:14px}
+th,td{border:1px solid #ddd;padding:4px 10px;text-align:right}th:first-child,td:first-child{text-align:left}
+th{background:#f0f3f6;cursor:pointer}tr.best td{font-weight:600}
+figure{display:inline-block;margin:8px;vertical-align:top;max-width:100%}figure img{max-width:560px;border:1px solid #ccc;cursor:zoom-in}
+figure.zoom img{max-width:100%;cursor:zoom-out}figcaption{font-size:13px;color:#555}
+nav a{color:#cfe3f7;margin-right:14px}code{background:#f3f3f3;padding:1px 4px}
+"""
+
+SCRIPT = """
+document.querySelectorAll('figure').forEach(function (f) {
+  f.addEventListener('click', function () { f.classList.toggle('zoom'); });
+});
+document.querySelectorAll('table.sortable th').forEach(function (th, col) {
+  th.addEventListener('click', function () {
+    var table = th.closest('table'), body = table.tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    var desc = th.dataset.desc !== '1'; th.dataset.desc = desc ? '1' : '0';
+    rows.sort(function (a, b) {
+      var x = parseFloat(a.cells[th.cellIndex].textContent), y = parseFloat(b.cells[th.cellIndex].textContent);
+      if (isNaN(x) || isNaN(y)) { return a.cells[th.cellIndex].textContent.localeCompare(b.cells[th.cellIndex].textContent); }
+      return desc ? y - x : x - y;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
+"""
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "run"
+
+
+def _table(header: list[str], rows: list[list], sortable: bool = True) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    cls = ' class="sortable"' if sortable else ""
+    return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}"
+    return str(v)
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
+
+
+def _figures(run_dir: Path) -> str:
+    pngs = sorted((run_dir / "plots").glob("*.png"))
+    if not pngs:
+        return "<p>No figures (run with <code>--plots</code>).</p>"
+    return "".join(f"<figure>{_img(p)}<figcaption>{html.escape(p.stem.replace('_', ' '))}</figcaption></figure>"
+                   for p in pngs)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+
+
+def describe_run(run_dir: Path) -> dict:
+    """What kind of run a folder holds and its headline numbers."""
+    if (run_dir / "results.json").is_file() and (run_dir / "metrics.jsonl").is_file():
+        res = _read_json(run_dir / "results.json")
+        return {"kind": "train", "retrieval": res["test"], "results": res,
+                "config": _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}}
+    if (run_dir / "metrics.json").is_file():
+        return {"kind": "eval", "retrieval": _read_json(run_dir / "metrics.json")}
+    if (run_dir / "zeroshot.json").is_file():
+        res = _read_json(run_dir / "zeroshot.json")
+        return {"kind": "zeroshot", "classification": res["results"], "results": res}
+    if (run_dir / "probe.json").is_file():
+        res = _read_json(run_dir / "probe.json")
+        return {"kind": "probe", "classification": res["results"], "results": res}
+    if (run_dir / "results.csv").is_file() and (run_dir / "curves.csv").is_file():
+        with open(run_dir / "results.csv", newline="", encoding="utf-8") as f:
+            return {"kind": "sweep", "rows": list(csv.DictReader(f))}
+    raise ConfigError(f"{run_dir}: not a cliplab run folder (no results.json, metrics.json, zeroshot.json, "
+                      f"probe.json or sweep results.csv)")
+
+
+def _retrieval_rows(label: str, metrics: dict[str, dict]) -> list[list]:
+    return [[f"{label} / {model}"] + [_fmt(m.get(k, "")) for k, _ in RETRIEVAL_COLUMNS] for model, m in metrics.items()]
+
+
+def _class_rows(label: str, results: dict[str, dict]) -> list[list]:
+    return [[f"{label} / {name}"] + [_fmt(r.get(k, "")) for k, _ in CLASS_COLUMNS] for name, r in results.items()]
+
+
+def _run_section(run_dir: Path, info: dict, anchor: str) -> str:
+    parts = [f'<section id="{anchor}"><h2>{html.escape(run_dir.name)} <small>({info["kind"]})</small></h2>',
+             f"<p><code>{html.escape(str(run_dir))}</code></p>"]
+    if info["kind"] == "train":
+        res, cfg = info["results"], info["config"]
+        fit = res.get("fit", {})
+        train = cfg.get("train", {})
+        facts = [["data", res.get("data", {}).get("test", {}).get("name", "")],
+                 ["loss", train.get("loss", "")], ["trainable", train.get("trainable", "")],
+                 ["image tower", (train.get("image_tower") or {}).get("mode", "frozen")],
+                 ["text tower", (train.get("text_tower") or {}).get("mode", "frozen")],
+                 ["epochs / best dev epoch", f"{train.get('epochs', '')} / {fit.get('best_epoch', '')}"],
+                 ["training seconds", _fmt(float(res.get("seconds", {}).get("train", 0.0)))]]
+        parts.append("<h3>Setup</h3>" + _table(["setting", "value"], facts, sortable=False))
+    if "retrieval" in info:
+        parts.append("<h3>Test retrieval</h3>" + _table(["model"] + [h for _, h in RETRIEVAL_COLUMNS],
+                                                         _retrieval_rows(run_dir.name, info["retrieval"])))
+    if "classification" in info:
+        parts.append("<h3>Classification</h3>" + _table(["variant / method"] + [h for _, h in CLASS_COLUMNS],
+                                                         _class_rows(run_dir.name, info["classification"])))
+        if info["kind"] == "zeroshot" and "cosine_vs_dot" in info["results"]:
+            parts.append(f"<p>{html.escape(info['results']['cosine_vs_dot']['explanation'])}</p>")
+    if info["kind"] == "sweep":
+        rows = info["rows"]
+        header = list(rows[0]) if rows else []
+        parts.append("<h3>Sweep results</h3>" + _table(header, [[r[h] for h in header] for r in rows]))
+    parts.append("<h3>Figures</h3>" + _figures(run_dir) + "</section>")
+    return "".join(parts)
+
+
+def build_report(run_dirs: list[str | Path], out: str | Path, title: str = "cliplab report") -> Path:
+    """Write one self-contained HTML page comparing ``run_dirs``; returns its path."""
+    from cliplab.viz.runs import plot_sweep, plot_training
+
+    runs = []
+    for d in run_dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise ConfigError(f"run folder not found: {d}")
+        info = describe_run(d)
+        if info["kind"] == "train" and not (d / "plots" / "curves.png").is_file():
+            plot_training(d)
+        if info["kind"] == "sweep" and not list((d / "plots").glob("overlay_*.png")):
+            plot_sweep(d)
+        runs.append((d, info))
+    anchors = [f"run-{i}-{_slug(d.name)}" for i, (d, _) in enumerate(runs)]
+    nav = "".join(f'<a href="#{a}">{html.escape(d.name)}</a>' for a, (d, _) in zip(anchors, runs))
+    summary = _table(["run", "kind", "folder"], [[d.name, info["kind"], str(d)] for d, info in runs], sortable=False)
+    retrieval = [row for d, info in runs if "retrieval" in info for row in _retrieval_rows(d.name, info["retrieval"])]
+    classification = [row for d, info in runs if "classification" in info
+                      for row in _class_rows(d.name, info["classification"])]
+    comparison = ""
+    if retrieval:
+        comparison += "<h3>Retrieval</h3>" + _table(["run / model"] + [h for _, h in RETRIEVAL_COLUMNS], retrieval)
+    if classification:
+        comparison += "<h3>Classification</h3>" + _table(["run / variant"] + [h for _, h in CLASS_COLUMNS],
+                                                         classification)
+    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><header><h1>{html.escape(title)}</h1><nav>{nav}</nav></header><main>"
+            f'<section id="summary"><h2>Runs</h2>{summary}</section>'
+            f'<section id="comparison"><h2>Comparison</h2>{comparison or "<p>No comparable metrics.</p>"}'
+            f"<p>Click a column header to sort, a figure to enlarge it.</p></section>"
+            + "".join(_run_section(d, info, a) for a, (d, info) in zip(anchors, runs))
+            + f"</main><script>{SCRIPT}</script></body></html>")
+    return write_text(out, page)
