@@ -49,6 +49,18 @@ def caption_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
+def labelled_splits(tmp_path) -> Path:
+    """Class-per-folder train/test trees of coloured shapes (one class per colour)."""
+    root = tmp_path / "shapes"
+    for split, n in (("train", 5), ("test", 3)):
+        for c in COLOURS:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                make_image(root / split / c / f"{i}.jpg", c, "circle" if i % 2 else "square", seed=i + 10 * n)
+    return root
+
+
+@pytest.fixture()
 def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"
 

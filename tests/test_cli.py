@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_image
 
 
 def run_cli(*args, cwd, cache):
@@ -100,19 +99,6 @@ def test_train_and_eval_commands(caption_dir, tmp_path):
 
     res = run_cli("train", "-s", "train.nope=1", cwd=tmp_path, cache=cache)
     assert res.returncode == 2 and "unknown key 'nope'" in res.stdout
-
-
-@pytest.fixture()
-def labelled_splits(tmp_path):
-    from tests.conftest import COLOURS
-
-    root = tmp_path / "shapes"
-    for split, n in (("train", 5), ("test", 3)):
-        for c in COLOURS:
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                make_image(root / split / c / f"{i}.jpg", c, "circle" if i % 2 else "square", seed=i + 10 * n)
-    return root
 
 
 def test_zeroshot_and_probe_commands(labelled_splits, tmp_path):

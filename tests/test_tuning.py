@@ -210,3 +210,20 @@ def test_hard_negative_batches_group_similar_images():
     assert np.mean(purity) > 0.7 and np.mean(purity) > rand_purity + 0.3  # batches are groups of look-alikes
     a = [i.tolist() for i, _ in sampler.epoch(3)]
     assert a == [i.tolist() for i, _ in sampler.epoch(3)] and a != [i.tolist() for i, _ in sampler.epoch(4)]
+
+
+def test_init_from_copies_a_saved_model(caption_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from cliplab.train.run import build_model
+
+    cfg = tuned_config(caption_dir, tmp_path / "cache", epochs=1)
+    train_run(cfg, tmp_path / "first", progress=False, log=lambda *a: None)
+    saved = load_file(str(tmp_path / "first" / "best" / "model.safetensors"))
+    cfg2 = cfg.with_overrides([f"train.init_from={tmp_path / 'first'}"])
+    model, _, _ = build_model(cfg2)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items() if k.startswith(("image_head.", "logit")))
+    bad = cfg.with_overrides([f"train.init_from={tmp_path}"])
+    with pytest.raises(ConfigError, match="init_from"):
+        build_model(bad)

@@ -15,7 +15,6 @@ from cliplab.viz.curves import recall_at_k, sweep_overlay, training_curves
 from cliplab.viz.galleries import image_to_text_gallery, pick_examples, text_to_image_gallery
 from cliplab.viz.maps import class_map, modality_map
 from cliplab.viz.report import build_report
-from tests.conftest import make_image
 from tests.test_cli import run_cli
 
 
@@ -97,19 +96,6 @@ def test_galleries_pick_successes_and_failures(caption_dir, tmp_path):
     assert rng is not None
 
 
-@pytest.fixture()
-def labelled(tmp_path):
-    from tests.conftest import COLOURS
-
-    root = tmp_path / "shapes"
-    for split, n in (("train", 4), ("test", 3)):
-        for c in COLOURS:
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                make_image(root / split / c / f"{i}.jpg", c, "circle" if i % 2 else "square", seed=i + 10 * n)
-    return root
-
-
 def chromium_path():
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
@@ -119,7 +105,7 @@ def chromium_path():
     return path
 
 
-def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled, tmp_path):
+def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled_splits, tmp_path):
     cache = tmp_path / "cache"
     runs = {name: tmp_path / name for name in ("train", "eval", "zeroshot", "probe")}
     common = ["-s", "data.dev_split=train", "-s", "data.test_split=train", "-s", "model.head.embed_dim=32"]
@@ -129,10 +115,10 @@ def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled, tmp_
     res = run_cli("eval", "retrieval", str(caption_dir / "captions.csv"), "--split", "all", "-m", "conse",
                   "-m", str(runs["train"]), "--run-dir", str(runs["eval"]), "--plots", cwd=tmp_path, cache=cache)
     assert res.returncode == 0, res.stdout + res.stderr
-    res = run_cli("zeroshot", str(labelled), "-v", "photo", "-v", "name", "--top5", "3", "--run-dir",
+    res = run_cli("zeroshot", str(labelled_splits), "-v", "photo", "-v", "name", "--top5", "3", "--run-dir",
                   str(runs["zeroshot"]), "--plots", cwd=tmp_path, cache=cache)
     assert res.returncode == 0, res.stdout + res.stderr
-    res = run_cli("probe", str(labelled), "--method", "logistic", "--variant", "photo", "--run-dir", str(runs["probe"]),
+    res = run_cli("probe", str(labelled_splits), "--method", "logistic", "--variant", "photo", "--run-dir", str(runs["probe"]),
                   "--plots", cwd=tmp_path, cache=cache)
     assert res.returncode == 0, res.stdout + res.stderr
 

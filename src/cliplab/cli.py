@@ -395,12 +395,17 @@ def report(
     run_dirs: List[Path] = typer.Argument(..., help="run folders: train, eval, zeroshot, probe or sweep outputs"),
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write"),
     title: str = typer.Option("cliplab report"),
+    screenshots: Optional[Path] = typer.Option(None, help="also save a PNG of each report section here "
+                                                          "(headless Chromium via Playwright)"),
 ) -> None:
     """One self-contained HTML page (metrics, comparisons, figures, galleries) for one or more runs."""
-    from cliplab.viz.report import build_report
+    from cliplab.viz.report import build_report, screenshot_sections
 
     path = build_report(run_dirs, out, title=title)
     console.print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline)", soft_wrap=True)
+    if screenshots:
+        for shot in screenshot_sections(path, screenshots):
+            console.print(f"screenshot: {shot}", soft_wrap=True)
 
 
 @app.command()
@@ -409,6 +414,7 @@ def demo(
     run_dir: Path = typer.Option(Path("runs/demo")),
     config: Path = typer.Option(Path("configs/flickr8k_heads.yaml")),
     cache_dir: Optional[Path] = CacheOpt,
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="write the run's figures to RUN_DIR/plots/"),
 ) -> None:
     """Flickr8k end to end: ConSE baseline vs heads trained on frozen offline towers (1k test images)."""
     from cliplab.train.run import train_run
@@ -417,7 +423,7 @@ def demo(
         raise CliplabError(f"demo data not found: {data} (pass --data or DATA=... to make demo)")
     cfg = _load_config(config if config.is_file() else None, data, None, cache_dir, [])
     console.print(f"[bold]cliplab demo[/bold]: {data} -> {run_dir}")
-    results = train_run(cfg, run_dir, resume=False, log=lambda m: console.print(m, highlight=False))
+    results = train_run(cfg, run_dir, resume=False, log=lambda m: console.print(m, highlight=False), plots=plots)
     _report_train(results, run_dir)
 
 

@@ -29,6 +29,7 @@ class TrainConfig:
     image_tower: dict = field(default_factory=lambda: {"mode": "frozen"})
     text_tower: dict = field(default_factory=lambda: {"mode": "frozen"})
     tower_lr: float | None = None  # learning rate of tower parameters (None = lr)
+    init_from: str | None = None  # start from a saved cliplab model (heads, temperature, tuned tensors)
     augment: str = "none"  # none | flip (also on cached prefixes) | full (crop/flip/jitter; image tower from pixels)
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)
     grad_clip: float = 0.0  # 0 = off

@@ -55,7 +55,28 @@ def build_model(config: RunConfig):
     fingerprints = _side_fingerprints(model)  # before adapters change them: the frozen prefixes are untouched
     model.set_trainable(config.train.trainable)
     counts = model.tune_towers(*config.train.tunings())
+    if config.train.init_from:  # after tuning, so that LoRA adapters exist to receive saved ones
+        if config.clip:
+            from cliplab.errors import ConfigError
+
+            raise ConfigError("train.init_from applies to two-tower models; for a CLIP give the tuned folder as `clip`")
+        _init_from(model, Path(config.train.init_from))
     return model, fingerprints, counts
+
+
+def _init_from(model: TwoTower, path: Path) -> None:
+    """Copy a saved model's weights (heads, temperature, any tuned tower tensors) into ``model``."""
+    from cliplab.errors import ConfigError
+
+    path = path / "best" if (path / "best").is_dir() else path
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"train.init_from: no model.safetensors in {path}")
+    state = load_file(str(weights))
+    _, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or not any(k.startswith("image_head.") for k in state):
+        raise ConfigError(f"train.init_from: {path} does not match this model's configuration "
+                          f"(unexpected {unexpected[:3]})")
 
 
 def _side_fingerprints(model) -> tuple[str, str]:

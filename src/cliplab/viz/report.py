@@ -185,3 +185,41 @@ def build_report(run_dirs: list[str | Path], out: str | Path, title: str = "clip
             + "".join(_run_section(d, info, a) for a, (d, info) in zip(anchors, runs))
             + f"</main><script>{SCRIPT}</script></body></html>")
     return write_text(out, page)
+
+
+def chromium_executable() -> str:
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if path is None:
+        raise ConfigError("screenshots need Chromium (Debian: apt-get install chromium)")
+    return path
+
+
+def screenshot_sections(report: str | Path, out_dir: str | Path, width: int = 1400) -> list[Path]:
+    """PNG screenshots of the report's header + summary + comparison, and of each run section."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        raise ConfigError("screenshots need playwright (pip install playwright)") from None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shots = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_executable(),
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                          "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        page.goto(Path(report).resolve().as_uri())
+        page.wait_for_load_state("load")
+        path = out_dir / "report_overview.png"
+        page.screenshot(path=str(path), clip={"x": 0, "y": 0, "width": width,
+                                              "height": page.evaluate("document.querySelector('#comparison')"
+                                                                      ".getBoundingClientRect().bottom + 10")})
+        shots.append(path)
+        for section in page.locator("section[id^=run-]").all():
+            path = out_dir / f"report_{section.get_attribute('id').split('-', 2)[-1]}.png"
+            section.screenshot(path=str(path))
+            shots.append(path)
+        browser.close()
+    return shots
