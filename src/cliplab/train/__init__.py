@@ -1,4 +1,4 @@
-"""Training: contrastive losses, configs and the head trainer."""
+"""Training: contrastive losses, configs, the trainer (heads, tower blocks, LoRA; DDP) and runs."""
 
 from cliplab.train.config import DataConfig, RunConfig, TrainConfig
 from cliplab.train.losses import InfoNCELoss, create_loss

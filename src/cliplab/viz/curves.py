@@ -9,8 +9,9 @@ import numpy as np
 from cliplab.viz.figures import new_figure, save_figure, save_rows
 
 
-def training_curves(rows: list[dict], out: str | Path, title: str = "training") -> Path:
-    """Train loss (left axis) and dev/test R@1 both ways (right axis) per epoch; the best dev epoch marked.
+def training_curves(rows: list[dict], out: str | Path, title: str = "training", best_epoch: int | None = None) -> Path:
+    """Train loss (left axis) and dev/test R@1 both ways (right axis) per epoch; the best dev epoch marked
+    (``best_epoch``, else the epoch of highest dev R-sum).
 
     ``rows`` are the records of ``metrics.jsonl``. Writes ``out`` (PNG) and ``out`` with ``.csv``.
     """
@@ -39,15 +40,16 @@ def training_curves(rows: list[dict], out: str | Path, title: str = "training") 
             if all(key in row for row in data) and data:
                 ax2.plot(epochs, [row[key] for row in data], styles[split], color=colours[d], marker=".",
                          label=f"{split} {'T→I' if d == 't2i' else 'I→T'} R@1")
-    if data and all("dev_t2i_r1" in row for row in data):
-        best = int(np.argmax([row["dev_t2i_r1"] + row["dev_i2t_r1"] for row in data]))
-        ax2.axvline(epochs[best], color="grey", ls="--", lw=1)
-        ax2.annotate(f"best dev epoch {epochs[best]}", (epochs[best], ax2.get_ylim()[0]), xytext=(4, 6),
+    if best_epoch is None and rows and all(isinstance(r.get("dev"), dict) and "rsum" in r["dev"] for r in rows):
+        best_epoch = epochs[int(np.argmax([r["dev"]["rsum"] for r in rows]))]
+    if best_epoch is not None and best_epoch >= 0:
+        ax2.axvline(best_epoch, color="grey", ls="--", lw=1)
+        ax2.annotate(f"best dev epoch {best_epoch}", (best_epoch, ax2.get_ylim()[0]), xytext=(4, 6),
                      textcoords="offset points", fontsize=8, color="grey")
     ax2.set_ylabel("R@1 (%)")
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
-    ax.legend(lines, labels, loc="center right", fontsize=8)
+    ax.legend(lines, labels, loc="upper center", fontsize=8, ncol=3, framealpha=0.9)
     ax.set_title(title)
     fig.subplots_adjust(left=0.08, right=0.9, top=0.92, bottom=0.1)
     return save_figure(fig, out)

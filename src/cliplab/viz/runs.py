@@ -24,7 +24,12 @@ def plot_training(run_dir: str | Path) -> list[Path]:
     rows = read_metrics(run_dir)
     if not rows:
         return []
-    return [training_curves(rows, run_dir / PLOTS / "curves.png", title=f"training: {run_dir.name}")]
+    best = None
+    if (run_dir / "results.json").is_file():
+        import json
+
+        best = json.loads((run_dir / "results.json").read_text(encoding="utf-8")).get("fit", {}).get("best_epoch")
+    return [training_curves(rows, run_dir / PLOTS / "curves.png", title=f"training: {run_dir.name}", best_epoch=best)]
 
 
 def plot_retrieval(out_dir: str | Path, dataset: CaptionDataset, spaces: dict[str, tuple[torch.Tensor, torch.Tensor]],
