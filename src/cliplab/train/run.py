@@ -172,9 +172,16 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
 
     seed_everything(config.train.seed)
     trainer = Trainer(model, config.train, run_dir, progress=progress, dist=dist, device=device)
-    test = {}
-    if baseline:
+    test, spaces = {}, {}
+    if baseline:  # before training: tuning changes the towers the baseline is built from
         test[baseline] = _clip_zero_shot(splits["test"], device)
+        spaces["zero-shot CLIP (before)"] = _normalized(splits["test"])
+    if config.baseline and not config.clip:
+        conse = ConSE(model.image_tower, model.text_tower).to(device)
+        test["conse"] = evaluate_retrieval(conse, splits["test"], device)
+        spaces["conse (before)"] = (project_features(conse.project_image, splits["test"].image, device),
+                                    project_features(conse.project_text, splits["test"].text, device))
+        del conse
     t1 = time.time()
     fit = trainer.fit(inputs["train"], inputs["dev"], resume=resume,
                       also_evaluate={"test": inputs["test"]} if track_test else None)
@@ -184,14 +191,6 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
 
     trained_space = trainer.embed(inputs["test"])
     test["trained"] = retrieval_metrics(*trained_space, splits["test"].caption_image, device=device).metrics
-    spaces = {}
-    if config.baseline and not config.clip:
-        conse = ConSE(model.image_tower, model.text_tower).to(device)
-        test = {"conse": evaluate_retrieval(conse, splits["test"], device), **test}
-        spaces["conse (before)"] = (project_features(conse.project_image, splits["test"].image, device),
-                                    project_features(conse.project_text, splits["test"].text, device))
-    elif baseline:
-        spaces["zero-shot CLIP (before)"] = _normalized(splits["test"])
     skipped = {name: f.dataset.skipped.to_dict() for name, f in splits.items()}
     results = {
         "test": test,
