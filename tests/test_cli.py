@@ -143,8 +143,11 @@ grid:
   train.trainable: [heads, text_head]
 """)
     out = tmp_path / "sweep"
-    res = run_cli("sweep", str(sweep), "--out-dir", str(out), cwd=tmp_path, cache=tmp_path / "cache")
+    res = run_cli("sweep", str(sweep), "--out-dir", str(out), "--plots", cwd=tmp_path, cache=tmp_path / "cache")
     assert res.returncode == 0, res.stdout + res.stderr
+    overlays = sorted(p.name for p in (out / "plots").glob("overlay_*.png"))
+    assert overlays == ["overlay_dev_t2i_r1.png", "overlay_test_i2t_r1.png", "overlay_test_t2i_r1.png"]
+    assert all((out / "plots" / name).stat().st_size > 2000 for name in overlays)
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 4 and {r["train.trainable"] for r in rows} == {"heads", "text_head"}
     curves = list(csv.DictReader(open(out / "curves.csv")))
