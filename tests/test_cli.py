@@ -173,3 +173,12 @@ def test_sweep_vary_is_one_factor_at_a_time(tmp_path):
     with pytest.raises(Exception, match="exactly one of"):
         load_sweep(tmp_path / "bad.yaml")
     assert isinstance(base, RunConfig)
+
+
+def test_overrides_read_exponent_floats_without_a_dot():
+    from cliplab.train.config import RunConfig
+
+    cfg = RunConfig().with_overrides(["train.lr=1e-05", "train.tower_lr=2e-4", "train.grad_clip=1"])
+    assert cfg.train.lr == 1e-5 and cfg.train.tower_lr == 2e-4 and isinstance(cfg.train.grad_clip, float)
+    with pytest.raises(Exception, match="expected a number"):
+        RunConfig().with_overrides(["train.lr=fast"])

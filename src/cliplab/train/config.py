@@ -120,11 +120,24 @@ class RunConfig:
 
 
 def _build(cls, values: dict, section: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
     if unknown:
         raise ConfigError(f"unknown {section} config keys: {', '.join(sorted(unknown))}")
-    return cls(**values)
+    return cls(**{k: _coerce(v, fields[k].type, f"{section}.{k}") for k, v in values.items()})
+
+
+def _coerce(value, annotation, where: str):
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string: turn numeric strings into the field's number type."""
+    kind = str(annotation)
+    if isinstance(value, str) and (kind.startswith("float") or kind.startswith("int")):
+        try:
+            return int(value) if kind.startswith("int") else float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool) and kind.startswith("float"):
+        return float(value)
+    return value
 
 
 def dump_config(config: RunConfig) -> str:
