@@ -68,6 +68,11 @@ def sha256_tensor(t) -> str:
     return h.hexdigest()
 
 
+def sha256_state(state: dict) -> str:
+    """Digest of named tensors (order-independent): identifies fine-tuned weights in cache keys."""
+    return sha256_text(*(f"{k}:{sha256_tensor(state[k])}" for k in sorted(state)))
+
+
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from cliplab.errors import ConfigError
 from cliplab.models.stages import Stage, Stages, _ParamHolder
 from cliplab.models.tuning import TowerTuning, apply_lora_spec, apply_tower_tuning, count_parameters
-from cliplab.utils import atomic_write, sha256_file, sha256_tensor, sha256_text, write_json
+from cliplab.utils import atomic_write, sha256_file, sha256_state, sha256_text, write_json
 
 CLIP_TUNED_CONFIG = "cliplab_clip.json"
 CLIP_WEIGHTS = "model.safetensors"
@@ -284,5 +284,5 @@ def _load_tuned(directory: Path) -> CLIPModelWrapper:
     if unexpected:
         raise ConfigError(f"{directory}: weights do not match the model (unexpected {unexpected[:3]})")
     wrapper.saved_keys = sorted(state)
-    wrapper.weights_delta = sha256_text(*(f"{k}:{sha256_tensor(v)}" for k, v in sorted(state.items())))
+    wrapper.weights_delta = sha256_state(state)
     return wrapper.eval()

@@ -18,7 +18,7 @@ from cliplab.models.image_tower import ImageTower, ImageTowerConfig
 from cliplab.models.text_tower import TextTower, TextTowerConfig
 from cliplab.models.stages import Stage, Stages
 from cliplab.models.tuning import TowerTuning, apply_tower_tuning, count_parameters
-from cliplab.utils import atomic_write, sha256_tensor, sha256_text, write_json
+from cliplab.utils import atomic_write, sha256_state, write_json
 
 CONFIG_NAME = "cliplab_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -188,5 +188,5 @@ class TwoTower(nn.Module):
         for prefix, tower in (("image_tower.", model.image_tower), ("text_tower.", model.text_tower)):
             keys = sorted(k for k in state if k.startswith(prefix))
             if keys:  # feature caches must not mix fine-tuned and original tower outputs
-                tower.weights_delta = sha256_text(*(f"{k}:{sha256_tensor(state[k])}" for k in keys))
+                tower.weights_delta = sha256_state({k: state[k] for k in keys})
         return model.eval()

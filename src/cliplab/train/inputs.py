@@ -159,7 +159,11 @@ def _normalize_of(transform) -> tuple[tuple, tuple, int]:
 
 
 def _save_array(path: Path, arr: np.ndarray) -> None:
-    atomic_write(path, lambda p: np.save(open(p, "wb"), arr))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+            np.save(f, arr)
+
+    atomic_write(path, write)
 
 
 @torch.inference_mode()
