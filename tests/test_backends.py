@@ -36,6 +36,13 @@ def test_onnx_image_and_text_parity(towers, tmp_path):
         ref_t = text_tower.encode(texts)
     got_t = onnx_txt.encode(texts)
     assert cosine(ref_t, got_t).min() >= 0.9999 and (ref_t - got_t).abs().max() < 1e-4
+    # batches in flight side by side (one single-threaded session call per core) come back in order
+    many = [texts[:2], texts[2:], texts[1:3], texts]
+    sequential = OnnxTextTower(text_tower, tmp_path, concurrency=1)
+    assert onnx_txt.concurrency >= 1 and sequential.concurrency == 1
+    for a, b, c in zip(onnx_txt.encode_batches(iter(many)), sequential.encode_batches(many), many):
+        assert a.shape == (len(c), text_tower.output_dim) and torch.allclose(a, b, atol=1e-5)
+        assert torch.allclose(a, onnx_txt.encode(c), atol=1e-5)
     # the export is cached on disk and the original model is untouched
     assert onnx_img.onnx_path.is_file()
     with torch.inference_mode():

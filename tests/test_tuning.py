@@ -8,6 +8,7 @@ import torch
 
 from cliplab.models import ImageTower, TextTower, TwoTower, TwoTowerConfig, load_clip
 from cliplab.models.heads import HeadConfig
+from cliplab.models.stages import Stages
 from cliplab.models.tuning import TowerTuning
 from cliplab.errors import ConfigError
 from cliplab.train.config import RunConfig
@@ -48,6 +49,47 @@ def test_stages_reproduce_tower_outputs(towers):
         # cached prefixes are re-padded per batch: extra padding must not change the output
         padded = (torch.cat([hidden, torch.zeros(2, 3, hidden.shape[-1])], 1), torch.cat([mask, torch.zeros(2, 3, dtype=mask.dtype)], 1))
         assert torch.allclose(tst.run(padded, b, len(tst) - 1), ref, atol=1e-5)
+
+
+def test_frozen_prefix_runs_in_onnx_runtime_with_torch_fallback(towers, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from cliplab.embed.cache import FeatureCache
+    from cliplab.train import inputs
+
+    image_tower = towers[0]
+    stages = Stages(image_tower.stages())
+    grads = [p.requires_grad for p in image_tower.parameters()]
+    modes = {name: m.training for name, m in image_tower.named_modules()}
+    boundary = len(stages) - 2
+    x = torch.randn(3, 3, 224, 224)
+    cache = FeatureCache(tmp_path)
+    with torch.inference_mode():
+        ref = stages.run(x, 0, boundary)
+    try:
+        for p in image_tower.parameters():  # as in a tuned run: parameters that train require grad
+            p.requires_grad_(True)
+        image_tower.model.bn1.train()  # a module in training mode must stay so (the export runs in eval)
+        run = inputs._prefix_runner(stages, boundary, "k", torch.zeros(2, 3, 224, 224), "cpu", "onnx", cache)
+        assert image_tower.model.bn1.training
+        assert {n: m.training for n, m in image_tower.named_modules() if not n.startswith("model.bn1")} == \
+            {n: t for n, t in modes.items() if not n.startswith("model.bn1")}
+    finally:
+        image_tower.model.bn1.train(modes["model.bn1"])
+        for p, g in zip(image_tower.parameters(), grads):
+            p.requires_grad_(g)
+    assert (tmp_path / "onnx" / "prefix-k.onnx").is_file()
+    got = run(x)
+    assert got.shape == ref.shape and (got - ref).abs().max() < 1e-3 * ref.abs().max()
+
+    def no_export(*args, **kwargs):
+        raise RuntimeError("operator not supported")
+
+    monkeypatch.setattr(inputs, "OnnxTensorFunction", no_export)
+    fallback = inputs._prefix_runner(stages, boundary, "k2", torch.zeros(2, 3, 224, 224), "cpu", "onnx", cache)
+    torch_only = inputs._prefix_runner(stages, boundary, "k3", torch.zeros(2, 3, 224, 224), "cpu", "torch", cache)
+    with torch.inference_mode():
+        assert torch.equal(fallback(x), ref) and torch.equal(torch_only(x), ref)
+    assert not (tmp_path / "onnx" / "prefix-k3.onnx").exists()
 
 
 def test_last_n_and_lora_choose_the_right_parameters(towers):

@@ -154,13 +154,16 @@ def text_lengths(tower, texts: Sequence[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
 
 
-def encode_texts_sorted(encode, texts: Sequence[str], batch_size: int, lengths: Sequence[int] | None = None) -> np.ndarray:
-    """``encode`` over length-sorted batches (least padding); rows returned in input order."""
+def encode_texts_sorted(encode, texts: Sequence[str], batch_size: int, lengths: Sequence[int] | None = None,
+                        encode_batches=None) -> np.ndarray:
+    """``encode`` over length-sorted batches (least padding); rows returned in input order.
+    ``encode_batches`` (iterable of text lists -> features in order) replaces ``encode`` when given."""
     order = np.argsort(lengths if lengths is not None else [len(t) for t in texts], kind="stable")
+    index_batches = [order[b:b + batch_size] for b in range(0, len(texts), batch_size)]
+    text_batches = ([texts[i] for i in idx] for idx in index_batches)
     out = None
-    for b in range(0, len(texts), batch_size):
-        idx = order[b:b + batch_size]
-        z = encode([texts[i] for i in idx]).float().cpu().numpy()
+    for idx, z in zip(index_batches, (encode_batches or (lambda bs: map(encode, bs)))(text_batches)):
+        z = z.float().cpu().numpy()
         if out is None:
             out = np.zeros((len(texts), z.shape[1]), dtype=np.float32)
         out[idx] = z
@@ -186,7 +189,8 @@ def embed_texts(tower: torch.nn.Module, texts: Sequence[str], *, cache: FeatureC
         model = encoder.get()
         with _autocast(device):
             chunk = list(texts[start:stop])
-            out = encode_texts_sorted(model.encode, chunk, batch_size, text_lengths(tower, chunk))
+            out = encode_texts_sorted(model.encode, chunk, batch_size, text_lengths(tower, chunk),
+                                      getattr(model, "encode_batches", None))
         return out, np.ones(stop - start, dtype=bool), []
 
     return cache.get_or_compute("text", key, len(texts), compute, desc=desc, progress=progress,

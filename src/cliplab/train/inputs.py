@@ -8,6 +8,7 @@ or token batches.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,16 +18,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
+from torch import nn
 from tqdm.auto import tqdm
 
 from cliplab.data.captions import CaptionDataset
 from cliplab.data.images import ImageFiles, ImageSet, MirroredImages
+from cliplab.embed.backends import OnnxTensorFunction, resolve_backend
 from cliplab.embed.cache import FeatureCache
 from cliplab.embed.extract import default_workers
 from cliplab.embed.pipeline import DatasetFeatures
 from cliplab.errors import ConfigError
 from cliplab.models.stages import Stages
 from cliplab.utils import atomic_write, sha256_text
+
+log = logging.getLogger(__name__)
 
 
 class Acts:
@@ -166,17 +171,48 @@ def _save_array(path: Path, arr: np.ndarray) -> None:
     atomic_write(path, write)
 
 
+class StagePrefix(nn.Module):
+    """Stages ``[0, boundary)`` of one side as a module (what the ONNX export of a frozen prefix traces)."""
+
+    def __init__(self, stages: Stages, boundary: int) -> None:
+        super().__init__()
+        self.stages, self.boundary = stages, boundary
+        self.parts = nn.ModuleList(m for st in stages.stages[:boundary] for m in st.modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages.run(x, 0, self.boundary)
+
+
+def _prefix_runner(stages: Stages, boundary: int, key: str, example: torch.Tensor, device, backend: str,
+                   cache: FeatureCache) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ONNX Runtime on CPU when the backend allows it (the export is cached next to the prefix), else torch
+    (also when the prefix does not export, e.g. fused attention kernels of some CLIP vision towers)."""
+    eager = lambda x: stages.run(x, 0, boundary)  # noqa: E731
+    chosen = resolve_backend(backend, torch.device(device))
+    if not (chosen.startswith("onnx") and torch.device(device).type == "cpu"):  # prefixes are never quantised
+        return eager
+    try:
+        run = OnnxTensorFunction(StagePrefix(stages, boundary), example, cache.root / "onnx" / f"prefix-{key}.onnx",
+                                 copy_module=False)
+    except Exception as e:  # noqa: BLE001 - any export failure: the eager prefix gives the same activations
+        log.info("frozen prefix not exported to ONNX (%s: %s); running it in torch", type(e).__name__,
+                 str(e).splitlines()[0] if str(e) else "")
+        return eager
+    return lambda x: torch.from_numpy(run(x.numpy()))
+
+
 @torch.inference_mode()
 def _image_prefix(stages: Stages, boundary: int, images: ImageSet, transform, device, batch_size: int,
-                  progress: bool, desc: str) -> np.ndarray:
+                  progress: bool, desc: str, run: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
     out = None
     workers = default_workers()
+    run = run or (lambda x: stages.run(x, 0, boundary))
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     with ThreadPoolExecutor(workers) as pool:
         for s in range(0, len(images), batch_size):
             idx = range(s, min(s + batch_size, len(images)))
             x = torch.stack(list(pool.map(lambda i: transform(images.load(i)), idx))).to(device)
-            y = stages.run(x, 0, boundary)
+            y = run(x)
             if not isinstance(y, torch.Tensor):
                 raise ConfigError("image stage outputs must be tensors")
             if out is None:
@@ -236,8 +272,9 @@ def _cached(cache: FeatureCache, key: str, compute: Callable[[], tuple[np.ndarra
 
 def image_acts(model, stages: Stages, boundary: int, images: ImageSet, *, cache: FeatureCache, device,
                fingerprint: str, augment: str = "none", batch_size: int = 64, progress: bool = True,
-               desc: str = "images") -> Acts:
-    """Image-side inputs at ``boundary`` (cached prefix output, or pixels when ``boundary`` is 0)."""
+               desc: str = "images", backend: str = "auto") -> Acts:
+    """Image-side inputs at ``boundary`` (cached prefix output, or pixels when ``boundary`` is 0). The prefix
+    runs once, under ONNX Runtime on CPU unless ``backend`` is ``torch``."""
     transform = model.preprocess()
     if boundary == 0:
         train_tf = None
@@ -253,8 +290,15 @@ def image_acts(model, stages: Stages, boundary: int, images: ImageSet, *, cache:
 
     def compute(imgs: ImageSet, what: str):
         key = sha256_text(fingerprint, "image-prefix", str(boundary), stages[boundary - 1].name, *imgs.keys())[:32]
-        return _cached(cache, key, lambda: (_image_prefix(stages, boundary, imgs, transform, device, batch_size,
-                                                          progress, what), None))[0]
+
+        def run_prefix():
+            size = _normalize_of(transform)[2]
+            example = torch.zeros(2, 3, size, size)
+            onnx_key = sha256_text(fingerprint, "image-prefix", str(boundary), stages[boundary - 1].name)[:24]
+            run = _prefix_runner(stages, boundary, onnx_key, example, device, backend, cache)
+            return _image_prefix(stages, boundary, imgs, transform, device, batch_size, progress, what, run), None
+
+        return _cached(cache, key, run_prefix)[0]
 
     array = compute(images, f"{desc} (frozen prefix)")
     mirrored = compute(MirroredImages(images), f"{desc} (mirrored prefix)") if augment == "flip" else None

@@ -117,7 +117,7 @@ def split_inputs(model, fingerprints: tuple[str, str], feats, config: RunConfig,
         img = ArrayActs(feats.image, mirrored)
     else:
         img = image_acts(model, image_stages, bi, images, cache=cache, device=device, fingerprint=fingerprints[0],
-                         augment=augment, progress=progress, desc=f"{ds.name} images")
+                         augment=augment, progress=progress, desc=f"{ds.name} images", backend=config.data.backend)
     if pooled and bt == len(text_stages) - 1:
         txt = ArrayActs(feats.text)
     else:
