@@ -140,9 +140,14 @@ def encode_dataset(model: nn.Module, dataset: CaptionDataset, *, cache: FeatureC
         return img, txt, feats.dataset
     feats = tower_features(_EncodeImageAdapter(model), _EncodeTextAdapter(model), dataset, cache=cache,
                            on_error=on_error, device=device, progress=progress, **kwargs)
-    img = torch.nn.functional.normalize(torch.as_tensor(np.asarray(feats.image)), dim=-1)
-    txt = torch.nn.functional.normalize(torch.as_tensor(np.asarray(feats.text)), dim=-1)
-    return img, txt, feats.dataset
+    return (*normalized_features(feats), feats.dataset)
+
+
+def normalized_features(feats: DatasetFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached final embeddings (of a CLIP-style model) as unit-norm float32 tensors."""
+    img = torch.nn.functional.normalize(torch.from_numpy(np.array(feats.image, dtype=np.float32)), dim=-1)
+    txt = torch.nn.functional.normalize(torch.from_numpy(np.array(feats.text, dtype=np.float32)), dim=-1)
+    return img, txt
 
 
 def encode_images(model: nn.Module, images, *, cache: FeatureCache | None = None, device: str | torch.device = "cpu",

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cliplab.errors import ConfigError
-from cliplab.models.stages import Stage, Stages, _ParamHolder
+from cliplab.models.stages import Stage, Stages, ParamHolder
 from cliplab.models.tuning import TowerTuning, apply_lora_spec, apply_tower_tuning, count_parameters
 from cliplab.utils import atomic_write, sha256_file, sha256_state, sha256_text, write_json
 
@@ -110,14 +110,14 @@ class CLIPModelWrapper(nn.Module):
         visual = self.model.visual
         if not isinstance(getattr(visual, "proj", None), nn.Parameter):
             raise ConfigError(f"{self.source}: this open_clip vision tower has no separate projection to tune")
-        body = _ParamHolder([p for n, p in visual.named_parameters() if n != "proj"], visual)
+        body = ParamHolder([p for n, p in visual.named_parameters() if n != "proj"], visual)
 
         def encode(px):
             with _without(visual, "proj"):
                 return visual(px)
 
         return Stages([Stage("vision", [body], encode),
-                       Stage("projection", [_ParamHolder([visual.proj])], lambda x: x @ visual.proj, is_block=False)])
+                       Stage("projection", [ParamHolder([visual.proj])], lambda x: x @ visual.proj, is_block=False)])
 
     def text_stages(self) -> Stages:
         if self.backend == "hf":
@@ -128,7 +128,7 @@ class CLIPModelWrapper(nn.Module):
         if not hasattr(m, "token_embedding") or m.text_projection is None:
             raise ConfigError(f"{self.source}: only open_clip CLIP models with a text projection can be tuned")
         proj = m.text_projection
-        body = _ParamHolder([p for n, p in m.named_parameters()
+        body = ParamHolder([p for n, p in m.named_parameters()
                              if not n.startswith(("visual.", "logit_", "text_projection"))], m.transformer)
 
         def encode(tokens):
@@ -138,7 +138,7 @@ class CLIPModelWrapper(nn.Module):
         if isinstance(proj, nn.Linear):
             project, holder = proj, proj
         else:
-            project, holder = (lambda x: x @ proj), _ParamHolder([proj])
+            project, holder = (lambda x: x @ proj), ParamHolder([proj])
         return Stages([Stage("text", [body], encode), Stage("projection", [holder], project, is_block=False)])
 
     def set_trainable(self, mode: str) -> "CLIPModelWrapper":

@@ -88,7 +88,7 @@ def timm_image_stages(model: nn.Module) -> list[Stage]:
             return model.norm_pre(model.patch_drop(x))
 
         extra = [getattr(model, a) for a in ("cls_token", "pos_embed", "reg_token") if isinstance(getattr(model, a, None), nn.Parameter)]
-        holder = _ParamHolder(extra)
+        holder = ParamHolder(extra)
         stages = [Stage("embed", [model.patch_embed, holder, model.norm_pre], embed, is_block=False)]
         stages += [Stage(f"blocks.{i}", [b], b) for i, b in enumerate(model.blocks)]
         stages.append(Stage("norm", [model.norm], lambda x: model.forward_head(model.norm(x), pre_logits=True),
@@ -97,7 +97,7 @@ def timm_image_stages(model: nn.Module) -> list[Stage]:
     return [Stage("tower", [model], lambda x: model.forward_head(model.forward_features(x), pre_logits=True))]
 
 
-class _ParamHolder(nn.Module):
+class ParamHolder(nn.Module):
     """Exposes loose parameters (a ViT's cls token, a CLIP projection matrix) as a stage module.
     Not registered in the model, so they are not stored twice."""
 

@@ -11,7 +11,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -19,8 +18,8 @@ from cliplab.data.captions import load_caption_dataset
 from cliplab.data.images import ImageFiles, MirroredImages
 from cliplab.embed.cache import FeatureCache
 from cliplab.embed.extract import embed_images
-from cliplab.embed.pipeline import (_EncodeImageAdapter, _EncodeTextAdapter, evaluate_retrieval, project_features,
-                                    tower_features)
+from cliplab.embed.pipeline import (_EncodeImageAdapter, _EncodeTextAdapter, evaluate_retrieval,
+                                    normalized_features, project_features, tower_features)
 from cliplab.eval.retrieval import retrieval_metrics
 from cliplab.eval.tables import retrieval_markdown
 from cliplab.models.conse import ConSE
@@ -175,7 +174,7 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     test, spaces = {}, {}
     if baseline:  # before training: tuning changes the towers the baseline is built from
         test[baseline] = _clip_zero_shot(splits["test"], device)
-        spaces["zero-shot CLIP (before)"] = _normalized(splits["test"])
+        spaces["zero-shot CLIP (before)"] = normalized_features(splits["test"])
     if config.baseline and not config.clip:
         conse = ConSE(model.image_tower, model.text_tower).to(device)
         test["conse"] = evaluate_retrieval(conse, splits["test"], device)
@@ -217,12 +216,6 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     return results
 
 
-def _normalized(feats) -> tuple[torch.Tensor, torch.Tensor]:
-    img = torch.nn.functional.normalize(torch.from_numpy(np.array(feats.image, dtype=np.float32)), dim=-1)
-    txt = torch.nn.functional.normalize(torch.from_numpy(np.array(feats.text, dtype=np.float32)), dim=-1)
-    return img, txt
-
-
 def _clip_zero_shot(feats, device) -> dict:
     """Retrieval of the untuned CLIP: its cached embeddings, compared directly."""
-    return retrieval_metrics(*_normalized(feats), feats.caption_image, device=device).metrics
+    return retrieval_metrics(*normalized_features(feats), feats.caption_image, device=device).metrics
