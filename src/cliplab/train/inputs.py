@@ -8,6 +8,7 @@ or token batches.
 
 from __future__ import annotations
 
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -202,11 +203,11 @@ def _prefix_runner(stages: Stages, boundary: int, key: str, example: torch.Tenso
 
 
 @torch.inference_mode()
-def _image_prefix(stages: Stages, boundary: int, images: ImageSet, transform, device, batch_size: int,
-                  progress: bool, desc: str, run: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+def _image_prefix(run: Callable[[torch.Tensor], torch.Tensor], images: ImageSet, transform, device, batch_size: int,
+                  progress: bool, desc: str) -> np.ndarray:
+    """``run`` (the frozen prefix) over every image, stored as float16."""
     out = None
     workers = default_workers()
-    run = run or (lambda x: stages.run(x, 0, boundary))
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     with ThreadPoolExecutor(workers) as pool:
         for s in range(0, len(images), batch_size):
@@ -288,17 +289,18 @@ def image_acts(model, stages: Stages, boundary: int, images: ImageSet, *, cache:
         raise ConfigError("train.augment=full needs the image side trained from its first stage; "
                           "with a cached frozen prefix use augment=flip")
 
+    prefix_id = (fingerprint, "image-prefix", str(boundary), stages[boundary - 1].name)
+
+    @functools.cache
+    def runner() -> Callable[[torch.Tensor], torch.Tensor]:  # built on the first cache miss, shared by both sets
+        size = _normalize_of(transform)[2]
+        return _prefix_runner(stages, boundary, sha256_text(*prefix_id)[:24], torch.zeros(2, 3, size, size), device,
+                              backend, cache)
+
     def compute(imgs: ImageSet, what: str):
-        key = sha256_text(fingerprint, "image-prefix", str(boundary), stages[boundary - 1].name, *imgs.keys())[:32]
-
-        def run_prefix():
-            size = _normalize_of(transform)[2]
-            example = torch.zeros(2, 3, size, size)
-            onnx_key = sha256_text(fingerprint, "image-prefix", str(boundary), stages[boundary - 1].name)[:24]
-            run = _prefix_runner(stages, boundary, onnx_key, example, device, backend, cache)
-            return _image_prefix(stages, boundary, imgs, transform, device, batch_size, progress, what, run), None
-
-        return _cached(cache, key, run_prefix)[0]
+        key = sha256_text(*prefix_id, *imgs.keys())[:32]
+        return _cached(cache, key, lambda: (_image_prefix(runner(), imgs, transform, device, batch_size, progress,
+                                                          what), None))[0]
 
     array = compute(images, f"{desc} (frozen prefix)")
     mirrored = compute(MirroredImages(images), f"{desc} (mirrored prefix)") if augment == "flip" else None
