@@ -1,13 +1,18 @@
-"""Small synthetic data made on the fly: coloured-shape images and captions naming them."""
+"""Shared fixtures: the real offline towers (loaded once per test run), small synthetic data made on the
+fly (coloured-shape images and captions naming them), and the CLI run in-process."""
 
 from __future__ import annotations
 
+import copy
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30)}
 SHAPES = ("circle", "square")
@@ -25,27 +30,71 @@ def make_image(path: Path, colour: str, shape: str, size: int = 64, seed: int = 
 
 
 @pytest.fixture(scope="session")
+def towers():
+    """The offline default towers, loaded once per test run. Shared: tests that change a tower (adapters,
+    trainable flags) take :func:`fresh_towers` instead."""
+    from cliplab.models import ImageTower, TextTower
+
+    return ImageTower(), TextTower()
+
+
+@pytest.fixture()
+def fresh_towers(towers):
+    """Private copies of the default towers (no disk load)."""
+    return copy.deepcopy(towers[0]), copy.deepcopy(towers[1])
+
+
+
+@pytest.fixture(scope="session")
 def caption_dir(tmp_path_factory) -> Path:
-    """A folder ``images/`` + ``captions.csv`` (image,caption) with 16 images, 2-3 captions each."""
+    """A folder ``images/`` + ``captions.csv`` (image,caption,split) with 16 images, 2-3 captions each:
+    8 train, 4 dev, 4 test images; every colour-shape pair has a training image."""
     root = tmp_path_factory.mktemp("pairs")
     (root / "images").mkdir()
     rows = []
     i = 0
-    for colour in COLOURS:
+    for c, colour in enumerate(COLOURS):
         for shape in SHAPES:
             for rep in range(2):
                 name = f"img{i:02d}.jpg"
+                split = "train" if rep == 0 else ("dev" if c % 2 == 0 else "test")
                 make_image(root / "images" / name, colour, shape, seed=i)
-                rows.append((f"images/{name}", f"a {colour} {shape}"))
-                rows.append((f"images/{name}", f"a picture of a {colour} {shape} on a light background"))
+                rows.append((f"images/{name}", f"a {colour} {shape}", split))
+                rows.append((f"images/{name}", f"a picture of a {colour} {shape} on a light background", split))
                 if i % 2:
-                    rows.append((f"images/{name}", f"{shape} coloured {colour}"))
+                    rows.append((f"images/{name}", f"{shape} coloured {colour}", split))
                 i += 1
     with open(root / "captions.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["image", "caption"])
+        w.writerow(["image", "caption", "split"])
         w.writerows(rows)
     return root
+
+
+class CliResult:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture()
+def cli(capsys, monkeypatch, tmp_path):
+    """Run ``cliplab ARGS...`` in this process (models load fast from the warm import state); returns an
+    object with ``returncode``, ``stdout``, ``stderr``. ``cache=`` sets ``$CLIPLAB_CACHE``."""
+    from cliplab.cli import main
+
+    def run(*args, cache: Path | None = None, cwd: Path | None = None) -> CliResult:
+        monkeypatch.setenv("CLIPLAB_CACHE", str(cache or tmp_path / "cache"))
+        monkeypatch.chdir(cwd or tmp_path)
+        capsys.readouterr()
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return run
 
 
 @pytest.fixture()

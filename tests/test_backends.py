@@ -7,14 +7,6 @@ import torch
 from cliplab.data import read_pairs
 from cliplab.embed import FeatureCache, embed_images, embed_texts
 from cliplab.embed.backends import OnnxImageTower, OnnxTextTower, resolve_backend
-from cliplab.models import ImageTower, TextTower
-
-pytest.importorskip("onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def towers():
-    return ImageTower(), TextTower()
 
 
 def cosine(a, b):

@@ -3,7 +3,7 @@ import pytest
 
 from cliplab.data import read_pairs
 from cliplab.embed import FeatureCache, embed_texts, tower_features
-from cliplab.models import ImageTower, TextTower
+
 
 
 def test_cache_resumes_after_interruption(tmp_path):
@@ -31,9 +31,9 @@ def test_cache_resumes_after_interruption(tmp_path):
     assert not list(out.path.glob("chunk-*"))  # merged
 
 
-def test_tower_features_cached_and_keyed(caption_dir, tmp_path):
+def test_tower_features_cached_and_keyed(caption_dir, tmp_path, fresh_towers):
     ds = read_pairs(caption_dir / "captions.csv")
-    it, tt = ImageTower(), TextTower()
+    it, tt = fresh_towers
     cache = FeatureCache(tmp_path / "c", chunk_size=8)
     first = tower_features(it, tt, ds, cache=cache, progress=False, num_workers=0)
     assert first.image.shape == (16, 1280) and first.text.shape == (40, 384) and not first.reused
@@ -46,6 +46,8 @@ def test_tower_features_cached_and_keyed(caption_dir, tmp_path):
     assert not rev.reused
     np.testing.assert_allclose(rev.features, first.text[::-1], atol=1e-5)
     # different preprocessing is a different key
-    it2 = ImageTower()
+    import copy
+
+    it2 = copy.deepcopy(it)
     it2.image_size = 192
     assert it2.fingerprint() != it.fingerprint()

@@ -1,4 +1,8 @@
-"""The CLI end to end on tiny synthetic data: one-line errors, --on-error skip, run directories."""
+"""The CLI end to end on tiny synthetic data: one-line errors, --on-error skip, run directories.
+
+Commands run in-process (the ``cli`` fixture); one test runs the real ``python -m cliplab`` subprocess to
+check that a user error exits 2 with one line and no traceback.
+"""
 
 import csv
 import json
@@ -6,13 +10,11 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 
-
-def run_cli(*args, cwd, cache):
+def run_subprocess(*args, cwd, cache):
     env = {**os.environ, "CLIPLAB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "cliplab", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -25,17 +27,17 @@ def broken_dir(caption_dir, tmp_path):
     shutil.copytree(caption_dir, root)
     (root / "images" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     rows = list(csv.reader(open(root / "captions.csv")))
-    rows += [["images/corrupt.jpg", "a broken picture"], ["images/gone.jpg", "an image that is not there"],
-             ["images/img03.jpg", "   "]]
+    rows += [["images/corrupt.jpg", "a broken picture", "train"], ["images/gone.jpg", "an image that is not there", "train"],
+             ["images/img03.jpg", "   ", "test"]]
     with open(root / "captions.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
     return root
 
 
-def test_bad_inputs_give_one_line_errors(broken_dir, tmp_path):
+def test_bad_inputs_give_one_line_errors(broken_dir, tmp_path, cli):
     cache = tmp_path / "cache"
     data = str(broken_dir / "captions.csv")
-    res = run_cli("embed", data, "--run-dir", str(tmp_path / "r0"), cwd=tmp_path, cache=cache)
+    res = run_subprocess("embed", data, "--run-dir", str(tmp_path / "r0"), cwd=tmp_path, cache=cache)
     assert res.returncode == 2
     # header + 40 good rows, then corrupt (line 42), missing (43), empty caption (44): the first found is reported
     lines = [ln for ln in res.stdout.strip().splitlines() if ln.strip()]
@@ -47,23 +49,22 @@ def test_bad_inputs_give_one_line_errors(broken_dir, tmp_path):
     no_missing = broken_dir / "no_missing.csv"
     with open(no_missing, "w", newline="") as f:
         csv.writer(f).writerows([r for r in rows if r[0] != "images/gone.jpg"])
-    res = run_cli("embed", str(no_missing), cwd=tmp_path, cache=cache)
+    res = cli("embed", no_missing, cache=cache)
     assert res.returncode == 2 and "no_missing.csv:43: empty caption for image 'images/img03.jpg'" in res.stdout
 
     # only the corrupt image left
     only_corrupt = broken_dir / "only_corrupt.csv"
     with open(only_corrupt, "w", newline="") as f:
         csv.writer(f).writerows([r for r in rows if r[0] != "images/gone.jpg" and r[1].strip()])
-    res = run_cli("embed", str(only_corrupt), cwd=tmp_path, cache=cache)
+    res = cli("embed", only_corrupt, cache=cache)
     assert res.returncode == 2 and "Traceback" not in res.stdout + res.stderr
     assert "corrupt image" in res.stdout and "corrupt.jpg" in res.stdout and "only_corrupt.csv:42" in res.stdout
+    assert len([ln for ln in res.stdout.splitlines() if ln.startswith("error:")]) == 1
 
 
-def test_skip_completes_and_counts(broken_dir, tmp_path):
-    cache = tmp_path / "cache"
+def test_skip_completes_and_counts(broken_dir, tmp_path, cli):
     run = tmp_path / "embed-run"
-    res = run_cli("embed", str(broken_dir / "captions.csv"), "--on-error", "skip", "--run-dir", str(run),
-                  cwd=tmp_path, cache=cache)
+    res = cli("embed", broken_dir / "captions.csv", "--on-error", "skip", "--run-dir", run)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "skipped 3 items" in res.stdout
     summary = json.loads((run / "embed.json").read_text())
@@ -71,15 +72,15 @@ def test_skip_completes_and_counts(broken_dir, tmp_path):
     assert summary["counts"] == {"corrupt image": 1, "missing image": 1, "empty caption": 1}
 
 
-def test_train_and_eval_commands(caption_dir, tmp_path):
-    cache = tmp_path / "cache"
+def test_train_and_eval_commands(caption_dir, tmp_path, cli):
     run = tmp_path / "train-run"
-    res = run_cli("train", str(caption_dir / "captions.csv"), "--run-dir", str(run),
-                  "-s", "train.epochs=3", "-s", "train.batch_size=4", "-s", "data.dev_split=train",
-                  "-s", "data.test_split=train", "-s", "model.head.embed_dim=32", cwd=tmp_path, cache=cache)
+    res = cli("train", caption_dir / "captions.csv", "--run-dir", run, "-s", "train.epochs=3",
+              "-s", "train.batch_size=4", "-s", "model.head.embed_dim=32")
     assert res.returncode == 0, res.stdout + res.stderr
     results = json.loads((run / "results.json").read_text())
     assert set(results["test"]) == {"conse", "trained"}
+    assert results["data"]["test"]["images"] == 4 and results["data"]["train"]["images"] == 8
+    assert results["provenance"]["cliplab"]
     assert (run / "results.md").read_text().count("|") > 10
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 3
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
@@ -87,26 +88,27 @@ def test_train_and_eval_commands(caption_dir, tmp_path):
     assert list((run / "tensorboard").iterdir())
     assert "T→I R@1" in res.stdout
 
+    # eval of the saved run on the test split gives exactly the numbers training reported for it
     ev = tmp_path / "eval-run"
-    res = run_cli("eval", "retrieval", str(caption_dir / "captions.csv"), "--split", "all", "-m", str(run),
-                  "-m", "conse", "--run-dir", str(ev), cwd=tmp_path, cache=cache)
+    res = cli("eval", "retrieval", caption_dir / "captions.csv", "--split", "test", "-m", run, "-m", "conse",
+              "--run-dir", ev)
     assert res.returncode == 0, res.stdout + res.stderr
     metrics = json.loads((ev / "metrics.json").read_text())
-    assert metrics["conse"]["n_images"] == 16 and 0 <= metrics[str(run)]["t2i_r1"] <= 100
+    for key in ("t2i_r1", "i2t_r1", "t2i_mrr", "i2t_mean_rank"):
+        assert metrics[str(run)][key] == pytest.approx(results["test"]["trained"][key], abs=1e-9), key
+        assert metrics["conse"][key] == pytest.approx(results["test"]["conse"][key], abs=1e-9), key
 
-    res = run_cli("train", str(tmp_path / "nowhere.csv"), cwd=tmp_path, cache=cache)
+    res = cli("train", tmp_path / "nowhere.csv")
     assert res.returncode == 2 and "dataset not found" in res.stdout
 
-    res = run_cli("train", "-s", "train.nope=1", cwd=tmp_path, cache=cache)
+    res = cli("train", "-s", "train.nope=1")
     assert res.returncode == 2 and "unknown key 'nope'" in res.stdout
 
 
-def test_zeroshot_and_probe_commands(labelled_splits, tmp_path):
-    cache = tmp_path / "cache"
+def test_zeroshot_and_probe_commands(labelled_splits, tmp_path, cli):
     zs = tmp_path / "zs"
-    res = run_cli("zeroshot", str(labelled_splits), "-m", "conse", "-v", "photo", "-v", "negated",
-                  "-v", "a {} coloured shape", "--rename", "red=crimson", "--top5", "3", "--run-dir", str(zs),
-                  cwd=tmp_path, cache=cache)
+    res = cli("zeroshot", labelled_splits, "-m", "conse", "-v", "photo", "-v", "negated",
+              "-v", "a {} coloured shape", "--rename", "red=crimson", "--top5", "3", "--run-dir", zs)
     assert res.returncode == 0, res.stdout + res.stderr
     out = json.loads((zs / "zeroshot.json").read_text())
     assert len(out["results"]) == 6 and out["n_images"] == 12 and "crimson" in out["class_names"]
@@ -115,25 +117,46 @@ def test_zeroshot_and_probe_commands(labelled_splits, tmp_path):
     assert "macro-F1" in (zs / "results.md").read_text()
 
     pr = tmp_path / "pr"
-    res = run_cli("probe", str(labelled_splits), "-m", "conse", "--variant", "photo", "--run-dir", str(pr),
-                  cwd=tmp_path, cache=cache)
+    res = cli("probe", labelled_splits, "-m", "conse", "--variant", "photo", "--run-dir", pr)
     assert res.returncode == 0, res.stdout + res.stderr
     out = json.loads((pr / "probe.json").read_text())
     assert set(out["results"]) == {"probe:logistic", "probe:torch", "zeroshot"}
     assert out["dataset"]["n_train"] == 20 and out["dataset"]["n_test"] == 12 and out["feature_dim"] == 1280
+    assert out["protocol"]["split"] == "dataset" and "20 train / 12 test images" in res.stdout
     assert out["results"]["probe:logistic"]["accuracy"] >= 75  # colours are easy for ImageNet features
 
-    res = run_cli("zeroshot", str(labelled_splits), "--rename", "purple=violet", cwd=tmp_path, cache=cache)
+    res = cli("zeroshot", labelled_splits, "--rename", "purple=violet")
     assert res.returncode == 2 and "unknown class(es) purple" in res.stdout
+    res = cli("zeroshot", labelled_splits, "--split", "val")
+    assert res.returncode == 2 and "no split 'val'" in res.stdout and "test, train" in res.stdout
 
 
-def test_sweep_runs_grid_and_writes_tables(caption_dir, tmp_path):
+def test_probe_on_a_folder_without_splits_holds_out_a_stratified_test_set(labelled_splits, tmp_path, cli):
+    """A class-per-folder tree with no split used to be fitted and scored on the same images."""
+    flat = labelled_splits / "train"  # 4 classes x 5 images, no split sub-folders
+    pr = tmp_path / "flat"
+    res = cli("probe", flat, "-m", "conse", "--method", "logistic", "--variant", "photo", "--test-fraction", "0.4",
+              "--run-dir", pr)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = json.loads((pr / "probe.json").read_text())
+    assert out["protocol"]["split"] == "held-out" and out["protocol"]["test_fraction"] == 0.4
+    assert out["dataset"]["n_train"] == 12 and out["dataset"]["n_test"] == 8  # 2 of 5 per class held out
+    assert out["results"]["zeroshot"]["n"] == 8 and "held-out stratified split" in res.stdout
+    assert "held-out stratified split" in (pr / "results.md").read_text()
+    # the same seed gives the same split; asking for a split the folder does not have is an error
+    res = cli("probe", flat, "--train-split", "train", "--method", "logistic")
+    assert res.returncode == 2 and "has no splits" in res.stdout
+    res = cli("probe", labelled_splits, "--few-shot", "1", "--method", "logistic")
+    assert res.returncode == 2 and "--few-shot 1" in res.stdout
+    res = cli("probe", labelled_splits, "--method", "svm")
+    assert res.returncode == 2 and "--method must be one of logistic, torch" in res.stdout
+
+
+def test_sweep_runs_grid_and_writes_tables(caption_dir, tmp_path, cli):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"""
 set:
   data.path: {caption_dir / 'captions.csv'}
-  data.dev_split: train
-  data.test_split: train
   train.epochs: 2
   train.batch_size: 4
   model.head.embed_dim: 16
@@ -143,19 +166,29 @@ grid:
   train.trainable: [heads, text_head]
 """)
     out = tmp_path / "sweep"
-    res = run_cli("sweep", str(sweep), "--out-dir", str(out), "--plots", cwd=tmp_path, cache=tmp_path / "cache")
+    res = cli("sweep", sweep, "--out-dir", out, "--plots")
     assert res.returncode == 0, res.stdout + res.stderr
     overlays = sorted(p.name for p in (out / "plots").glob("overlay_*.png"))
     assert overlays == ["overlay_dev_t2i_r1.png", "overlay_test_i2t_r1.png", "overlay_test_t2i_r1.png"]
     assert all((out / "plots" / name).stat().st_size > 2000 for name in overlays)
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 4 and {r["train.trainable"] for r in rows} == {"heads", "text_head"}
+    selected = json.loads((out / "selected.json").read_text())
+    assert selected["run"] == max(rows, key=lambda r: float(r["dev_rsum"]))["run"]
     curves = list(csv.DictReader(open(out / "curves.csv")))
     assert len(curves) == 8 and all(c["test_t2i_r1"] != "" for c in curves)
     assert "best_epoch" in (out / "results.md").read_text()
     # a second start skips finished runs
-    res = run_cli("sweep", str(sweep), "--out-dir", str(out), cwd=tmp_path, cache=tmp_path / "cache")
-    assert res.returncode == 0 and "train:" not in res.stderr
+    first = (out / rows[0]["run"] / "results.json").stat().st_mtime_ns
+    res = cli("sweep", sweep, "--out-dir", out)
+    assert res.returncode == 0 and (out / rows[0]["run"] / "results.json").stat().st_mtime_ns == first
+    # a run folder left by another config is refused, naming the change; --fresh starts it over
+    sweep.write_text(sweep.read_text().replace("train.epochs: 2", "train.epochs: 3"))
+    res = cli("sweep", sweep, "--out-dir", out)
+    assert res.returncode == 2 and "train.epochs: 2 -> 3" in res.stdout
+    res = cli("sweep", sweep, "--out-dir", out, "--fresh")
+    assert res.returncode == 0, res.stdout
+    assert len((out / rows[0]["run"] / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_sweep_vary_is_one_factor_at_a_time(tmp_path):

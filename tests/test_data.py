@@ -69,7 +69,12 @@ def test_generic_csv_jsonl(caption_dir, tmp_path):
     assert read_pairs(jl, split="dev").captions == ["y"]
     from cliplab.data.captions import _hash_split
 
-    train = read_pairs(caption_dir / "captions.csv", split="train")
+    # the split column selects rows; without one, image names hash 90/5/5
+    assert read_pairs(caption_dir / "captions.csv", split="test").num_images == 4
+    no_split = tmp_path / "no_split.csv"
+    no_split.write_text("".join(",".join(ln.split(",")[:2]) + "\n"
+                                for ln in (caption_dir / "captions.csv").read_text().splitlines()))
+    train = read_pairs(no_split, image_root=caption_dir, split="train")
     assert train.images == [im for im in ds.images if _hash_split(im) == "train"]
     assert 10 <= train.num_images < 16
 

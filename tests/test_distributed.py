@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 from cliplab.models.heads import HeadConfig
 from cliplab.train.config import TrainConfig
 from cliplab.train.distributed import DistContext
-from cliplab.train.trainer import PairSampler, Trainer, read_metrics
+from cliplab.rundir import read_metrics
+from cliplab.train.trainer import PairSampler, Trainer
 from tests.test_train import FeatureModel, synthetic_split
 
 BATCH = 16
@@ -71,17 +72,25 @@ def test_two_process_loss_gradients_and_training_equal_single_process(tmp_path, 
     assert [r["train_loss"] for r in ddp] == pytest.approx([r["train_loss"] for r in single], rel=1e-4)
 
 
-def test_torchrun_cli_two_processes(caption_dir, tmp_path):
-    """The real entry point: ``torchrun --nproc_per_node 2 -m cliplab train`` (gloo on CPU)."""
+def test_torchrun_cli_two_processes(caption_dir, tmp_path, cli):
+    """The real entry point: ``torchrun --nproc_per_node 2 -m cliplab train`` (gloo on CPU) trains like one
+    process on the same global batches: same losses per epoch, same test metrics."""
     run = tmp_path / "run"
     env = {**os.environ, "CLIPLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cliplab", "train", str(caption_dir / "captions.csv"), "--run-dir", str(run),
-           "-s", "train.epochs=2", "-s", "train.batch_size=8", "-s", "data.dev_split=train",
-           "-s", "data.test_split=train", "-s", "model.head.embed_dim=32", "-s", "train.device=cpu",
-           "-s", "baseline=false"]
+    args = ["train", str(caption_dir / "captions.csv"), "-s", "train.epochs=2", "-s", "train.batch_size=8",
+            "-s", "model.head.embed_dim=32", "-s", "model.head.dropout=0", "-s", "train.device=cpu",
+            "-s", "baseline=false"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cliplab",
+           *args, "--run-dir", str(run)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and len(read_metrics(run)) == 2
-    assert np.isfinite(results["test"]["trained"]["t2i_r1"])
+    single = tmp_path / "single"
+    assert cli(*args, "--run-dir", single, cache=tmp_path / "cache").returncode == 0
+    ref = json.loads((single / "results.json").read_text())
+    assert ref["world_size"] == 1
+    assert [r["train_loss"] for r in read_metrics(run)] == pytest.approx([r["train_loss"] for r in read_metrics(single)],
+                                                                         rel=1e-4)
+    for key in ("t2i_mrr", "i2t_mrr", "t2i_mean_rank"):
+        assert results["test"]["trained"][key] == pytest.approx(ref["test"]["trained"][key], rel=1e-4), key

@@ -9,7 +9,8 @@ from cliplab.embed.pipeline import DatasetFeatures
 from cliplab.models.heads import HeadConfig, ProjectionHead
 from cliplab.models.stages import Stage, Stages
 from cliplab.train.config import TrainConfig
-from cliplab.train.trainer import Trainer, PairSampler, read_metrics
+from cliplab.rundir import read_metrics
+from cliplab.train.trainer import PairSampler, Trainer
 
 
 class FeatureModel(torch.nn.Module):
@@ -78,8 +79,31 @@ def test_all_pairs_sampling_has_duplicates_masked(tmp_path):
     (images, captions), = list(rc.epoch(0))
     assert sorted(images.tolist()) == [0, 1, 2]
     assert all(np.array([0, 0, 0, 1, 2, 2])[c] == i for i, c in zip(images, captions))
+
+    # an all-pairs batch holds the same image more than once: the trainer's loss masks those pairs, i.e.
+    # it equals the reference InfoNCE with same-image pairs removed and differs from the unmasked one
+    from cliplab.train.losses import InfoNCELoss
+
     trainer = make_trainer(tmp_path, "pairs", epochs=3, sampling="all_pairs")
+    split = trainer._inputs(synthetic_split(0))
+    images, captions = np.array([0, 0, 1, 1, 2, 3]), np.array([0, 1, 2, 3, 4, 5])
+    trainer.model.eval()
+    with torch.no_grad():
+        got = trainer.batch_loss(split, images, captions, None)
+        zi = torch.nn.functional.normalize(trainer.model.image_head(split.image.batch(images, "cpu")), dim=-1)
+        zt = torch.nn.functional.normalize(trainer.model.text_head(split.text.batch(captions, "cpu")), dim=-1)
+        scale = trainer.model.logit_scale.exp()
+        logits = scale * zi @ zt.T
+        same = torch.as_tensor(images)[:, None] == torch.as_tensor(images)[None, :]
+        eye = torch.eye(6, dtype=torch.bool)
+        masked = logits.masked_fill(same & ~eye, float("-inf"))
+        ref = (torch.nn.functional.cross_entropy(masked, torch.arange(6))
+               + torch.nn.functional.cross_entropy(masked.T, torch.arange(6))) / 2
+        unmasked = InfoNCELoss()(zi, zt, scale)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert abs(got.item() - unmasked.item()) > 1e-3
     trainer.fit(synthetic_split(0), synthetic_split(1))
+    assert len(read_metrics(tmp_path / "pairs")) == 3
 
 
 class Killed(Exception):

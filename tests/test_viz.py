@@ -15,7 +15,6 @@ from cliplab.viz.curves import recall_at_k, sweep_overlay, training_curves
 from cliplab.viz.galleries import image_to_text_gallery, pick_examples, text_to_image_gallery
 from cliplab.viz.maps import class_map, modality_map
 from cliplab.viz.report import build_report
-from tests.test_cli import run_cli
 
 
 def png_size(path):
@@ -104,21 +103,19 @@ def chromium_path():
     return path
 
 
-def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled_splits, tmp_path):
-    cache = tmp_path / "cache"
+def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled_splits, tmp_path, cli):
     runs = {name: tmp_path / name for name in ("train", "eval", "zeroshot", "probe")}
-    common = ["-s", "data.dev_split=train", "-s", "data.test_split=train", "-s", "model.head.embed_dim=32"]
-    res = run_cli("train", str(caption_dir / "captions.csv"), "--run-dir", str(runs["train"]), "--plots",
-                  "--track-test", "-s", "train.epochs=3", "-s", "train.batch_size=4", *common, cwd=tmp_path, cache=cache)
+    res = cli("train", caption_dir / "captions.csv", "--run-dir", runs["train"], "--plots", "--track-test",
+              "-s", "train.epochs=3", "-s", "train.batch_size=4", "-s", "model.head.embed_dim=32")
     assert res.returncode == 0, res.stdout + res.stderr
-    res = run_cli("eval", "retrieval", str(caption_dir / "captions.csv"), "--split", "all", "-m", "conse",
-                  "-m", str(runs["train"]), "--run-dir", str(runs["eval"]), "--plots", cwd=tmp_path, cache=cache)
+    res = cli("eval", "retrieval", caption_dir / "captions.csv", "--split", "all", "-m", "conse",
+              "-m", runs["train"], "--run-dir", runs["eval"], "--plots")
     assert res.returncode == 0, res.stdout + res.stderr
-    res = run_cli("zeroshot", str(labelled_splits), "-v", "photo", "-v", "name", "--top5", "3", "--run-dir",
-                  str(runs["zeroshot"]), "--plots", cwd=tmp_path, cache=cache)
+    res = cli("zeroshot", labelled_splits, "-v", "photo", "-v", "name", "--top5", "3", "--run-dir",
+              runs["zeroshot"], "--plots")
     assert res.returncode == 0, res.stdout + res.stderr
-    res = run_cli("probe", str(labelled_splits), "--method", "logistic", "--variant", "photo", "--run-dir", str(runs["probe"]),
-                  "--plots", cwd=tmp_path, cache=cache)
+    res = cli("probe", labelled_splits, "--method", "logistic", "--variant", "photo", "--run-dir", runs["probe"],
+              "--plots")
     assert res.returncode == 0, res.stdout + res.stderr
 
     expected = {"train": {"curves", "recall_at_k", "map_tsne", "map_pca", "gallery_i2t", "gallery_t2i"},
@@ -135,7 +132,7 @@ def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled_split
     assert set(tsne["panels"]) == {"conse (before)", "trained (after)"}
 
     report = tmp_path / "report.html"
-    res = run_cli("report", *[str(p) for p in runs.values()], "--out", str(report), cwd=tmp_path, cache=cache)
+    res = cli("report", *runs.values(), "--out", report)
     assert res.returncode == 0, res.stdout + res.stderr
     page = report.read_text()
     assert "http://" not in page and "https://" not in page  # self-contained: opens offline

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cliplab import rundir
 from cliplab.errors import CliplabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -96,8 +97,9 @@ def embed(
                "captions": feats.dataset.num_captions, "image_dim": int(feats.image.shape[1]),
                "text_dim": int(feats.text.shape[1]), "reused_cache": feats.reused,
                "seconds": round(time.time() - t0, 2), **feats.dataset.skipped.to_dict()}
-    write_json(out / "config.json", {"data": data, "split": split, "model": cfg.model.to_dict()})
-    write_json(out / "embed.json", summary)
+    write_json(out / rundir.CONFIG, {"data": data, "split": split, "model": cfg.model.to_dict(),
+                                     "provenance": rundir.provenance()})
+    write_json(out / rundir.EMBED, summary)
     table = Table(title=f"features: {feats.dataset.name}")
     for k in ("images", "captions", "image_dim", "text_dim", "reused_cache", "seconds", "skipped"):
         table.add_row(k, str(summary[k]))
@@ -169,6 +171,7 @@ def eval_retrieval(
     from cliplab.embed.pipeline import encode_dataset
     from cliplab.eval.retrieval import retrieval_metrics
     from cliplab.eval.tables import retrieval_markdown
+    from cliplab.models.factory import load_model
     from cliplab.utils import resolve_device, write_json, write_text
 
     out = _run_dir(run_dir, "eval")
@@ -178,14 +181,15 @@ def eval_retrieval(
     cache = FeatureCache(cache_dir)
     results, spaces = {}, {}
     for spec in model:
-        m = build_eval_model(spec)
+        m = load_model(spec)
         img, txt, used = encode_dataset(m, ds, cache=cache, on_error=mode, device=dev)
         results[spec] = retrieval_metrics(img, txt, used.caption_image, device=dev).metrics
         spaces[spec] = (img, txt)
         _print_skips(used.skipped)
-    write_json(out / "config.json", {"data": data, "split": split, "models": model, "on_error": mode})
-    write_json(out / "metrics.json", results)
-    write_text(out / "results.md", retrieval_markdown(results, f"{ds.name}"))
+    write_json(out / rundir.CONFIG, {"data": data, "split": split, "models": model, "on_error": mode,
+                                     "provenance": rundir.provenance()})
+    write_json(out / rundir.EVAL_METRICS, results)
+    write_text(out / rundir.RESULTS_MD, retrieval_markdown(results, f"{ds.name}"))
     if plots:
         from cliplab.viz.runs import plot_retrieval
 
@@ -194,21 +198,7 @@ def eval_retrieval(
     console.print(f"run directory: {out}", soft_wrap=True)
 
 
-def build_eval_model(spec: str):
-    """'conse' | 'clip:SPEC' | a trained model directory."""
-    from cliplab.models import ConSE, ImageTower, TextTower, TwoTower, load_clip
-
-    if spec == "conse":
-        return ConSE(ImageTower(), TextTower())
-    if spec.startswith("clip:"):
-        return load_clip(spec[5:])
-    path = Path(spec)
-    if (path / "best").is_dir():
-        path = path / "best"
-    return TwoTower.load(path)
-
-
-def _labelled(data: str, split: str, classes: Optional[Path], rename: List[str]):
+def _labelled(data: str, split: Optional[str], classes: Optional[Path], rename: List[str]):
     from cliplab.data.labelled import load_labelled, read_class_names
 
     ds = load_labelled(data, split=split, class_names=read_class_names(classes) if classes else None)
@@ -218,6 +208,12 @@ def _labelled(data: str, split: str, classes: Optional[Path], rename: List[str])
             raise CliplabError("--rename takes OLD=NEW, e.g. --rename automobile=car")
         ds = ds.renamed(dict(pairs))
     return ds
+
+
+def _check_choices(option: str, values, choices) -> None:
+    for v in values:
+        if v not in choices:
+            raise CliplabError(f"{option} must be one of {', '.join(choices)}, not {v!r}")
 
 
 def _classification_table(results: dict[str, dict], title: str, key_label: str = "variant") -> tuple[str, Table]:
@@ -242,7 +238,8 @@ RenameOpt = typer.Option([], "--rename", help="rename a class for prompts, OLD=N
 def zeroshot(
     data: str = typer.Argument(..., help="labelled images: class-per-folder tree, CIFAR pickle folder or image,label CSV"),
     model: str = typer.Option("conse", "--model", "-m", help="trained model dir, 'conse' or 'clip:SPEC'"),
-    split: str = typer.Option("test", help="sub-folder / CIFAR split to use when DATA has one"),
+    split: Optional[str] = typer.Option(None, help="split to classify (default: test when DATA has splits, "
+                                                   "else all images)"),
     variant: List[str] = typer.Option([], "--variant", "-v",
                                       help="prompt variant: a named set (photo, name, simple7, clip80, prefixed, "
                                            "negated) or a template with {} (repeatable; default: all named sets)"),
@@ -261,14 +258,21 @@ def zeroshot(
 
     from cliplab.embed.cache import FeatureCache
     from cliplab.embed.pipeline import encode_images
-    from cliplab.eval.zeroshot import DEFAULT_VARIANTS, zeroshot_experiment
+    from cliplab.data.labelled import available_splits
+    from cliplab.eval.zeroshot import DEFAULT_VARIANTS, resolve_templates, zeroshot_experiment
+    from cliplab.models.factory import load_model
     from cliplab.utils import resolve_device, write_json, write_text
 
+    _check_choices("--similarity", [similarity], ("cosine", "dot", "both"))
+    for v in variant:
+        resolve_templates(v)  # an unknown variant fails before any embedding
     out = _run_dir(run_dir, "zeroshot")
     dev = resolve_device(device)
+    if split is None and available_splits(data):
+        split = "test"
     ds = _labelled(data, split, classes, rename)
     sims = ("cosine", "dot") if similarity == "both" else (similarity,)
-    m = build_eval_model(model)
+    m = load_model(model)
     t0 = time.time()
     emb = encode_images(m, ds.images, cache=FeatureCache(cache_dir), device=dev, desc=f"{ds.name} images")
     t_embed = time.time() - t0
@@ -277,13 +281,14 @@ def zeroshot(
                                  similarities=sims, top_images=picks)
     result.update({"dataset": ds.name, "model": model, "n_images": len(ds), "class_names": ds.class_names,
                    "seconds": {"embed": t_embed, "classify": time.time() - t0 - t_embed}})
-    write_json(out / "config.json", {"data": data, "split": split, "model": model, "variants": variant,
-                                     "similarity": similarity, "rename": rename, "seed": seed})
-    write_json(out / "zeroshot.json", result)
+    write_json(out / rundir.CONFIG, {"data": data, "split": split or "all", "model": model, "variants": variant,
+                                     "similarity": similarity, "rename": rename, "seed": seed,
+                                     "provenance": rundir.provenance()})
+    write_json(out / rundir.ZEROSHOT, result)
     md, table = _classification_table(result["results"], f"zero-shot: {ds.name} ({model})")
     if "cosine_vs_dot" in result:
         md += "\n" + result["cosine_vs_dot"]["explanation"] + "\n"
-    write_text(out / "results.md", md)
+    write_text(out / rundir.RESULTS_MD, md)
     if plots:
         from cliplab.viz.runs import plot_zeroshot
 
@@ -297,12 +302,15 @@ def zeroshot(
 
 @app.command()
 def probe(
-    data: str = typer.Argument(..., help="labelled images with train and test splits (e.g. ../shared/data/cifar10)"),
+    data: str = typer.Argument(..., help="labelled images (e.g. ../shared/data/cifar10): with train/test splits, or "
+                                         "without (a stratified held-out test split is made)"),
     model: str = typer.Option("conse", "--model", "-m", help="trained model dir, 'conse' or 'clip:SPEC'"),
-    train_split: str = typer.Option("train"),
-    test_split: str = typer.Option("test"),
+    train_split: Optional[str] = typer.Option(None, help="training split (default: train, when DATA has splits)"),
+    test_split: Optional[str] = typer.Option(None, help="test split (default: test, when DATA has splits)"),
+    test_fraction: float = typer.Option(0.2, help="DATA without splits: share of each class held out for testing"),
     method: List[str] = typer.Option(["logistic", "torch"], "--method", help="logistic and/or torch"),
-    few_shot: int = typer.Option(0, help="k training images per class (0 = all)"),
+    few_shot: int = typer.Option(0, help="k training images per class (0 = all; k >= 2, one is kept for "
+                                         "validation)"),
     variant: str = typer.Option("clip80", help="prompt variant for the zero-shot comparison"),
     flip_tta: bool = typer.Option(True, "--flip-tta/--no-flip-tta",
                                   help="average features of each image and its mirror (train and test)"),
@@ -316,23 +324,45 @@ def probe(
     seed: int = typer.Option(0),
     plots: bool = PlotsOpt,
 ) -> None:
-    """Linear probe(s) on frozen image features vs zero-shot, on the same test images."""
+    """Linear probe(s) on frozen image features vs zero-shot, on the same held-out test images."""
+    from cliplab.data.labelled import assert_disjoint, available_splits
     from cliplab.embed.cache import FeatureCache
     from cliplab.embed.pipeline import encode_images, image_tower_features
-    from cliplab.eval.probe import probe_vs_zeroshot
-    from cliplab.eval.zeroshot import ZeroShotClassifier
+    from cliplab.eval.probe import VAL_FRACTION, check_probe_training_set, probe_vs_zeroshot
+    from cliplab.eval.zeroshot import ZeroShotClassifier, resolve_templates
+    from cliplab.models.factory import load_model
     from cliplab.utils import resolve_device, write_json, write_text
 
+    _check_choices("--method", method, ("logistic", "torch"))
+    resolve_templates(variant)
+    if few_shot < 0 or few_shot == 1:
+        raise CliplabError(f"--few-shot {few_shot}: needs 0 (all) or k >= 2 (one image per class is held out "
+                           "to choose the regularisation)")
     out = _run_dir(run_dir, "probe")
     dev = resolve_device(device)
     cache = FeatureCache(cache_dir)
-    train_ds = _labelled(data, train_split, classes, rename)
-    test_ds = _labelled(data, test_split, classes, rename)
+    splits = available_splits(data)
+    if splits:
+        train_ds = _labelled(data, train_split or "train", classes, rename)
+        test_ds = _labelled(data, test_split or "test", classes, rename)
+        protocol = {"split": "dataset", "train_split": train_split or "train", "test_split": test_split or "test"}
+    else:
+        if train_split or test_split:
+            raise CliplabError(f"{data} has no splits (no train/ or test/ sub-folder, no split column): drop "
+                               "--train-split/--test-split, and --test-fraction holds out a test split")
+        train_ds, test_ds = _labelled(data, None, classes, rename).stratified_split(test_fraction, seed)
+        protocol = {"split": "held-out", "test_fraction": test_fraction, "seed": seed,
+                    "note": "stratified: the given fraction of each class, drawn at random with the seed"}
     if train_ds.class_names != test_ds.class_names:
         raise CliplabError(f"train and test classes differ: {train_ds.class_names} vs {test_ds.class_names}")
     if few_shot:
         train_ds = train_ds.few_shot(few_shot, seed)
-    m = build_eval_model(model)
+    assert_disjoint(train_ds, test_ds)  # never score a probe on images it was fitted on
+    check_probe_training_set(train_ds.labels, train_ds.class_names)  # before any feature is computed
+    protocol.update({"n_train": len(train_ds), "n_test": len(test_ds), "few_shot": few_shot,
+                     "validation": f"{VAL_FRACTION:.0%} of each class of the training set picks the "
+                                   "hyperparameters, then the probe is refit on all training images"})
+    m = load_model(model)
     t0 = time.time()
     xtr = image_tower_features(m, train_ds.images, cache=cache, device=dev, desc=f"{train_ds.name} images",
                                flip_tta=flip_tta)
@@ -344,21 +374,24 @@ def probe(
     results = probe_vs_zeroshot(xtr, train_ds.labels, xte, test_ds.labels, test_ds.class_names, methods=tuple(method),
                                 zeroshot_scores=zs, seed=seed, power_norm=power_norm)
     summary = {"dataset": {"train": train_ds.name, "test": test_ds.name, "n_train": len(train_ds),
-                           "n_test": len(test_ds)}, "model": model, "feature_dim": int(xtr.shape[1]),
-               "zeroshot_variant": variant, "results": results,
+                           "n_test": len(test_ds)}, "protocol": protocol, "model": model,
+               "feature_dim": int(xtr.shape[1]), "zeroshot_variant": variant, "results": results,
                "seconds": {"features": t1 - t0, "fit": time.time() - t1}}
-    write_json(out / "config.json", {"data": data, "model": model, "train_split": train_split,
-                                     "test_split": test_split, "methods": method, "few_shot": few_shot,
-                                     "variant": variant, "seed": seed, "flip_tta": flip_tta,
-                                     "power_norm": power_norm})
-    write_json(out / "probe.json", summary)
-    md, table = _classification_table(results, f"linear probe vs zero-shot: {test_ds.name} ({model})", "method")
-    write_text(out / "results.md", md)
+    write_json(out / rundir.CONFIG, {"data": data, "model": model, "train_split": train_split,
+                                     "test_split": test_split, "test_fraction": test_fraction, "methods": method,
+                                     "few_shot": few_shot, "variant": variant, "seed": seed, "flip_tta": flip_tta,
+                                     "power_norm": power_norm, "provenance": rundir.provenance()})
+    write_json(out / rundir.PROBE, summary)
+    title = f"linear probe vs zero-shot: {test_ds.name} ({model})"
+    md, table = _classification_table(results, title, "method")
+    md += f"\nProtocol: {_probe_protocol_line(protocol)}\n"
+    write_text(out / rundir.RESULTS_MD, md)
     if plots:
         from cliplab.viz.runs import plot_probe
 
         plot_probe(out, summary, xte, test_ds.labels, seed=seed)
     console.print(table)
+    console.print(f"protocol: {_probe_protocol_line(protocol)}", highlight=False)
     for name, r in results.items():
         if "fit" in r:
             console.print(f"{name}: {r['fit']['hyperparameters']} (validation accuracy {r['fit']['val_accuracy']:.2f})",
@@ -366,17 +399,26 @@ def probe(
     console.print(f"run directory: {out}", soft_wrap=True)
 
 
+def _probe_protocol_line(p: dict) -> str:
+    where = (f"dataset splits {p['train_split']} -> {p['test_split']}" if p["split"] == "dataset" else
+             f"held-out stratified split, {p['test_fraction']:.0%} of each class for test (seed {p['seed']})")
+    shots = f", {p['few_shot']}-shot" if p.get("few_shot") else ""
+    return f"{where}; {p['n_train']} train / {p['n_test']} test images{shots}, disjoint (checked)"
+
+
 @app.command()
 def sweep(
     sweep_file: Path = typer.Argument(..., help="sweep YAML: base config, fixed overrides and a grid of values"),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="folder for the runs and tables"),
+    fresh: bool = typer.Option(False, help="start every run over (a run folder left by another config is refused "
+                                           "otherwise)"),
     plots: bool = PlotsOpt,
 ) -> None:
     """Run a grid of training configs one after another (features cached once) and tabulate them."""
     from cliplab.train.sweep import run_sweep
 
     out = out_dir or Path("runs") / f"sweep-{sweep_file.stem}"
-    rows = run_sweep(sweep_file, out, log=lambda m: console.print(m, highlight=False))
+    rows = run_sweep(sweep_file, out, log=lambda m: console.print(m, highlight=False), fresh=fresh)
     table = Table(title=f"sweep: {sweep_file.name}")
     for h in rows[0]:
         table.add_column(h)
@@ -387,7 +429,7 @@ def sweep(
         from cliplab.viz.runs import plot_sweep
 
         plot_sweep(out)
-    console.print(f"tables: {out / 'results.md'}, {out / 'curves.csv'}", soft_wrap=True)
+    console.print(f"tables: {out / rundir.RESULTS_MD}, {out / rundir.CURVES}", soft_wrap=True)
 
 
 @app.command()
@@ -427,9 +469,10 @@ def demo(
     _report_train(results, run_dir)
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point; ``argv`` (default ``sys.argv[1:]``) lets tests run commands in-process."""
     try:
-        app()
+        app(args=argv, prog_name="cliplab")
     except CliplabError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -11,3 +11,7 @@ class DataError(CliplabError):
 
 class ConfigError(CliplabError):
     """A problem with a configuration value."""
+
+
+class NumericError(CliplabError):
+    """A computed value is NaN or infinite (embeddings, scores, a training loss): refused, never scored."""

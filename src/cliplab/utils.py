@@ -104,6 +104,23 @@ def resolve_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
+def autocast_dtype(device: str | torch.device) -> torch.dtype | None:
+    """The one mixed-precision policy (extraction and training): bf16 on CUDA where supported, else fp16;
+    None (full precision) on CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: str | torch.device, enabled: bool = True):
+    """``torch.autocast`` under :func:`autocast_dtype`, or a no-op context."""
+    import contextlib
+
+    dtype = autocast_dtype(device) if enabled else None
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def default_cache_dir() -> Path:
     """Feature cache root: ``$CLIPLAB_CACHE`` or ``~/.cache/cliplab``."""
     env = os.environ.get("CLIPLAB_CACHE")

@@ -30,6 +30,22 @@ def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
         raise DataError(f"corrupt image: {path} ({exc.__class__.__name__}: {exc})") from None
 
 
+def preprocess_geometry(transform) -> tuple[int, tuple, tuple]:
+    """The one crop-size rule: ``(size, mean, std)`` of an eval transform (torchvision ``Compose``): the
+    centre-crop size (else the resize size, else 224) and the normalisation (else mean = std = 0.5)."""
+    import torchvision.transforms as T
+
+    steps = list(getattr(transform, "transforms", []))
+    crops = [t.size for t in steps if isinstance(t, T.CenterCrop)]
+    resizes = [t.size for t in steps if isinstance(t, T.Resize)]
+    size = crops[0] if crops else resizes[0] if resizes else 224
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    norm = [t for t in steps if isinstance(t, T.Normalize)]
+    if not norm:
+        return size, (0.5,) * 3, (0.5,) * 3
+    return size, tuple(float(x) for x in norm[0].mean), tuple(float(x) for x in norm[0].std)
+
+
 class ImageSet:
     """An indexable collection of images: ``load(i)`` gives RGB, ``keys()`` identifies content for caches."""
 
@@ -40,6 +56,11 @@ class ImageSet:
         raise NotImplementedError
 
     def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def item_ids(self) -> list[str]:
+        """One identity per image (a resolved path, or source + original index): two sets share an image
+        exactly when they share an id (train/test disjointness checks)."""
         raise NotImplementedError
 
 
@@ -61,6 +82,9 @@ class ImageFiles(ImageSet):
     def load(self, i: int) -> Image.Image:
         return load_rgb(self.paths[i], self.draft_size)
 
+    def item_ids(self) -> list[str]:
+        return [str(p.resolve()) for p in self.paths]
+
     def keys(self) -> list[str]:
         import os
 
@@ -77,11 +101,15 @@ class ImageFiles(ImageSet):
 class ImageArrays(ImageSet):
     """Images held as a ``[N, H, W, 3]`` uint8 array (e.g. CIFAR pickles); ``source`` names their origin."""
 
-    def __init__(self, arrays, source: str) -> None:
+    def __init__(self, arrays, source: str, indices=None) -> None:
         import numpy as np
 
         self.arrays = np.asarray(arrays, dtype=np.uint8)
         self.source = source
+        self.indices = list(range(len(self.arrays))) if indices is None else [int(i) for i in indices]
+
+    def item_ids(self) -> list[str]:
+        return [f"{self.source}#{i}" for i in self.indices]
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -110,3 +138,6 @@ class MirroredImages(ImageSet):
 
     def keys(self) -> list[str]:
         return ["hflip"] + self.inner.keys()
+
+    def item_ids(self) -> list[str]:
+        return self.inner.item_ids()

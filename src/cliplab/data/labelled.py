@@ -1,8 +1,12 @@
 """Labelled image datasets for zero-shot classification and linear probes.
 
-Readers: class-per-folder trees (``root/<class>/*.jpg``), CIFAR-10/100 python pickles and a CSV of
-``image,label``. Class names come from folders/labels or a user file, and can be renamed by a mapping
-(``automobile`` -> ``car``) for nicer prompts.
+Readers: class-per-folder trees (``root/<class>/*.jpg``, or ``root/<split>/<class>/*.jpg``), CIFAR-10/100
+python pickles and a CSV of ``image,label`` (optional ``split`` column). Class names come from
+folders/labels or a user file, and can be renamed by a mapping (``automobile`` -> ``car``) for nicer prompts.
+
+Splits are never invented silently: asking for a split a dataset does not have is an error. A dataset
+without splits can be divided with :meth:`LabelledImages.stratified_split` (deterministic, seeded,
+stratified), which is what ``cliplab probe`` does, recording the protocol.
 """
 
 from __future__ import annotations
@@ -53,10 +57,42 @@ class LabelledImages:
         if isinstance(self.images, ImageFiles):
             images: ImageSet = ImageFiles([self.images.paths[i] for i in index])
         elif isinstance(self.images, ImageArrays):
-            images = ImageArrays(self.images.arrays[index], f"{self.images.source}[subset]")
+            # same source: item ids stay those of the original set; the cache key hashes the subset's pixels
+            images = ImageArrays(self.images.arrays[index], self.images.source, [self.images.indices[i] for i in index])
         else:
             raise TypeError(f"cannot subset {type(self.images).__name__}")
         return LabelledImages(images, self.labels[index], self.class_names, name or self.name)
+
+    def stratified_split(self, test_fraction: float, seed: int = 0) -> tuple["LabelledImages", "LabelledImages"]:
+        """A deterministic held-out split: ``round(test_fraction * n_c)`` random images of each class c
+        (at least one, and at least one left for training) go to test."""
+        if not 0 < test_fraction < 1:
+            raise DataError(f"test fraction must be in (0, 1), not {test_fraction}")
+        rng = np.random.default_rng(seed)
+        train, test = [], []
+        for c, name in enumerate(self.class_names):
+            idx = rng.permutation(np.flatnonzero(self.labels == c))
+            if len(idx) < 2:
+                raise DataError(f"{self.name}: class {name!r} has {len(idx)} image(s); a held-out split needs "
+                                "at least 2 per class")
+            n_test = min(len(idx) - 1, max(1, int(round(test_fraction * len(idx)))))
+            test.append(idx[:n_test])
+            train.append(idx[n_test:])
+        tr, te = np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+        return (self.subset(tr, f"{self.name}[held-out train]"), self.subset(te, f"{self.name}[held-out test]"))
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=len(self.class_names))
+        return {name: int(n) for name, n in zip(self.class_names, counts)}
+
+
+def assert_disjoint(train: LabelledImages, test: LabelledImages) -> None:
+    """Train and test must not share an image (by identity: resolved path, or source + index)."""
+    shared = set(train.images.item_ids()) & set(test.images.item_ids())
+    if shared:
+        example = sorted(shared)[0]
+        raise DataError(f"{len(shared)} image(s) are in both the training and the test set (e.g. {example}); "
+                        "a probe must be scored on held-out images")
 
 
 def read_class_names(path: str | Path) -> list[str]:
@@ -90,8 +126,10 @@ def read_image_folder(root: str | Path, class_names: list[str] | None = None) ->
 
 
 def read_labelled_csv(path: str | Path, image_root: str | Path | None = None, class_names: list[str] | None = None,
-                      image_column: str = "image", label_column: str = "label") -> LabelledImages:
-    """CSV of ``image,label``; labels are class names (or indices into ``class_names``)."""
+                      image_column: str = "image", label_column: str = "label",
+                      split: str | None = None) -> LabelledImages:
+    """CSV of ``image,label`` (labels are class names, or indices into ``class_names``), optionally with a
+    ``split`` column; ``split`` keeps the rows of one split (an error when the file has no such split)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"file not found: {path}")
@@ -102,12 +140,20 @@ def read_labelled_csv(path: str | Path, image_root: str | Path | None = None, cl
         for col in (image_column, label_column):
             if col not in (reader.fieldnames or []):
                 raise DataError(f"{path}: missing column {col!r}")
+        has_split = "split" in (reader.fieldnames or [])
         for row in reader:
-            rows.append((reader.line_num, row[image_column].strip(), row[label_column].strip()))
-    names = list(class_names) if class_names else sorted({label for _, _, label in rows})
+            rows.append((reader.line_num, row[image_column].strip(), row[label_column].strip(),
+                         (row.get("split") or "").strip() if has_split else None))
+    names = list(class_names) if class_names else sorted({label for _, _, label, _ in rows})
+    if split not in (None, "all"):
+        found = sorted({s for *_, s in rows if s})
+        if split not in found:
+            raise DataError(f"{path}: no split {split!r} " + (f"(splits: {', '.join(found)})" if found else
+                                                              "(no split column)"))
+        rows = [r for r in rows if r[3] == split]
     index = {c: i for i, c in enumerate(names)}
     paths, labels = [], []
-    for line, image, label in rows:
+    for line, image, label, _ in rows:
         if label in index:
             labels.append(index[label])
         elif label.isdigit() and class_names and int(label) < len(names):
@@ -117,7 +163,8 @@ def read_labelled_csv(path: str | Path, image_root: str | Path | None = None, cl
         if not (root / image).is_file():
             raise DataError(f"{path}:{line}: image not found: {root / image}")
         paths.append(root / image)
-    return LabelledImages(ImageFiles(paths), np.asarray(labels), names, path.stem)
+    return LabelledImages(ImageFiles(paths), np.asarray(labels), names,
+                          path.stem if split in (None, "all") else f"{path.stem}/{split}")
 
 
 def read_cifar(root: str | Path, split: str = "test") -> LabelledImages:
@@ -152,20 +199,53 @@ def _unpickle(path: Path) -> dict:
             raise DataError(f"{path}: corrupt pickle ({exc})") from None
 
 
-def load_labelled(spec: str | Path, *, split: str = "test", class_names: list[str] | None = None,
-                  image_root: str | Path | None = None) -> LabelledImages:
-    """A class-per-folder tree, a CIFAR pickle folder or an ``image,label`` CSV, by path."""
+def available_splits(spec: str | Path) -> list[str]:
+    """The splits a labelled dataset has: CIFAR ``train``/``test``, the split sub-folders of a folder tree
+    (``root/<split>/<class>/``), the values of a CSV's ``split`` column; empty when it has none."""
     path = Path(spec)
+    if path.is_dir() and ((path / "batches.meta").is_file() or (path / "meta").is_file()):
+        return ["test", "train"]
+    if path.is_dir():
+        return sorted(d.name for d in path.iterdir() if d.is_dir() and d.name in KNOWN_SPLITS
+                      and any(c.is_dir() for c in d.iterdir()))
+    if path.suffix == ".csv" and path.is_file():
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if "split" not in (reader.fieldnames or []):
+                return []
+            return sorted({(r.get("split") or "").strip() for r in reader} - {""})
+    return []
+
+
+KNOWN_SPLITS = ("train", "val", "valid", "validation", "dev", "test")
+
+
+def load_labelled(spec: str | Path, *, split: str | None = None, class_names: list[str] | None = None,
+                  image_root: str | Path | None = None) -> LabelledImages:
+    """A class-per-folder tree, a CIFAR pickle folder or an ``image,label`` CSV, by path.
+
+    ``split``: one of the dataset's splits (see :func:`available_splits`); ``None`` or ``all`` means the
+    whole of a dataset without splits. Asking for a split the dataset lacks, or for the whole of one that
+    has splits, is an error — never a silent fallback to all images.
+    """
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"labelled dataset not found: {path}")
+    splits = available_splits(path)
+    if split in (None, "all"):
+        if splits:
+            raise DataError(f"{path} has splits ({', '.join(splits)}): choose one")
+    elif split not in splits:
+        have = f"its splits are {', '.join(splits)}" if splits else "it has no splits (no train/ or test/ sub-folder)"
+        raise DataError(f"{path}: no split {split!r}; {have}")
     if path.is_dir() and ((path / "batches.meta").is_file() or (path / "meta").is_file()):
         return read_cifar(path, split)
     if path.is_dir():
-        if (path / split).is_dir() and not (path / split / split).exists():
-            sub = path / split
-            if any(p.is_dir() for p in sub.iterdir()):
-                ds = read_image_folder(sub, class_names)
-                ds.name = f"{path.name}/{split}"
-                return ds
+        if split not in (None, "all"):
+            ds = read_image_folder(path / split, class_names)
+            ds.name = f"{path.name}/{split}"
+            return ds
         return read_image_folder(path, class_names)
     if path.suffix == ".csv":
-        return read_labelled_csv(path, image_root, class_names)
+        return read_labelled_csv(path, image_root, class_names, split=split)
     raise DataError(f"labelled dataset not found or unsupported: {path}")

@@ -1,8 +1,13 @@
 """On-disk feature cache: computed once per (tower, weights, preprocessing, item list), resumable.
 
-Each entry is a folder ``<root>/<kind>-<key>/`` holding chunk files written atomically as they are
-computed; an interrupted extraction picks up at the first missing chunk. When every chunk is there
-they are merged into ``features.npy`` (memory-mapped on read) and ``valid.npy``.
+The one store for everything computed from frozen weights: pooled tower features, final embeddings
+and the cached frozen-prefix activations of tower tuning. Each entry is a folder ``<root>/<kind>-<key>/``
+holding chunk files written atomically as they are computed, under a file lock (a second process
+waits, then reuses the result); an interrupted extraction picks up at the first missing chunk. When
+every chunk is there they are merged into ``features.npy`` (memory-mapped on read) and ``valid.npy``.
+
+Items are fixed-shape (``[N, ...]``) or ragged (item i is ``[L_i, ...]``, e.g. the token activations of
+a caption): ragged entries store the rows of all items back to back plus ``offsets.npy`` (``N + 1``).
 """
 
 from __future__ import annotations
@@ -19,18 +24,23 @@ from tqdm.auto import tqdm
 
 from cliplab.utils import atomic_write, default_cache_dir, sha256_text, write_json
 
-ComputeChunk = Callable[[int, int], tuple[np.ndarray, np.ndarray, list[str]]]
+ComputeChunk = Callable[[int, int], tuple[np.ndarray | list[np.ndarray], np.ndarray, list[str]]]
 
 
 @dataclass
 class CachedFeatures:
-    """Features ``[N, D]`` for N items; ``valid[i]`` is False where item i failed (``errors`` says why)."""
+    """Features ``[N, ...]`` for N items; ``valid[i]`` is False where item i failed (``errors`` says why).
+    Ragged entries: item i is ``features[offsets[i]:offsets[i + 1]]``."""
 
     features: np.ndarray
     valid: np.ndarray
     errors: dict[int, str]
     path: Path
     reused: bool
+    offsets: np.ndarray | None = None
+
+    def item(self, i: int) -> np.ndarray:
+        return self.features[i] if self.offsets is None else self.features[self.offsets[i]:self.offsets[i + 1]]
 
 
 class FeatureCache:
@@ -53,11 +63,17 @@ class FeatureCache:
 
     def get_or_compute(self, kind: str, key: str, n_items: int, compute: ComputeChunk, *,
                        desc: str = "", meta: dict | None = None, progress: bool = True,
-                       chunk_size: int | None = None) -> CachedFeatures:
+                       chunk_size: int | None = None, dtype: str | None = None,
+                       ragged: bool = False) -> CachedFeatures:
         """Return cached features, computing missing chunks with ``compute(start, stop)``.
 
-        ``compute`` returns ``(features [stop-start, D], valid [stop-start], error messages)``.
+        ``compute`` returns ``(features [stop-start, ...], valid [stop-start], error messages)``; for
+        ``ragged`` entries ``features`` is a list of ``stop-start`` arrays ``[L_i, ...]``. ``dtype``
+        overrides the cache's storage dtype for this entry.
         """
+        dtype = dtype or self.dtype
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"feature dtype must be float32 or float16, not {dtype!r}")
         folder = self.entry_dir(kind, key)
         if self._complete(folder):
             return self._load(folder, reused=True)
@@ -65,7 +81,8 @@ class FeatureCache:
         with FileLock(str(folder / ".lock")):  # a second process waits, then reuses the result
             if self._complete(folder):
                 return self._load(folder, reused=True)
-            self._compute(folder, kind, key, n_items, compute, desc, meta, progress, chunk_size or self.chunk_size)
+            self._compute(folder, kind, key, n_items, compute, desc, meta, progress, chunk_size or self.chunk_size,
+                          dtype, ragged)
         return self._load(folder, reused=False)
 
     @staticmethod
@@ -73,9 +90,9 @@ class FeatureCache:
         return (folder / "features.npy").is_file() and (folder / "valid.npy").is_file()
 
     def _compute(self, folder: Path, kind: str, key: str, n_items: int, compute: ComputeChunk, desc: str,
-                 meta: dict | None, progress: bool, chunk_size: int) -> None:
-        write_json(folder / "meta.json", {"kind": kind, "key": key, "n_items": n_items, "dtype": self.dtype,
-                                          **(meta or {})})
+                 meta: dict | None, progress: bool, chunk_size: int, dtype: str, ragged: bool) -> None:
+        write_json(folder / "meta.json", {"kind": kind, "key": key, "n_items": n_items, "dtype": dtype,
+                                          "ragged": ragged, **(meta or {})})
         spans = [(s, min(s + chunk_size, n_items)) for s in range(0, n_items, chunk_size)]
         chunk_paths = [folder / f"chunk-{a:010d}-{b:010d}.npz" for a, b in spans]
         have = sum(b - a for (a, b), p in zip(spans, chunk_paths) if p.is_file())
@@ -85,39 +102,57 @@ class FeatureCache:
                 if path.is_file():
                     continue
                 feats, valid, errors = compute(start, stop)
-                payload = {"features": np.asarray(feats, dtype=self.dtype), "valid": np.asarray(valid, dtype=bool),
-                           "errors": np.asarray(json.dumps(errors))}
+                if len(valid) != stop - start:
+                    raise ValueError(f"compute({start}, {stop}) returned {len(valid)} items")
+                payload = {"valid": np.asarray(valid, dtype=bool), "errors": np.asarray(json.dumps(errors))}
+                if ragged:
+                    payload["lengths"] = np.asarray([len(f) for f in feats], dtype=np.int64)
+                    payload["features"] = (np.concatenate([np.asarray(f, dtype=dtype) for f in feats])
+                                           if len(feats) else np.zeros((0,), dtype))
+                else:
+                    payload["features"] = np.asarray(feats, dtype=dtype)
                 atomic_write(path, lambda p: _save_npz(p, payload))
                 bar.update(stop - start)
-        self._merge(folder, chunk_paths, n_items)
+        self._merge(folder, chunk_paths, n_items, dtype, ragged)
 
-    def _merge(self, folder: Path, chunk_paths: list[Path], n_items: int) -> None:
+    def _merge(self, folder: Path, chunk_paths: list[Path], n_items: int, dtype: str, ragged: bool) -> None:
         """Stream chunks into one memory-mappable ``features.npy`` (never all in RAM at once)."""
-        dim = 0
-        if chunk_paths:
-            with np.load(chunk_paths[0]) as z:
-                dim = z["features"].shape[1]
+        rest: tuple[int, ...] = (0,)
+        rows = n_items
+        lengths = []
+        for i, path in enumerate(chunk_paths):
+            with np.load(path) as z:
+                if i == 0:
+                    rest = tuple(z["features"].shape[1:])
+                if ragged:
+                    lengths.append(z["lengths"])
+        if ragged:
+            lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+            offsets = np.concatenate([[0], np.cumsum(lengths_all)]).astype(np.int64)
+            rows = int(offsets[-1])
         valid = np.zeros(n_items, dtype=bool)
         errors: dict[int, str] = {}
 
         def write_features(tmp: Path) -> None:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=(n_items, dim))
-            offset = 0
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, *rest))
+            item, row = 0, 0
             for path in chunk_paths:
                 with np.load(path) as z:
-                    n = len(z["valid"])
-                    out[offset:offset + n] = z["features"]
-                    valid[offset:offset + n] = z["valid"]
+                    n, m = len(z["valid"]), len(z["features"])
+                    out[row:row + m] = z["features"]
+                    valid[item:item + n] = z["valid"]
                     for msg in json.loads(str(z["errors"])):
                         idx, _, text = msg.partition("\t")
                         errors[int(idx)] = text
-                offset += n
+                item, row = item + n, row + m
             out.flush()
             del out
 
         atomic_write(folder / "features.npy", write_features)
+        if ragged:
+            atomic_write(folder / "offsets.npy", lambda p: _save_npy(p, offsets))
         write_json(folder / "errors.json", {str(k): v for k, v in sorted(errors.items())})
-        atomic_write(folder / "valid.npy", lambda p: _save_npy(p, valid))
+        atomic_write(folder / "valid.npy", lambda p: _save_npy(p, valid))  # written last: marks the entry complete
         for path in chunk_paths:
             path.unlink()
 
@@ -127,7 +162,8 @@ class FeatureCache:
         valid = np.load(folder / "valid.npy")
         err_path = folder / "errors.json"
         errors = {int(k): v for k, v in json.loads(err_path.read_text()).items()} if err_path.is_file() else {}
-        return CachedFeatures(features, valid, errors, folder, reused)
+        offsets = np.load(folder / "offsets.npy") if (folder / "offsets.npy").is_file() else None
+        return CachedFeatures(features, valid, errors, folder, reused, offsets)
 
     def clear(self) -> None:
         if self.root.is_dir():

@@ -7,7 +7,6 @@ encoded in length-sorted batches (less padding) and returned in input order. The
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from cliplab.data.images import ImageFiles, ImageSet
 from cliplab.embed.backends import OnnxImageTower, OnnxTextTower, resolve_backend
 from cliplab.embed.cache import CachedFeatures, FeatureCache
 from cliplab.errors import CliplabError
-from cliplab.utils import sha256_text
+from cliplab.utils import autocast, autocast_dtype, sha256_text
 
 
 class _Decoder:
@@ -75,13 +74,14 @@ def _is_cliplab_tower(tower) -> bool:
     return isinstance(tower, (ImageTower, TextTower))
 
 
-def _cache_fingerprint(tower, backend: str) -> str:
+def _cache_fingerprint(tower, backend: str, device: torch.device) -> str:
+    """The tower's fingerprint, plus what changes its numbers: int8 quantisation, or the half-precision
+    dtype of the autocast policy on CUDA (bf16/fp16 features never share entries with fp32 ones)."""
     fp = tower.fingerprint()
-    return sha256_text(fp, "int8") if backend == "onnx-int8" and _is_cliplab_tower(tower) else fp
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+    if backend == "onnx-int8" and _is_cliplab_tower(tower):
+        fp = sha256_text(fp, "int8")
+    dtype = autocast_dtype(device)
+    return sha256_text(fp, f"autocast-{dtype}") if dtype is not None else fp
 
 
 class _LazyEncoder:
@@ -99,9 +99,12 @@ class _LazyEncoder:
             if self.use_onnx:
                 self._encoder = self.onnx_cls(self.tower, self.cache.root, quantize=self.quantize)
             else:
-                self._encoder = self.tower.eval().to(self.device)
-                if self.device.type == "cpu" and hasattr(self._encoder, "image_size"):
-                    self._encoder = self._encoder.to(memory_format=torch.channels_last)
+                # outside inference mode: converted weights must stay ordinary tensors, or the caller's tower
+                # could never be trained afterwards (inference tensors refuse requires_grad)
+                with torch.inference_mode(False):
+                    self._encoder = self.tower.eval().to(self.device)
+                    if self.device.type == "cpu" and hasattr(self._encoder, "image_size"):
+                        self._encoder = self._encoder.to(memory_format=torch.channels_last)
         return self._encoder
 
 
@@ -120,7 +123,7 @@ def embed_images(tower: torch.nn.Module, images: Sequence[Path] | ImageSet, *, c
     if isinstance(images, ImageFiles) and images.draft_size is None:
         images = images.with_draft(size)  # decode big JPEGs at reduced scale; same cache key
     workers = default_workers() if num_workers is None else num_workers
-    fingerprint = _cache_fingerprint(tower, resolve_backend(backend, device))
+    fingerprint = _cache_fingerprint(tower, resolve_backend(backend, device), device)
     key = cache.key(fingerprint, images.keys(), extra="image-v1")
 
     def compute(start: int, stop: int):
@@ -136,7 +139,7 @@ def embed_images(tower: torch.nn.Module, images: Sequence[Path] | ImageSet, *, c
             batch = batch.to(device, non_blocking=True)
             if device.type == "cpu" and not encoder.use_onnx:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            with _autocast(device):
+            with autocast(device):
                 feats.append(model(batch).float().cpu().numpy())
             valid.append(np.asarray(ok, dtype=bool))
         return np.concatenate(feats), np.concatenate(valid), errors
@@ -182,12 +185,12 @@ def embed_texts(tower: torch.nn.Module, texts: Sequence[str], *, cache: FeatureC
     device = torch.device(device)
     batch_size = batch_size or (256 if device.type == "cuda" else 32)
     encoder = _LazyEncoder(tower, backend, device, cache, OnnxTextTower)
-    fingerprint = _cache_fingerprint(tower, resolve_backend(backend, device))
+    fingerprint = _cache_fingerprint(tower, resolve_backend(backend, device), device)
     key = cache.key(fingerprint, [sha256_text(*texts)], extra="text-v1")
 
     def compute(start: int, stop: int):
         model = encoder.get()
-        with _autocast(device):
+        with autocast(device):
             chunk = list(texts[start:stop])
             out = encode_texts_sorted(model.encode, chunk, batch_size, text_lengths(tower, chunk),
                                       getattr(model, "encode_batches", None))

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from cliplab.data.captions import CaptionDataset
+from cliplab.data.images import preprocess_geometry
 from cliplab.embed.cache import FeatureCache
 from cliplab.embed.extract import embed_images, embed_texts
-from cliplab.errors import CliplabError
+from cliplab.errors import CliplabError, ConfigError
+from cliplab.models.base import EmbeddingModel, TowerModel
 from cliplab.utils import sha256_text
 
 
@@ -64,16 +66,26 @@ def tower_features(image_tower: nn.Module, text_tower: nn.Module, dataset: Capti
     return DatasetFeatures(ds, image, np.asarray(txt.features), reused=img.reused and txt.reused)
 
 
-class _EncodeImageAdapter(nn.Module):
-    """Lets ``embed_images`` cache the final embeddings of a model without towers (e.g. a CLIP)."""
+def _model_fingerprint(model) -> str:
+    """A model's cache identity; a model that cannot name its weights is never cached (a cache key
+    from anything weaker, such as ``id(model)``, could hand one model's features to another)."""
+    fp = model.fingerprint() if isinstance(model, EmbeddingModel) else None
+    if not isinstance(fp, str) or not fp:
+        raise ConfigError(f"{type(model).__name__} has no fingerprint(): its features cannot be cached; "
+                          "implement cliplab.models.EmbeddingModel")
+    return fp
+
+
+class EncodeImageAdapter(nn.Module):
+    """A model's final image embeddings as a "tower" for ``embed_images`` (models without frozen towers,
+    e.g. a CLIP): cached under the model's fingerprint."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.inner = model
+        self._fingerprint = sha256_text("encode_image", _model_fingerprint(model))
         self._transform = model.preprocess()
-        crop = [t for t in self._transform.transforms if t.__class__.__name__ == "CenterCrop"]
-        size = crop[0].size if crop else (224, 224)
-        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.image_size = preprocess_geometry(self._transform)[0]
 
     def transform(self):
         return self._transform
@@ -82,21 +94,30 @@ class _EncodeImageAdapter(nn.Module):
         return self.inner.encode_image(images.contiguous(), normalize=False)
 
     def fingerprint(self) -> str:
-        fp = self.inner.fingerprint() if hasattr(self.inner, "fingerprint") else str(id(self.inner))
-        return sha256_text("encode_image", fp)
+        return self._fingerprint
 
 
-class _EncodeTextAdapter(nn.Module):
+class EncodeTextAdapter(nn.Module):
+    """A model's final caption embeddings as a "tower" for ``embed_texts``."""
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.inner = model
+        self._fingerprint = sha256_text("encode_text", _model_fingerprint(model))
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         return self.inner.encode_text(list(texts), normalize=False)
 
     def fingerprint(self) -> str:
-        fp = self.inner.fingerprint() if hasattr(self.inner, "fingerprint") else str(id(self.inner))
-        return sha256_text("encode_text", fp)
+        return self._fingerprint
+
+
+def feature_towers(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """What ``tower_features`` caches for a model: its frozen towers (TwoTower, ConSE), or its final
+    embeddings through adapters (any other :class:`EmbeddingModel`)."""
+    if isinstance(model, TowerModel):
+        return model.image_tower, model.text_tower
+    return EncodeImageAdapter(model), EncodeTextAdapter(model)
 
 
 @torch.inference_mode()
@@ -119,10 +140,6 @@ def evaluate_retrieval(model: nn.Module, feats: DatasetFeatures, device: str | t
     return retrieval_metrics(img, txt, feats.caption_image, device=device).metrics
 
 
-def has_towers(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("image_tower", "text_tower", "project_image", "project_text"))
-
-
 def encode_dataset(model: nn.Module, dataset: CaptionDataset, *, cache: FeatureCache | None = None,
                    on_error: str = "raise", device: str | torch.device = "cpu", progress: bool = True,
                    features: DatasetFeatures | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor, CaptionDataset]:
@@ -132,14 +149,12 @@ def encode_dataset(model: nn.Module, dataset: CaptionDataset, *, cache: FeatureC
     models (a CLIP from ``load_clip``) are run end to end with their final embeddings cached.
     """
     model = model.eval().to(device)
-    if has_towers(model):
-        feats = features or tower_features(model.image_tower, model.text_tower, dataset, cache=cache,
-                                           on_error=on_error, device=device, progress=progress, **kwargs)
+    feats = features or tower_features(*feature_towers(model), dataset, cache=cache, on_error=on_error,
+                                       device=device, progress=progress, **kwargs)
+    if isinstance(model, TowerModel):
         img = project_features(model.project_image, feats.image, device)
         txt = project_features(model.project_text, feats.text, device)
         return img, txt, feats.dataset
-    feats = tower_features(_EncodeImageAdapter(model), _EncodeTextAdapter(model), dataset, cache=cache,
-                           on_error=on_error, device=device, progress=progress, **kwargs)
     return (*normalized_features(feats), feats.dataset)
 
 
@@ -157,13 +172,11 @@ def encode_images(model: nn.Module, images, *, cache: FeatureCache | None = None
     Raw (unnormalised) by default, for experiments that compare cosine with dot product.
     """
     model = model.eval().to(device)
-    if has_towers(model):
-        feats = embed_images(model.image_tower, images, cache=cache, device=device, progress=progress, desc=desc,
-                             **kwargs)
+    feats = embed_images(feature_towers(model)[0], images, cache=cache, device=device, progress=progress, desc=desc,
+                         **kwargs)
+    if isinstance(model, TowerModel):
         z = project_features(lambda x: model.project_image(x, normalize=False), feats.features, device)
     else:
-        feats = embed_images(_EncodeImageAdapter(model), images, cache=cache, device=device, progress=progress,
-                             desc=desc, **kwargs)
         z = torch.as_tensor(np.array(feats.features, dtype=np.float32))
     return torch.nn.functional.normalize(z, dim=-1) if normalize else z
 
@@ -177,7 +190,7 @@ def image_tower_features(model: nn.Module, images, *, cache: FeatureCache | None
     """
     from cliplab.data.images import ImageFiles, ImageSet, MirroredImages
 
-    tower = model.image_tower if has_towers(model) else _EncodeImageAdapter(model.eval().to(device))
+    tower = feature_towers(model.eval().to(device))[0]
     images = images if isinstance(images, ImageSet) else ImageFiles(images)
     feats = np.array(embed_images(tower, images, cache=cache, device=device, progress=progress, desc=desc,
                                   **kwargs).features, dtype=np.float32)

@@ -9,8 +9,12 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 
 def top_k_accuracy(y_true: np.ndarray, scores: np.ndarray, k: int) -> float:
-    """% of rows whose true class is among the k highest scores (ties broken against the model)."""
+    """% of rows whose true class is among the k highest scores (ties broken against the model).
+    Non-finite scores are refused (:class:`~cliplab.errors.NumericError`)."""
+    from cliplab.eval.retrieval import check_finite
+
     scores = np.asarray(scores, dtype=np.float64)
+    check_finite(scores, "class scores")
     y_true = np.asarray(y_true)
     true_score = scores[np.arange(len(y_true)), y_true]
     above = (scores > true_score[:, None]).sum(1)
@@ -21,8 +25,11 @@ def top_k_accuracy(y_true: np.ndarray, scores: np.ndarray, k: int) -> float:
 def classification_metrics(y_true: Sequence[int], scores: np.ndarray, class_names: Sequence[str],
                            ks: Sequence[int] = (1, 5)) -> dict:
     """All metrics as plain JSON-able values; ``scores`` is ``[N, C]`` (logits or probabilities)."""
+    from cliplab.eval.retrieval import check_finite
+
     y_true = np.asarray(y_true)
     scores = np.asarray(scores)
+    check_finite(scores, "class scores")
     y_pred = scores.argmax(1)
     labels = list(range(len(class_names)))
     p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)

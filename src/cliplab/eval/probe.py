@@ -20,6 +20,19 @@ from sklearn.preprocessing import StandardScaler
 
 from cliplab.errors import ConfigError
 
+VAL_FRACTION = 0.2  # share of each class of the training set held out to choose hyperparameters
+
+
+def check_probe_training_set(labels: np.ndarray, class_names: list[str], val_fraction: float = VAL_FRACTION) -> None:
+    """Every class needs an image to fit on and one to validate on; checked before features are computed."""
+    counts = np.bincount(np.asarray(labels), minlength=len(class_names))
+    small = [f"{class_names[c]} ({n})" for c, n in enumerate(counts) if n < 2]
+    if small:
+        raise ConfigError(f"probe: these classes have fewer than 2 training images, so none is left to choose the "
+                          f"regularisation on: {', '.join(small[:6])}")
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"validation fraction must be in (0, 1), not {val_fraction}")
+
 
 def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train, val) index arrays."""
@@ -74,7 +87,7 @@ def _logreg(x, y, c: float, max_iter: int, seed: int) -> LogisticRegression:
     return clf
 
 
-def fit_logistic_probe(features: np.ndarray, labels: np.ndarray, *, val_fraction: float = 0.2, seed: int = 0,
+def fit_logistic_probe(features: np.ndarray, labels: np.ndarray, *, val_fraction: float = VAL_FRACTION, seed: int = 0,
                        c_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
                        refine_steps: int = 4, max_iter: int = 1000, power_norm: bool = False) -> ProbeFit:
     """Logistic regression with C picked on a held-out validation split, then refit on all ``features``.
@@ -121,7 +134,7 @@ class TorchProbeConfig:
     batch_size: int = 256
     patience: int = 10
     label_smoothing: float = 0.0
-    val_fraction: float = 0.2
+    val_fraction: float = VAL_FRACTION
     seed: int = 0
     power_norm: bool = False
 

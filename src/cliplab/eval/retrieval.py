@@ -6,6 +6,8 @@ Conventions (as in the CLIP paper and CLIP_benchmark):
   its best-placed caption.
 Ties are broken against the model: an item scoring equal to the correct one counts as ranked above
 it, so a model that gives every pair the same score gets the worst ranks, not the best.
+Non-finite embeddings (NaN, inf) are refused with :class:`~cliplab.errors.NumericError`: with them
+every comparison is false and a NaN row would otherwise rank first.
 """
 
 from __future__ import annotations
@@ -15,7 +17,27 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cliplab.errors import NumericError
+
 DEFAULT_KS = (1, 5, 10)
+
+
+def check_finite(x: torch.Tensor | np.ndarray, what: str) -> None:
+    """Raise :class:`NumericError` naming ``what`` and the first bad rows when ``x`` has NaN or inf."""
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = torch.nonzero(~torch.isfinite(t.reshape(len(t), -1)).all(1)).flatten()
+        rows = ", ".join(str(int(i)) for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise NumericError(f"{what} contain NaN or infinite values ({len(bad)} of {len(t)} rows: {rows}); "
+                           "refusing to score them")
+
+
+def first_correct_rank(scores: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    """Per row of ``scores [Q, N]``: the rank (1 = best) of its best-scored correct item (``correct [Q, N]``,
+    at least one per row). Ties count against the model: every other item scoring at least as high ranks
+    above. The one rank rule of cliplab (metrics, galleries, reports)."""
+    best = scores.masked_fill(~correct, float("-inf")).amax(1, keepdim=True)
+    return ((scores >= best) & ~correct).sum(1) + 1
 
 
 @dataclass
@@ -41,6 +63,20 @@ def _stats(ranks: np.ndarray, prefix: str, ks) -> dict[str, float]:
     return out
 
 
+def metric_direction(name: str, ks=DEFAULT_KS) -> str:
+    """``max`` (higher is better) or ``min`` for a retrieval metric name; unknown names are a ConfigError
+    listing the valid ones (used to validate ``train.select_metric`` before any work)."""
+    from cliplab.errors import ConfigError
+
+    higher = [f"{d}_r{k}" for d in ("t2i", "i2t") for k in ks] + ["t2i_mrr", "i2t_mrr", "rsum"]
+    lower = [f"{d}_{s}" for d in ("t2i", "i2t") for s in ("median_rank", "mean_rank")]
+    if name in higher:
+        return "max"
+    if name in lower:
+        return "min"
+    raise ConfigError(f"unknown retrieval metric {name!r}; choose one of {', '.join(higher + lower)}")
+
+
 def summarize_ranks(t2i_ranks: np.ndarray, i2t_ranks: np.ndarray, ks=DEFAULT_KS) -> dict[str, float]:
     metrics = {**_stats(t2i_ranks, "t2i", ks), **_stats(i2t_ranks, "i2t", ks)}
     metrics["rsum"] = float(sum(metrics[f"t2i_r{k}"] + metrics[f"i2t_r{k}"] for k in ks))
@@ -63,6 +99,8 @@ def retrieval_ranks(image_emb, text_emb, caption_image, *, block_size: int = 512
     """
     img = _as_tensor(image_emb).float().to(device)
     txt = _as_tensor(text_emb).float().to(device)
+    check_finite(img, "image embeddings")
+    check_finite(txt, "caption embeddings")
     owner = _as_tensor(np.asarray(caption_image, dtype=np.int64)).to(device)
     n_img, n_txt = img.shape[0], txt.shape[0]
     if img.shape[1] != txt.shape[1]:
@@ -76,19 +114,16 @@ def retrieval_ranks(image_emb, text_emb, caption_image, *, block_size: int = 512
         raise ValueError(f"{int((counts == 0).sum())} images have no caption")
 
     t2i = torch.empty(n_txt, dtype=torch.long, device=device)
+    images = torch.arange(n_img, device=device)
     for s in range(0, n_txt, block_size):
         scores = txt[s:s + block_size] @ img.T  # [b, Ni]
-        pos = scores.gather(1, owner[s:s + block_size, None])
-        t2i[s:s + block_size] = (scores >= pos).sum(1)  # the correct image counts itself once
+        t2i[s:s + block_size] = first_correct_rank(scores, images[None, :] == owner[s:s + block_size, None])
 
     i2t = torch.empty(n_img, dtype=torch.long, device=device)
     for s in range(0, n_img, block_size):
         scores = img[s:s + block_size] @ txt.T  # [b, Nc]
         rows = torch.arange(s, min(s + block_size, n_img), device=device)
-        is_pos = owner[None, :] == rows[:, None]
-        best = scores.masked_fill(~is_pos, float("-inf")).amax(1, keepdim=True)
-        at_or_above = scores >= best
-        i2t[s:s + block_size] = (at_or_above & ~is_pos).sum(1) + 1
+        i2t[s:s + block_size] = first_correct_rank(scores, owner[None, :] == rows[:, None])
     return t2i.cpu().numpy(), i2t.cpu().numpy()
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cliplab.errors import ConfigError
+from cliplab.models.checkpoint import check_base_weights, load_checked
 from cliplab.models.stages import Stage, Stages, ParamHolder
 from cliplab.models.tuning import TowerTuning, apply_lora_spec, apply_tower_tuning, count_parameters
 from cliplab.utils import atomic_write, sha256_file, sha256_state, sha256_text, write_json
@@ -48,10 +49,14 @@ class CLIPModelWrapper(nn.Module):
         self.backend = backend
         self.tokenizer = tokenizer
         self._transform = transform
-        self.source = source
+        self.source = source  # the full spec: a folder, ``ARCH/TAG``, ``hf-hub:org/repo`` or a HF id
         self.lora: dict[str, dict] = {}  # side -> LoRA spec (with the root module it was injected into)
         self.saved_keys: list[str] = []  # tensors loaded from a fine-tuned checkpoint
         self.weights_delta = ""
+        folder = Path(source)
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
+        # the base weights: the file's digest for a local folder, else the full spec (ARCH/TAG keeps its tag)
+        self.base_id = sha256_file(files[0]) if files else sha256_text("clip-spec", backend, source)
 
     # -- towers (used by fine-tuning code to find the parts to adapt)
     @property
@@ -89,9 +94,13 @@ class CLIPModelWrapper(nn.Module):
         return F.normalize(z, dim=-1) if normalize else z
 
     def fingerprint(self) -> str:
-        folder = Path(self.source)
-        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
-        return sha256_text("clip", self.backend, sha256_file(files[0]) if files else self.source, *self.tuned_parts)
+        return sha256_text("clip", self.backend, self.base_id, *self.tuned_parts)
+
+    def side_fingerprints(self) -> tuple[str, str]:
+        return self.fingerprint(), self.fingerprint()
+
+    def base_weights(self) -> dict[str, str]:
+        return {"clip": self.base_id}
 
     # -- fine-tuning: each side is [encoder, projection]
     def _roots(self) -> dict[str, nn.Module]:
@@ -167,15 +176,32 @@ class CLIPModelWrapper(nn.Module):
     def tuned_parts(self) -> list[str]:
         return ([repr(sorted(self.lora.items()))] if self.lora else []) + ([self.weights_delta] if self.weights_delta else [])
 
+    def _saved_keys(self) -> set[str]:
+        """Keys (relative to the inner model) of the tensors ``save`` writes."""
+        return {n for n, p in self.model.named_parameters() if p.requires_grad} | set(self.saved_keys)
+
     def save(self, directory: str | Path) -> Path:
         """The fine-tuned tensors (projections, adapters, unfrozen blocks) + how to rebuild the base model."""
         directory = Path(directory)
-        keys = {n for n, p in self.model.named_parameters() if p.requires_grad} | set(self.saved_keys)
+        keys = self._saved_keys()
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items() if k in keys}
         atomic_write(directory / CLIP_WEIGHTS, lambda p: save_file(state, str(p)))
         write_json(directory / CLIP_TUNED_CONFIG, {"model_type": "cliplab.CLIP", "source": self.source,
-                                                   "backend": self.backend, "lora": self.lora})
+                                                   "backend": self.backend, "lora": self.lora,
+                                                   "base_weights": self.base_weights()})
         return directory
+
+    def load_trained(self, directory: str | Path) -> None:
+        """Reload tensors this model saved (keys relative to the inner model), strictly."""
+        import json
+
+        directory = Path(directory)
+        path = directory / CLIP_WEIGHTS
+        if not path.is_file():
+            raise ConfigError(f"{directory}: no {CLIP_WEIGHTS}")
+        raw = json.loads((directory / CLIP_TUNED_CONFIG).read_text(encoding="utf-8"))
+        check_base_weights(raw.get("base_weights"), self.base_weights(), str(directory))
+        load_checked(self.model, load_file(str(path)), where=str(path), required=self._saved_keys())
 
 
 def _as_tensor(out) -> torch.Tensor:
@@ -208,7 +234,10 @@ def _load_open_clip(name: str, pretrained: str | None) -> CLIPModelWrapper:
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     transform = _transform(int(size), model.visual.image_mean, model.visual.image_std)
-    source = name.split(":", 1)[1] if name.startswith("local-dir:") else name
+    if name.startswith("local-dir:"):
+        source = name.split(":", 1)[1]
+    else:  # keep the pretrained tag: ViT-B-32/openai and ViT-B-32/laion2b_s34b_b79k are different weights
+        source = f"{name}/{pretrained}" if pretrained else name
     return CLIPModelWrapper(model, "open_clip", tokenizer, transform, source)
 
 
@@ -279,10 +308,11 @@ def _load_tuned(directory: Path) -> CLIPModelWrapper:
         root = wrapper.model.get_submodule(spec["root"]) if spec["root"] else wrapper.model
         apply_lora_spec(root, spec)
         wrapper.lora[side] = spec
+    check_base_weights(raw.get("base_weights"), wrapper.base_weights(), str(directory))
+    if not (directory / CLIP_WEIGHTS).is_file():
+        raise ConfigError(f"{directory}: no {CLIP_WEIGHTS}")
     state = load_file(str(directory / CLIP_WEIGHTS))
-    missing, unexpected = wrapper.model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ConfigError(f"{directory}: weights do not match the model (unexpected {unexpected[:3]})")
+    load_checked(wrapper.model, state, where=str(directory / CLIP_WEIGHTS))
     wrapper.saved_keys = sorted(state)
     wrapper.weights_delta = sha256_state(state)
     return wrapper.eval()

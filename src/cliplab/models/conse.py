@@ -15,6 +15,7 @@ from torch import nn
 
 from cliplab.models.image_tower import ImageTower
 from cliplab.models.text_tower import TextTower
+from cliplab.utils import sha256_text
 
 CONSE_TEMPLATES = ("a photo of a {}.", "{}")
 
@@ -35,6 +36,7 @@ class ConSE(nn.Module):
         self.image_tower = image_tower
         self.text_tower = text_tower
         self.top_t = top_t
+        self.templates = tuple(templates)
         self.class_names = class_names or imagenet_classnames()
         if image_tower.num_classes != len(self.class_names):
             raise ValueError(f"image tower has {image_tower.num_classes} classes, {len(self.class_names)} names given")
@@ -67,3 +69,7 @@ class ConSE(nn.Module):
 
     def preprocess(self):
         return self.image_tower.transform()
+
+    def fingerprint(self) -> str:
+        return sha256_text("conse", self.image_tower.fingerprint(), self.text_tower.fingerprint(), str(self.top_t),
+                           *self.templates, *self.class_names)

@@ -18,6 +18,16 @@ class HeadConfig:
     dropout: float = 0.1
     input_dropout: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "mlp"):
+            raise ConfigError(f"model.head.kind must be 'linear' or 'mlp', not {self.kind!r}")
+        for name in ("embed_dim", "hidden_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"model.head.{name} must be >= 1, not {getattr(self, name)!r}")
+        for name in ("dropout", "input_dropout"):
+            if not 0 <= float(getattr(self, name)) < 1:
+                raise ConfigError(f"model.head.{name} must be in [0, 1), not {getattr(self, name)!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

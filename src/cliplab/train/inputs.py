@@ -23,14 +23,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cliplab.data.captions import CaptionDataset
-from cliplab.data.images import ImageFiles, ImageSet, MirroredImages
+from cliplab.data.images import ImageFiles, ImageSet, MirroredImages, preprocess_geometry
 from cliplab.embed.backends import OnnxTensorFunction, resolve_backend
 from cliplab.embed.cache import FeatureCache
 from cliplab.embed.extract import default_workers
 from cliplab.embed.pipeline import DatasetFeatures
 from cliplab.errors import ConfigError
 from cliplab.models.stages import Stages
-from cliplab.utils import atomic_write, sha256_text
+from cliplab.utils import sha256_text
 
 log = logging.getLogger(__name__)
 
@@ -154,24 +154,6 @@ def train_augmentation(size: int, mean, std) -> T.Compose:
     ])
 
 
-def _normalize_of(transform) -> tuple[tuple, tuple, int]:
-    norm = [t for t in getattr(transform, "transforms", []) if isinstance(t, T.Normalize)]
-    crop = [t for t in getattr(transform, "transforms", []) if isinstance(t, T.CenterCrop)]
-    size = crop[0].size if crop else (224, 224)
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    if not norm:
-        return (0.5,) * 3, (0.5,) * 3, size
-    return tuple(norm[0].mean), tuple(norm[0].std), size
-
-
-def _save_array(path: Path, arr: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
-            np.save(f, arr)
-
-    atomic_write(path, write)
-
-
 class StagePrefix(nn.Module):
     """Stages ``[0, boundary)`` of one side as a module (what the ONNX export of a frozen prefix traces)."""
 
@@ -204,34 +186,27 @@ def _prefix_runner(stages: Stages, boundary: int, key: str, example: torch.Tenso
 
 @torch.inference_mode()
 def _image_prefix(run: Callable[[torch.Tensor], torch.Tensor], images: ImageSet, transform, device, batch_size: int,
-                  progress: bool, desc: str) -> np.ndarray:
-    """``run`` (the frozen prefix) over every image, stored as float16."""
-    out = None
-    workers = default_workers()
-    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
-    with ThreadPoolExecutor(workers) as pool:
-        for s in range(0, len(images), batch_size):
-            idx = range(s, min(s + batch_size, len(images)))
+                  start: int, stop: int) -> np.ndarray:
+    """``run`` (the frozen prefix) over images ``[start, stop)``."""
+    out = []
+    with ThreadPoolExecutor(default_workers()) as pool:
+        for s in range(start, stop, batch_size):
+            idx = range(s, min(s + batch_size, stop))
             x = torch.stack(list(pool.map(lambda i: transform(images.load(i)), idx))).to(device)
             y = run(x)
             if not isinstance(y, torch.Tensor):
                 raise ConfigError("image stage outputs must be tensors")
-            if out is None:
-                out = np.empty((len(images),) + tuple(y.shape[1:]), dtype=np.float16)
-            out[s:s + len(idx)] = y.float().cpu().numpy()
-            bar.update(len(idx))
-    bar.close()
-    return out
+            out.append(y.float().cpu().numpy())
+    return np.concatenate(out)
 
 
 @torch.inference_mode()
-def _text_prefix(stages: Stages, boundary: int, texts: Sequence[str], tokenize, device, batch_size: int,
-                 progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Returns ``(array, None)`` for pooled outputs or ``(tokens [T_total, H], offsets [N+1])``."""
+def _text_prefix(stages: Stages, boundary: int, texts: Sequence[str], tokenize, device,
+                 batch_size: int) -> np.ndarray | list[np.ndarray]:
+    """Pooled outputs ``[N, H]``, or each caption's token activations ``[L_i, H]`` (no padding)."""
     order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths share a batch
     pieces: dict[int, np.ndarray] = {}
     pooled = None
-    bar = tqdm(total=len(texts), desc=desc, unit="cap", disable=not progress, dynamic_ncols=True)
     for s in range(0, len(texts), batch_size):
         idx = order[s:s + batch_size]
         tokens = tokenize([texts[i] for i in idx])
@@ -239,36 +214,25 @@ def _text_prefix(stages: Stages, boundary: int, texts: Sequence[str], tokenize, 
         y = stages.run(tokens, 0, boundary)
         if isinstance(y, torch.Tensor):
             if pooled is None:
-                pooled = np.empty((len(texts),) + tuple(y.shape[1:]), dtype=np.float16)
+                pooled = np.empty((len(texts),) + tuple(y.shape[1:]), dtype=np.float32)
             pooled[idx] = y.float().cpu().numpy()
         else:
             hidden, mask = y
             lengths = mask.sum(1).tolist()
-            h = hidden.float().cpu().numpy().astype(np.float16)
+            h = hidden.float().cpu().numpy()
             for row, (i, n) in enumerate(zip(idx, lengths)):
                 pieces[int(i)] = h[row, :n]
-        bar.update(len(idx))
-    bar.close()
-    if pooled is not None:
-        return pooled, None
-    lengths = np.array([len(pieces[i]) for i in range(len(texts))])
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return np.concatenate([pieces[i] for i in range(len(texts))]), offsets
+    return pooled if pooled is not None else [pieces[i] for i in range(len(texts))]
 
 
-def _cached(cache: FeatureCache, key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray | None]]):
-    folder = cache.root / f"prefix-{key}"
-    acts, offsets = folder / "acts.npy", folder / "offsets.npy"
-    done = folder / "done"
-    if not done.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        arr, offs = compute()
-        _save_array(acts, arr)
-        if offs is not None:
-            _save_array(offsets, offs)
-        done.write_text("ok\n")
-    arr = np.load(acts, mmap_mode="r")
-    return arr, (np.load(offsets) if offsets.is_file() else None)
+def _prefix_store(cache: FeatureCache, key: str, n: int, compute, desc: str, progress: bool, ragged: bool,
+                  chunk_size: int):
+    """Frozen-prefix activations in the feature store (float16, chunked, locked, resumable, atomic)."""
+    def chunk(start: int, stop: int):
+        return compute(start, stop), np.ones(stop - start, dtype=bool), []
+
+    return cache.get_or_compute("prefix", sha256_text("prefix-v2", key)[:32], n, chunk, desc=desc, progress=progress,
+                                dtype="float16", ragged=ragged, chunk_size=chunk_size, meta={"prefix": key})
 
 
 def image_acts(model, stages: Stages, boundary: int, images: ImageSet, *, cache: FeatureCache, device,
@@ -280,7 +244,7 @@ def image_acts(model, stages: Stages, boundary: int, images: ImageSet, *, cache:
     if boundary == 0:
         train_tf = None
         if augment == "full":
-            mean, std, size = _normalize_of(transform)
+            size, mean, std = preprocess_geometry(transform)
             train_tf = train_augmentation(size, mean, std)
         elif augment == "flip":
             train_tf = T.Compose([T.RandomHorizontalFlip(), *transform.transforms])
@@ -293,14 +257,15 @@ def image_acts(model, stages: Stages, boundary: int, images: ImageSet, *, cache:
 
     @functools.cache
     def runner() -> Callable[[torch.Tensor], torch.Tensor]:  # built on the first cache miss, shared by both sets
-        size = _normalize_of(transform)[2]
+        size = preprocess_geometry(transform)[0]
         return _prefix_runner(stages, boundary, sha256_text(*prefix_id)[:24], torch.zeros(2, 3, size, size), device,
                               backend, cache)
 
     def compute(imgs: ImageSet, what: str):
-        key = sha256_text(*prefix_id, *imgs.keys())[:32]
-        return _cached(cache, key, lambda: (_image_prefix(runner(), imgs, transform, device, batch_size, progress,
-                                                          what), None))[0]
+        key = sha256_text(*prefix_id, *imgs.keys())
+        return _prefix_store(cache, key, len(imgs), lambda a, b: _image_prefix(runner(), imgs, transform, device,
+                                                                               batch_size, a, b),
+                             f"{what}", progress, ragged=False, chunk_size=512).features
 
     array = compute(images, f"{desc} (frozen prefix)")
     mirrored = compute(MirroredImages(images), f"{desc} (mirrored prefix)") if augment == "flip" else None
@@ -311,10 +276,12 @@ def text_acts(stages: Stages, boundary: int, texts: Sequence[str], tokenize, *, 
               fingerprint: str, batch_size: int = 128, progress: bool = True, desc: str = "captions") -> Acts:
     if boundary == 0:
         return TextActs(texts, tokenize)
-    key = sha256_text(fingerprint, "text-prefix", str(boundary), stages[boundary - 1].name, *texts)[:32]
-    arr, offsets = _cached(cache, key, lambda: _text_prefix(stages, boundary, texts, tokenize, device, batch_size,
-                                                            progress, f"{desc} (frozen prefix)"))
-    return ArrayActs(arr) if offsets is None else TokenActs(arr, offsets)
+    key = sha256_text(fingerprint, "text-prefix", str(boundary), stages[boundary - 1].name, *texts)
+    ragged = bool(texts) and not isinstance(_text_prefix(stages, boundary, texts[:1], tokenize, device, 1), np.ndarray)
+    stored = _prefix_store(cache, key, len(texts), lambda a, b: _text_prefix(stages, boundary, texts[a:b], tokenize,
+                                                                             device, batch_size),
+                           f"{desc} (frozen prefix)", progress, ragged=ragged, chunk_size=4096)
+    return TokenActs(stored.features, stored.offsets) if ragged else ArrayActs(stored.features)
 
 
 @torch.inference_mode()

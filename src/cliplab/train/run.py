@@ -5,7 +5,6 @@ Under ``torchrun`` every process runs this; process 0 writes the results.
 
 from __future__ import annotations
 
-import copy
 import os
 import platform
 import time
@@ -14,22 +13,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from cliplab import rundir
 from cliplab.data.captions import load_caption_dataset
 from cliplab.data.images import ImageFiles, MirroredImages
 from cliplab.embed.cache import FeatureCache
 from cliplab.embed.extract import embed_images
-from cliplab.embed.pipeline import (_EncodeImageAdapter, _EncodeTextAdapter, evaluate_retrieval,
-                                    normalized_features, project_features, tower_features)
+from cliplab.embed.pipeline import (evaluate_retrieval, feature_towers, normalized_features, project_features,
+                                    tower_features)
+from cliplab.errors import ConfigError
 from cliplab.eval.retrieval import retrieval_metrics
 from cliplab.eval.tables import retrieval_markdown
-from cliplab.models.conse import ConSE
-from cliplab.models.image_tower import ImageTower
-from cliplab.models.text_tower import TextTower
-from cliplab.models.two_tower import TwoTower
+from cliplab.models.base import TowerModel, TrainableModel
+from cliplab.models.checkpoint import check_base_weights, load_checked
+from cliplab.models.clip import load_clip
+from cliplab.models.factory import create_conse, create_model
+from cliplab.models.two_tower import CONFIG_NAME, WEIGHTS_NAME, TwoTower
+from cliplab.rundir import BEST, CHECKPOINT
 from cliplab.train.config import RunConfig
 from cliplab.train.distributed import init_distributed
 from cliplab.train.inputs import ArrayActs, SplitInputs, image_acts, text_acts
-from cliplab.train.trainer import BEST_DIR, Trainer
+from cliplab.train.trainer import Trainer, check_resume_config
 from cliplab.utils import resolve_device, seed_everything, write_json, write_text
 
 
@@ -44,56 +47,55 @@ def environment() -> dict:
 
 def build_model(config: RunConfig):
     """The model a run trains, with ``train.trainable`` and the tower tunings applied."""
-    if config.clip:
-        from cliplab.models.clip import load_clip
-
-        model = load_clip(config.clip)
-    else:
-        mcfg = copy.deepcopy(config.model)  # tuning records adapters in the model's config, not the caller's
-        model = TwoTower(mcfg, image_tower=ImageTower(mcfg.image), text_tower=TextTower(mcfg.text))
-    fingerprints = _side_fingerprints(model)  # before adapters change them: the frozen prefixes are untouched
+    model: TrainableModel = (load_clip(config.clip) if config.clip
+                             else create_model(config.model, seed=config.train.seed))
+    fingerprints = model.side_fingerprints()  # before adapters change them: the frozen prefixes are untouched
     model.set_trainable(config.train.trainable)
     counts = model.tune_towers(*config.train.tunings())
     if config.train.init_from:  # after tuning, so that LoRA adapters exist to receive saved ones
         if config.clip:
-            from cliplab.errors import ConfigError
-
             raise ConfigError("train.init_from applies to two-tower models; for a CLIP give the tuned folder as `clip`")
         _init_from(model, Path(config.train.init_from))
     return model, fingerprints, counts
 
 
 def _init_from(model: TwoTower, path: Path) -> None:
-    """Copy a saved model's weights (heads, temperature, any tuned tower tensors) into ``model``."""
-    from cliplab.errors import ConfigError
-
-    path = path / "best" if (path / "best").is_dir() else path
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise ConfigError(f"train.init_from: no model.safetensors in {path}")
-    state = load_file(str(weights))
-    _, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or not any(k.startswith("image_head.") for k in state):
-        raise ConfigError(f"train.init_from: {path} does not match this model's configuration "
-                          f"(unexpected {unexpected[:3]})")
-
-
-def _side_fingerprints(model) -> tuple[str, str]:
-    if hasattr(model, "image_tower"):
-        return model.image_tower.fingerprint(), model.text_tower.fingerprint()
-    return model.fingerprint(), model.fingerprint()
+    """Copy a saved two-tower model's tensors (heads, temperature, any tuned tower tensors) into ``model``:
+    every saved tensor must exist here, the heads must be there, and the base weights must be the same."""
+    path = rundir.model_dir(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file() or not (path / CONFIG_NAME).is_file():
+        raise ConfigError(f"train.init_from: {path} is not a two-tower model folder (no {WEIGHTS_NAME})")
+    check_base_weights(rundir.read_json(path / CONFIG_NAME).get("base_weights"), model.base_weights(),
+                       f"train.init_from {path}")
+    heads = [k for k in model.state_dict() if k.startswith(("image_head.", "text_head.", "logit_scale"))]
+    load_checked(model, load_file(str(weights)), where=f"train.init_from {weights}", required=heads)
 
 
 def frozen_features(model, config: RunConfig, split: str, cache: FeatureCache, device, progress: bool):
     """Pooled frozen-tower features (a CLIP: its embeddings) of a split; drops or raises on bad images."""
     d = config.data
     ds = load_caption_dataset(d.path, split, image_root=d.image_root, on_error=d.on_error)
-    if hasattr(model, "image_tower"):
-        towers = model.image_tower, model.text_tower
-    else:
-        towers = _EncodeImageAdapter(model), _EncodeTextAdapter(model)
-    return tower_features(*towers, ds, cache=cache, on_error=d.on_error, device=device,
+    return tower_features(*feature_towers(model), ds, cache=cache, on_error=d.on_error, device=device,
                           num_workers=d.num_workers, progress=progress, backend=d.backend)
+
+
+def check_splits(config: RunConfig) -> None:
+    """Train, dev and test must be non-empty and share no image (asserted before any features are computed):
+    the dev split selects, the test split is reported once."""
+    d = config.data
+    names = {"train": d.train_split, "dev": d.dev_split, "test": d.test_split}
+    images = {}
+    for role, split in names.items():
+        ds = load_caption_dataset(d.path, split, image_root=d.image_root, on_error="skip")
+        if ds.num_images == 0:
+            raise ConfigError(f"{d.path}: the {role} split ({split!r}) has no images")
+        images[role] = {str(p.resolve()) for p in ds.image_paths()}
+    for a, b in (("train", "test"), ("dev", "test"), ("train", "dev")):
+        shared = images[a] & images[b]
+        if shared:
+            raise ConfigError(f"{d.path}: the {a} split ({names[a]!r}) and the {b} split ({names[b]!r}) share "
+                              f"{len(shared)} image(s), e.g. {sorted(shared)[0]}; they must be disjoint")
 
 
 def split_inputs(model, fingerprints: tuple[str, str], feats, config: RunConfig, cache: FeatureCache, device,
@@ -106,7 +108,7 @@ def split_inputs(model, fingerprints: tuple[str, str], feats, config: RunConfig,
     bt = min(text_stages.first_trainable(), len(text_stages) - 1)
     augment = config.train.augment if train else "none"
     images = ImageFiles(ds.image_paths())
-    pooled = hasattr(model, "image_tower")  # a TwoTower's pooled features are the head's input
+    pooled = isinstance(model, TowerModel)  # a TwoTower's pooled features are the head's input
     if pooled and bi == len(image_stages) - 1:
         mirrored = None
         if augment == "flip":
@@ -142,9 +144,14 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     dist = init_distributed(device)
     progress = progress and dist.is_main
     log = log if dist.is_main else (lambda *a, **k: None)
+    record = config.training_record()
+    if resume and (run_dir / CHECKPOINT).is_file():  # refuse before anything is overwritten or computed
+        ckpt = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True)
+        check_resume_config(run_dir, ckpt.get("config"), record)
+        del ckpt
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", config.to_dict())
+        write_json(run_dir / rundir.CONFIG, config.to_dict())
     seed_everything(config.train.seed)
     cache = FeatureCache(config.data.cache_dir)
     t0 = time.time()
@@ -156,6 +163,7 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     if not dist.is_main:
         dist.barrier()  # process 0 fills the caches first
     splits, inputs = {}, {}
+    check_splits(config)
     for name, split in (("train", config.data.train_split), ("dev", config.data.dev_split),
                         ("test", config.data.test_split)):
         splits[name] = frozen_features(model, config, split, cache, device, progress)
@@ -176,17 +184,17 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
         test[baseline] = _clip_zero_shot(splits["test"], device)
         spaces["zero-shot CLIP (before)"] = normalized_features(splits["test"])
     if config.baseline and not config.clip:
-        conse = ConSE(model.image_tower, model.text_tower).to(device)
+        conse = create_conse(model.image_tower, model.text_tower).to(device)
         test["conse"] = evaluate_retrieval(conse, splits["test"], device)
         spaces["conse (before)"] = (project_features(conse.project_image, splits["test"].image, device),
                                     project_features(conse.project_text, splits["test"].text, device))
         del conse
     t1 = time.time()
     fit = trainer.fit(inputs["train"], inputs["dev"], resume=resume,
-                      also_evaluate={"test": inputs["test"]} if track_test else None)
+                      also_evaluate={"test": inputs["test"]} if track_test else None, config_record=record)
     t_train = time.time() - t1
     dist.barrier()
-    model.load_state_dict(load_file(str(run_dir / BEST_DIR / "model.safetensors")), strict=False)
+    model.load_trained(run_dir / BEST)  # strict: the test numbers are the dev-selected model's
 
     trained_space = trainer.embed(inputs["test"])
     test["trained"] = retrieval_metrics(*trained_space, splits["test"].caption_image, device=device).metrics
@@ -203,10 +211,11 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
         "features_reused": all(f.reused for f in splits.values()),
         "world_size": dist.world_size,
         "environment": environment(),
+        "provenance": rundir.provenance(),
     }
     if dist.is_main:
-        write_json(run_dir / "results.json", results)
-        write_text(run_dir / "results.md", retrieval_markdown(test, f"Test retrieval: {splits['test'].dataset.name}"))
+        write_json(run_dir / rundir.RESULTS, results)
+        write_text(run_dir / rundir.RESULTS_MD, retrieval_markdown(test, f"Test retrieval: {splits['test'].dataset.name}"))
         if plots:
             from cliplab.viz.runs import plot_retrieval, plot_training
 

@@ -11,9 +11,11 @@ Sweep file (YAML)::
       train.lr: [1.0e-5, 1.0e-6]
       train.trainable: [image_head, text_head]
 
-Writes ``results.csv`` + ``results.md`` (one row per run: its settings, best dev epoch, test recalls)
-and ``curves.csv`` (per run and epoch: train loss, dev and test R@1) next to one folder per run.
-A finished run is skipped when the sweep is started again; an interrupted one resumes.
+Writes ``results.csv`` + ``results.md`` (one row per run: its settings, best dev epoch, its dev score,
+test recalls) and ``curves.csv`` (per run and epoch: train loss, dev and test R@1) next to one folder per
+run, and ``selected.json``: the run with the best dev score (``train.select_metric``) — the one to
+report. A finished run is skipped when the sweep is started again; an interrupted one resumes; a run
+folder left by a different config is refused (naming the changed keys) unless ``fresh``.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from pathlib import Path
 
 import yaml
 
+from cliplab import rundir
 from cliplab.errors import ConfigError
 from cliplab.eval.tables import markdown_table
+from cliplab.rundir import CURVES, SWEEP, SWEEP_RESULTS, read_metrics
 from cliplab.train.config import RunConfig
 from cliplab.train.run import train_run
-from cliplab.train.trainer import read_metrics
 from cliplab.utils import write_json, write_text
 
 
@@ -86,25 +89,30 @@ def _vary_name(settings: dict, defaults: dict) -> str:
     return run_name(changed) if changed else "base"
 
 
-def run_sweep(sweep_file: str | Path, out_dir: str | Path, *, progress: bool = True, log=print) -> list[dict]:
+def run_sweep(sweep_file: str | Path, out_dir: str | Path, *, progress: bool = True, log=print,
+              fresh: bool = False) -> list[dict]:
+    """Run every setting (skipping finished ones); ``fresh`` starts runs over instead of resuming them."""
     base, grid, fixed, kind = load_sweep(sweep_file)
     out_dir = Path(out_dir)
     base = base.with_overrides(fixed) if fixed else base
     combos = sweep_settings(base, grid, kind)
     configs = [(s, base.with_overrides([f"{k}={json.dumps(v)}" for k, v in s.items()])) for s in combos]
     names = [run_name(s) if kind == "grid" else _vary_name(s, combos[0]) for s in combos]
-    write_json(out_dir / "sweep.json", {"base": base.to_dict(), kind: grid, "runs": names})
+    metric, direction = base.train.select_metric, base.train.select_direction
+    write_json(out_dir / SWEEP, {"base": base.to_dict(), kind: grid, "runs": names, "select_metric": metric})
     rows, curves = [], []
     for i, ((settings, cfg), name) in enumerate(zip(configs, names), 1):
         run_dir = out_dir / name
         log(f"[{i}/{len(configs)}] {name}")
-        done = run_dir / "results.json"
-        if done.is_file() and json.loads((run_dir / "config.json").read_text()) == cfg.to_dict():
-            results = json.loads(done.read_text())
+        done = run_dir / rundir.RESULTS
+        if (not fresh and done.is_file() and (run_dir / rundir.CONFIG).is_file()
+                and rundir.read_json(run_dir / rundir.CONFIG) == cfg.to_dict()):
+            results = rundir.read_json(done)
         else:
-            results = train_run(cfg, run_dir, resume=True, progress=progress, log=log, track_test=True)
+            results = train_run(cfg, run_dir, resume=not fresh, progress=progress, log=log, track_test=True)
         test = results["test"]["trained"]
         rows.append({"run": name, **settings, "best_epoch": results["fit"]["best_epoch"],
+                     f"dev_{metric}": round(results["fit"][f"best_dev_{metric}"], 2),
                      "test_t2i_r1": round(test["t2i_r1"], 2), "test_i2t_r1": round(test["i2t_r1"], 2),
                      "test_t2i_r5": round(test["t2i_r5"], 2), "test_i2t_r5": round(test["i2t_r5"], 2),
                      "test_rsum": round(test["rsum"], 1), "train_seconds": round(results["seconds"]["train"], 1)})
@@ -114,6 +122,12 @@ def run_sweep(sweep_file: str | Path, out_dir: str | Path, *, progress: bool = T
                            "test_t2i_r1": rec.get("test", {}).get("t2i_r1"),
                            "test_i2t_r1": rec.get("test", {}).get("i2t_r1")})
         _write_tables(out_dir, rows, curves)
+    pick = (max if direction == "max" else min)(rows, key=lambda r: r[f"dev_{metric}"])
+    write_json(out_dir / "selected.json", {"run": pick["run"], "select_metric": metric, "direction": direction,
+                                           f"dev_{metric}": pick[f"dev_{metric}"],
+                                           "protocol": f"chosen by best dev {metric} over {len(rows)} runs; "
+                                                       "report this run's test numbers, once"})
+    log(f"selected by dev {metric}: {pick['run']} ({pick[f'dev_{metric}']})")
     return rows
 
 
@@ -127,7 +141,7 @@ def _csv(rows: list[dict]) -> str:
 
 
 def _write_tables(out_dir: Path, rows: list[dict], curves: list[dict]) -> None:
-    write_text(out_dir / "results.csv", _csv(rows))
-    write_text(out_dir / "curves.csv", _csv(curves))
+    write_text(out_dir / SWEEP_RESULTS, _csv(rows))
+    write_text(out_dir / CURVES, _csv(curves))
     header = list(dict.fromkeys(k for r in rows for k in r))
-    write_text(out_dir / "results.md", markdown_table(header, [[str(r.get(h, "")) for h in header] for r in rows]))
+    write_text(out_dir / rundir.RESULTS_MD, markdown_table(header, [[str(r.get(h, "")) for h in header] for r in rows]))

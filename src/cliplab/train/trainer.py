@@ -1,14 +1,15 @@
 """Train projection heads, temperature and (optionally) tower blocks or adapters on cached activations.
 
-Dev evaluation every epoch, early stopping on a dev recall metric, ``best/`` and ``last.pt``
-checkpoints, ``metrics.jsonl`` + TensorBoard logs. A killed run resumes from ``last.pt``; epoch
-shuffles are a function of (seed, epoch), so a resumed run ends where an uninterrupted one does.
+Dev evaluation every epoch, early stopping on a dev retrieval metric (higher or lower is better, by
+the metric), ``best/`` and ``last.pt`` checkpoints, per-epoch metrics + TensorBoard logs (file names in
+:mod:`cliplab.rundir`). A killed run resumes from ``last.pt``; epoch shuffles are a function of (seed,
+epoch), so a resumed run ends where an uninterrupted one does. The checkpoint records the training
+config: resuming with a changed one is refused, naming the changed keys. A NaN/inf loss or dev metric
+stops training with a clear error and is never saved as best.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import time
 from dataclasses import asdict
@@ -20,17 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from cliplab import rundir
 from cliplab.embed.pipeline import DatasetFeatures
-from cliplab.errors import ConfigError
-from cliplab.train.config import TrainConfig
+from cliplab.errors import ConfigError, NumericError
+from cliplab.models.checkpoint import load_checked
+from cliplab.rundir import BEST, CHECKPOINT, METRICS, append_metrics, truncate_metrics
+from cliplab.train.config import TrainConfig, config_changes, flatten
 from cliplab.train.distributed import DistContext
 from cliplab.train.inputs import SplitInputs, embed_side, inputs_from_features
 from cliplab.train.losses import create_loss
-from cliplab.utils import atomic_write, resolve_device, seed_everything, write_text
-
-CHECKPOINT = "last.pt"
-BEST_DIR = "best"
-METRICS = "metrics.jsonl"
+from cliplab.utils import atomic_write, autocast, resolve_device, seed_everything
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, tower_params: set[int] | None = None,
@@ -58,7 +58,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
                                                    pct_start=max(warmup / total, 0.01))
     if cfg.schedule == "plateau":  # stepped once per epoch on the dev metric (see Trainer.fit)
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=cfg.select_direction, factor=0.5, patience=2)
     if cfg.schedule not in ("cosine", "constant"):
         raise ConfigError(f"schedule must be cosine, onecycle, plateau or constant, not {cfg.schedule!r}")
 
@@ -150,6 +150,7 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.tensorboard = tensorboard and self.dist.is_main
         self.image_stages, self.text_stages = model.image_stages(), model.text_stages()
+        self._config_record: dict | None = None
 
     def _inputs(self, split: SplitInputs | DatasetFeatures) -> SplitInputs:
         return split if isinstance(split, SplitInputs) else inputs_from_features(split, self.model)
@@ -172,10 +173,7 @@ class Trainer:
         return retrieval_metrics(img, txt, split.caption_image, device=self.device).metrics
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.cfg.amp:
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
+        return autocast(self.device, enabled=self.cfg.amp)
 
     # -- one global batch
     def batch_loss(self, split: SplitInputs, images: np.ndarray, captions: np.ndarray,
@@ -203,8 +201,18 @@ class Trainer:
         ckpt = {"epoch": epoch, "model": self._trainable_state(), "loss": self.loss_fn.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "torch_rng": torch.get_rng_state(), **state}
+                "torch_rng": torch.get_rng_state(), "config": self.config_record, **state}
         atomic_write(self.run_dir / CHECKPOINT, lambda p: torch.save(ckpt, p))
+
+    @property
+    def config_record(self) -> dict:
+        """What a checkpoint must have been trained with to be resumed (see ``RunConfig.training_record``)."""
+        if self._config_record is not None:
+            return self._config_record
+        return {k: v for k, v in flatten({"train": asdict(self.cfg)}).items() if k != "train.device"}
+
+    def _better(self, score: float, best: float) -> bool:
+        return score > best if self.cfg.select_direction == "max" else score < best
 
     def _check_boundaries(self, split: SplitInputs) -> None:
         for side, stages, b in (("image", self.image_stages, split.image_boundary),
@@ -223,9 +231,14 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=cfg.lr)
 
     def fit(self, train: SplitInputs | DatasetFeatures, dev: SplitInputs | DatasetFeatures | None = None,
-            resume: bool = True, also_evaluate: dict[str, SplitInputs | DatasetFeatures] | None = None) -> dict:
-        """Train; ``dev`` picks the best epoch, ``also_evaluate`` splits are only logged each epoch."""
+            resume: bool = True, also_evaluate: dict[str, SplitInputs | DatasetFeatures] | None = None,
+            config_record: dict | None = None) -> dict:
+        """Train; ``dev`` picks the best epoch, ``also_evaluate`` splits are only logged each epoch.
+        ``config_record`` (flat settings, default: the train config) is stored in the checkpoint and must
+        match on resume."""
         cfg = self.cfg
+        if config_record is not None:
+            self._config_record = dict(config_record)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
         model = self.model.to(self.device)
@@ -248,12 +261,14 @@ class Trainer:
         per_epoch = cfg.schedule == "plateau"
         trainable = [p for p in model.parameters() if p.requires_grad] + \
             [p for p in self.loss_fn.parameters() if p.requires_grad]
-        state = {"best_metric": -float("inf"), "best_epoch": -1, "bad_epochs": 0, "stopped_early": False}
+        worst = -float("inf") if cfg.select_direction == "max" else float("inf")
+        state = {"best_metric": worst, "best_epoch": -1, "bad_epochs": 0, "stopped_early": False}
         start_epoch = 0
         ckpt_path = self.run_dir / CHECKPOINT
         if resume and ckpt_path.is_file():
             ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=False)
-            model.load_state_dict(ckpt["model"], strict=False)
+            check_resume_config(self.run_dir, ckpt.get("config"), self.config_record)
+            load_checked(model, ckpt["model"], where=str(ckpt_path), required=self._trainable_state())
             self.loss_fn.load_state_dict(ckpt.get("loss", {}))
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -263,7 +278,7 @@ class Trainer:
             state = {k: ckpt[k] for k in state}
             start_epoch = ckpt["epoch"] + 1
             if self.dist.is_main:
-                self._truncate_metrics(ckpt["epoch"])
+                truncate_metrics(self.run_dir, ckpt["epoch"])
         elif (self.run_dir / METRICS).exists() and self.dist.is_main:
             (self.run_dir / METRICS).unlink()
         self.dist.barrier()
@@ -284,10 +299,16 @@ class Trainer:
             for step, (images, captions) in enumerate(steps, 1):
                 rng = np.random.default_rng([cfg.seed, epoch, step, self.dist.rank]) if augment else None
                 loss = self.batch_loss(train, images, captions, rng)
+                value = loss.item()
+                if not math.isfinite(value):
+                    last = f"{CHECKPOINT} holds epoch {epoch - 1}" if epoch > 0 else "no epoch finished"
+                    raise NumericError(f"training loss is {value} at epoch {epoch}, batch {step} (lr "
+                                       f"{optimizer.param_groups[0]['lr']:.3g}); stopped, {last}. Lower train.lr, "
+                                       "set train.grad_clip, or check the inputs for NaN")
                 # accumulation averages gradients of micro-batches; each keeps its own in-batch negatives
                 scaled = loss / cfg.grad_accum_steps
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                losses.append(loss.item())
+                losses.append(value)
                 if step % cfg.grad_accum_steps and step != n_batches:
                     continue
                 self.dist.average_gradients(trainable)
@@ -313,12 +334,14 @@ class Trainer:
                 dev_metrics = self.evaluate(dev)
                 record["dev"] = dev_metrics
                 score = dev_metrics[cfg.select_metric]
+                if not math.isfinite(score):
+                    raise NumericError(f"dev {cfg.select_metric} is {score} at epoch {epoch}; not saved as best")
                 if per_epoch:
                     scheduler.step(score)
-                if score > state["best_metric"]:
+                if self._better(score, state["best_metric"]):
                     state.update(best_metric=score, best_epoch=epoch, bad_epochs=0)
                     if self.dist.is_main:
-                        model.save(self.run_dir / BEST_DIR)
+                        model.save(self.run_dir / BEST)
                 else:
                     state["bad_epochs"] += 1
                     if cfg.patience and state["bad_epochs"] >= cfg.patience:
@@ -331,7 +354,7 @@ class Trainer:
             self.dist.barrier()
         bar.close()
         if (dev is None or state["best_epoch"] < 0) and self.dist.is_main:
-            model.save(self.run_dir / BEST_DIR)
+            model.save(self.run_dir / BEST)
         if writer is not None:
             writer.close()
         return {"best_epoch": state["best_epoch"], f"best_dev_{cfg.select_metric}": state["best_metric"],
@@ -342,11 +365,10 @@ class Trainer:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+        return SummaryWriter(str(self.run_dir / rundir.TENSORBOARD))
 
     def _log(self, writer, record: dict) -> None:
-        with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metrics(self.run_dir, record)
         if writer is not None:
             step = record["epoch"]
             for key in ("train_loss", "lr", "temperature"):
@@ -357,15 +379,14 @@ class Trainer:
                         writer.add_scalar(f"{split}/{key}", value, step)
             writer.flush()
 
-    def _truncate_metrics(self, last_epoch: int) -> None:
-        path = self.run_dir / METRICS
-        if not path.is_file():
-            return
-        keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                if ln.strip() and json.loads(ln)["epoch"] <= last_epoch]
-        write_text(path, "".join(ln + "\n" for ln in keep))
 
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / METRICS
-    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+def check_resume_config(run_dir: Path, saved: dict | None, current: dict) -> None:
+    """Refuse to resume a checkpoint made with other training settings (naming them)."""
+    if saved is None:
+        raise ConfigError(f"{run_dir / CHECKPOINT} records no config (made by an older cliplab); "
+                          "pass --fresh to start the run over")
+    changes = config_changes(saved, current)
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; +{len(changes) - 6} more" if len(changes) > 6 else "")
+        raise ConfigError(f"{run_dir} holds a run started with another config ({shown}); resume it with the "
+                          "same settings, pass --fresh to start over, or use another --run-dir")

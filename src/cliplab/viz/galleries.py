@@ -12,6 +12,7 @@ import torch
 from cliplab.data.captions import CaptionDataset
 from cliplab.data.images import load_rgb
 from cliplab.errors import DataError
+from cliplab.eval.retrieval import first_correct_rank
 from cliplab.viz.figures import new_figure, save_figure, save_json
 
 OK, BAD = "#2ca02c", "#d62728"
@@ -26,13 +27,19 @@ def _thumb(path, size: int = 160):
     return np.asarray(im)
 
 
+def ranks_of(scores: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """Rank of the first correct item of each query row, by eval's rule (ties against the model)."""
+    return first_correct_rank(torch.as_tensor(np.asarray(scores, dtype=np.float64)),
+                              torch.as_tensor(np.asarray(correct, dtype=bool))).numpy()
+
+
 def pick_examples(scores: np.ndarray, correct: np.ndarray, n: int) -> tuple[list[int], list[int]]:
     """Best successes (a correct item at rank 1, by margin over the best wrong one) and worst failures
     (highest rank of the first correct item) among the query rows of ``scores``."""
     s = np.asarray(scores, dtype=np.float64)
     best_correct = np.where(correct, s, -np.inf).max(1)
     best_wrong = np.where(correct, -np.inf, s).max(1)
-    rank = (s > best_correct[:, None]).sum(1) + 1
+    rank = ranks_of(s, correct)
     margin = best_correct - best_wrong
     successes = [int(i) for i in np.argsort(-margin) if rank[i] == 1][:n]
     failures = [int(i) for i in np.argsort(-rank, kind="stable") if rank[i] > 1][:n]
@@ -48,6 +55,7 @@ def image_to_text_gallery(dataset: CaptionDataset, image_emb: torch.Tensor, text
     owner = np.asarray(dataset.caption_image)
     correct = owner[None, :] == np.arange(len(scores))[:, None]
     successes, failures = pick_examples(scores, correct, n)
+    ranks = ranks_of(scores, correct)
     queries = [("success", i) for i in successes] + [("failure", i) for i in failures]
     paths = dataset.image_paths()
     rows_n = max(1, len(queries))
@@ -57,7 +65,7 @@ def image_to_text_gallery(dataset: CaptionDataset, image_emb: torch.Tensor, text
     data = []
     for r, (kind, i) in enumerate(queries):
         top = np.argsort(-scores[i])[:3]
-        first_ok = int((scores[i] > scores[i][correct[i]].max()).sum() + 1)
+        first_ok = int(ranks[i])
         ax = fig.add_subplot(grid[r, 0])
         ax.imshow(_thumb(paths[i]))
         ax.set_axis_off()
@@ -88,6 +96,7 @@ def text_to_image_gallery(dataset: CaptionDataset, image_emb: torch.Tensor, text
     owner = np.asarray(dataset.caption_image)
     correct = np.arange(scores.shape[1])[None, :] == owner[:, None]
     successes, failures = pick_examples(scores, correct, n)
+    ranks = ranks_of(scores, correct)
     queries = [("success", i) for i in successes] + [("failure", i) for i in failures]
     paths = dataset.image_paths()
     rows_n = max(1, len(queries))
@@ -95,7 +104,7 @@ def text_to_image_gallery(dataset: CaptionDataset, image_emb: torch.Tensor, text
     data = []
     for r, (kind, q) in enumerate(queries):
         top = np.argsort(-scores[q])[:3]
-        rank = int((scores[q] > scores[q, owner[q]]).sum() + 1)
+        rank = int(ranks[q])
         ax = fig.add_subplot(rows_n, 4, 4 * r + 1)
         ax.set_axis_off()
         ax.text(0, 0.5, textwrap.fill(dataset.captions[q], 32) + f"\n\n{kind}: correct image at rank {rank}",

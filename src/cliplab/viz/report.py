@@ -9,12 +9,11 @@ training curves and sweep overlays are drawn on the spot when missing.
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import json
 import re
 from pathlib import Path
 
+from cliplab import rundir
 from cliplab.errors import ConfigError
 from cliplab.utils import write_text
 
@@ -77,39 +76,28 @@ def _img(path: Path) -> str:
 
 
 def _figures(run_dir: Path) -> str:
-    pngs = sorted((run_dir / "plots").glob("*.png"))
+    pngs = sorted((run_dir / rundir.PLOTS).glob("*.png"))
     if not pngs:
         return "<p>No figures (run with <code>--plots</code>).</p>"
     return "".join(f"<figure>{_img(p)}<figcaption>{html.escape(p.stem.replace('_', ' '))}</figcaption></figure>"
                    for p in pngs)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read ({exc})") from None
-
-
 def describe_run(run_dir: Path) -> dict:
     """What kind of run a folder holds and its headline numbers."""
-    if (run_dir / "results.json").is_file() and (run_dir / "metrics.jsonl").is_file():
-        res = _read_json(run_dir / "results.json")
-        return {"kind": "train", "retrieval": res["test"], "results": res,
-                "config": _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}}
-    if (run_dir / "metrics.json").is_file():
-        return {"kind": "eval", "retrieval": _read_json(run_dir / "metrics.json")}
-    if (run_dir / "zeroshot.json").is_file():
-        res = _read_json(run_dir / "zeroshot.json")
-        return {"kind": "zeroshot", "classification": res["results"], "results": res}
-    if (run_dir / "probe.json").is_file():
-        res = _read_json(run_dir / "probe.json")
-        return {"kind": "probe", "classification": res["results"], "results": res}
-    if (run_dir / "results.csv").is_file() and (run_dir / "curves.csv").is_file():
-        with open(run_dir / "results.csv", newline="", encoding="utf-8") as f:
-            return {"kind": "sweep", "rows": list(csv.DictReader(f))}
-    raise ConfigError(f"{run_dir}: not a cliplab run folder (no results.json, metrics.json, zeroshot.json, "
-                      f"probe.json or sweep results.csv)")
+    kind = rundir.run_kind(run_dir)
+    if kind == "train":
+        res = rundir.read_json(run_dir / rundir.RESULTS)
+        config = rundir.read_json(run_dir / rundir.CONFIG) if (run_dir / rundir.CONFIG).is_file() else {}
+        return {"kind": "train", "retrieval": res["test"], "results": res, "config": config}
+    if kind == "eval":
+        return {"kind": "eval", "retrieval": rundir.read_json(run_dir / rundir.EVAL_METRICS)}
+    if kind in ("zeroshot", "probe"):
+        res = rundir.read_json(run_dir / (rundir.ZEROSHOT if kind == "zeroshot" else rundir.PROBE))
+        return {"kind": kind, "classification": res["results"], "results": res}
+    if kind == "sweep":
+        return {"kind": "sweep", "rows": rundir.read_csv_rows(run_dir / rundir.SWEEP_RESULTS)}
+    raise ConfigError(f"{run_dir}: a {kind} run has nothing to report")
 
 
 def _retrieval_rows(label: str, metrics: dict[str, dict]) -> list[list]:
@@ -160,9 +148,9 @@ def build_report(run_dirs: list[str | Path], out: str | Path, title: str = "clip
         if not d.is_dir():
             raise ConfigError(f"run folder not found: {d}")
         info = describe_run(d)
-        if info["kind"] == "train" and not (d / "plots" / "curves.png").is_file():
+        if info["kind"] == "train" and not (d / rundir.PLOTS / "curves.png").is_file():
             plot_training(d)
-        if info["kind"] == "sweep" and not list((d / "plots").glob("overlay_*.png")):
+        if info["kind"] == "sweep" and not list((d / rundir.PLOTS).glob("overlay_*.png")):
             plot_sweep(d)
         runs.append((d, info))
     anchors = [f"run-{i}-{_slug(d.name)}" for i, (d, _) in enumerate(runs)]

@@ -8,28 +8,21 @@ import numpy as np
 import torch
 
 from cliplab.data.captions import CaptionDataset
+from cliplab.rundir import CURVES, PLOTS, best_epoch, read_csv_rows, read_metrics
 from cliplab.viz.classification import confusion_matrix_plot, top5_bars
 from cliplab.viz.curves import recall_at_k, sweep_overlay, training_curves
 from cliplab.viz.galleries import image_to_text_gallery, text_to_image_gallery
 from cliplab.viz.maps import class_map, modality_map
 
-PLOTS = "plots"
-
 
 def plot_training(run_dir: str | Path) -> list[Path]:
-    """Loss and dev/test R@1 per epoch from ``metrics.jsonl``."""
-    from cliplab.train.trainer import read_metrics
-
+    """Loss and dev/test R@1 per epoch from the run's metrics."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     if not rows:
         return []
-    best = None
-    if (run_dir / "results.json").is_file():
-        import json
-
-        best = json.loads((run_dir / "results.json").read_text(encoding="utf-8")).get("fit", {}).get("best_epoch")
-    return [training_curves(rows, run_dir / PLOTS / "curves.png", title=f"training: {run_dir.name}", best_epoch=best)]
+    return [training_curves(rows, run_dir / PLOTS / "curves.png", title=f"training: {run_dir.name}",
+                            best_epoch=best_epoch(run_dir))]
 
 
 def plot_retrieval(out_dir: str | Path, dataset: CaptionDataset, spaces: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -90,17 +83,14 @@ def plot_probe(out_dir: str | Path, summary: dict, test_features: np.ndarray | N
 
 
 def plot_sweep(sweep_dir: str | Path) -> list[Path]:
-    """Overlays of every run's train loss and dev/test R@1 from ``curves.csv``."""
-    import csv
-
+    """Overlays of every run's train loss and dev/test R@1 from the sweep's curves."""
     sweep_dir = Path(sweep_dir)
-    path = sweep_dir / "curves.csv"
+    path = sweep_dir / CURVES
     if not path.is_file():
         return []
     curves: dict[str, list[dict]] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            curves.setdefault(row["run"], []).append({**row, "epoch": int(row["epoch"])})
+    for row in read_csv_rows(path):
+        curves.setdefault(row["run"], []).append({**row, "epoch": int(row["epoch"])})
     return [sweep_overlay(curves, sweep_dir / PLOTS / f"overlay_{m}.png", metric=m, title=f"sweep: {m}")
             for m in ("dev_t2i_r1", "test_t2i_r1", "test_i2t_r1")
             if all(r.get(m) not in (None, "") for rows in curves.values() for r in rows)]

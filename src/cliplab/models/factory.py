@@ -1,0 +1,99 @@
+"""One place where models are created and loaded (open_clip's ``factory.py`` / timm's ``create_model``).
+
+``create_model(config)`` builds a fresh two-tower model; ``create_conse()`` the zero-shot baseline;
+``load_model(spec)`` resolves every way a user names a model:
+
+- ``conse``: ConSE over the default offline towers;
+- ``clip:SPEC``: a real CLIP through :func:`cliplab.models.clip.load_clip` (folder, ``ARCH/TAG``,
+  ``hf-hub:...``, HF id);
+- a training run folder (its dev-selected ``best/``) or a saved model folder (two-tower or tuned CLIP).
+
+Every model returned satisfies :class:`~cliplab.models.base.EmbeddingModel`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from cliplab.errors import ConfigError
+from cliplab.models.base import EmbeddingModel
+from cliplab.models.clip import CLIP_TUNED_CONFIG, load_clip
+from cliplab.models.conse import ConSE
+from cliplab.models.image_tower import ImageTower, ImageTowerConfig
+from cliplab.models.text_tower import TextTower, TextTowerConfig
+from cliplab.models.two_tower import CONFIG_NAME, TwoTower, TwoTowerConfig
+from cliplab.rundir import BEST
+
+
+_TOWERS: OrderedDict[str, torch.nn.Module] = OrderedDict()  # recently built pretrained towers (pristine)
+_MAX_TOWERS = 4
+
+
+def pretrained_tower(config: ImageTowerConfig | TextTowerConfig) -> ImageTower | TextTower:
+    """A pretrained tower for ``config``: built from its weight source once per process, then handed out as
+    private copies (callers may tune them) so repeated model builds do not reload weights from disk."""
+    cls = ImageTower if isinstance(config, ImageTowerConfig) else TextTower
+    key = cls.__name__ + json.dumps(config.to_dict(), sort_keys=True, default=str)
+    if key not in _TOWERS:
+        _TOWERS[key] = cls(copy.deepcopy(config))
+        while len(_TOWERS) > _MAX_TOWERS:
+            _TOWERS.popitem(last=False)
+    _TOWERS.move_to_end(key)
+    return copy.deepcopy(_TOWERS[key])
+
+
+def create_model(config: TwoTowerConfig | dict | None = None, seed: int | None = None) -> TwoTower:
+    """A new two-tower model: pretrained towers from their weight sources, fresh heads. With ``seed`` the
+    heads are initialised from ``torch.manual_seed(seed)`` taken after the towers are built, so the
+    initialisation never depends on whether the towers came from disk or from the in-process cache."""
+    if isinstance(config, dict):
+        config = TwoTowerConfig.from_dict(config)
+    cfg = copy.deepcopy(config or TwoTowerConfig())  # tuning records adapters in the model's config, not the caller's
+    image, text = pretrained_tower(cfg.image), pretrained_tower(cfg.text)
+    cfg.image, cfg.text = image.config, text.config  # one config object per tower: tuning records adapters there
+    if seed is not None:
+        torch.manual_seed(seed)
+    return TwoTower(cfg, image_tower=image, text_tower=text)
+
+
+def create_conse(image_tower: ImageTower | None = None, text_tower: TextTower | None = None) -> ConSE:
+    """The ConSE zero-shot baseline over the given (default: offline default) towers."""
+    return ConSE(image_tower or pretrained_tower(ImageTowerConfig()), text_tower or pretrained_tower(TextTowerConfig()))
+
+
+def model_folder_kind(path: Path) -> str | None:
+    if (path / CONFIG_NAME).is_file():
+        return "twotower"
+    if (path / CLIP_TUNED_CONFIG).is_file():
+        return "clip"
+    return None
+
+
+def load_model(spec: str | Path, device: str | torch.device = "cpu") -> EmbeddingModel:
+    """Resolve a model name or folder (see the module docstring)."""
+    spec = str(spec)
+    if spec == "conse":
+        model: EmbeddingModel = create_conse()
+    elif spec.startswith("clip:"):
+        model = load_clip(spec[5:])
+    else:
+        path = Path(spec)
+        if (path / BEST).is_dir():
+            path = path / BEST
+        kind = model_folder_kind(path) if path.is_dir() else None
+        if kind == "twotower":
+            model = TwoTower.load(path, build_tower=pretrained_tower)
+        elif kind == "clip":
+            model = load_clip(str(path))
+        elif not path.exists():
+            raise ConfigError(f"model not found: {spec} (give 'conse', 'clip:SPEC', a run folder or a model folder)")
+        else:
+            raise ConfigError(f"{spec}: not a cliplab model or run folder (no {CONFIG_NAME} or {CLIP_TUNED_CONFIG})")
+    if not isinstance(model, EmbeddingModel):  # every model kind must offer the whole interface
+        raise TypeError(f"{type(model).__name__} does not implement EmbeddingModel")
+    return model.eval().to(device)

@@ -1,0 +1,136 @@
+"""The run-directory layout: file names, what each kind of run writes, and reading it back.
+
+Bottom layer (imports only ``utils`` and ``errors``): train, sweep, eval, the CLI, viz and the report all
+name run files through this module, so a file name or JSON field lives in one place.
+
+Kinds of run folder and the file that identifies each:
+
+=========  ==========================================  =========================================
+kind       written by                                  identifying files
+=========  ==========================================  =========================================
+train      ``cliplab train`` / ``demo``                ``results.json`` + ``metrics.jsonl``
+eval       ``cliplab eval retrieval``                  ``metrics.json``
+zeroshot   ``cliplab zeroshot``                        ``zeroshot.json``
+probe      ``cliplab probe``                           ``probe.json``
+sweep      ``cliplab sweep``                           ``results.csv`` + ``curves.csv``
+embed      ``cliplab embed``                           ``embed.json``
+=========  ==========================================  =========================================
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from cliplab.errors import ConfigError
+from cliplab.utils import write_text
+
+CONFIG = "config.json"  # the settings a run was started with
+RESULTS = "results.json"  # final numbers of a training run
+RESULTS_MD = "results.md"  # the same as a readable table (every kind of run)
+METRICS = "metrics.jsonl"  # one JSON record per training epoch
+CHECKPOINT = "last.pt"  # resumable training state (model, optimiser, RNG, config digest)
+BEST = "best"  # the dev-selected model (a model folder)
+TENSORBOARD = "tensorboard"
+PLOTS = "plots"  # figures (PNG + their data)
+EVAL_METRICS = "metrics.json"  # ``eval retrieval``: model -> metrics
+ZEROSHOT = "zeroshot.json"
+PROBE = "probe.json"
+EMBED = "embed.json"
+SWEEP = "sweep.json"  # the expanded sweep definition
+SWEEP_RESULTS = "results.csv"  # one row per sweep run
+CURVES = "curves.csv"  # per sweep run and epoch
+KINDS = ("train", "eval", "zeroshot", "probe", "sweep", "embed")
+
+
+def read_json(path: str | Path) -> Any:
+    """JSON from a run file; a missing or damaged file is a one-line error naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc})") from None
+
+
+def run_kind(run_dir: str | Path) -> str:
+    """Which kind of run a folder holds (see the module docstring)."""
+    d = Path(run_dir)
+    if (d / RESULTS).is_file() and (d / METRICS).is_file():
+        return "train"
+    for name, kind in ((EVAL_METRICS, "eval"), (ZEROSHOT, "zeroshot"), (PROBE, "probe")):
+        if (d / name).is_file():
+            return kind
+    if (d / SWEEP_RESULTS).is_file() and (d / CURVES).is_file():
+        return "sweep"
+    if (d / EMBED).is_file():
+        return "embed"
+    raise ConfigError(f"{d}: not a cliplab run folder (no {RESULTS}, {EVAL_METRICS}, {ZEROSHOT}, {PROBE} "
+                      f"or sweep {SWEEP_RESULTS})")
+
+
+# -- training runs
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The per-epoch records of a training run (empty when it has not finished an epoch)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def append_metrics(run_dir: str | Path, record: dict) -> None:
+    with open(Path(run_dir) / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(run_dir: str | Path, last_epoch: int) -> None:
+    """Drop records after ``last_epoch`` (written after the checkpoint a resumed run starts from)."""
+    path = Path(run_dir) / METRICS
+    if path.is_file():
+        keep = [r for r in read_metrics(run_dir) if r["epoch"] <= last_epoch]
+        write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def best_epoch(run_dir: str | Path) -> int | None:
+    """The dev-selected epoch of a finished training run, or None."""
+    path = Path(run_dir) / RESULTS
+    if not path.is_file():
+        return None
+    return read_json(path).get("fit", {}).get("best_epoch")
+
+
+def model_dir(path: str | Path) -> Path:
+    """A run folder's ``best/`` model, or the path itself when it is a model folder."""
+    path = Path(path)
+    return path / BEST if (path / BEST).is_dir() else path
+
+
+# -- sweeps
+def read_csv_rows(path: str | Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+# -- provenance
+def provenance() -> dict:
+    """What produced a result: the cliplab version, and the git commit when running from a checkout."""
+    from cliplab import __version__
+
+    out: dict[str, Any] = {"cliplab": __version__}
+    src = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5,
+                                env={**os.environ, "GIT_DIR": str(src.parents[1] / ".git")})
+        if commit.returncode == 0 and (src.parents[1] / ".git").exists():
+            out["git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src.parents[1],
+                                   capture_output=True, text=True, timeout=5)
+            out["git_dirty"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
