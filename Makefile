@@ -1,19 +1,22 @@
-# All set-up happens here: `make demo` and `make test` create .venv when missing and install cliplab.
+# All set-up happens here: `make demo` and `make test` create .venv when missing and install cliplab with
+# the exact tested versions of constraints.txt (pyproject.toml itself holds ranges for users).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 DATA   ?= ../shared/data/flickr8k
 RUN    ?= runs/demo
+WHEEL_VENV ?= build/wheel-venv
 
-.PHONY: install demo test bench clean report
+.PHONY: install demo test test-unit wheel-test dist bench clean report
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[dev]'
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PIP) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,19 +24,40 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/cliplab demo --data $(DATA) --run-dir $(RUN)
 
-# Debian's Chromium, for the test that opens the HTML report headless (driven by Playwright)
+# Debian's Chromium (the report and web-page tests drive it with Playwright) and headless Java
+# (pycocoevalcap's PTB tokenizer and METEOR run on it)
 CHROMIUM := /usr/bin/chromium
+JAVA     := /usr/bin/java
+APT_INSTALL = @command -v apt-get >/dev/null || { echo "install $(1) (needed by the tests)"; exit 1; }; \
+	SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null
 $(CHROMIUM):
-	@command -v apt-get >/dev/null || { echo "install Chromium (needed by tests/test_viz.py)"; exit 1; }
-	@SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+	$(call APT_INSTALL,chromium)
+$(JAVA):
+	$(call APT_INSTALL,default-jre-headless)
 
-test: $(STAMP) $(CHROMIUM)
-	CLIPLAB_REQUIRE_BROWSER=1 $(PY) -m pytest
+test: test-unit wheel-test
+
+test-unit: $(STAMP) $(CHROMIUM) $(JAVA)
+	CLIPLAB_REQUIRE_BROWSER=1 CLIPLAB_REQUIRE_JAVA=1 $(PY) -m pytest
+
+# sdist + wheel, metadata checked (twine), the wheel installed (not editable) into a fresh virtual
+# environment with the core dependencies only, then a smoke test run there
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --sdist --wheel --outdir dist . >/dev/null
+	$(PY) -m twine check --strict dist/*
+
+wheel-test: dist
+	rm -rf $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt dist/cliplab-*.whl
+	cd /tmp && $(CURDIR)/$(WHEEL_VENV)/bin/python $(CURDIR)/tests/smoke_wheel.py
+	@du -sh $(WHEEL_VENV) | awk '{print "core install (fresh venv): " $$1}'
 
 BENCH_STAMP := $(VENV)/.installed-bench
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PIP) -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
 # Speed/memory benchmarks (results in bench/results/*.json; figures copied into BENCHMARKS.md)
@@ -53,4 +77,4 @@ report: $(STAMP) $(CHROMIUM)
 		--title "cliplab: Flickr8k retrieval and CIFAR-10 classification" --screenshots docs
 
 clean:
-	rm -rf runs .cliplab-cache
+	rm -rf runs .cliplab-cache build dist

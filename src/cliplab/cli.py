@@ -42,11 +42,11 @@ def _run_dir(run_dir: Optional[Path], prefix: str) -> Path:
     return run_dir or Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _load_config(config: Optional[Path], data: Optional[str], on_error: Optional[str], cache_dir: Optional[Path],
+def _load_config(config: Optional[str | Path], data: Optional[str], on_error: Optional[str], cache_dir: Optional[Path],
                  overrides: List[str]):
     from cliplab.train.config import RunConfig
 
-    cfg = RunConfig.load(config) if config else RunConfig()
+    cfg = RunConfig.load(config) if config else RunConfig()  # a path or a packaged config name
     extra = list(overrides)
     if data:
         extra.append(f"data.path={data}")
@@ -70,7 +70,8 @@ def embed(
     data: str = typer.Argument(DEFAULT_DATA, help="dataset: Flickr8k folder, COCO/Karpathy JSON, CSV or JSONL"),
     split: str = typer.Option("all", help="train, dev, test or all"),
     image_root: Optional[Path] = typer.Option(None, help="image folder for JSON/CSV datasets"),
-    config: Optional[Path] = typer.Option(None, help="YAML run config (its model section picks the towers)"),
+    config: Optional[str] = typer.Option(None, help="run config, a packaged name or a YAML path (its model section "
+                                                   "picks the towers)"),
     run_dir: Optional[Path] = typer.Option(None, help="where to write the run record"),
     on_error: Optional[str] = OnErrorOpt,
     cache_dir: Optional[Path] = CacheOpt,
@@ -112,13 +113,15 @@ def _print_skips(report) -> None:
     if len(report):
         console.print(f"[yellow]{report.summary()}[/yellow]")
         for kind, msg in report.items[:20]:
-            console.print(f"  - {kind}: {msg}", highlight=False)
+            console.print(f"  - {kind}: {msg}", highlight=False, markup=False)
 
 
 @app.command()
 def train(
     data: Optional[str] = typer.Argument(None, help="dataset (overrides data.path of the config)"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config, e.g. configs/flickr8k_heads.yaml"),
+    config: Optional[str] = typer.Option(None, "--config", "-c",
+                                         help="run config: a packaged name (flickr8k_heads, see `cliplab configs`) "
+                                              "or a YAML path"),
     run_dir: Optional[Path] = typer.Option(None, help="run directory (an existing one is resumed)"),
     on_error: Optional[str] = OnErrorOpt,
     cache_dir: Optional[Path] = CacheOpt,
@@ -129,6 +132,7 @@ def train(
 ) -> None:
     """Train heads (and tower blocks / LoRA adapters, see train.image_tower / train.text_tower); evaluates
     test retrieval against the zero-shot baseline. Runs data-parallel under torchrun."""
+    _check_plots_extra(plots)
     from cliplab.train.run import train_run
 
     cfg = _load_config(config, data, on_error, cache_dir, overrides)
@@ -148,7 +152,7 @@ def _report_train(results: dict, out: Path) -> None:
         console.print(f"[yellow]skipped {results['skipped_total']} items[/yellow]")
         for split in results["skipped"].values():
             for kind, msg in split["items"][:20]:
-                console.print(f"  - {kind}: {msg}", highlight=False)
+                console.print(f"  - {kind}: {msg}", highlight=False, markup=False)
     console.print(f"run directory: {out}", soft_wrap=True)
 
 
@@ -166,6 +170,7 @@ def eval_retrieval(
     plots: bool = PlotsOpt,
 ) -> None:
     """Recall@1/5/10 both ways, MRR and ranks for one or more models on one dataset split."""
+    _check_plots_extra(plots)
     from cliplab.data.captions import load_caption_dataset
     from cliplab.embed.cache import FeatureCache
     from cliplab.embed.pipeline import encode_dataset
@@ -208,6 +213,14 @@ def _labelled(data: str, split: Optional[str], classes: Optional[Path], rename: 
             raise CliplabError("--rename takes OLD=NEW, e.g. --rename automobile=car")
         ds = ds.renamed(dict(pairs))
     return ds
+
+
+def _check_plots_extra(plots: bool) -> None:
+    """``--plots`` needs the ``viz`` extra: say so before any work, not after training."""
+    if plots:
+        from cliplab.extras import require
+
+        require("matplotlib", "--plots")
 
 
 def _check_choices(option: str, values, choices) -> None:
@@ -254,6 +267,7 @@ def zeroshot(
     plots: bool = PlotsOpt,
 ) -> None:
     """Zero-shot accuracy/F1 for prompt variants side by side, cosine vs dot product."""
+    _check_plots_extra(plots)
     import numpy as np
 
     from cliplab.embed.cache import FeatureCache
@@ -325,6 +339,7 @@ def probe(
     plots: bool = PlotsOpt,
 ) -> None:
     """Linear probe(s) on frozen image features vs zero-shot, on the same held-out test images."""
+    _check_plots_extra(plots)
     from cliplab.data.labelled import assert_disjoint, available_splits
     from cliplab.embed.cache import FeatureCache
     from cliplab.embed.pipeline import encode_images, image_tower_features
@@ -408,18 +423,22 @@ def _probe_protocol_line(p: dict) -> str:
 
 @app.command()
 def sweep(
-    sweep_file: Path = typer.Argument(..., help="sweep YAML: base config, fixed overrides and a grid of values"),
+    sweep_file: str = typer.Argument(..., help="sweep YAML (path or packaged name): base config, fixed overrides "
+                                              "and a grid of values"),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="folder for the runs and tables"),
     fresh: bool = typer.Option(False, help="start every run over (a run folder left by another config is refused "
                                            "otherwise)"),
+    test: str = typer.Option("all", help="all: track test for every run (studies); selected: evaluate test only "
+                                         "for the run the dev split selects"),
     plots: bool = PlotsOpt,
 ) -> None:
     """Run a grid of training configs one after another (features cached once) and tabulate them."""
+    _check_plots_extra(plots)
     from cliplab.train.sweep import run_sweep
 
-    out = out_dir or Path("runs") / f"sweep-{sweep_file.stem}"
-    rows = run_sweep(sweep_file, out, log=lambda m: console.print(m, highlight=False), fresh=fresh)
-    table = Table(title=f"sweep: {sweep_file.name}")
+    out = out_dir or Path("runs") / f"sweep-{Path(sweep_file).stem}"
+    rows = run_sweep(sweep_file, out, log=lambda m: console.print(m, highlight=False), fresh=fresh, test=test)
+    table = Table(title=f"sweep: {Path(sweep_file).name}")
     for h in rows[0]:
         table.add_column(h)
     for r in rows:
@@ -454,19 +473,54 @@ def report(
 def demo(
     data: str = typer.Option(DEFAULT_DATA, help="Flickr8k folder"),
     run_dir: Path = typer.Option(Path("runs/demo")),
-    config: Path = typer.Option(Path("configs/flickr8k_heads.yaml")),
+    config: str = typer.Option("flickr8k_heads", "--config", "-c",
+                               help="run config: a packaged name (see `cliplab configs`) or a YAML path"),
     cache_dir: Optional[Path] = CacheOpt,
     plots: bool = typer.Option(True, "--plots/--no-plots", help="write the run's figures to RUN_DIR/plots/"),
 ) -> None:
     """Flickr8k end to end: ConSE baseline vs heads trained on frozen offline towers (1k test images)."""
+    _check_plots_extra(plots)
+    from cliplab.configs import resolve_config
     from cliplab.train.run import train_run
 
+    path = resolve_config(config)  # the packaged demo config by default; a missing one is an error, never defaults
     if not Path(data).exists():
         raise CliplabError(f"demo data not found: {data} (pass --data or DATA=... to make demo)")
-    cfg = _load_config(config if config.is_file() else None, data, None, cache_dir, [])
-    console.print(f"[bold]cliplab demo[/bold]: {data} -> {run_dir}")
+    cfg = _load_config(path, data, None, cache_dir, [])
+    console.print(f"[bold]cliplab demo[/bold]: {data} -> {run_dir} (config {path.name})")
     results = train_run(cfg, run_dir, resume=False, log=lambda m: console.print(m, highlight=False), plots=plots)
     _report_train(results, run_dir)
+
+
+@app.command("configs")
+def configs_command() -> None:
+    """List the example configs shipped with cliplab (use a name with -c, e.g. -c flickr8k_heads)."""
+    from cliplab.configs import describe, packaged_configs
+
+    table = Table(title="packaged configs")
+    for h in ("name", "kind", "what it is"):
+        table.add_column(h)
+    for name, path in packaged_configs().items():
+        kind = "sweep" if name.startswith("sweep") else "run"
+        table.add_row(name, kind, describe(path))
+    console.print(table)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from cliplab import __version__
+
+        info = rundir.provenance()
+        commit = f" (git {info['git_commit'][:12]}{', modified' if info.get('git_dirty') else ''})" \
+            if "git_commit" in info else ""
+        console.print(f"cliplab {__version__}{commit}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Learn and evaluate shared image-text embedding spaces."""
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -474,7 +528,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         app(args=argv, prog_name="cliplab")
     except CliplabError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted; rerun the same command to resume")

@@ -27,11 +27,9 @@ BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 
 
 def onnxruntime_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from cliplab.extras import available
+
+    return available("onnxruntime") and available("onnx")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -41,7 +39,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "torch" if device.type == "cuda" or not onnxruntime_available() else "onnx"
     if backend.startswith("onnx") and not onnxruntime_available():
-        raise ConfigError("backend 'onnx' needs onnxruntime: pip install onnxruntime")
+        from cliplab.extras import require
+
+        require("onnxruntime", f"backend {backend!r}")
+        require("onnx", f"backend {backend!r}")
     return backend
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cliplab.errors import ConfigError
+from cliplab.extras import require
 from cliplab.utils import atomic_write
 
 
@@ -25,7 +26,7 @@ class VectorIndex:
     @classmethod
     def build(cls, vectors: np.ndarray, kind: str = "flat", *, normalize: bool = True, nlist: int | None = None,
               nprobe: int = 16, hnsw_m: int = 32, batch_size: int = 65536, seed: int = 0) -> "VectorIndex":
-        import faiss
+        faiss = require("faiss")
 
         n, dim = vectors.shape
         if kind == "flat":
@@ -60,13 +61,13 @@ class VectorIndex:
         return self.index.search(q, min(k, len(self)))
 
     def save(self, path: str | Path) -> Path:
-        import faiss
+        faiss = require("faiss")
 
         return atomic_write(path, lambda p: faiss.write_index(self.index, str(p)))
 
     @classmethod
     def load(cls, path: str | Path, normalize: bool = True) -> "VectorIndex":
-        import faiss
+        faiss = require("faiss")
 
         if not Path(path).is_file():
             raise ConfigError(f"index not found: {path}")

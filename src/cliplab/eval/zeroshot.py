@@ -25,12 +25,11 @@ NEGATED_TEMPLATE = "this is not a photo of a {}."
 
 def template_sets() -> dict[str, list[str]]:
     """Named template sets: CLIP's 80 ImageNet templates, open_clip's 7 'simple' ones, and a few singles."""
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+    from cliplab.assets import prompt_templates
 
-    as_format = lambda fns: [fn("{}") for fn in fns]  # noqa: E731 - the open_clip templates are lambdas
     return {
-        "clip80": as_format(OPENAI_IMAGENET_TEMPLATES),
-        "simple7": as_format(SIMPLE_IMAGENET_TEMPLATES),
+        "clip80": prompt_templates("clip80"),
+        "simple7": prompt_templates("simple7"),
         "photo": ["a photo of a {}."],
         "name": ["{}"],
         "prefixed": [IRRELEVANT_PREFIX + "a photo of a {}."],

@@ -224,7 +224,9 @@ def _transform(size: int, mean, std, interpolation: str = "bicubic") -> T.Compos
 
 
 def _load_open_clip(name: str, pretrained: str | None) -> CLIPModelWrapper:
-    import open_clip
+    from cliplab.extras import require
+
+    open_clip = require("open_clip")
 
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
@@ -285,7 +287,9 @@ def load_clip(name_or_path: str, backend: str = "auto", device: str | torch.devi
         wrapper = _load_hf(spec)
     elif "/" in spec and backend in ("auto", "open_clip"):
         arch, _, tag = spec.partition("/")
-        import open_clip
+        from cliplab.extras import require
+
+        open_clip = require("open_clip")
 
         if arch in open_clip.list_models():
             wrapper = _load_open_clip(arch, tag or None)

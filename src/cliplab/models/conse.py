@@ -21,10 +21,10 @@ CONSE_TEMPLATES = ("a photo of a {}.", "{}")
 
 
 def imagenet_classnames() -> list[str]:
-    """The 1,000 ImageNet class names as shipped with open_clip_torch."""
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    """The 1,000 ImageNet class names (package data, see :mod:`cliplab.assets`)."""
+    from cliplab.assets import imagenet_classnames as names
 
-    return list(IMAGENET_CLASSNAMES)
+    return names()
 
 
 class ConSE(nn.Module):

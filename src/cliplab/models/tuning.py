@@ -90,7 +90,10 @@ def lora_target_names(root: nn.Module, stages: Stages, tuning: TowerTuning) -> l
 
 def inject_lora(root: nn.Module, targets: list[str], r: int, alpha: float, dropout: float, extra: dict | None = None) -> None:
     """Add LoRA adapters (PEFT) to the named layers of ``root``, in place."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from cliplab.extras import require
+
+    peft = require("peft")
+    LoraConfig, inject_adapter_in_model = peft.LoraConfig, peft.inject_adapter_in_model
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), **(extra or {}))
     inject_adapter_in_model(cfg, root)

@@ -152,9 +152,10 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config not found: {path}")
+        """A YAML/JSON file, or the name of a packaged config (``flickr8k_heads``)."""
+        from cliplab.configs import resolve_config
+
+        path = resolve_config(path)
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:

@@ -130,11 +130,13 @@ def split_inputs(model, fingerprints: tuple[str, str], feats, config: RunConfig,
 
 
 def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, progress: bool = True,
-              log=print, track_test: bool = False, plots: bool = False) -> dict:
+              log=print, track_test: bool = False, plots: bool = False, evaluate_test: bool = True) -> dict:
     """Train and evaluate on the test split; writes config.json, results.json and results.md.
 
     ``track_test`` also records test metrics every epoch (for curves; never used to pick the checkpoint);
-    ``plots`` writes the run's figures (curves, Recall@K, maps before/after, galleries) to ``plots/``.
+    ``plots`` writes the run's figures (curves, Recall@K, maps before/after, galleries) to ``plots/``;
+    ``evaluate_test=False`` leaves the test split untouched (a sweep reports test for its dev-selected run
+    only); the dev metrics of the selected checkpoint are always in ``results["dev"]``.
     """
     run_dir = Path(run_dir)
     device = resolve_device(config.train.device)
@@ -180,10 +182,12 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     seed_everything(config.train.seed)
     trainer = Trainer(model, config.train, run_dir, progress=progress, dist=dist, device=device)
     test, spaces = {}, {}
+    if not evaluate_test:
+        baseline, track_test, plots = None, False, False
     if baseline:  # before training: tuning changes the towers the baseline is built from
         test[baseline] = _clip_zero_shot(splits["test"], device)
         spaces["zero-shot CLIP (before)"] = normalized_features(splits["test"])
-    if config.baseline and not config.clip:
+    if config.baseline and not config.clip and evaluate_test:
         conse = create_conse(model.image_tower, model.text_tower).to(device)
         test["conse"] = evaluate_retrieval(conse, splits["test"], device)
         spaces["conse (before)"] = (project_features(conse.project_image, splits["test"].image, device),
@@ -196,11 +200,17 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     dist.barrier()
     model.load_trained(run_dir / BEST)  # strict: the test numbers are the dev-selected model's
 
-    trained_space = trainer.embed(inputs["test"])
-    test["trained"] = retrieval_metrics(*trained_space, splits["test"].caption_image, device=device).metrics
+    dev_metrics = trainer.evaluate(inputs["dev"])
+    if evaluate_test:
+        trained_space = trainer.embed(inputs["test"])
+        test["trained"] = retrieval_metrics(*trained_space, splits["test"].caption_image, device=device).metrics
     skipped = {name: f.dataset.skipped.to_dict() for name, f in splits.items()}
     results = {
         "test": test,
+        "dev": {"trained": dev_metrics},
+        "protocol": f"checkpoint chosen by dev {config.train.select_metric} ({config.data.dev_split} split); "
+                    + (f"test ({config.data.test_split} split) evaluated once, after selection" if evaluate_test
+                       else "test not evaluated"),
         "fit": fit,
         "parameters": counts,
         "data": {name: {"name": f.dataset.name, "images": f.dataset.num_images, "captions": f.dataset.num_captions}
@@ -215,7 +225,11 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     }
     if dist.is_main:
         write_json(run_dir / rundir.RESULTS, results)
-        write_text(run_dir / rundir.RESULTS_MD, retrieval_markdown(test, f"Test retrieval: {splits['test'].dataset.name}"))
+        write_text(run_dir / rundir.RESULTS_MD,
+                   retrieval_markdown(test or {"trained (dev)": dev_metrics},
+                                      f"Test retrieval: {splits['test'].dataset.name}" if test else
+                                      f"Dev retrieval: {splits['dev'].dataset.name} (test not evaluated)")
+                   + f"\nProtocol: {results['protocol']}.\n")
         if plots:
             from cliplab.viz.runs import plot_retrieval, plot_training
 

@@ -38,9 +38,11 @@ from cliplab.utils import write_json, write_text
 
 
 def load_sweep(path: str | Path) -> tuple[RunConfig, dict[str, list], list[str], str]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
+    """A sweep file (path or packaged name); its ``base`` is a path (relative to the sweep file) or a
+    packaged config name."""
+    from cliplab.configs import resolve_config
+
+    path = resolve_config(path)
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     unknown = set(raw) - {"base", "set", "grid", "vary"}
     if unknown:
@@ -51,7 +53,9 @@ def load_sweep(path: str | Path) -> tuple[RunConfig, dict[str, list], list[str],
     base = RunConfig()
     if raw.get("base"):
         base_path = Path(raw["base"])
-        base = RunConfig.load(base_path if base_path.is_absolute() or base_path.exists() else path.parent / base_path)
+        if not base_path.is_absolute() and (path.parent / base_path).is_file():
+            base_path = path.parent / base_path
+        base = RunConfig.load(base_path)
     fixed = [f"{k}={json.dumps(v)}" for k, v in (raw.get("set") or {}).items()]
     grid = raw.get(kind) or {}
     if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
@@ -90,8 +94,12 @@ def _vary_name(settings: dict, defaults: dict) -> str:
 
 
 def run_sweep(sweep_file: str | Path, out_dir: str | Path, *, progress: bool = True, log=print,
-              fresh: bool = False) -> list[dict]:
-    """Run every setting (skipping finished ones); ``fresh`` starts runs over instead of resuming them."""
+              fresh: bool = False, test: str = "all") -> list[dict]:
+    """Run every setting (skipping finished ones); ``fresh`` starts runs over instead of resuming them.
+    ``test="selected"`` evaluates the test split only for the run the dev split selects (once, at the end);
+    ``"all"`` tracks test for every run (for studies of training behaviour; selection is still on dev)."""
+    if test not in ("all", "selected"):
+        raise ConfigError(f"sweep test must be all or selected, not {test!r}")
     base, grid, fixed, kind = load_sweep(sweep_file)
     out_dir = Path(out_dir)
     base = base.with_overrides(fixed) if fixed else base
@@ -106,29 +114,48 @@ def run_sweep(sweep_file: str | Path, out_dir: str | Path, *, progress: bool = T
         log(f"[{i}/{len(configs)}] {name}")
         done = run_dir / rundir.RESULTS
         if (not fresh and done.is_file() and (run_dir / rundir.CONFIG).is_file()
-                and rundir.read_json(run_dir / rundir.CONFIG) == cfg.to_dict()):
+                and rundir.read_json(run_dir / rundir.CONFIG) == cfg.to_dict()
+                and (test == "selected" or rundir.read_json(done)["test"])):
             results = rundir.read_json(done)
         else:
-            results = train_run(cfg, run_dir, resume=not fresh, progress=progress, log=log, track_test=True)
-        test = results["test"]["trained"]
-        rows.append({"run": name, **settings, "best_epoch": results["fit"]["best_epoch"],
-                     f"dev_{metric}": round(results["fit"][f"best_dev_{metric}"], 2),
-                     "test_t2i_r1": round(test["t2i_r1"], 2), "test_i2t_r1": round(test["i2t_r1"], 2),
-                     "test_t2i_r5": round(test["t2i_r5"], 2), "test_i2t_r5": round(test["i2t_r5"], 2),
-                     "test_rsum": round(test["rsum"], 1), "train_seconds": round(results["seconds"]["train"], 1)})
+            results = train_run(cfg, run_dir, resume=not fresh, progress=progress, log=log,
+                                track_test=test == "all", evaluate_test=test == "all")
+        rows.append(_row(name, settings, results, metric))
         for rec in read_metrics(run_dir):
             curves.append({"run": name, "epoch": rec["epoch"], "train_loss": rec["train_loss"],
                            "dev_t2i_r1": rec.get("dev", {}).get("t2i_r1"), "dev_i2t_r1": rec.get("dev", {}).get("i2t_r1"),
                            "test_t2i_r1": rec.get("test", {}).get("t2i_r1"),
                            "test_i2t_r1": rec.get("test", {}).get("i2t_r1")})
         _write_tables(out_dir, rows, curves)
-    pick = (max if direction == "max" else min)(rows, key=lambda r: r[f"dev_{metric}"])
-    write_json(out_dir / "selected.json", {"run": pick["run"], "select_metric": metric, "direction": direction,
-                                           f"dev_{metric}": pick[f"dev_{metric}"],
-                                           "protocol": f"chosen by best dev {metric} over {len(rows)} runs; "
-                                                       "report this run's test numbers, once"})
+    i = rows.index((max if direction == "max" else min)(rows, key=lambda r: r[f"dev_{metric}"]))
+    pick, (settings, cfg) = rows[i], configs[i]
     log(f"selected by dev {metric}: {pick['run']} ({pick[f'dev_{metric}']})")
+    results = rundir.read_json(out_dir / pick["run"] / rundir.RESULTS)
+    if not results["test"]:  # the one test evaluation of the study
+        results = train_run(cfg, out_dir / pick["run"], resume=True, progress=progress, log=log)
+        rows[i] = _row(pick["run"], settings, results, metric)
+        _write_tables(out_dir, rows, curves)
+    write_json(out_dir / "selected.json", {
+        "run": pick["run"], "settings": settings, "select_metric": metric, "direction": direction,
+        f"dev_{metric}": pick[f"dev_{metric}"], "test": results["test"].get("trained"),
+        "baselines": {k: v for k, v in results["test"].items() if k != "trained"},
+        "protocol": f"chosen by best dev {metric} over {len(rows)} runs; test evaluated "
+                    + ("for every run (study mode)" if test == "all" else "for this run only, once")})
     return rows
+
+
+def _row(name: str, settings: dict, results: dict, metric: str) -> dict:
+    row = {"run": name, **settings, "best_epoch": results["fit"]["best_epoch"],
+           f"dev_{metric}": round(results["fit"][f"best_dev_{metric}"], 2)}
+    dev = results.get("dev", {}).get("trained")
+    if dev:
+        row.update({"dev_t2i_r1": round(dev["t2i_r1"], 2), "dev_i2t_r1": round(dev["i2t_r1"], 2)})
+    test = results["test"].get("trained")
+    if test:
+        row.update({"test_t2i_r1": round(test["t2i_r1"], 2), "test_i2t_r1": round(test["i2t_r1"], 2),
+                    "test_t2i_r5": round(test["t2i_r5"], 2), "test_i2t_r5": round(test["i2t_r5"], 2),
+                    "test_rsum": round(test["rsum"], 1)})
+    return {**row, "train_seconds": round(results["seconds"]["train"], 1)}
 
 
 def _csv(rows: list[dict]) -> str:

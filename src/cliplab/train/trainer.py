@@ -363,6 +363,14 @@ class Trainer:
     def _writer(self):
         if not self.tensorboard:
             return None
+        from cliplab.extras import available
+
+        if not available("torch.utils.tensorboard"):  # optional: every value is in metrics.jsonl as well
+            import sys
+
+            print('note: tensorboard is not installed (pip install "cliplab[tensorboard]"); per-epoch metrics '
+                  f"are in {rundir.METRICS}", file=sys.stderr)
+            return None
         from torch.utils.tensorboard import SummaryWriter
 
         return SummaryWriter(str(self.run_dir / rundir.TENSORBOARD))

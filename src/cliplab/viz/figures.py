@@ -7,7 +7,9 @@ import io
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from cliplab.extras import require
+
+matplotlib = require("matplotlib")
 
 matplotlib.use("Agg")  # headless: servers, CI, notebooks without a display
 
