@@ -492,6 +492,112 @@ def demo(
     _report_train(results, run_dir)
 
 
+@app.command()
+def index(
+    paths: List[Path] = typer.Argument(..., help="photo folders (searched recursively) or caption datasets "
+                                                 "(Flickr8k folder, COCO/Karpathy JSON, CSV/JSONL)"),
+    out: Path = typer.Option(..., "--out", "-o", help="index folder (created, or updated incrementally)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="run/model folder, 'conse' or 'clip:SPEC' "
+                                                                    "(default: the index's model, else conse)"),
+    rebuild: bool = typer.Option(False, help="re-embed everything (needed to change the model)"),
+    faiss_kind: str = typer.Option("auto", "--faiss", help="auto (exact below 50k images, HNSW above), flat, "
+                                                           "hnsw or ivf"),
+    dtype: str = typer.Option("float32", help="stored vectors: float32 or float16"),
+    max_pixels: int = typer.Option(100_000_000, help="skip images declaring more pixels than this"),
+    batch_size: int = typer.Option(64),
+    chunk_size: int = typer.Option(256, help="images per resumable work chunk (a killed run loses at most one)"),
+    device: str = typer.Option("auto"),
+    json_out: bool = typer.Option(False, "--json", help="print the build report as JSON"),
+) -> None:
+    """Index photos for search: embeddings + FAISS + SQLite metadata; re-runs embed only new/changed files."""
+    import json as _json
+
+    from cliplab.serve.index import IndexBuilder
+    from cliplab.utils import resolve_device
+
+    builder = IndexBuilder(out, model, rebuild=rebuild, faiss_kind=faiss_kind, dtype=dtype,
+                           device=str(resolve_device(device)), batch_size=batch_size, max_pixels=max_pixels,
+                           chunk_size=chunk_size,
+                           log=lambda m: console.print(m, highlight=False, markup=False), progress=not json_out)
+    report = builder.build(paths)
+    if json_out:
+        print(_json.dumps(report.to_dict()))
+        return
+    table = Table(title=f"index {out} (generation {report.generation})")
+    for key in ("total", "new", "changed", "unchanged", "removed", "embedded", "faiss", "recall_at_10"):
+        value = getattr(report, key)
+        table.add_row(key, "" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value)))
+    table.add_row("skipped", str(len(report.skipped)))
+    table.add_row("seconds", f"{report.seconds:.1f}")
+    console.print(table)
+    for rel, reason in report.skipped[:20]:
+        console.print(f"  skipped {rel}: {reason}", highlight=False, markup=False)
+    if len(report.skipped) > 20:
+        console.print(f"  ... {len(report.skipped) - 20} more (listed in the index's skipped table)")
+
+
+@app.command()
+def search(
+    index_dir: Path = typer.Argument(..., metavar="INDEX", help="index folder made by `cliplab index`"),
+    query: List[str] = typer.Argument(None, help='text and/or image files, combined with + and -, e.g. '
+                                                 '"beach" + me.jpg - "people"; id:N is an indexed image'),
+    k: int = typer.Option(10, "-k", help="number of results"),
+    image: List[Path] = typer.Option([], "--image", help="an image query (added to the text)"),
+    json_out: bool = typer.Option(False, "--json", help="print results as JSON"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Search an index by text, image or both (rclip-style + and - combinations)."""
+    import json as _json
+
+    from cliplab.models.factory import load_model
+    from cliplab.serve.index import PhotoIndex
+    from cliplab.serve.query import QueryEncoder, parse_cli_query
+
+    if k < 1:
+        raise CliplabError("-k must be >= 1")
+    idx = PhotoIndex(index_dir)
+    terms = parse_cli_query(list(query or []) + [str(p) for p in image])
+    for p in image:
+        if not p.is_file():
+            raise CliplabError(f"image not found: {p}")
+    model = load_model(idx.info["model"], device=device)
+    if model.fingerprint() != idx.info["model_fingerprint"]:
+        raise CliplabError(f"{idx.info['model']!r} is not the model {index_dir} was built with; rebuild the index")
+    vector, used = QueryEncoder(model).compose(terms, idx)
+    hits = idx.search(vector, k, exclude=used)
+    if json_out:
+        print(_json.dumps([{"rank": r, "id": h["id"], "score": h["score"], "path": h["path"],
+                            "file": str(idx.roots[h["root"]] / h["path"]), "width": h["width"], "height": h["height"],
+                            "captions": h["captions"]} for r, h in enumerate(hits, 1)]))
+        return
+    table = Table(title=f"{' '.join(query or [])} ({len(idx)} images)")
+    for h in ("rank", "score", "path"):
+        table.add_column(h, justify="right" if h != "path" else "left")
+    for r, h in enumerate(hits, 1):
+        table.add_row(str(r), f"{h['score']:.4f}", str(idx.roots[h["root"]] / h["path"]))
+    console.print(table)
+
+
+@app.command()
+def serve(
+    index_dir: Path = typer.Argument(..., metavar="INDEX", help="index folder made by `cliplab index`"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
+    port: int = typer.Option(8000),
+    token: Optional[str] = typer.Option(None, envvar="CLIPLAB_TOKEN", help="require this bearer token"),
+    max_upload_mb: float = typer.Option(10.0, help="largest accepted upload"),
+    max_k: int = typer.Option(200, help="largest number of results per query"),
+    allow_urls: bool = typer.Option(False, help="let /knn-service fetch image_url (off: the server fetches nothing)"),
+    thumb_dir: Optional[Path] = typer.Option(None, help="thumbnail cache (default $CLIPLAB_CACHE/thumbs)"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Serve an index: web page at /, JSON API (/api/search, clip-retrieval's /knn-service), /docs, /metrics."""
+    from cliplab.serve.app import ServerSettings, serve as run_server
+
+    settings = ServerSettings(index_dir, token=token, max_upload_bytes=int(max_upload_mb * 2**20), max_k=max_k,
+                              allow_urls=allow_urls, thumb_dir=thumb_dir, device=device)
+    run_server(settings, host=host, port=port, log=lambda m: console.print(m, highlight=False, markup=False))
+
+
 @app.command("configs")
 def configs_command() -> None:
     """List the example configs shipped with cliplab (use a name with -c, e.g. -c flickr8k_heads)."""

@@ -9,15 +9,19 @@ from PIL import Image, UnidentifiedImageError
 from cliplab.errors import DataError
 
 
-def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
+def load_rgb(path: str | Path, draft_size: int | None = None, max_pixels: int | None = None) -> Image.Image:
     """Open an image as RGB, fully decoded; raise :class:`DataError` naming the file when it is missing or corrupt.
 
     ``draft_size`` lets the JPEG decoder downscale large files by 1/2-1/8 while decoding (PIL draft mode),
-    never below ``draft_size`` on either side.
+    never below ``draft_size`` on either side. ``max_pixels`` refuses images whose header declares more
+    pixels (decompression bombs) before anything is decoded; PIL's own bomb limit always applies.
     """
     path = Path(path)
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise DataError(f"image too large: {path} ({w}x{h} pixels, limit {max_pixels})")
             if draft_size and im.format == "JPEG":
                 w, h = im.size
                 short = max(1, min(w, h))  # ask for a size whose short side stays >= draft_size
@@ -26,6 +30,8 @@ def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image too large: {path} ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"corrupt image: {path} ({exc.__class__.__name__}: {exc})") from None
 
@@ -67,20 +73,21 @@ class ImageSet:
 class ImageFiles(ImageSet):
     """Images on disk; the cache key of each is its path, size and mtime (edits in place invalidate it)."""
 
-    def __init__(self, paths, draft_size: int | None = None) -> None:
+    def __init__(self, paths, draft_size: int | None = None, max_pixels: int | None = None) -> None:
         self.paths = [Path(p) for p in paths]
         self.draft_size = draft_size
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def with_draft(self, size: int) -> "ImageFiles":
-        out = ImageFiles.__new__(ImageFiles)
-        out.paths, out.draft_size = self.paths, size
+        out = type(self).__new__(type(self))  # subclasses keep their behaviour
+        out.paths, out.draft_size, out.max_pixels = self.paths, size, self.max_pixels
         return out
 
     def load(self, i: int) -> Image.Image:
-        return load_rgb(self.paths[i], self.draft_size)
+        return load_rgb(self.paths[i], self.draft_size, self.max_pixels)
 
     def item_ids(self) -> list[str]:
         return [str(p.resolve()) for p in self.paths]

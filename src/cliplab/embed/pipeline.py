@@ -199,3 +199,29 @@ def image_tower_features(model: nn.Module, images, *, cache: FeatureCache | None
                                 desc=f"{desc} (mirrored)", **kwargs).features
         feats = (feats + np.asarray(mirrored, dtype=np.float32)) / 2
     return feats
+
+
+def image_embeddings(model: nn.Module, images, *, cache: FeatureCache | None = None,
+                     device: str | torch.device = "cpu", progress: bool = True, desc: str = "images",
+                     **kwargs) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Unit-norm image embeddings ``[N, d]`` under any model, with ``valid [N]`` and error messages of images
+    that could not be read (their rows are zeros); computed through the feature cache (chunked, resumable)."""
+    model = model.eval().to(device)
+    feats = embed_images(feature_towers(model)[0], images, cache=cache, device=device, progress=progress, desc=desc,
+                         on_error="skip", **kwargs)
+    valid = np.asarray(feats.valid, dtype=bool)
+    if isinstance(model, TowerModel):
+        z = project_features(model.project_image, np.asarray(feats.features), device)
+    else:
+        z = torch.nn.functional.normalize(torch.as_tensor(np.array(feats.features, dtype=np.float32)), dim=-1)
+    z = z.numpy().astype(np.float32)
+    z[~valid] = 0.0
+    return z, valid, feats.errors
+
+
+@torch.inference_mode()
+def text_embeddings(model: nn.Module, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    """Unit-norm caption/query embeddings ``[N, d]`` (no cache: queries are short and new)."""
+    out = [model.encode_text(list(texts[i:i + batch_size]), normalize=True).float().cpu()
+           for i in range(0, len(texts), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)

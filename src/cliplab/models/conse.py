@@ -31,7 +31,8 @@ class ConSE(nn.Module):
     """Exposes ``encode_image``/``encode_text`` like every cliplab model."""
 
     def __init__(self, image_tower: ImageTower, text_tower: TextTower, class_names: list[str] | None = None,
-                 top_t: int = 10, templates: tuple[str, ...] = CONSE_TEMPLATES, batch_size: int = 256) -> None:
+                 top_t: int = 10, templates: tuple[str, ...] = CONSE_TEMPLATES, batch_size: int = 256,
+                 class_embeddings: torch.Tensor | None = None) -> None:
         super().__init__()
         self.image_tower = image_tower
         self.text_tower = text_tower
@@ -40,6 +41,11 @@ class ConSE(nn.Module):
         self.class_names = class_names or imagenet_classnames()
         if image_tower.num_classes != len(self.class_names):
             raise ValueError(f"image tower has {image_tower.num_classes} classes, {len(self.class_names)} names given")
+        if class_embeddings is not None and class_embeddings.shape[0] == len(self.class_names) and \
+                tuple(templates) == CONSE_TEMPLATES and class_names is None:  # computed before for this text tower
+            self.register_buffer("class_embeddings", class_embeddings.clone(), persistent=False)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)), requires_grad=False)
+            return
         with torch.inference_mode():
             per_template = []
             for tpl in templates:

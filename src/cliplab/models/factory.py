@@ -61,9 +61,18 @@ def create_model(config: TwoTowerConfig | dict | None = None, seed: int | None =
     return TwoTower(cfg, image_tower=image, text_tower=text)
 
 
+_CONSE_CLASSES: dict[str, torch.Tensor] = {}  # text-tower fingerprint -> ConSE class embeddings
+
+
 def create_conse(image_tower: ImageTower | None = None, text_tower: TextTower | None = None) -> ConSE:
-    """The ConSE zero-shot baseline over the given (default: offline default) towers."""
-    return ConSE(image_tower or pretrained_tower(ImageTowerConfig()), text_tower or pretrained_tower(TextTowerConfig()))
+    """The ConSE zero-shot baseline over the given (default: offline default) towers. Its 1,000 class-name
+    embeddings are computed once per process and text tower."""
+    image_tower = image_tower or pretrained_tower(ImageTowerConfig())
+    text_tower = text_tower or pretrained_tower(TextTowerConfig())
+    key = text_tower.fingerprint()
+    model = ConSE(image_tower, text_tower, class_embeddings=_CONSE_CLASSES.get(key))
+    _CONSE_CLASSES[key] = model.class_embeddings
+    return model
 
 
 def model_folder_kind(path: Path) -> str | None:

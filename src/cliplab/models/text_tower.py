@@ -38,6 +38,9 @@ class TextTower(nn.Module):
     def __init__(self, config: TextTowerConfig | None = None) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load are noise in CLI output
 
         cfg = config or TextTowerConfig()
         if cfg.pooling not in ("mean", "cls"):

@@ -133,7 +133,7 @@ def run_sweep(sweep_file: str | Path, out_dir: str | Path, *, progress: bool = T
     results = rundir.read_json(out_dir / pick["run"] / rundir.RESULTS)
     if not results["test"]:  # the one test evaluation of the study
         results = train_run(cfg, out_dir / pick["run"], resume=True, progress=progress, log=log)
-        rows[i] = _row(pick["run"], settings, results, metric)
+        rows[i] = {**_row(pick["run"], settings, results, metric), "train_seconds": pick["train_seconds"]}
         _write_tables(out_dir, rows, curves)
     write_json(out_dir / "selected.json", {
         "run": pick["run"], "settings": settings, "select_metric": metric, "direction": direction,

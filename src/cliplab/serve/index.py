@@ -1,0 +1,549 @@
+"""A searchable photo index: image embeddings, a FAISS index and SQLite metadata in one folder.
+
+Layout of ``INDEX/`` (one *generation* is live at a time; ``CURRENT`` names it):
+
+- ``CURRENT``: JSON naming the live generation's files; replaced atomically (``os.replace``) as the
+  last step of every build, so readers and a killed build always see one complete generation;
+- ``meta-G.sqlite``: ``info`` (model spec and fingerprint, dimension, roots, ...), ``items`` (id,
+  root, relative path, size, mtime, content hash, width, height, captions, added time, row),
+  ``skipped`` (files that could not be indexed, and why);
+- ``vectors-G.npy``: unit-norm image embeddings ``[N, d]`` (float32 or float16, memory-mapped), row
+  ``items.row``; ``faiss-G.index``: exact or approximate inner-product index over them;
+- ``work/``: embeddings of new files, computed in resumable chunks (the feature store), so a build
+  killed half-way resumes where it stopped.
+
+An update walks the roots, reuses the vectors of unchanged files (same path, size and mtime, or same
+content hash), embeds only new or changed ones, drops deleted ones, writes generation G+1 next to G,
+then swaps ``CURRENT``. Leftovers of an interrupted build are removed by the next one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from cliplab.errors import ConfigError, DataError
+from cliplab.utils import atomic_write, write_json
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CURRENT = "CURRENT"
+WORK = "work"
+EXACT_BELOW = 50_000  # FAISS "auto": exact inner product below this many images, HNSW above
+DEFAULT_MAX_PIXELS = 100_000_000  # images declaring more pixels are skipped (decompression bombs)
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    root INTEGER NOT NULL,
+    relpath TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    captions TEXT NOT NULL DEFAULT '[]',
+    added REAL NOT NULL,
+    row INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS items_path ON items(root, relpath);
+CREATE UNIQUE INDEX IF NOT EXISTS items_row ON items(row);
+CREATE TABLE IF NOT EXISTS skipped (
+    root INTEGER NOT NULL, relpath TEXT NOT NULL, reason TEXT NOT NULL, size INTEGER, mtime_ns INTEGER,
+    PRIMARY KEY (root, relpath)
+);
+"""
+
+
+@dataclass
+class SourceFile:
+    """An image found under an indexed root."""
+
+    root: int
+    relpath: str
+    path: Path
+    size: int
+    mtime_ns: int
+    captions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BuildReport:
+    """What one ``build`` did."""
+
+    total: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    embedded: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    skipped_known: int = 0  # of them, unchanged files that failed before (not tried again)
+    faiss: str = ""
+    recall_at_10: float | None = None
+    seconds: float = 0.0
+    generation: int = 0
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("total", "new", "changed", "unchanged", "removed", "embedded",
+                                               "faiss", "recall_at_10", "seconds", "generation",
+                                               "skipped_known")} | {
+            "skipped": len(self.skipped), "skipped_items": [list(s) for s in self.skipped]}
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def walk_images(root: Path, exclude: Path | None = None) -> Iterable[tuple[Path, str | None]]:
+    """Image files under ``root`` (recursive, extensions case-insensitive), with a skip reason for files
+    that must not be indexed (symlinks leading out of the root)."""
+    real_root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        if exclude is not None:
+            dirnames[:] = [d for d in dirnames if (here / d).resolve() != exclude]
+        dirnames.sort()
+        for name in sorted(filenames):
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = here / name
+            reason = None
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(real_root):
+                    reason = "symlink pointing outside the indexed folder"
+                elif not target.exists():
+                    reason = "broken symlink"
+            yield path, reason
+
+
+def _is_caption_dataset(path: Path) -> bool:
+    if path.is_dir():
+        return (path / "captions.txt").is_file() or (path / "Flickr8k.token.txt").is_file()
+    return path.suffix in (".json", ".csv", ".tsv", ".jsonl")
+
+
+def collect_sources(paths: list[Path], exclude: Path | None = None) -> tuple[list[Path], list[SourceFile],
+                                                                               list[tuple[str, str]]]:
+    """Roots, the image files under them (with captions for caption datasets) and files skipped up front."""
+    from cliplab.data.captions import load_caption_dataset
+
+    roots: list[Path] = []
+    files: list[SourceFile] = []
+    skipped: list[tuple[str, str]] = []
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise DataError(f"not found: {p}")
+        if _is_caption_dataset(p):
+            ds = load_caption_dataset(p, "all", on_error="skip")
+            root = ds.image_root.resolve()
+            ri = len(roots)
+            roots.append(root)
+            for i, rel in enumerate(ds.images):
+                path = ds.image_root / rel
+                try:
+                    st = path.stat()
+                except OSError:
+                    skipped.append((rel, "missing image"))
+                    continue
+                files.append(SourceFile(ri, str(Path(rel).as_posix()), path, st.st_size, st.st_mtime_ns,
+                                        [ds.captions[c] for c in ds.captions_of(i)]))
+            skipped += [(msg, kind) for kind, msg in ds.skipped.items]
+        elif p.is_dir():
+            ri = len(roots)
+            roots.append(p.resolve())
+            for path, reason in walk_images(p, exclude):
+                rel = path.relative_to(p).as_posix()
+                if reason:
+                    skipped.append((rel, reason))
+                    continue
+                st = path.stat()
+                if st.st_size == 0:
+                    skipped.append((rel, "empty file (0 bytes)"))
+                    continue
+                files.append(SourceFile(ri, rel, path, st.st_size, st.st_mtime_ns))
+        else:
+            raise DataError(f"{p}: give a folder of images or a caption dataset (Flickr8k folder, COCO/Karpathy "
+                            "JSON, CSV/JSONL)")
+    return roots, files, skipped
+
+
+def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
+    if read_only:  # a committed generation never changes: no locks, no journal
+        con = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+    else:
+        con = sqlite3.connect(str(path))
+    con.row_factory = sqlite3.Row
+    return con
+
+
+def choose_faiss(kind: str, n: int) -> str:
+    if kind not in ("auto", "flat", "ivf", "hnsw"):
+        raise ConfigError(f"faiss index kind must be auto, flat, ivf or hnsw, not {kind!r}")
+    return ("flat" if n < EXACT_BELOW else "hnsw") if kind == "auto" else kind
+
+
+def approximate_recall(vectors: np.ndarray, index, k: int = 10, n_queries: int = 200, seed: int = 0) -> float:
+    """Recall@k of ``index`` against exact search, with stored vectors as queries (what `index` prints)."""
+    import faiss
+
+    n = len(vectors)
+    if n == 0:
+        return 1.0
+    q = np.array(vectors[np.random.default_rng(seed).choice(n, size=min(n_queries, n), replace=False)],
+                 dtype=np.float32)
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(np.asarray(vectors, dtype=np.float32))
+    k = min(k, n)
+    _, truth = exact.search(q, k)
+    _, got = index.search(q, k)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, got)]))
+
+
+class PhotoIndex:
+    """A committed generation of an index folder, opened read-only (CLI search, the server)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from cliplab.extras import require
+
+        faiss = require("faiss")
+        self.folder = Path(folder)
+        pointer = self.folder / CURRENT
+        if not pointer.is_file():
+            raise ConfigError(f"{self.folder}: not a cliplab index (no {CURRENT}); build one with `cliplab index`")
+        self.current = json.loads(pointer.read_text(encoding="utf-8"))
+        self.current_mtime = pointer.stat().st_mtime_ns
+        self.db = _connect(self.folder / self.current["db"], read_only=True)
+        self.info = {r["key"]: json.loads(r["value"]) for r in self.db.execute("SELECT key, value FROM info")}
+        self.roots = [Path(r) for r in self.info["roots"]]
+        self.vectors = np.load(self.folder / self.current["vectors"], mmap_mode="r")
+        self.faiss = faiss.read_index(str(self.folder / self.current["faiss"]))
+        rows = self.db.execute("SELECT row, id FROM items ORDER BY row").fetchall()
+        self.row_to_id = np.array([r["id"] for r in rows], dtype=np.int64)
+        self.id_to_row = {int(i): r for r, i in enumerate(self.row_to_id)}
+        if len(self.row_to_id) != len(self.vectors) or self.faiss.ntotal != len(self.vectors):
+            raise ConfigError(f"{self.folder}: generation {self.current['generation']} is inconsistent")
+
+    def __len__(self) -> int:
+        return len(self.row_to_id)
+
+    def stale(self) -> bool:
+        """Whether a newer generation has been committed since this one was opened."""
+        try:
+            return (self.folder / CURRENT).stat().st_mtime_ns != self.current_mtime
+        except OSError:
+            return False
+
+    def item(self, item_id: int) -> dict | None:
+        row = self.db.execute("SELECT * FROM items WHERE id = ?", (int(item_id),)).fetchone()
+        return None if row is None else self._public(row)
+
+    def items(self, ids: list[int]) -> dict[int, dict]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self.db.execute(f"SELECT * FROM items WHERE id IN ({marks})", [int(i) for i in ids]).fetchall()
+        return {int(r["id"]): self._public(r) for r in rows}
+
+    @staticmethod
+    def _public(row: sqlite3.Row) -> dict:
+        return {"id": int(row["id"]), "root": int(row["root"]), "path": row["relpath"], "width": int(row["width"]),
+                "height": int(row["height"]), "size": int(row["size"]), "sha256": row["sha256"],
+                "captions": json.loads(row["captions"]), "added": float(row["added"])}
+
+    def file_path(self, item_id: int) -> Path | None:
+        """The file of an indexed item, only if it still resolves inside its root (no path from a request)."""
+        item = self.item(item_id)
+        if item is None:
+            return None
+        root = self.roots[item["root"]]
+        path = (root / item["path"]).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            return None
+        return path
+
+    def vector(self, item_id: int) -> np.ndarray | None:
+        row = self.id_to_row.get(int(item_id))
+        return None if row is None else np.asarray(self.vectors[row], dtype=np.float32)
+
+    def search(self, query: np.ndarray, k: int = 10, exclude: set[int] | None = None) -> list[dict]:
+        """Top ``k`` items by inner product with the unit-norm ``query``: id, score and metadata."""
+        exclude = exclude or set()
+        n = min(len(self), k + len(exclude))
+        if n == 0:
+            return []
+        scores, rows = self.faiss.search(np.asarray(query, dtype=np.float32).reshape(1, -1), n)
+        hits = [(float(s), int(self.row_to_id[r])) for s, r in zip(scores[0], rows[0]) if r >= 0]
+        hits = [(s, i) for s, i in hits if i not in exclude][:k]
+        meta = self.items([i for _, i in hits])
+        return [{"id": i, "score": s, **{k2: v for k2, v in meta[i].items() if k2 != "id"}} for s, i in hits]
+
+    def summary(self) -> dict:
+        return {"images": len(self), "model": self.info["model"], "dim": self.info["dim"],
+                "faiss": self.info.get("faiss"), "generation": self.current["generation"],
+                "roots": [str(r) for r in self.roots], "updated": self.info.get("updated"),
+                "skipped": self.db.execute("SELECT COUNT(*) FROM skipped").fetchone()[0]}
+
+
+class IndexBuilder:
+    """Creates or updates an index folder (see the module docstring); ``build`` commits one generation."""
+
+    def __init__(self, folder: str | Path, model_spec: str | None = None, *, rebuild: bool = False,
+                 faiss_kind: str = "auto", dtype: str = "float32", device: str = "cpu", batch_size: int = 64,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, log: Callable[[str], None] = print,
+                 progress: bool = True, chunk_size: int = 256) -> None:
+        if dtype not in ("float32", "float16"):
+            raise ConfigError(f"vector dtype must be float32 or float16, not {dtype!r}")
+        choose_faiss(faiss_kind, 0)
+        self.folder = Path(folder)
+        self.rebuild, self.faiss_kind, self.dtype = rebuild, faiss_kind, dtype
+        self.device, self.batch_size, self.max_pixels = device, batch_size, max_pixels
+        self.log, self.progress, self.chunk_size = log, progress, chunk_size
+        self.current = self._read_current()
+        self.previous_info = self._previous_info()
+        self.model_spec = model_spec or (self.previous_info or {}).get("model") or "conse"
+
+    def _read_current(self) -> dict | None:
+        pointer = self.folder / CURRENT
+        return json.loads(pointer.read_text(encoding="utf-8")) if pointer.is_file() else None
+
+    def _previous_info(self) -> dict | None:
+        if self.current is None:
+            return None
+        con = _connect(self.folder / self.current["db"], read_only=True)
+        try:
+            return {r["key"]: json.loads(r["value"]) for r in con.execute("SELECT key, value FROM info")}
+        finally:
+            con.close()
+
+    def build(self, paths: list[str | Path]) -> BuildReport:
+        from cliplab.embed.cache import FeatureCache
+        from cliplab.embed.pipeline import image_embeddings
+        from cliplab.extras import require
+        from cliplab.models.factory import load_model
+
+        faiss = require("faiss")
+        t0 = time.time()
+        report = BuildReport()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._collect_garbage()
+        roots, files, report.skipped = collect_sources([Path(p) for p in paths], exclude=self.folder.resolve())
+        model = load_model(self.model_spec, device=self.device)
+        fingerprint = model.fingerprint()
+        prev = self.previous_info
+        if prev is not None and prev["model_fingerprint"] != fingerprint and not self.rebuild:
+            raise ConfigError(f"{self.folder} was built with model {prev['model']!r} (fingerprint "
+                              f"{prev['model_fingerprint'][:12]}); {self.model_spec!r} is another model "
+                              f"({fingerprint[:12]}). Pass --rebuild to re-embed every image with it")
+        if prev is not None and prev["roots"] != [str(r) for r in roots] and not self.rebuild:
+            self.log(f"roots changed: {prev['roots']} -> {[str(r) for r in roots]}; files are matched by root and path")
+        fresh = prev is None or self.rebuild or prev["model_fingerprint"] != fingerprint
+        old = {} if fresh else self._old_items()
+        old_failed = {} if fresh else self._old_failures()
+        old_vectors = (np.load(self.folder / self.current["vectors"], mmap_mode="r")
+                       if old and self.current else None)
+        # sort files: unchanged (reuse), changed/new (embed)
+        keep, todo, failed = [], [], []  # failed: (SourceFile, reason) of unchanged files that failed before
+        by_hash_candidates = []
+        for f in files:
+            bad = old_failed.get((f.root, f.relpath))
+            if bad is not None and bad[1:] == (f.size, f.mtime_ns):
+                failed.append((f, bad[0]))
+                continue
+            o = old.get((f.root, f.relpath))
+            if o is not None and o["size"] == f.size and o["mtime_ns"] == f.mtime_ns:
+                keep.append((f, o))
+            elif o is not None:
+                by_hash_candidates.append((f, o))
+            else:
+                todo.append(f)
+        for f, o in by_hash_candidates:  # touched but maybe identical: compare content
+            if f.size == o["size"] and sha256_of(f.path) == o["sha256"]:
+                keep.append((f, o))
+            else:
+                todo.append(f)
+                report.changed += 1
+        report.unchanged = len(keep)
+        report.new = len(todo) - report.changed
+        report.skipped_known = len(failed)
+        seen = {(f.root, f.relpath) for f in files}
+        report.removed = sum(1 for key in old if key not in seen)
+        self.log(f"{len(files)} images under {len(roots)} root(s): {report.unchanged} unchanged, {report.new} new, "
+                 f"{report.changed} changed, {report.removed} removed")
+
+        # embed new and changed files (resumable: chunks land in work/ as they are computed)
+        new_vectors = np.zeros((0, 0), np.float32)
+        good = np.zeros(0, dtype=bool)
+        errors: dict[int, str] = {}
+        if todo:
+            images = _ImagesWithCrashPoint([f.path for f in todo], max_pixels=self.max_pixels)
+            work = FeatureCache(self.folder / WORK, chunk_size=self.chunk_size)
+            new_vectors, good, errors = image_embeddings(model, images, cache=work,
+                                                         device=self.device, progress=self.progress,
+                                                         desc="embedding images", batch_size=self.batch_size)
+            report.embedded = int(good.sum())
+        stat_of = {}  # relpath -> (size, mtime) of files that failed, so an unchanged one is not tried again
+        for i, f in enumerate(todo):
+            if not good[i]:
+                report.skipped.append((f.relpath, errors.get(i, "unreadable image").replace(str(f.path), f.relpath)))
+                stat_of[f.relpath] = (f.size, f.mtime_ns)
+        for f, reason in failed:
+            report.skipped.append((f.relpath, reason))
+            stat_of[f.relpath] = (f.size, f.mtime_ns)
+        dim = int(new_vectors.shape[1]) if todo and new_vectors.size else (
+            int(old_vectors.shape[1]) if old_vectors is not None else int(model.encode_text(["x"]).shape[1]))
+
+        # assemble generation G+1
+        now = time.time()
+        entries = []  # (SourceFile, vector row source, sha, width, height, added, id or None)
+        for f, o in keep:
+            entries.append((f, ("old", o["row"]), o["sha256"], o["width"], o["height"], o["added"], o["id"]))
+        for i, f in enumerate(todo):
+            if good[i]:
+                w, h = self._size(f.path)
+                prior = old.get((f.root, f.relpath))  # a changed file keeps its id
+                entries.append((f, ("new", i), sha256_of(f.path), w, h, now, prior["id"] if prior else None))
+        entries.sort(key=lambda e: (e[0].root, e[0].relpath))
+        n = len(entries)
+        vectors = np.zeros((n, dim), dtype=self.dtype)
+        for row, e in enumerate(entries):
+            src, j = e[1]
+            vectors[row] = old_vectors[j] if src == "old" else new_vectors[j]
+        generation = (self.current["generation"] + 1) if self.current else 1
+        names = {"db": f"meta-{generation}.sqlite", "vectors": f"vectors-{generation}.npy",
+                 "faiss": f"faiss-{generation}.index"}
+        kind = choose_faiss(self.faiss_kind, n)
+        index = self._faiss(faiss, vectors, kind)
+        if kind != "flat" and n:
+            report.recall_at_10 = approximate_recall(vectors, index)
+            self.log(f"{kind} index: recall@10 against exact search {report.recall_at_10:.3f} "
+                     f"(200 stored vectors as queries)")
+        crash_point("before-vectors")
+        atomic_write(self.folder / names["vectors"], lambda p: _save_npy(p, vectors))
+        crash_point("after-vectors")
+        atomic_write(self.folder / names["faiss"], lambda p: faiss.write_index(index, str(p)))
+        info = {"model": self.model_spec, "model_fingerprint": fingerprint, "dim": dim, "dtype": self.dtype,
+                "roots": [str(r) for r in roots], "faiss": kind, "recall_at_10": report.recall_at_10,
+                "max_pixels": self.max_pixels, "created": (prev or {}).get("created", now) if old else now,
+                "updated": now}
+        skipped_rows = [(rel, reason, *stat_of.get(rel, (None, None))) for rel, reason in report.skipped]
+        atomic_write(self.folder / names["db"], lambda p: self._write_db(p, entries, info, skipped_rows))
+        crash_point("before-commit")
+        # the commit: one atomic rename makes generation G+1 the live one
+        write_json(self.folder / CURRENT, {"generation": generation, **names, "count": n,
+                                            "committed": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self.current = {"generation": generation, **names}
+        crash_point("after-commit")
+        self._collect_garbage()
+        shutil.rmtree(self.folder / WORK, ignore_errors=True)  # its chunks are in the committed vectors now
+        report.total, report.faiss, report.generation = n, kind, generation
+        report.seconds = time.time() - t0
+        return report
+
+    def _old_items(self) -> dict[tuple[int, str], dict]:
+        con = _connect(self.folder / self.current["db"], read_only=True)
+        try:
+            return {(r["root"], r["relpath"]): dict(r) for r in con.execute("SELECT * FROM items")}
+        finally:
+            con.close()
+
+    def _old_failures(self) -> dict[tuple[int, str], tuple[str, int, int]]:
+        con = _connect(self.folder / self.current["db"], read_only=True)
+        try:
+            return {(r["root"], r["relpath"]): (r["reason"], r["size"], r["mtime_ns"])
+                    for r in con.execute("SELECT * FROM skipped WHERE size IS NOT NULL")}
+        finally:
+            con.close()
+
+    def _size(self, path: Path) -> tuple[int, int]:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return int(im.size[0]), int(im.size[1])
+
+    def _faiss(self, faiss, vectors: np.ndarray, kind: str):
+        dim = vectors.shape[1]
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        if kind == "flat" or len(x) == 0:
+            index = faiss.IndexFlatIP(dim)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 80
+            index.hnsw.efSearch = 64
+        else:  # ivf
+            nlist = max(1, min(4096, int(4 * np.sqrt(len(x)))))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(x[np.random.default_rng(0).choice(len(x), size=min(len(x), 256 * nlist), replace=False)])
+            index.nprobe = min(16, nlist)
+        if len(x):
+            index.add(x)
+        return index
+
+    @staticmethod
+    def _write_db(path: Path, entries, info: dict, skipped: list[tuple]) -> None:
+        con = sqlite3.connect(str(path))
+        try:
+            with con:  # one transaction
+                con.executescript(SCHEMA)
+                con.executemany("INSERT INTO info VALUES (?, ?)", [(k, json.dumps(v)) for k, v in info.items()])
+                next_id = max([e[6] for e in entries if e[6] is not None], default=0) + 1
+                rows = []
+                for row, (f, _, sha, w, h, added, item_id) in enumerate(entries):
+                    if item_id is None:
+                        item_id, next_id = next_id, next_id + 1
+                    rows.append((item_id, f.root, f.relpath, f.size, f.mtime_ns, sha, w, h, json.dumps(f.captions),
+                                 added, row))
+                con.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                con.executemany("INSERT OR REPLACE INTO skipped VALUES (0, ?, ?, ?, ?)", skipped)
+        finally:
+            con.close()
+
+    def _collect_garbage(self) -> None:
+        """Remove generation files the live ``CURRENT`` does not name (an interrupted build's leftovers, or the
+        generation a commit replaced)."""
+        live = set((self.current or {}).values()) if self.current else set()
+        for p in self.folder.glob("*"):
+            if p.name.startswith(("meta-", "vectors-", "faiss-", ".")) and p.name not in live and p.is_file() \
+                    and p.name != CURRENT:
+                p.unlink(missing_ok=True)
+
+
+def crash_point(name: str) -> None:
+    """Test hook: ``CLIPLAB_INDEX_CRASH_AT=name`` kills this process with SIGKILL here (the kill -9 tests)."""
+    if os.environ.get("CLIPLAB_INDEX_CRASH_AT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _images_with_crash_point_base():
+    from cliplab.data.images import ImageFiles
+
+    return ImageFiles
+
+
+class _ImagesWithCrashPoint(_images_with_crash_point_base()):
+    """Image files whose ``load(i)`` passes crash point ``image-i`` (a kill in the middle of embedding)."""
+
+    def load(self, i: int):
+        crash_point(f"image-{i}")
+        return super().load(i)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, arr)

@@ -1,0 +1,116 @@
+"""Queries against a photo index: text, images, indexed items, and sums/differences of them (like rclip:
+``"beach" + photo.jpg - "people"``)."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cliplab.errors import CliplabError, DataError
+
+
+@dataclass
+class QueryTerm:
+    sign: float  # +1 or -1
+    kind: str  # text | image (a PIL image) | item (an indexed image id)
+    value: object
+
+
+def parse_cli_query(args: list[str]) -> list[QueryTerm]:
+    """``["beach", "+", "me.jpg", "-", "people"]``: an existing file is an image, anything else text;
+    ``+``/``-`` set the sign of the next term (``+`` by default)."""
+    from cliplab.data.images import load_rgb
+
+    terms, sign = [], 1.0
+    for arg in args:
+        if arg in ("+", "-"):
+            sign = 1.0 if arg == "+" else -1.0
+            continue
+        if Path(arg).is_file():
+            terms.append(QueryTerm(sign, "image", load_rgb(arg)))
+        elif arg.startswith("id:") and arg[3:].isdigit():
+            terms.append(QueryTerm(sign, "item", int(arg[3:])))
+        else:
+            if not arg.strip():
+                raise CliplabError("empty text query")
+            terms.append(QueryTerm(sign, "text", arg))
+        sign = 1.0
+    if not terms:
+        raise CliplabError("give a text query, an image (a file path) or both")
+    return terms
+
+
+def decode_image_bytes(data: bytes, max_pixels: int) -> "object":
+    """An uploaded image, checked before decoding: size limit in pixels (decompression bombs), then RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise DataError(f"image too large: {w}x{h} pixels (limit {max_pixels})")
+            im.load()
+            return im.convert("RGB")
+    except Image.DecompressionBombError:
+        raise DataError("image too large (decompression bomb guard)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"not a readable image ({exc.__class__.__name__})") from None
+
+
+class QueryEncoder:
+    """Embeds query terms with the index's model. Thread-safe (one model call at a time: fast tokenizers
+    and some towers are not re-entrant); recent text queries are kept in a small LRU cache."""
+
+    def __init__(self, model, cache_size: int = 1024) -> None:
+        self.model = model.eval()
+        self.transform = model.preprocess()
+        self.lock = threading.Lock()
+        self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.cache_size = cache_size
+
+    @torch.inference_mode()
+    def text(self, text: str) -> np.ndarray:
+        with self.lock:
+            hit = self.cache.get(text)
+            if hit is not None:
+                self.cache.move_to_end(text)
+                return hit
+            z = self.model.encode_text([text], normalize=True).float().cpu().numpy()[0]
+            self.cache[text] = z
+            if len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+            return z
+
+    @torch.inference_mode()
+    def image(self, image) -> np.ndarray:
+        x = self.transform(image)[None]
+        with self.lock:
+            return self.model.encode_image(x, normalize=True).float().cpu().numpy()[0]
+
+    def compose(self, terms: list[QueryTerm], index) -> tuple[np.ndarray, set[int]]:
+        """The unit-norm sum of signed term embeddings, and the indexed items used as queries (excluded from
+        their own results)."""
+        total, used = None, set()
+        for t in terms:
+            if t.kind == "text":
+                z = self.text(str(t.value))
+            elif t.kind == "image":
+                z = self.image(t.value)
+            else:
+                z = index.vector(int(t.value))
+                if z is None:
+                    raise DataError(f"no indexed image with id {t.value}")
+                used.add(int(t.value))
+            z = np.asarray(z, dtype=np.float32)
+            z = z / max(float(np.linalg.norm(z)), 1e-12)
+            total = t.sign * z if total is None else total + t.sign * z
+        norm = float(np.linalg.norm(total))
+        if not np.isfinite(norm) or norm < 1e-6:
+            raise DataError("the query terms cancel out (their sum is zero)")
+        return (total / norm).astype(np.float32), used
