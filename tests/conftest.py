@@ -155,3 +155,24 @@ def tiny_hf_clip(tmp_path: Path, tokenizer):
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return model, out
+
+
+def tiny_causal_lm(tmp_path: Path, tokenizer):
+    """A small random Llama-style causal LM saved with ``tokenizer`` (given EOS/PAD): the decoder of the
+    captioning tests (no LM weights exist offline besides the packaged GGUF, too slow for unit tests)."""
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token, tok.pad_token = "[SEP]", "[PAD]"
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    out = tmp_path / "tiny-lm"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -22,6 +22,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Learn and evaluate shared image-text embedding spaces.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")
 app.add_typer(eval_app, name="eval")
+caption_app = typer.Typer(no_args_is_help=True, help="Caption images with a tuned pretrained language model.")
+app.add_typer(caption_app, name="caption")
 console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes get whole tables
 DEFAULT_DATA = "../shared/data/flickr8k"
 
@@ -596,6 +598,142 @@ def serve(
     settings = ServerSettings(index_dir, token=token, max_upload_bytes=int(max_upload_mb * 2**20), max_k=max_k,
                               allow_urls=allow_urls, thumb_dir=thumb_dir, device=device)
     run_server(settings, host=host, port=port, log=lambda m: console.print(m, highlight=False, markup=False))
+
+
+@caption_app.command("train")
+def caption_train(
+    config: str = typer.Option("flickr8k_caption", "--config", "-c", help="caption config: packaged name or YAML path"),
+    run_dir: Optional[Path] = typer.Option(None, help="run directory (an existing one is resumed)"),
+    data: Optional[str] = typer.Option(None, help="dataset (overrides data.path)"),
+    overrides: List[str] = SetOpt,
+    max_train_images: Optional[int] = typer.Option(None, help="train on the first N training images (a quick demo)"),
+    cache_dir: Optional[Path] = CacheOpt,
+    fresh: bool = typer.Option(False, help="ignore a checkpoint in run_dir and start over"),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="evaluate on the test split after training"),
+    plots: bool = PlotsOpt,
+) -> None:
+    """Train a captioner (mapping network + prefix/LoRA/adapter/full tuning of the LM), select on dev CIDEr-D."""
+    _check_plots_extra(plots)
+    from cliplab.caption.train import CaptionRunConfig, evaluate_captioner, train_captioner
+
+    extra = list(overrides) + ([f"data.path={data}"] if data else []) + \
+        ([f"train.max_train_images={max_train_images}"] if max_train_images else []) + \
+        ([f"data.cache_dir={cache_dir}"] if cache_dir else [])
+    cfg = CaptionRunConfig.load(config).with_overrides(extra)
+    out = _run_dir(run_dir, "caption")
+    fit = train_captioner(cfg, out, resume=not fresh, log=lambda m: console.print(m, highlight=False, markup=False))
+    console.print(f"best dev epoch {fit['best_epoch']} (dev CIDEr-D {fit['best_dev_cider']:.1f}); training "
+                  f"{fit['seconds']['train'] / 60:.1f} min", highlight=False)
+    if evaluate:
+        _print_caption_result(evaluate_captioner(out, plots=plots, log=console.print))
+    console.print(f"run directory: {out}", soft_wrap=True)
+
+
+def _print_caption_result(result: dict) -> None:
+    keys = [("bleu1", "B-1"), ("bleu4", "B-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr-D"),
+            ("clipscore", "CLIP-S*"), ("refclipscore", "RefCLIP-S*")]
+    table = Table(title=f"captioning: {result['split']} ({result['n_images']} images, beam {result['beam']})")
+    table.add_column("model")
+    for _, h in keys:
+        table.add_column(h, justify="right")
+    for name, label in (("model", "captioner"), ("nearest_neighbour", "nearest neighbour")):
+        table.add_row(label, *["n/a" if result[name].get(k) is None else f"{result[name][k]:.2f}" for k, _ in keys])
+    console.print(table)
+    console.print(f"* {result['clipscore_note']}. SPICE: {result['model']['spice_status']}.", highlight=False,
+                  markup=False)
+
+
+@caption_app.command("features")
+def caption_features(
+    out: Path = typer.Option(..., "--out", "-o", help="bundle file (.npz) to write"),
+    config: str = typer.Option("flickr8k_caption", "--config", "-c"),
+    overrides: List[str] = SetOpt,
+    device: str = typer.Option("auto"),
+) -> None:
+    """Export the visual tokens + captions of train/dev/test to one file (train elsewhere with data.features)."""
+    from cliplab.caption.train import CaptionRunConfig, export_bundle
+    from cliplab.utils import resolve_device
+
+    cfg = CaptionRunConfig.load(config).with_overrides(list(overrides))
+    path = export_bundle(cfg, out, device=resolve_device(device))
+    console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", soft_wrap=True)
+
+
+@caption_app.command("eval")
+def caption_eval(
+    run: Path = typer.Argument(..., help="caption run folder"),
+    split: str = typer.Option("test", help="test or dev"),
+    beam: Optional[int] = typer.Option(None, help="beam size (default: the run's decode.beam)"),
+    tokenizer: str = typer.Option("ptb", help="ptb (official, needs Java) or simple"),
+    clipscore_model: Optional[str] = typer.Option(None, help="cliplab model for CLIPScore (default: the config's; "
+                                                             "none skips it)"),
+    reuse_captions: bool = typer.Option(False, help="score the captions of the last evaluation again (e.g. "
+                                                    "generated on another machine) instead of decoding"),
+    device: str = typer.Option("auto"),
+    plots: bool = PlotsOpt,
+) -> None:
+    """Score a trained captioner (BLEU, METEOR, ROUGE-L, CIDEr-D, CLIPScore) beside the nearest-neighbour baseline."""
+    _check_plots_extra(plots)
+    from cliplab.caption.train import evaluate_captioner
+
+    _check_choices("--tokenizer", [tokenizer], ("ptb", "simple"))
+    _check_choices("--split", [split], ("test", "dev"))
+    result = evaluate_captioner(run, split=split, beam=beam, tokenizer=tokenizer, device=device, plots=plots,
+                                clipscore_model=clipscore_model, reuse_captions=reuse_captions)
+    _print_caption_result(result)
+    console.print(f"captions and metrics: {run / 'captions.json'}", soft_wrap=True)
+
+
+@caption_app.command("generate")
+def caption_generate(
+    run: Path = typer.Argument(..., help="caption run folder (or its best/ model folder)"),
+    images: List[Path] = typer.Argument(..., help="image files"),
+    beam: int = typer.Option(3, help="beam size (1 = greedy)"),
+    max_new_tokens: int = typer.Option(30),
+    json_out: bool = typer.Option(False, "--json"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Caption image files with a trained captioner."""
+    import json as _json
+
+    import numpy as np
+
+    from cliplab.caption.model import Captioner
+    from cliplab.caption.train import DecodeConfig, _image_config
+    from cliplab.caption.visual import GridTower
+    from cliplab.data.images import load_rgb
+    from cliplab.models.factory import pretrained_tower
+    from cliplab.models.image_tower import ImageTowerConfig
+    from cliplab.utils import resolve_device
+
+    for p in images:
+        if not p.is_file():
+            raise CliplabError(f"image not found: {p}")
+    if beam < 1:
+        raise CliplabError("--beam must be >= 1")
+    pil = [load_rgb(p) for p in images]  # bad files fail here, before the model loads
+    dev = resolve_device(device)
+    model = Captioner.load(run).to(dev)
+    tower = pretrained_tower(ImageTowerConfig(**_image_config(model.config.image)))
+    grid_tower = GridTower(tower, model.config.grid)
+    tf = tower.transform()
+    import torch
+
+    with torch.inference_mode():
+        x = torch.stack([tf(im) for im in pil])
+        grid = grid_tower(x).reshape(len(pil), model.config.grid ** 2, -1).numpy()
+        pooled = tower(x).numpy()
+    from cliplab.caption.train import CaptionSplit, generate_captions
+    from cliplab.data.captions import CaptionDataset
+
+    ds = CaptionDataset(Path("/"), [str(p) for p in images], [], np.zeros(0, dtype=np.int64))
+    caps = generate_captions(model, CaptionSplit(ds, grid, pooled), DecodeConfig(beam=beam,
+                             max_new_tokens=max_new_tokens), dev)
+    if json_out:
+        print(_json.dumps([{"image": str(p), "caption": caps[str(p)]} for p in images]))
+        return
+    for p in images:
+        console.print(f"{p}: {caps[str(p)]}", highlight=False, markup=False)
 
 
 @app.command("configs")

@@ -110,6 +110,38 @@ def model_dir(path: str | Path) -> Path:
     return path / BEST if (path / BEST).is_dir() else path
 
 
+# -- resuming: a run continues only with the settings it was started with
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (lists and values as leaves; JSON-normalised)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.loads(json.dumps(v, default=str))
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences between two training records (``key: old -> new``)."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in keys
+            if saved.get(k, "(unset)") != current.get(k, "(unset)")]
+
+
+def check_resume_config(run_dir: str | Path, saved: dict | None, current: dict) -> None:
+    """Refuse to resume a checkpoint made with other settings (naming the changed keys)."""
+    if saved is None:
+        raise ConfigError(f"{Path(run_dir) / CHECKPOINT} records no config (made by an older cliplab); "
+                          "pass --fresh to start the run over")
+    changes = config_changes(saved, current)
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; +{len(changes) - 6} more" if len(changes) > 6 else "")
+        raise ConfigError(f"{run_dir} holds a run started with another config ({shown}); resume it with the "
+                          "same settings, pass --fresh to start over, or use another --run-dir")
+
+
 # -- sweeps
 def read_csv_rows(path: str | Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:

@@ -90,7 +90,8 @@ class _LazyEncoder:
     def __init__(self, tower, backend: str, device: torch.device, cache: FeatureCache, onnx_cls) -> None:
         self.tower, self.device, self.cache, self.onnx_cls = tower, device, cache, onnx_cls
         chosen = resolve_backend(backend, device)
-        self.use_onnx = chosen.startswith("onnx") and device.type == "cpu" and _is_cliplab_tower(tower)
+        exportable = _is_cliplab_tower(tower) or getattr(tower, "onnx_exportable", False)
+        self.use_onnx = chosen.startswith("onnx") and device.type == "cpu" and exportable
         self.quantize = chosen == "onnx-int8"
         self._encoder = None
 

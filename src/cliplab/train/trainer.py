@@ -25,8 +25,9 @@ from cliplab import rundir
 from cliplab.embed.pipeline import DatasetFeatures
 from cliplab.errors import ConfigError, NumericError
 from cliplab.models.checkpoint import load_checked
-from cliplab.rundir import BEST, CHECKPOINT, METRICS, append_metrics, truncate_metrics
-from cliplab.train.config import TrainConfig, config_changes, flatten
+from cliplab.rundir import (BEST, CHECKPOINT, METRICS, append_metrics, check_resume_config, flatten,
+                            truncate_metrics)
+from cliplab.train.config import TrainConfig
 from cliplab.train.distributed import DistContext
 from cliplab.train.inputs import SplitInputs, embed_side, inputs_from_features
 from cliplab.train.losses import create_loss
@@ -386,15 +387,3 @@ class Trainer:
                     for key, value in metrics.items():
                         writer.add_scalar(f"{split}/{key}", value, step)
             writer.flush()
-
-
-def check_resume_config(run_dir: Path, saved: dict | None, current: dict) -> None:
-    """Refuse to resume a checkpoint made with other training settings (naming them)."""
-    if saved is None:
-        raise ConfigError(f"{run_dir / CHECKPOINT} records no config (made by an older cliplab); "
-                          "pass --fresh to start the run over")
-    changes = config_changes(saved, current)
-    if changes:
-        shown = "; ".join(changes[:6]) + (f"; +{len(changes) - 6} more" if len(changes) > 6 else "")
-        raise ConfigError(f"{run_dir} holds a run started with another config ({shown}); resume it with the "
-                          "same settings, pass --fresh to start over, or use another --run-dir")

@@ -1,0 +1,313 @@
+"""A ClipCap-style captioner: frozen image tower -> visual tokens -> mapping network -> a prefix of embeddings in
+a pretrained causal LM's input space (then an optional text prompt) -> the LM writes the caption.
+
+Tuning modes (``tuning``): ``prefix`` (the mapping network only; the LM is frozen), ``lora`` (+ PEFT LoRA on
+the LM's attention projections), ``adapter`` (+ bottleneck adapters after each LM block's MLP, zero-initialised
+so training starts from the pretrained LM), ``full`` (every LM weight). Only tuned tensors are saved; the LM
+and the image tower come back from their weight sources, verified by digest, and reloading is exact.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cliplab.errors import ConfigError
+from cliplab.models.checkpoint import check_base_weights, load_checked
+from cliplab.models.image_tower import ImageTowerConfig
+from cliplab.models.pretrained import DEFAULT_LANGUAGE_MODEL, resolve_language_model
+from cliplab.utils import atomic_write, sha256_file, sha256_text, write_json
+
+CONFIG_NAME = "cliplab_captioner.json"
+WEIGHTS_NAME = "captioner.safetensors"
+TUNINGS = ("prefix", "lora", "adapter", "full")
+MAPPERS = ("mlp", "transformer")
+DEFAULT_LORA_TARGETS = (("q_proj", "v_proj"), ("c_attn",))  # Llama/Gemma/OPT-style, GPT-2
+
+
+@dataclass
+class CaptionerConfig:
+    lm: str = DEFAULT_LANGUAGE_MODEL  # registry name, folder, .gguf file or hub id (e.g. gpt2)
+    image: dict = field(default_factory=lambda: ImageTowerConfig().to_dict())
+    grid: int = 4  # visual tokens: grid x grid cells + 1 pooled token
+    mapper: str = "mlp"  # mlp (per token, as ClipCap's MLP) | transformer (MLP then a small transformer)
+    mapper_hidden: int = 1024
+    mapper_layers: int = 2  # transformer mapper depth
+    prompt: str = ""  # text after the visual prefix, e.g. "A picture of"
+    tuning: str = "prefix"  # prefix | lora | adapter | full
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None
+    adapter_dim: int = 64
+    max_caption_tokens: int = 40
+
+    def __post_init__(self) -> None:
+        if self.tuning not in TUNINGS:
+            raise ConfigError(f"model.tuning must be one of {', '.join(TUNINGS)}, not {self.tuning!r}")
+        if self.mapper not in MAPPERS:
+            raise ConfigError(f"model.mapper must be one of {', '.join(MAPPERS)}, not {self.mapper!r}")
+        for name, low in (("grid", 1), ("mapper_hidden", 1), ("mapper_layers", 1), ("lora_r", 1),
+                          ("adapter_dim", 1), ("max_caption_tokens", 4)):
+            if int(getattr(self, name)) < low:
+                raise ConfigError(f"model.{name} must be >= {low}, not {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class VisualMapper(nn.Module):
+    """Grid tokens ``[B, g*g, C]`` + pooled ``[B, D]`` -> ``[B, g*g + 1, d_lm]`` prefix embeddings: a per-token MLP
+    (one for grid cells, one for the pooled token) with learned positions, optionally a transformer, then a
+    LayerNorm whose gain starts at the LM's typical embedding scale."""
+
+    def __init__(self, grid_dim: int, pooled_dim: int, n_grid: int, d_model: int, kind: str, hidden: int,
+                 layers: int, embed_rms: float) -> None:
+        super().__init__()
+        self.grid_mlp = nn.Sequential(nn.Linear(grid_dim, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+        self.pooled_mlp = nn.Sequential(nn.Linear(pooled_dim, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+        self.position = nn.Parameter(torch.randn(n_grid + 1, d_model) * 0.02)
+        self.transformer = None
+        if kind == "transformer":
+            heads = max(1, d_model // 64)
+            layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=2 * d_model, dropout=0.0,
+                                               batch_first=True, norm_first=True, activation="gelu")
+            self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        with torch.no_grad():
+            self.norm.weight.fill_(embed_rms)
+
+    def forward(self, grid: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        tokens = torch.cat([self.grid_mlp(grid), self.pooled_mlp(pooled)[:, None]], dim=1) + self.position
+        if self.transformer is not None:
+            tokens = self.transformer(tokens)
+        return self.norm(tokens)
+
+
+class BottleneckAdapter(nn.Module):
+    """``h + up(gelu(down(h)))`` after a block's MLP (Houlsby et al. 2019); ``up`` starts at zero."""
+
+    def __init__(self, inner: nn.Module, d_model: int, dim: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.adapter_down = nn.Linear(d_model, dim)
+        self.adapter_up = nn.Linear(dim, d_model)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+
+    def forward(self, *args, **kwargs):
+        h = self.inner(*args, **kwargs)
+        return h + self.adapter_up(F.gelu(self.adapter_down(h)))
+
+
+def decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a HF causal LM (Llama/Gemma/Qwen ``model.layers``, GPT-2 ``transformer.h``)."""
+    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
+        obj = lm
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return list(obj)
+        except AttributeError:
+            continue
+    raise ConfigError(f"{type(lm).__name__}: cannot find its decoder blocks for adapters")
+
+
+def load_language_model(name: str):
+    """``(model, tokenizer, base_id)`` of a causal LM from the registry, a folder/GGUF file or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    folder, gguf = resolve_language_model(name)
+    if gguf is not None:
+        from cliplab.extras import require
+
+        require("gguf", "GGUF language models")
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load language model {name!r}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    path = Path(folder) / gguf if gguf else Path(folder)
+    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else []
+    base = sha256_file(path) if path.is_file() else sha256_file(weights[0]) if weights else sha256_text("hub", name)
+    return lm.eval(), tokenizer, base
+
+
+class Captioner(nn.Module):
+    def __init__(self, config: CaptionerConfig, grid_dim: int, pooled_dim: int, image_weights: str = "") -> None:
+        super().__init__()
+        self.config = config
+        self.lm, self.tokenizer, self.lm_base = load_language_model(config.lm)
+        self.image_weights = image_weights
+        d_model = int(self.lm.get_input_embeddings().weight.shape[1])
+        with torch.no_grad():
+            rms = float(self.lm.get_input_embeddings().weight.float().pow(2).mean().sqrt())
+        self.mapper = VisualMapper(grid_dim, pooled_dim, config.grid ** 2, d_model, config.mapper,
+                                   config.mapper_hidden, config.mapper_layers, rms)
+        self.grid_dim, self.pooled_dim = grid_dim, pooled_dim
+        for p in self.lm.parameters():
+            p.requires_grad_(False)
+        self.lora_targets: list[str] = []
+        if config.tuning == "lora":
+            from cliplab.models.tuning import inject_lora
+
+            self.lora_targets = self._lora_targets()
+            inject_lora(self.lm, self.lora_targets, config.lora_r, config.lora_alpha, config.lora_dropout)
+            for n, p in self.lm.named_parameters():
+                p.requires_grad_("lora_" in n)
+        elif config.tuning == "adapter":
+            for layer in decoder_layers(self.lm):
+                layer.mlp = BottleneckAdapter(layer.mlp, d_model, config.adapter_dim)
+        elif config.tuning == "full":
+            for p in self.lm.parameters():
+                p.requires_grad_(True)
+        self.prompt_ids = (self.tokenizer(config.prompt, add_special_tokens=False)["input_ids"]
+                           if config.prompt else [])
+
+    def _lora_targets(self) -> list[str]:
+        suffix_sets = [tuple(self.config.lora_targets)] if self.config.lora_targets else DEFAULT_LORA_TARGETS
+        for suffixes in suffix_sets:
+            names = [n for n, m in self.lm.named_modules() if n.split(".")[-1] in suffixes
+                     and hasattr(m, "weight") and getattr(m.weight, "ndim", 0) == 2]
+            if names:
+                return names
+        raise ConfigError("no LoRA target layers found in the language model; set model.lora_targets")
+
+    # -- what trains and what is saved
+    def trainable_keys(self) -> list[str]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return sorted(k for k in self.state_dict() if k in names or k.startswith("mapper."))
+
+    def parameter_counts(self) -> dict:
+        total = sum(p.numel() for p in self.parameters())
+        return {"trainable": sum(p.numel() for p in self.parameters() if p.requires_grad), "total": total,
+                "mapper": sum(p.numel() for p in self.mapper.parameters())}
+
+    def train(self, mode: bool = True) -> "Captioner":
+        super().train(mode)
+        if self.config.tuning == "prefix":
+            self.lm.eval()  # frozen: no dropout
+        return self
+
+    def base_weights(self) -> dict[str, str]:
+        return {"lm": self.lm_base, **({"image": self.image_weights} if self.image_weights else {})}
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        keys = set(self.trainable_keys())
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items() if k in keys}
+        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p)))
+        write_json(directory / CONFIG_NAME, {"model_type": "cliplab.Captioner", **self.config.to_dict(),
+                                              "grid_dim": self.grid_dim, "pooled_dim": self.pooled_dim,
+                                              "base_weights": self.base_weights()})
+        return directory
+
+    def load_trained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        raw = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+        check_base_weights(raw.get("base_weights"), self.base_weights(), str(directory))
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(self.mapper.position.device))
+        load_checked(self, state, where=str(directory / WEIGHTS_NAME), required=self.trainable_keys())
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Captioner":
+        directory = Path(directory)
+        path = directory / "best" if (directory / "best" / CONFIG_NAME).is_file() else directory
+        if not (path / CONFIG_NAME).is_file():
+            raise ConfigError(f"{directory}: not a captioner (no {CONFIG_NAME})")
+        raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        raw.pop("model_type", None)
+        grid_dim, pooled_dim, base = raw.pop("grid_dim"), raw.pop("pooled_dim"), raw.pop("base_weights", {})
+        model = cls(CaptionerConfig(**raw), grid_dim, pooled_dim, image_weights=base.get("image", ""))
+        model.load_trained(path)
+        return model.eval()
+
+    # -- sequences
+    def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def prefix(self, grid: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Visual prefix + prompt embeddings ``[B, T_v + P, d]`` (same length for every image)."""
+        emb = self.mapper(grid, pooled)
+        if self.prompt_ids:
+            ids = torch.as_tensor(self.prompt_ids, device=emb.device)[None].expand(len(emb), -1)
+            emb = torch.cat([emb, self._embed_ids(ids).to(emb.dtype)], dim=1)
+        return emb
+
+    def caption_ids(self, captions: list[str]) -> list[list[int]]:
+        """Token ids of each caption + EOS, truncated to ``max_caption_tokens``."""
+        eos = self.tokenizer.eos_token_id
+        out = []
+        for text in captions:
+            ids = self.tokenizer(" " + text if self.prompt_ids else text, add_special_tokens=False)["input_ids"]
+            out.append(ids[: self.config.max_caption_tokens - 1] + [eos])
+        return out
+
+    def loss(self, grid: torch.Tensor, pooled: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Teacher-forced cross-entropy on caption tokens only (prefix, prompt and padding are masked)."""
+        ids = self.caption_ids(captions)
+        prefix = self.prefix(grid, pooled)
+        b, p = prefix.shape[:2]
+        width = max(len(x) for x in ids)
+        tok = torch.full((b, width), self.tokenizer.pad_token_id, dtype=torch.long, device=prefix.device)
+        labels = torch.full((b, p + width), -100, dtype=torch.long, device=prefix.device)
+        mask = torch.zeros((b, p + width), dtype=torch.long, device=prefix.device)
+        mask[:, :p] = 1
+        for i, x in enumerate(ids):
+            tok[i, : len(x)] = torch.as_tensor(x, device=prefix.device)
+            labels[i, p: p + len(x)] = tok[i, : len(x)]
+            mask[i, p: p + len(x)] = 1
+        embeds = torch.cat([prefix, self._embed_ids(tok).to(prefix.dtype)], dim=1)
+        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+
+    @torch.inference_mode()
+    def generate(self, grid: torch.Tensor, pooled: torch.Tensor, *, beam: int = 1, max_new_tokens: int = 30,
+                 length_penalty: float = 1.0, no_repeat_ngram: int = 3) -> list[list[int]]:
+        """Greedy (``beam=1``) or beam search from the visual prefix; returns the new token ids up to EOS."""
+        prefix = self.prefix(grid, pooled)
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        eos = self.tokenizer.eos_token_id
+        out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=max_new_tokens,
+                               num_beams=beam, do_sample=False, length_penalty=length_penalty,
+                               no_repeat_ngram_size=no_repeat_ngram or 0, eos_token_id=eos,
+                               pad_token_id=self.tokenizer.pad_token_id, early_stopping=beam > 1)
+        pad = self.tokenizer.pad_token_id
+        return [row[: row.index(eos)] if eos in row else [t for t in row if t != pad] for row in out.tolist()]
+
+    def decode(self, ids: list[int]) -> str:
+        """Caption text: special tokens dropped, cut at the end of the first sentence."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        cut = text.find(". ")
+        return (text[: cut + 1] if cut >= 0 else text).strip()
+
+    @torch.inference_mode()
+    def attention(self, grid: torch.Tensor, pooled: torch.Tensor, ids: list[int],
+                  layers: list[int] | None = None) -> torch.Tensor:
+        """For each token of a caption, the attention of the position that generated it to the grid tokens,
+        averaged over heads and ``layers`` (default: all): ``[len(ids), grid, grid]``, rows summing to <= 1."""
+        prefix = self.prefix(grid[:1], pooled[:1])
+        p = prefix.shape[1]
+        tok = torch.as_tensor([ids], device=prefix.device)
+        embeds = torch.cat([prefix, self._embed_ids(tok).to(prefix.dtype)], dim=1)
+        previous = self.lm.config._attn_implementation
+        self.lm.set_attn_implementation("eager")  # fused kernels do not return attention weights
+        try:
+            out = self.lm(inputs_embeds=embeds, output_attentions=True, use_cache=False)
+        finally:
+            self.lm.set_attn_implementation(previous)
+        chosen = layers if layers is not None else list(range(len(out.attentions)))
+        att = torch.stack([out.attentions[i][0] for i in chosen]).float().mean(dim=(0, 1))  # [T, T]
+        g = self.config.grid
+        rows = att[p - 1: p - 1 + len(ids), : g * g]  # the query before each token produced it
+        return rows.reshape(len(ids), g, g).cpu()

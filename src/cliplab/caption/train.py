@@ -1,0 +1,570 @@
+"""Captioning runs: config, cached visual inputs, training with dev-CIDEr selection, evaluation, baselines.
+
+Training: teacher-forced cross-entropy on caption tokens, AdamW, linear warmup + cosine decay, batches of
+similar caption lengths (length bucketing), dev evaluation (greedy decoding of a fixed dev subset, CIDEr-D)
+every epoch for early stopping and checkpoint selection, ``best/`` + ``last.pt`` (resume gives the same
+result as an uninterrupted run; a changed config is refused), per-epoch metrics and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from cliplab import rundir
+from cliplab.caption.metrics import caption_metrics, cider_d
+from cliplab.caption.model import Captioner, CaptionerConfig
+from cliplab.caption.visual import visual_features
+from cliplab.data.captions import CaptionDataset, load_caption_dataset
+from cliplab.data.images import ImageFiles
+from cliplab.embed.cache import FeatureCache
+from cliplab.errors import ConfigError, NumericError
+from cliplab.models.image_tower import ImageTowerConfig
+from cliplab.rundir import BEST, CHECKPOINT, append_metrics, check_resume_config, flatten, truncate_metrics
+from cliplab.utils import atomic_write, autocast, resolve_device, seed_everything, write_json, write_text
+
+CAPTIONS = "captions.json"  # generated captions + metrics of an evaluation
+
+
+@dataclass
+class CaptionTrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    lm_lr: float | None = None  # learning rate of LM parameters (LoRA, adapters, full); None = lr
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    sampling: str = "all_captions"  # all_captions (every reference once per epoch) | random_caption (one per image)
+    max_train_images: int | None = None  # a quick demo on part of the training split
+    dev_images: int = 250  # dev subset decoded each epoch (CIDEr-D picks the best epoch)
+    patience: int = 3
+    grad_clip: float = 1.0
+    amp: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.sampling not in ("all_captions", "random_caption"):
+            raise ConfigError(f"train.sampling must be all_captions or random_caption, not {self.sampling!r}")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("dev_images", 1), ("patience", 0)):
+            if int(getattr(self, name)) < low:
+                raise ConfigError(f"train.{name} must be >= {low}, not {getattr(self, name)!r}")
+        if not float(self.lr) > 0:
+            raise ConfigError(f"train.lr must be > 0, not {self.lr!r}")
+
+
+@dataclass
+class DecodeConfig:
+    beam: int = 3
+    max_new_tokens: int = 30
+    length_penalty: float = 1.0
+    no_repeat_ngram: int = 3
+
+
+@dataclass
+class CaptionDataConfig:
+    path: str = "../shared/data/flickr8k"
+    image_root: str | None = None
+    train_split: str = "train"
+    dev_split: str = "dev"
+    test_split: str = "test"
+    cache_dir: str | None = None
+    backend: str = "auto"
+    features: str | None = None  # a bundle from `cliplab caption features` (visual tokens computed elsewhere)
+
+
+@dataclass
+class CaptionRunConfig:
+    model: CaptionerConfig = field(default_factory=CaptionerConfig)
+    train: CaptionTrainConfig = field(default_factory=CaptionTrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    data: CaptionDataConfig = field(default_factory=CaptionDataConfig)
+    clipscore_model: str = "conse"  # the cliplab image-text model CLIPScore is computed with
+
+    def to_dict(self) -> dict:
+        return {"model": self.model.to_dict(), "train": asdict(self.train), "decode": asdict(self.decode),
+                "data": asdict(self.data), "clipscore_model": self.clipscore_model}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CaptionRunConfig":
+        unknown = set(d) - {"model", "train", "decode", "data", "clipscore_model"}
+        if unknown:
+            raise ConfigError(f"unknown caption config sections: {', '.join(sorted(unknown))}")
+
+        def build(kind, values, where):
+            names = {f.name: f for f in dataclasses.fields(kind)}
+            bad = set(values or {}) - set(names)
+            if bad:
+                raise ConfigError(f"unknown {where} keys: {', '.join(sorted(bad))}")
+            return kind(**{k: (float(v) if isinstance(v, str) and names[k].type.startswith("float") else v)
+                           for k, v in (values or {}).items()})
+
+        return cls(model=build(CaptionerConfig, d.get("model"), "model"),
+                   train=build(CaptionTrainConfig, d.get("train"), "train"),
+                   decode=build(DecodeConfig, d.get("decode"), "decode"),
+                   data=build(CaptionDataConfig, d.get("data"), "data"),
+                   clipscore_model=d.get("clipscore_model", "conse"))
+
+    @classmethod
+    def load(cls, spec: str | Path) -> "CaptionRunConfig":
+        from cliplab.configs import resolve_config
+
+        path = resolve_config(spec)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+        return cls.from_dict(raw)
+
+    def with_overrides(self, overrides: list[str]) -> "CaptionRunConfig":
+        d = self.to_dict()
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} is not KEY=VALUE")
+            node, parts = d, key.split(".")
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"override {key!r}: no section {part!r}")
+                node = node[part]
+            if parts[-1] not in node:
+                raise ConfigError(f"override {key!r}: unknown key {parts[-1]!r}")
+            node[parts[-1]] = yaml.safe_load(value)
+        return CaptionRunConfig.from_dict(d)
+
+    def training_record(self) -> dict:
+        flat = flatten(self.to_dict())
+        return {k: v for k, v in flat.items() if not k.startswith(("decode.", "clipscore_model"))
+                and k not in ("train.device", "data.cache_dir", "data.backend")}
+
+
+def clean_caption(text: str) -> str:
+    """``"A dog runs on the beach ."`` -> ``"A dog runs on the beach."`` (training target)."""
+    text = " ".join(text.replace(" .", ".").replace(" ,", ",").split()).strip()
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+@dataclass
+class CaptionSplit:
+    """A split's images with their visual features and reference captions."""
+
+    dataset: CaptionDataset
+    grid: np.ndarray
+    pooled: np.ndarray
+    image_weights: str = ""  # digest of the image tower weights the features came from
+
+    @property
+    def references(self) -> dict[str, list[str]]:
+        ds = self.dataset
+        return {ds.images[i]: [ds.captions[c] for c in ds.captions_of(i)] for i in range(ds.num_images)}
+
+    def subset(self, n: int) -> "CaptionSplit":
+        if n >= self.dataset.num_images:
+            return self
+        keep = np.arange(n)
+        drop = np.arange(n, self.dataset.num_images)
+        ds = self.dataset.drop_images(drop, "subset", [""] * len(drop))
+        ds.skipped.items.clear()
+        return CaptionSplit(ds, self.grid[keep], self.pooled[keep], self.image_weights)
+
+
+def load_split(config: CaptionRunConfig, split: str, cache: FeatureCache, device, progress: bool,
+               image_tower=None) -> CaptionSplit:
+    from cliplab.models.factory import pretrained_tower
+
+    d = config.data
+    if d.features:
+        return bundle_split(Path(d.features), split, config.model.grid)
+    ds = load_caption_dataset(d.path, split, image_root=d.image_root, on_error="raise")
+    if ds.num_images == 0:
+        raise ConfigError(f"{d.path}: split {split!r} has no images")
+    tower = image_tower or pretrained_tower(ImageTowerConfig(**_image_config(config.model.image)))
+    feats = visual_features(tower, ImageFiles(ds.image_paths()), config.model.grid, cache=cache, device=device,
+                            progress=progress, desc=f"{ds.name} images", backend=d.backend)
+    return CaptionSplit(ds, np.asarray(feats.grid), np.asarray(feats.pooled), tower.weights_id)
+
+
+def export_bundle(config: CaptionRunConfig, out: str | Path, device="cpu", progress: bool = True) -> Path:
+    """Visual tokens (float16) and captions of the train, dev and test splits in one ``.npz``, for training
+    where the images and the image tower are not (e.g. a GPU machine): set ``data.features`` to it."""
+    import json
+
+    from cliplab.models.factory import pretrained_tower
+
+    cache = FeatureCache(config.data.cache_dir)
+    tower = pretrained_tower(ImageTowerConfig(**_image_config(config.model.image)))
+    payload = {"meta": np.asarray(json.dumps({"grid": config.model.grid, "image_tower": tower.fingerprint(),
+                                              "image_weights": tower.weights_id, "dataset": config.data.path}))}
+    for role in ("train", "dev", "test"):
+        name = getattr(config.data, f"{role}_split")
+        sp = load_split(config, name, cache, device, progress, image_tower=tower)
+        ds = sp.dataset
+        payload[f"{name}/grid"] = sp.grid.astype(np.float16)
+        payload[f"{name}/pooled"] = sp.pooled.astype(np.float16)
+        payload[f"{name}/dataset"] = np.asarray(json.dumps({"images": ds.images, "captions": ds.captions,
+                                                            "caption_image": ds.caption_image.tolist(),
+                                                            "name": ds.name}))
+    out = Path(out)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **payload)
+
+    return atomic_write(out, write)
+
+
+def bundle_split(path: Path, split: str, grid: int) -> CaptionSplit:
+    import json
+
+    if not path.is_file():
+        raise ConfigError(f"data.features: {path} not found")
+    with np.load(path) as z:
+        meta = json.loads(str(z["meta"]))
+        if meta["grid"] != grid:
+            raise ConfigError(f"{path} holds a {meta['grid']}x{meta['grid']} grid, the model wants {grid}x{grid}")
+        if f"{split}/grid" not in z:
+            raise ConfigError(f"{path} has no split {split!r}")
+        d = json.loads(str(z[f"{split}/dataset"]))
+        ds = CaptionDataset(Path("."), d["images"], d["captions"], d["caption_image"], name=d["name"])
+        return CaptionSplit(ds, z[f"{split}/grid"].astype(np.float32), z[f"{split}/pooled"].astype(np.float32),
+                            meta["image_weights"])
+
+
+def _image_config(d: dict) -> dict:
+    d = dict(d)
+    for key in ("mean", "std"):
+        if d.get(key) is not None:
+            d[key] = tuple(d[key])
+    return d
+
+
+class LengthBucketSampler:
+    """Batches of (image, caption) pairs of similar caption lengths; deterministic in (seed, epoch).
+
+    Pairs are shuffled, cut into pools of 50 batches, sorted by token length within a pool and batched;
+    the batch order is shuffled again (the usual bucketing that keeps randomness but little padding)."""
+
+    def __init__(self, caption_image: np.ndarray, lengths: np.ndarray, batch_size: int, sampling: str,
+                 seed: int) -> None:
+        self.caption_image, self.lengths = np.asarray(caption_image), np.asarray(lengths)
+        self.batch_size, self.sampling, self.seed = batch_size, sampling, seed
+        self.n_images = int(self.caption_image.max()) + 1 if len(self.caption_image) else 0
+
+    def epoch(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.sampling == "all_captions":
+            pairs = rng.permutation(len(self.caption_image))
+        else:  # one random caption per image
+            order = rng.permutation(len(self.caption_image))
+            _, first = np.unique(self.caption_image[order], return_index=True)
+            pairs = rng.permutation(order[first])
+        pool = self.batch_size * 50
+        batches = []
+        for s in range(0, len(pairs), pool):
+            chunk = pairs[s:s + pool]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def build_captioner(config: CaptionRunConfig, train: CaptionSplit) -> Captioner:
+    return Captioner(config.model, int(train.grid.shape[2]), int(train.pooled.shape[1]),
+                     image_weights=train.image_weights)
+
+
+def _to(x: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+
+
+@torch.inference_mode()
+def generate_captions(model: Captioner, split: CaptionSplit, decode: DecodeConfig, device, batch_size: int = 64,
+                      beam: int | None = None, progress: bool = False) -> dict[str, str]:
+    """image name -> generated caption for every image of a split."""
+    model.eval()
+    out = {}
+    n = split.dataset.num_images
+    bar = tqdm(total=n, desc="captioning", unit="img", disable=not progress, dynamic_ncols=True)
+    for s in range(0, n, batch_size):
+        with autocast(device):
+            ids = model.generate(_to(split.grid[s:s + batch_size], device), _to(split.pooled[s:s + batch_size], device),
+                                 beam=beam or decode.beam, max_new_tokens=decode.max_new_tokens,
+                                 length_penalty=decode.length_penalty, no_repeat_ngram=decode.no_repeat_ngram)
+        for i, row in enumerate(ids):
+            out[split.dataset.images[s + i]] = model.decode(row)
+        bar.update(len(ids))
+    bar.close()
+    return out
+
+
+def train_captioner(config: CaptionRunConfig, run_dir: str | Path, *, resume: bool = True, progress: bool = True,
+                    log=print) -> dict:
+    """Train (resuming ``run_dir`` when it holds a checkpoint of the same config); returns the fit summary."""
+    run_dir = Path(run_dir)
+    record = config.training_record()
+    ckpt_path = run_dir / CHECKPOINT
+    if resume and ckpt_path.is_file():
+        check_resume_config(run_dir, torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+                            .get("config"), record)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / rundir.CONFIG, {**config.to_dict(), "kind": "caption", "provenance": rundir.provenance()})
+    cfg = config.train
+    device = resolve_device(cfg.device)
+    cache = FeatureCache(config.data.cache_dir)
+    t0 = time.time()
+    train = load_split(config, config.data.train_split, cache, device, progress)
+    dev = load_split(config, config.data.dev_split, cache, device, progress).subset(cfg.dev_images)
+    if cfg.max_train_images:
+        train = train.subset(cfg.max_train_images)
+    shared = set(train.dataset.images) & set(dev.dataset.images)
+    if shared:
+        raise ConfigError(f"train and dev splits share {len(shared)} images")
+    t_features = time.time() - t0
+    seed_everything(cfg.seed)
+    model = build_captioner(config, train).to(device)
+    counts = model.parameter_counts()
+    log(f"captioner: {config.model.lm}, tuning {config.model.tuning}, {counts['trainable']:,} trainable of "
+        f"{counts['total']:,} parameters; {train.dataset.num_images} training images, "
+        f"{train.dataset.num_captions} captions; dev subset {dev.dataset.num_images} images")
+    targets = [clean_caption(c) for c in train.dataset.captions]
+    lengths = np.array([len(x) for x in model.caption_ids(targets)])
+    sampler = LengthBucketSampler(train.dataset.caption_image, lengths, cfg.batch_size, cfg.sampling, cfg.seed)
+    steps_per_epoch = len(sampler.epoch(0))
+    lm_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("lm.")]
+    head_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("lm.")]
+    groups = [{"params": head_params, "lr": cfg.lr}] + ([{"params": lm_params, "lr": cfg.lm_lr or cfg.lr}]
+                                                         if lm_params else [])
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / max(1, cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    state = {"best_cider": -1.0, "best_epoch": -1, "bad_epochs": 0, "stopped_early": False}
+    start = 0
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        from cliplab.models.checkpoint import load_checked
+
+        load_checked(model, ckpt["model"], where=str(ckpt_path), required=model.trainable_keys())
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+        state = {k: ckpt[k] for k in state}
+        start = ckpt["epoch"] + 1
+        truncate_metrics(run_dir, ckpt["epoch"])
+        log(f"resuming after epoch {ckpt['epoch']}")
+    elif (run_dir / rundir.METRICS).exists():
+        (run_dir / rundir.METRICS).unlink()
+    writer = _writer(run_dir)
+    refs = {k: [clean_caption(r) for r in v] for k, v in dev.references.items()}
+    t1 = time.time()
+    for epoch in range(start, cfg.epochs):
+        if state["stopped_early"]:
+            break
+        model.train()
+        te, losses = time.time(), []
+        batches = sampler.epoch(epoch)
+        bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, dynamic_ncols=True, leave=False)
+        for step, idx in enumerate(bar):
+            images = train.dataset.caption_image[idx]
+            with autocast(device, enabled=cfg.amp):
+                loss = model.loss(_to(train.grid[images], device), _to(train.pooled[images], device),
+                                  [targets[i] for i in idx])
+            value = float(loss.item())
+            if not math.isfinite(value):
+                raise NumericError(f"caption loss is {value} at epoch {epoch}, batch {step}; lower train.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(value)
+            bar.set_postfix(loss=f"{value:.3f}")
+        train_seconds = time.time() - te
+        generated = generate_captions(model, dev, config.decode, device, beam=1)
+        dev_cider, _ = cider_d(refs, generated, tokenizer="simple")
+        record_row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
+                      "dev": {"cider": dev_cider, "example": next(iter(generated.values()))},
+                      "epoch_seconds": time.time() - te, "train_seconds": train_seconds,
+                      "sequences_per_s": len(np.concatenate(batches)) / max(train_seconds, 1e-9)}
+        if dev_cider > state["best_cider"]:
+            state.update(best_cider=dev_cider, best_epoch=epoch, bad_epochs=0)
+            model.save(run_dir / BEST)
+        else:
+            state["bad_epochs"] += 1
+            if cfg.patience and state["bad_epochs"] >= cfg.patience:
+                state["stopped_early"] = True
+        append_metrics(run_dir, record_row)
+        if writer is not None:
+            writer.add_scalar("train_loss", record_row["train_loss"], epoch)
+            writer.add_scalar("dev/cider", dev_cider, epoch)
+            writer.flush()
+        log(f"epoch {epoch}: loss {record_row['train_loss']:.3f}, dev CIDEr-D {dev_cider:.1f} "
+            f"({record_row['sequences_per_s']:.0f} captions/s) e.g. {record_row['dev']['example']!r}")
+        ckpt = {"epoch": epoch, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()
+                                          if k in set(model.trainable_keys())},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                "config": record, **state}
+        atomic_write(ckpt_path, lambda p: torch.save(ckpt, p))
+    if writer is not None:
+        writer.close()
+    fit = {"best_epoch": state["best_epoch"], "best_dev_cider": state["best_cider"],
+           "stopped_early": state["stopped_early"], "parameters": counts,
+           "seconds": {"features": t_features, "train": time.time() - t1},
+           "selection": f"greedy captions of the first {dev.dataset.num_images} dev images, CIDEr-D "
+                        "(simple tokenizer), best epoch kept", "device": str(device)}
+    write_json(run_dir / "fit.json", fit)
+    return fit
+
+
+def _writer(run_dir: Path):
+    from cliplab.extras import available
+
+    if not available("torch.utils.tensorboard"):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / rundir.TENSORBOARD))
+
+
+def nearest_neighbour_captions(train: CaptionSplit, test: CaptionSplit) -> dict[str, str]:
+    """The baseline: each test image gets a caption of its most similar training image (cosine of pooled
+    image features), the one of that image's references most similar to the others (consensus CIDEr-D)."""
+    a = train.pooled / np.maximum(np.linalg.norm(train.pooled, axis=1, keepdims=True), 1e-12)
+    b = test.pooled / np.maximum(np.linalg.norm(test.pooled, axis=1, keepdims=True), 1e-12)
+    nn_idx = np.argmax(b @ a.T, axis=1)
+    refs = train.references
+    names = train.dataset.images
+    chosen: dict[str, str] = {}
+    consensus: dict[str, str] = {}
+    for i in sorted(set(nn_idx.tolist())):
+        caps = refs[names[i]]
+        if len(caps) == 1:
+            consensus[names[i]] = caps[0]
+            continue
+        best, best_score = caps[0], -1.0
+        for j, c in enumerate(caps):
+            others = caps[:j] + caps[j + 1:]
+            score, _ = cider_d({"x": others}, {"x": c}, tokenizer="simple")
+            if score > best_score:
+                best, best_score = c, score
+        consensus[names[i]] = best
+    for t, i in zip(test.dataset.images, nn_idx):
+        chosen[t] = consensus[names[i]]
+    return chosen
+
+
+def evaluate_captioner(run_dir: str | Path, *, split: str = "test", beam: int | None = None,
+                       tokenizer: str = "ptb", device: str = "auto", progress: bool = True, plots: bool = False,
+                       clipscore_model: str | None = None, log=print, out_name: str = CAPTIONS,
+                       reuse_captions: bool = False) -> dict:
+    """Generate captions for a split with the dev-selected model, score them and the nearest-neighbour
+    baseline against every reference; writes ``captions.json`` and ``results.md`` (and figures).
+
+    ``reuse_captions`` scores the captions an earlier evaluation generated (e.g. on a GPU machine without
+    Java) instead of decoding again; ``clipscore_model="none"`` skips CLIPScore."""
+    from cliplab.caption.model import CONFIG_NAME
+
+    run_dir = Path(run_dir)
+    if not (run_dir / BEST / CONFIG_NAME).is_file():
+        raise ConfigError(f"{run_dir}: no trained captioner (no {BEST}/{CONFIG_NAME}); train one with "
+                          "`cliplab caption train`")
+    config = CaptionRunConfig.from_dict({k: v for k, v in rundir.read_json(run_dir / rundir.CONFIG).items()
+                                         if k not in ("kind", "provenance")})
+    dev_ = resolve_device(device)
+    cache = FeatureCache(config.data.cache_dir)
+    split_name = {"test": config.data.test_split, "dev": config.data.dev_split}.get(split, split)
+    target = load_split(config, split_name, cache, dev_, progress)
+    train = load_split(config, config.data.train_split, cache, dev_, progress)
+    model = None
+    if reuse_captions:
+        earlier = rundir.read_json(run_dir / out_name)
+        if earlier["split"] != split_name:
+            raise ConfigError(f"{run_dir / out_name} holds {earlier['split']} captions, not {split_name}")
+        generated = {c["image"]: c["generated"] for c in earlier["captions"]}
+        beam, decode_seconds = earlier["beam"], earlier["seconds"]["decode"]
+    else:
+        model = Captioner.load(run_dir).to(dev_)
+        t0 = time.time()
+        generated = generate_captions(model, target, config.decode, dev_, beam=beam, progress=progress)
+        decode_seconds = time.time() - t0
+    refs = {k: [r for r in v] for k, v in target.references.items()}
+    metrics = caption_metrics(refs, generated, tokenizer=tokenizer)
+    baseline = nearest_neighbour_captions(train, target)
+    base_metrics = caption_metrics(refs, baseline, tokenizer=tokenizer)
+    clip_model = clipscore_model or config.clipscore_model
+    clip = ({"model": {"clipscore": None, "refclipscore": None}, "nearest_neighbour": {"clipscore": None,
+                                                                                      "refclipscore": None}}
+            if clip_model == "none" else _clipscores(clip_model, target, generated, baseline, cache, dev_))
+    result = {"split": split_name, "n_images": target.dataset.num_images, "beam": beam or config.decode.beam,
+              "decode": asdict(config.decode) | ({"beam": beam} if beam else {}),
+              "model": {k: v for k, v in metrics.items() if k != "per_image_cider"} | clip["model"],
+              "nearest_neighbour": {k: v for k, v in base_metrics.items() if k != "per_image_cider"}
+              | clip["nearest_neighbour"],
+              "clipscore_model": clip_model,
+              "clipscore_note": f"CLIPScore with the cliplab model {clip_model!r} (w = 2.5); not comparable to "
+                                "CLIP ViT-B/32 CLIPScores",
+              "fit": rundir.read_json(run_dir / "fit.json") if (run_dir / "fit.json").is_file() else {},
+              "protocol": f"best epoch chosen on dev CIDEr-D; {split_name} split evaluated with "
+                          f"{len(next(iter(refs.values())))} references per image, {tokenizer} tokenizer",
+              "seconds": {"decode": decode_seconds},
+              "captions": [{"image": k, "generated": generated[k], "nearest_neighbour": baseline[k],
+                            "references": refs[k], "cider": metrics["per_image_cider"][k]} for k in refs],
+              "provenance": rundir.provenance()}
+    write_json(run_dir / out_name, result)
+    write_text(run_dir / rundir.RESULTS_MD, caption_markdown(result))
+    if plots:
+        from cliplab.caption.figures import caption_figures
+
+        caption_figures(run_dir, model or Captioner.load(run_dir).to(dev_), target, result, dev_)
+    return result
+
+
+def _clipscores(spec: str, split: CaptionSplit, generated: dict, baseline: dict, cache, device) -> dict:
+    from cliplab.caption.metrics import clip_scores
+    from cliplab.embed.pipeline import image_embeddings, text_embeddings
+    from cliplab.models.factory import load_model
+
+    model = load_model(spec, device=device)
+    img, valid, _ = image_embeddings(model, ImageFiles(split.dataset.image_paths()), cache=cache, device=device,
+                                     progress=False)
+    names = split.dataset.images
+    refs = split.references
+    ref_emb = [text_embeddings(model, refs[n]) for n in names]
+    out = {}
+    for label, caps in (("model", generated), ("nearest_neighbour", baseline)):
+        s = clip_scores(img, text_embeddings(model, [caps[n] for n in names]), ref_emb)
+        out[label] = {"clipscore": s["clipscore"], "refclipscore": s["refclipscore"]}
+    return out
+
+
+def caption_markdown(result: dict) -> str:
+    keys = [("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"), ("bleu4", "BLEU-4"), ("meteor", "METEOR"),
+            ("rouge_l", "ROUGE-L"), ("cider", "CIDEr-D"), ("clipscore", "CLIPScore*"), ("refclipscore", "RefCLIPScore*")]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [f"### Captioning: {result['split']} split, {result['n_images']} images, beam {result['beam']}", "",
+             "| model | " + " | ".join(h for _, h in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, label in (("model", "captioner"), ("nearest_neighbour", "nearest-neighbour baseline")):
+        lines.append(f"| {label} | " + " | ".join(fmt(result[name].get(k)) for k, _ in keys) + " |")
+    lines += ["", f"SPICE: {result['model']['spice_status']}.", f"*{result['clipscore_note']}.",
+              f"Protocol: {result['protocol']}.", ""]
+    return "\n".join(lines)
