@@ -20,9 +20,11 @@ def words_and_maps(model, grid: np.ndarray, pooled: np.ndarray, caption: str, de
     maps = model.attention(torch.from_numpy(grid[None]).float().to(device),
                            torch.from_numpy(pooled[None]).float().to(device), ids, layers).numpy()
     words, groups = [], []
-    for i, t in enumerate(ids):
-        piece = model.tokenizer.decode([t])
-        if not words or piece.startswith(" ") or not piece.strip().isalnum():
+    previous = ""
+    for i in range(len(ids)):  # a word starts where the decoded text grows by a space (any tokenizer)
+        text = model.tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
+        piece, previous = text[len(previous):], text
+        if not words or piece[:1].isspace():
             words.append(piece.strip())
             groups.append([i])
         else:

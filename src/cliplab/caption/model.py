@@ -261,15 +261,19 @@ class Captioner(nn.Module):
         b, p = prefix.shape[:2]
         width = max(len(x) for x in ids)
         tok = torch.full((b, width), self.tokenizer.pad_token_id, dtype=torch.long, device=prefix.device)
-        labels = torch.full((b, p + width), -100, dtype=torch.long, device=prefix.device)
+        labels = torch.full((b, width), -100, dtype=torch.long, device=prefix.device)
         mask = torch.zeros((b, p + width), dtype=torch.long, device=prefix.device)
         mask[:, :p] = 1
         for i, x in enumerate(ids):
             tok[i, : len(x)] = torch.as_tensor(x, device=prefix.device)
-            labels[i, p: p + len(x)] = tok[i, : len(x)]
+            labels[i, : len(x)] = tok[i, : len(x)]
             mask[i, p: p + len(x)] = 1
         embeds = torch.cat([prefix, self._embed_ids(tok).to(prefix.dtype)], dim=1)
-        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+        # logits only where a caption token is predicted (positions p-1 .. p+width-2): the LM head over a
+        # large vocabulary is a big share of the cost, and the prefix positions have no target
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
+                         logits_to_keep=width + 1).logits[:, :-1]
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
     @torch.inference_mode()
     def generate(self, grid: torch.Tensor, pooled: torch.Tensor, *, beam: int = 1, max_new_tokens: int = 30,

@@ -448,29 +448,25 @@ def _writer(run_dir: Path):
 
 def nearest_neighbour_captions(train: CaptionSplit, test: CaptionSplit) -> dict[str, str]:
     """The baseline: each test image gets a caption of its most similar training image (cosine of pooled
-    image features), the one of that image's references most similar to the others (consensus CIDEr-D)."""
+    image features): the one of that image's references most similar to the others, by CIDEr-D computed
+    over all those training images at once (consensus re-ranking, Devlin et al. 2015)."""
     a = train.pooled / np.maximum(np.linalg.norm(train.pooled, axis=1, keepdims=True), 1e-12)
     b = test.pooled / np.maximum(np.linalg.norm(test.pooled, axis=1, keepdims=True), 1e-12)
     nn_idx = np.argmax(b @ a.T, axis=1)
     refs = train.references
     names = train.dataset.images
-    chosen: dict[str, str] = {}
-    consensus: dict[str, str] = {}
+    cands, others = {}, {}
     for i in sorted(set(nn_idx.tolist())):
         caps = refs[names[i]]
-        if len(caps) == 1:
-            consensus[names[i]] = caps[0]
-            continue
-        best, best_score = caps[0], -1.0
         for j, c in enumerate(caps):
-            others = caps[:j] + caps[j + 1:]
-            score, _ = cider_d({"x": others}, {"x": c}, tokenizer="simple")
-            if score > best_score:
-                best, best_score = c, score
-        consensus[names[i]] = best
-    for t, i in zip(test.dataset.images, nn_idx):
-        chosen[t] = consensus[names[i]]
-    return chosen
+            if len(caps) > 1:
+                cands[f"{i}/{j}"], others[f"{i}/{j}"] = c, caps[:j] + caps[j + 1:]
+    scores = cider_d(others, cands, tokenizer="simple")[1] if cands else {}
+    consensus = {}
+    for i in sorted(set(nn_idx.tolist())):
+        caps = refs[names[i]]
+        consensus[i] = max(range(len(caps)), key=lambda j: (scores.get(f"{i}/{j}", 0.0), -j))
+    return {t: refs[names[i]][consensus[i]] for t, i in zip(test.dataset.images, nn_idx)}
 
 
 def evaluate_captioner(run_dir: str | Path, *, split: str = "test", beam: int | None = None,

@@ -1,0 +1,241 @@
+"""Captioning end to end with a tiny random Llama-style decoder: training, decoding, exact save/reload and
+resume, what each tuning mode trains, metric wrappers against pycocoevalcap, CLIPScore, the
+nearest-neighbour baseline, attention maps, and the CLI."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tiny_causal_lm
+
+pytest.importorskip("pycocoevalcap")
+NEEDS_JAVA = pytest.mark.skipif(shutil.which("java") is None and os.environ.get("CLIPLAB_REQUIRE_JAVA") != "1",
+                                reason="Java not installed (make test installs it)")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory, towers):
+    return tiny_causal_lm(tmp_path_factory.mktemp("lm"), towers[1].tokenizer)
+
+
+def caption_config(caption_dir, lm, cache, tuning="prefix", **train):
+    from cliplab.caption.train import CaptionRunConfig
+
+    return CaptionRunConfig.from_dict({
+        "model": {"lm": str(lm), "grid": 2, "mapper_hidden": 32, "tuning": tuning, "lora_r": 2, "adapter_dim": 4,
+                  "max_caption_tokens": 16},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "dev_images": 4, "device": "cpu",
+                  "patience": 0, **train},
+        "decode": {"beam": 2, "max_new_tokens": 8},
+        "data": {"path": str(caption_dir / "captions.csv"), "cache_dir": str(cache)},
+        "clipscore_model": "conse"})
+
+
+@pytest.mark.parametrize("tuning", ["prefix", "lora", "adapter", "full"])
+def test_each_tuning_mode_trains_only_its_tensors(caption_dir, tiny_lm, tmp_path, tuning):
+    from cliplab.caption.train import build_captioner, clean_caption, load_split
+    from cliplab.embed import FeatureCache
+
+    cfg = caption_config(caption_dir, tiny_lm, tmp_path / "cache", tuning)
+    train = load_split(cfg, "train", FeatureCache(tmp_path / "cache"), "cpu", False)
+    assert train.grid.shape == (8, 4, 320) and train.pooled.shape == (8, 1280)
+    model = build_captioner(cfg, train)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    mapper = {n for n in trainable if n.startswith("mapper.")}
+    lm_params = {n for n, _ in model.lm.named_parameters()}
+    counts = model.parameter_counts()
+    if tuning == "prefix":
+        assert trainable == mapper and counts["trainable"] == counts["mapper"]
+    elif tuning == "lora":
+        assert trainable - mapper and all("lora_" in n for n in trainable - mapper)
+        assert all({"q_proj", "v_proj"} & set(n.split(".")) for n in trainable - mapper)
+    elif tuning == "adapter":
+        assert trainable - mapper and all(".adapter_" in n for n in trainable - mapper)
+    else:
+        assert {f"lm.{n}" for n in lm_params} <= trainable
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    loss = model.loss(torch.from_numpy(train.grid[:4]), torch.from_numpy(train.pooled[:4]),
+                      [clean_caption(c) for c in train.dataset.captions[:4]])
+    loss.backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != (n in trainable), n  # exactly the trainable tensors moved
+
+
+def test_train_generate_reload_and_resume(caption_dir, tiny_lm, tmp_path, monkeypatch):
+    from cliplab.caption.model import Captioner
+    from cliplab.caption.train import (CaptionSplit, evaluate_captioner, generate_captions, load_split,
+                                       train_captioner)
+    from cliplab.embed import FeatureCache
+    from cliplab.errors import ConfigError
+    from cliplab.rundir import read_metrics
+
+    cfg = caption_config(caption_dir, tiny_lm, tmp_path / "cache", "lora", epochs=3)
+    ref = train_captioner(cfg, tmp_path / "full", progress=False, log=lambda m: None)
+    assert ref["best_epoch"] >= 0 and (tmp_path / "full" / "best" / "captioner.safetensors").is_file()
+    rows = read_metrics(tmp_path / "full")
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and all(np.isfinite(r["train_loss"]) for r in rows)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+    # a killed run resumes to the same losses and the same selected model
+    from cliplab.caption import train as train_module
+
+    original = train_module.atomic_write
+    calls = []
+
+    def die_after_first_checkpoint(path, write):
+        out = original(path, write)
+        if path.name == "last.pt":
+            calls.append(1)
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(train_module, "atomic_write", die_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train_captioner(cfg, tmp_path / "killed", progress=False, log=lambda m: None)
+    monkeypatch.setattr(train_module, "atomic_write", original)
+    torch.manual_seed(123)
+    got = train_captioner(cfg, tmp_path / "killed", progress=False, log=lambda m: None)
+    assert [r["train_loss"] for r in read_metrics(tmp_path / "killed")] == \
+        pytest.approx([r["train_loss"] for r in rows], abs=1e-6)
+    assert got["best_epoch"] == ref["best_epoch"]
+    with pytest.raises(ConfigError, match="train.lr: 0.003 -> 0.01"):
+        train_captioner(cfg.with_overrides(["train.lr=0.01"]), tmp_path / "killed", progress=False)
+
+    # reload is exact: the saved tensors only, same captions
+    a, b = Captioner.load(tmp_path / "full"), Captioner.load(tmp_path / "full" / "best")
+    saved = json.loads((tmp_path / "full" / "best" / "cliplab_captioner.json").read_text())
+    assert saved["tuning"] == "lora" and saved["base_weights"]["lm"] == a.lm_base
+    test = load_split(cfg, "test", FeatureCache(tmp_path / "cache"), "cpu", False)
+    assert generate_captions(a, test, cfg.decode, "cpu") == generate_captions(b, test, cfg.decode, "cpu")
+    greedy = generate_captions(a, test, cfg.decode, "cpu", beam=1)
+    assert set(greedy) == set(test.dataset.images)
+    ids = a.generate(torch.from_numpy(test.grid[:2]), torch.from_numpy(test.pooled[:2]), beam=1, max_new_tokens=5)
+    assert all(len(x) <= 5 for x in ids)
+
+    res = evaluate_captioner(tmp_path / "full", tokenizer="simple", progress=False, plots=True)
+    assert res["n_images"] == 4 and set(res["model"]) >= {"bleu4", "cider", "rouge_l", "clipscore", "refclipscore"}
+    assert res["model"]["spice"] is None and "unavailable" in res["model"]["spice_status"]
+    assert "not comparable to CLIP ViT-B/32" in res["clipscore_note"]
+    plots = tmp_path / "full" / "plots"
+    assert (plots / "caption_gallery.png").is_file() and list(plots.glob("attention_*.png"))
+    att = json.loads(next(plots.glob("attention_*.json")).read_text())
+    assert np.asarray(att["maps"]).shape[1:] == (2, 2) and len(att["maps"]) == len(att["words"])
+    again = evaluate_captioner(tmp_path / "full", tokenizer="simple", progress=False, reuse_captions=True)
+    assert again["model"]["cider"] == pytest.approx(res["model"]["cider"])
+
+
+def test_attention_maps_cover_the_grid(caption_dir, tiny_lm, tmp_path):
+    from cliplab.caption.figures import words_and_maps
+    from cliplab.caption.train import build_captioner, load_split
+    from cliplab.embed import FeatureCache
+
+    cfg = caption_config(caption_dir, tiny_lm, tmp_path / "cache")
+    split = load_split(cfg, "train", FeatureCache(tmp_path / "cache"), "cpu", False)
+    model = build_captioner(cfg, split).eval()
+    ids = model.tokenizer("a red circle on grass", add_special_tokens=False)["input_ids"]
+    maps = model.attention(torch.from_numpy(split.grid[:1]), torch.from_numpy(split.pooled[:1]), ids)
+    assert maps.shape == (len(ids), 2, 2) and (maps >= 0).all() and (maps.sum((1, 2)) <= 1 + 1e-5).all()
+    words, wmaps = words_and_maps(model, split.grid[0], split.pooled[0], "a red circle on grass", "cpu")
+    assert words == ["a", "red", "circle", "on", "grass"] and wmaps.shape == (5, 2, 2)
+    assert model.lm.config._attn_implementation != "eager"  # the eager pass for attention weights is undone
+
+
+@NEEDS_JAVA
+def test_metric_wrappers_match_pycocoevalcap_on_a_toy_set():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    from cliplab.caption.metrics import caption_metrics
+
+    refs = {"a": ["A dog runs on the beach.", "A brown dog running along the sea shore."],
+            "b": ["Two children play football in a park.", "Kids kicking a ball on the grass."],
+            "c": ["A man rides a bicycle down the street.", "A cyclist on a city road."]}
+    cands = {"a": "A dog is running on the beach.", "b": "Two kids play with a ball on grass.",
+             "c": "A man rides a bike on the road."}
+    got = caption_metrics(refs, cands, tokenizer="ptb")
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": r} for r in v] for k, v in refs.items()})
+    res = tok.tokenize({k: [{"caption": v}] for k, v in cands.items()})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    assert [got[f"bleu{i}"] for i in range(1, 5)] == pytest.approx([100 * b for b in bleu])
+    assert got["cider"] == pytest.approx(100 * Cider().compute_score(gts, res)[0])
+    assert got["rouge_l"] == pytest.approx(100 * Rouge().compute_score(gts, res)[0])
+    assert got["meteor"] == pytest.approx(100 * Meteor().compute_score(gts, res)[0])
+    assert 40 < got["bleu1"] < 100 and got["tokenizer"] == "ptb"
+    perfect = caption_metrics({"x": ["a dog runs on the beach"] * 2}, {"x": "a dog runs on the beach"},
+                              tokenizer="simple", meteor=False)
+    assert perfect["bleu4"] == pytest.approx(100, abs=1e-3)
+
+
+def test_bad_caption_inputs_are_one_line_errors(caption_dir, tiny_lm, tmp_path, cli):
+    from cliplab.caption.metrics import caption_metrics, clip_scores
+    from cliplab.errors import DataError
+
+    with pytest.raises(DataError, match="image 'x': empty reference caption"):
+        caption_metrics({"x": ["a dog", "  "]}, {"x": "a dog"}, tokenizer="simple")
+    with pytest.raises(DataError, match="same images"):
+        caption_metrics({"x": ["a dog"]}, {"y": "a dog"}, tokenizer="simple")
+    # CLIPScore / RefCLIPScore against a brute-force reading of Hessel et al. (2021)
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    img, cand = unit(rng.normal(size=(3, 8))), unit(rng.normal(size=(3, 8)))
+    refs = [unit(rng.normal(size=(2, 8))) for _ in range(3)]
+    got = clip_scores(img, cand, refs)
+    clip = [2.5 * max(float(i @ c), 0) for i, c in zip(img, cand)]
+    ref = [max(max(float(r @ c) for r in rs), 0) for rs, c in zip(refs, cand)]
+    hm = [2 * a * b / (a + b) if a + b > 0 else 0 for a, b in zip(clip, ref)]
+    assert got["clipscore"] == pytest.approx(100 * np.mean(clip)) and got["refclipscore"] == pytest.approx(100 * np.mean(hm))
+
+    res = cli("caption", "generate", tmp_path / "no-run", caption_dir / "images" / "img00.jpg")
+    assert res.returncode == 2 and "not a captioner" in res.stdout
+    res = cli("caption", "generate", tmp_path, tmp_path / "missing.jpg")
+    assert res.returncode == 2 and "image not found" in res.stdout and len(res.stdout.strip().splitlines()) == 1
+    res = cli("caption", "train", "-c", "flickr8k_caption", "-s", "model.tuning=everything")
+    assert res.returncode == 2 and "model.tuning must be one of prefix, lora, adapter, full" in res.stdout
+
+
+def test_nearest_neighbour_baseline_takes_the_consensus_caption():
+    from cliplab.caption.train import CaptionSplit, nearest_neighbour_captions
+    from cliplab.data import CaptionDataset
+
+    caps = ["a dog runs", "a dog runs fast", "a cat sleeps on a sofa", "an orange bicycle", "a cat sleeps on the sofa",
+            "a grey cat sleeps on a couch"]
+    train = CaptionSplit(CaptionDataset("/", ["t0", "t1"], caps, [0, 0, 1, 1, 1, 1]),
+                         np.zeros((2, 1, 1)), np.array([[1.0, 0.0], [0.0, 1.0]]))
+    test = CaptionSplit(CaptionDataset("/", ["q0", "q1"], ["x", "y"], [0, 1]), np.zeros((2, 1, 1)),
+                        np.array([[0.1, 0.9], [0.9, 0.2]]))
+    got = nearest_neighbour_captions(train, test)
+    assert got["q1"] in ("a dog runs", "a dog runs fast")
+    assert got["q0"] == "a cat sleeps on a sofa"  # t1's caption closest to its others (never the outlier)
+
+
+def test_caption_cli_train_eval_generate(caption_dir, tiny_lm, tmp_path, cli):
+    import yaml
+
+    cfg = caption_config(caption_dir, tiny_lm, tmp_path / "cache", "adapter", epochs=1).to_dict()
+    (tmp_path / "cap.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    res = cli("caption", "train", "-c", tmp_path / "cap.yaml", "--run-dir", run, "--no-eval")
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = cli("caption", "eval", run, "--tokenizer", "simple", "--beam", "1", "--clipscore-model", "none")
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = json.loads((run / "captions.json").read_text())
+    assert out["beam"] == 1 and len(out["captions"]) == 4 and "nearest neighbour" in res.stdout
+    assert "BLEU-4" in (run / "results.md").read_text()
+    res = cli("caption", "generate", run, caption_dir / "images" / "img00.jpg", caption_dir / "images" / "img01.jpg",
+              "--json", "--beam", "2", "--max-new-tokens", "4")
+    assert res.returncode == 0, res.stdout + res.stderr
+    caps = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [c["image"] for c in caps] == [str(caption_dir / "images" / f"img0{i}.jpg") for i in (0, 1)]
+    assert all(isinstance(c["caption"], str) for c in caps)
