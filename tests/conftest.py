@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,24 @@ def tiny_causal_lm(tmp_path: Path, tokenizer):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def chromium_path():
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CLIPLAB_REQUIRE_BROWSER") == "1":
+            pytest.fail("chromium not installed (make test installs Debian's chromium)")
+        pytest.skip("chromium not installed; `make test` installs it")
+    return path
+
+
+def open_page(playwright, width: int, height: int, errors: list):
+    """Debian's Chromium headless (the flags this closed network needs) and a page whose console errors and
+    page errors land in ``errors``; returns ``(browser, page)``."""
+    browser = playwright.chromium.launch(executable_path=chromium_path(), args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync"])
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return browser, page

@@ -1,7 +1,6 @@
 """Every inference backend matches torch eager (cosine >= 0.9999); int8 is separate and reports its cost."""
 
 import numpy as np
-import pytest
 import torch
 
 from cliplab.data import read_pairs

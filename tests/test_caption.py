@@ -60,7 +60,7 @@ def test_each_tuning_mode_trains_only_its_tensors(caption_dir, tiny_lm, tmp_path
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    loss = model.loss(torch.from_numpy(train.grid[:4]), torch.from_numpy(train.pooled[:4]),
+    loss = model.loss(torch.tensor(train.grid[:4]), torch.tensor(train.pooled[:4]),
                       [clean_caption(c) for c in train.dataset.captions[:4]])
     loss.backward()
     opt.step()
@@ -70,7 +70,7 @@ def test_each_tuning_mode_trains_only_its_tensors(caption_dir, tiny_lm, tmp_path
 
 def test_train_generate_reload_and_resume(caption_dir, tiny_lm, tmp_path, monkeypatch):
     from cliplab.caption.model import Captioner
-    from cliplab.caption.train import (CaptionSplit, evaluate_captioner, generate_captions, load_split,
+    from cliplab.caption.train import (evaluate_captioner, generate_captions, load_split,
                                        train_captioner)
     from cliplab.embed import FeatureCache
     from cliplab.errors import ConfigError

@@ -7,7 +7,7 @@ from PIL import Image
 
 from cliplab.errors import ConfigError
 from tests.conftest import tiny_hf_clip, tiny_open_clip
-from cliplab.models import (ConSE, HeadConfig, ImageTower, TextTower, TwoTower, TwoTowerConfig, imagenet_classnames,
+from cliplab.models import (ConSE, HeadConfig, TwoTower, TwoTowerConfig, imagenet_classnames,
                             load_clip)
 
 

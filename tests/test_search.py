@@ -450,20 +450,14 @@ def test_many_concurrent_clients_get_correct_answers(live, client):
 
 
 def test_web_page_in_headless_chromium(live, indexed):
-    from tests.test_viz import chromium_path
-
-    exe = chromium_path()
     from playwright.sync_api import expect, sync_playwright
+
+    from tests.conftest import open_page
 
     _, photos, _, _ = indexed
     errors = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu",
-                                                               "--disable-background-networking",
-                                                               "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        browser, page = open_page(p, 1280, 900, errors)
         page.goto(live + "/")
         expect(page.locator("#info")).to_contain_text("16 images")
         expect(page.locator("#info")).to_contain_text("conse")

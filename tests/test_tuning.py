@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cliplab.models import ImageTower, TextTower, TwoTower, TwoTowerConfig, load_clip
+from cliplab.models import TwoTower, TwoTowerConfig, load_clip
 from cliplab.models.heads import HeadConfig
 from cliplab.models.stages import Stages
 from cliplab.models.tuning import TowerTuning

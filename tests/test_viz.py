@@ -1,11 +1,8 @@
 """Figures render from small synthetic runs; the HTML report opens in headless Chromium without errors."""
 
 import json
-import os
-import shutil
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -14,7 +11,7 @@ from cliplab.viz.classification import confusion_matrix_plot, top5_bars
 from cliplab.viz.curves import recall_at_k, sweep_overlay, training_curves
 from cliplab.viz.galleries import image_to_text_gallery, pick_examples, text_to_image_gallery
 from cliplab.viz.maps import class_map, modality_map
-from cliplab.viz.report import build_report
+from tests.conftest import open_page
 
 
 def png_size(path):
@@ -94,15 +91,6 @@ def test_galleries_pick_successes_and_failures(caption_dir, tmp_path):
     assert png_size(path) == (1000, 200 * len(data) + 50)
 
 
-def chromium_path():
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        if os.environ.get("CLIPLAB_REQUIRE_BROWSER") == "1":
-            pytest.fail("chromium not installed (make test installs Debian's chromium)")
-        pytest.skip("chromium not installed; `make test` installs it")
-    return path
-
-
 def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled_splits, tmp_path, cli):
     runs = {name: tmp_path / name for name in ("train", "eval", "zeroshot", "probe")}
     res = cli("train", caption_dir / "captions.csv", "--run-dir", runs["train"], "--plots", "--track-test",
@@ -140,15 +128,9 @@ def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled_split
 
     from playwright.sync_api import sync_playwright
 
-    exe = chromium_path()
     errors = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu",
-                                                               "--disable-background-networking",
-                                                               "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        browser, page = open_page(p, 1400, 900, errors)
         page.goto(report.as_uri())
         page.wait_for_load_state("load")
         assert page.title() == "cliplab report"

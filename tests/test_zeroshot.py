@@ -166,7 +166,6 @@ def test_labelled_readers(colour_folder, tmp_path):
 
 
 def test_power_norm_probe_and_mirrored_images(colour_folder, tmp_path):
-    from PIL import Image
 
     from cliplab.data.images import ImageFiles, MirroredImages
     from cliplab.eval.probe import power_normalize

@@ -282,10 +282,14 @@ class Captioner(nn.Module):
         prefix = self.prefix(grid, pooled)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         eos = self.tokenizer.eos_token_id
-        out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=max_new_tokens,
-                               num_beams=beam, do_sample=False, length_penalty=length_penalty,
-                               no_repeat_ngram_size=no_repeat_ngram or 0, eos_token_id=eos,
-                               pad_token_id=self.tokenizer.pad_token_id, early_stopping=beam > 1)
+        import warnings
+
+        with warnings.catch_warnings():  # "n-gram constraints apply to new tokens only": what we want here
+            warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
+            out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                   num_beams=beam, do_sample=False, length_penalty=length_penalty,
+                                   no_repeat_ngram_size=no_repeat_ngram or 0, eos_token_id=eos,
+                                   pad_token_id=self.tokenizer.pad_token_id, early_stopping=beam > 1)
         pad = self.tokenizer.pad_token_id
         return [row[: row.index(eos)] if eos in row else [t for t in row if t != pad] for row in out.tolist()]
 

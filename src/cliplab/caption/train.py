@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from cliplab import rundir
@@ -115,30 +114,14 @@ class CaptionRunConfig:
 
     @classmethod
     def load(cls, spec: str | Path) -> "CaptionRunConfig":
-        from cliplab.configs import resolve_config
+        from cliplab.configs import read_yaml_config
 
-        path = resolve_config(spec)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML ({exc})") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_yaml_config(spec))
 
     def with_overrides(self, overrides: list[str]) -> "CaptionRunConfig":
-        d = self.to_dict()
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"override {item!r} is not KEY=VALUE")
-            node, parts = d, key.split(".")
-            for part in parts[:-1]:
-                if not isinstance(node.get(part), dict):
-                    raise ConfigError(f"override {key!r}: no section {part!r}")
-                node = node[part]
-            if parts[-1] not in node:
-                raise ConfigError(f"override {key!r}: unknown key {parts[-1]!r}")
-            node[parts[-1]] = yaml.safe_load(value)
-        return CaptionRunConfig.from_dict(d)
+        from cliplab.configs import apply_overrides
+
+        return CaptionRunConfig.from_dict(apply_overrides(self.to_dict(), overrides))
 
     def training_record(self) -> dict:
         flat = flatten(self.to_dict())

@@ -7,7 +7,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
 
 from cliplab.errors import ConfigError
 from cliplab.rundir import config_changes, flatten  # noqa: F401 - re-exported for callers
@@ -154,32 +153,15 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
         """A YAML/JSON file, or the name of a packaged config (``flickr8k_heads``)."""
-        from cliplab.configs import resolve_config
+        from cliplab.configs import read_yaml_config
 
-        path = resolve_config(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML ({exc})") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_yaml_config(path))
 
     def with_overrides(self, overrides: list[str]) -> "RunConfig":
         """Apply ``section.key=value`` overrides (values parsed as YAML)."""
-        d = self.to_dict()
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"override {item!r} is not KEY=VALUE")
-            node = d
-            parts = key.split(".")
-            for part in parts[:-1]:
-                if not isinstance(node.get(part), dict):
-                    raise ConfigError(f"override {key!r}: no section {part!r}")
-                node = node[part]
-            if parts[-1] not in node:
-                raise ConfigError(f"override {key!r}: unknown key {parts[-1]!r}")
-            node[parts[-1]] = yaml.safe_load(value)
-        return RunConfig.from_dict(d)
+        from cliplab.configs import apply_overrides
+
+        return RunConfig.from_dict(apply_overrides(self.to_dict(), overrides))
 
 
 def _build(cls, values: dict, section: str):

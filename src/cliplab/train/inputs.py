@@ -12,7 +12,6 @@ import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -20,7 +19,6 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from torch import nn
-from tqdm.auto import tqdm
 
 from cliplab.data.captions import CaptionDataset
 from cliplab.data.images import ImageFiles, ImageSet, MirroredImages, preprocess_geometry
