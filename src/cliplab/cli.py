@@ -736,6 +736,32 @@ def caption_generate(
         console.print(f"{p}: {caps[str(p)]}", highlight=False, markup=False)
 
 
+@app.command()
+def models(
+    measure: bool = typer.Option(False, help="time each installed tower on this machine (cached per machine)"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """The offline tower zoo: sizes, whether the weights are installed, speed measured here."""
+    import json as _json
+
+    from cliplab.models.zoo import catalog_dicts
+
+    rows = catalog_dicts(measure)
+    if json_out:
+        print(_json.dumps(rows))
+        return
+    table = Table(title="towers and decoders")
+    for h in ("name", "kind", "output", "input", "parameters", "installed", "speed here", "source / note"):
+        table.add_column(h)
+    for r in rows:
+        speed = f"{r['speed']:.0f} {r['speed_unit']}" if r["speed"] else ("run --measure" if r["installed"] and
+                                                                          r["kind"] != "decoder" else "")
+        table.add_row(r["name"], r["kind"], str(r["output_dim"] or ""), r["input"],
+                      f"{r['parameters'] / 1e6:.1f} M" if r["parameters"] else "", "yes" if r["installed"] else "no",
+                      speed, r["note"] or r["source"])
+    console.print(table)
+
+
 @app.command("configs")
 def configs_command() -> None:
     """List the example configs shipped with cliplab (use a name with -c, e.g. -c flickr8k_heads)."""

