@@ -762,6 +762,40 @@ def models(
     console.print(table)
 
 
+@app.command()
+def interpolate(
+    initial: str = typer.Argument(..., help="the initial / zero-shot model (run or model folder, clip:SPEC)"),
+    finetuned: str = typer.Argument(..., help="the fine-tuned model"),
+    alpha: str = typer.Option("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="comma-separated weights of the "
+                                                                            "fine-tuned model"),
+    data: str = typer.Option(DEFAULT_DATA, help="in-domain caption dataset (its --split is evaluated)"),
+    split: str = typer.Option("test"),
+    classify: Optional[str] = typer.Option(None, help="out-of-domain labelled set for zero-shot accuracy"),
+    classify_limit: int = typer.Option(2000, help="images of it used (a fixed random subset)"),
+    captions2: Optional[str] = typer.Option(None, help="out-of-domain caption set (all its images)"),
+    run_dir: Optional[Path] = typer.Option(None),
+    cache_dir: Optional[Path] = CacheOpt,
+    device: str = typer.Option("auto"),
+    plots: bool = PlotsOpt,
+) -> None:
+    """WiSE-FT: evaluate weight interpolations of an initial and a fine-tuned model in and out of domain."""
+    _check_plots_extra(plots)
+    from cliplab.train.wise import interpolate_run, wise_markdown
+    from cliplab.utils import resolve_device
+
+    try:
+        alphas = [float(a) for a in alpha.split(",") if a.strip()]
+    except ValueError:
+        raise CliplabError(f"--alpha takes comma-separated numbers, not {alpha!r}") from None
+    out = _run_dir(run_dir, "wise")
+    result = interpolate_run(initial, finetuned, alphas, data=data, split=split, classify=classify,
+                             classify_limit=classify_limit, captions2=captions2, cache_dir=cache_dir,
+                             device=resolve_device(device), run_dir=out, plots=plots,
+                             log=lambda m: console.print(m, highlight=False, markup=False))
+    console.print(wise_markdown(result), highlight=False, markup=False)
+    console.print(f"run directory: {out}", soft_wrap=True)
+
+
 @app.command("configs")
 def configs_command() -> None:
     """List the example configs shipped with cliplab (use a name with -c, e.g. -c flickr8k_heads)."""

@@ -14,6 +14,8 @@ zeroshot   ``cliplab zeroshot``                        ``zeroshot.json``
 probe      ``cliplab probe``                           ``probe.json``
 sweep      ``cliplab sweep``                           ``results.csv`` + ``curves.csv``
 embed      ``cliplab embed``                           ``embed.json``
+wise       ``cliplab interpolate``                     ``wise.json``
+caption    ``cliplab caption eval``                    ``captions.json``
 =========  ==========================================  =========================================
 """
 
@@ -44,7 +46,9 @@ EMBED = "embed.json"
 SWEEP = "sweep.json"  # the expanded sweep definition
 SWEEP_RESULTS = "results.csv"  # one row per sweep run
 CURVES = "curves.csv"  # per sweep run and epoch
-KINDS = ("train", "eval", "zeroshot", "probe", "sweep", "embed")
+WISE = "wise.json"  # ``cliplab interpolate``: metrics per interpolation weight
+CAPTIONS = "captions.json"  # ``cliplab caption eval``: generated captions and their metrics
+KINDS = ("train", "eval", "zeroshot", "probe", "sweep", "embed", "wise", "caption")
 
 
 def read_json(path: str | Path) -> Any:
@@ -63,7 +67,9 @@ def run_kind(run_dir: str | Path) -> str:
     d = Path(run_dir)
     if (d / RESULTS).is_file() and (d / METRICS).is_file():
         return "train"
-    for name, kind in ((EVAL_METRICS, "eval"), (ZEROSHOT, "zeroshot"), (PROBE, "probe")):
+    if (d / CAPTIONS).is_file():
+        return "caption"
+    for name, kind in ((EVAL_METRICS, "eval"), (ZEROSHOT, "zeroshot"), (PROBE, "probe"), (WISE, "wise")):
         if (d / name).is_file():
             return kind
     if (d / SWEEP_RESULTS).is_file() and (d / CURVES).is_file():

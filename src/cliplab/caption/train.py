@@ -27,10 +27,10 @@ from cliplab.data.images import ImageFiles
 from cliplab.embed.cache import FeatureCache
 from cliplab.errors import ConfigError, NumericError
 from cliplab.models.image_tower import ImageTowerConfig
-from cliplab.rundir import BEST, CHECKPOINT, append_metrics, check_resume_config, flatten, truncate_metrics
+from cliplab.rundir import BEST, CAPTIONS, CHECKPOINT, append_metrics, check_resume_config, flatten, truncate_metrics
 from cliplab.utils import atomic_write, autocast, resolve_device, seed_everything, write_json, write_text
 
-CAPTIONS = "captions.json"  # generated captions + metrics of an evaluation
+
 
 
 @dataclass

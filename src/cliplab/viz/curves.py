@@ -104,3 +104,28 @@ def recall_at_k(ranks: dict[str, tuple[np.ndarray, np.ndarray]], out: str | Path
     fig.subplots_adjust(left=0.07, right=0.98, top=0.87, bottom=0.12, wspace=0.2)
     save_rows(rows, out.with_suffix(".csv"))
     return save_figure(fig, out)
+
+
+def tradeoff_curve(rows: list[dict], out: str | Path, title: str = "WiSE-FT") -> Path:
+    """In-domain vs out-of-domain metrics along the interpolation weight (one line per out-of-domain
+    measure, points labelled by alpha)."""
+    out = Path(out)
+    ood = [c for c in ("ood_zeroshot_acc", "ood_t2i_r1", "ood_i2t_r1") if c in rows[0]]
+    fig = new_figure(900, 600)
+    ax = fig.add_subplot(1, 1, 1)
+    x = [(r["in_t2i_r1"] + r["in_i2t_r1"]) / 2 for r in rows]
+    labels = {"ood_zeroshot_acc": "zero-shot accuracy", "ood_t2i_r1": "2nd caption set T→I R@1",
+              "ood_i2t_r1": "2nd caption set I→T R@1"}
+    for c in ood:
+        y = [r[c] for r in rows]
+        ax.plot(x, y, marker="o", label=labels[c])
+        for xi, yi, r in zip(x, y, rows):
+            ax.annotate(f"{r['alpha']:g}", (xi, yi), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("in-domain R@1 (mean of T→I and I→T)")
+    ax.set_ylabel("out-of-domain")
+    ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.3)
+    if ood:
+        ax.legend(fontsize=8)
+    save_rows(rows, out.with_suffix(".csv"))
+    return save_figure(fig, out)

@@ -97,6 +97,10 @@ def describe_run(run_dir: Path) -> dict:
         return {"kind": kind, "classification": res["results"], "results": res}
     if kind == "sweep":
         return {"kind": "sweep", "rows": rundir.read_csv_rows(run_dir / rundir.SWEEP_RESULTS)}
+    if kind == "wise":
+        return {"kind": "wise", "results": rundir.read_json(run_dir / rundir.WISE)}
+    if kind == "caption":
+        return {"kind": "caption", "results": rundir.read_json(run_dir / rundir.CAPTIONS)}
     raise ConfigError(f"{run_dir}: a {kind} run has nothing to report")
 
 
@@ -134,6 +138,19 @@ def _run_section(run_dir: Path, info: dict, anchor: str) -> str:
         rows = info["rows"]
         header = list(rows[0]) if rows else []
         parts.append("<h3>Sweep results</h3>" + _table(header, [[r[h] for h in header] for r in rows]))
+    if info["kind"] == "wise":
+        res = info["results"]
+        header = list(res["rows"][0]) if res["rows"] else []
+        parts.append(f"<h3>WiSE-FT: {html.escape(res['initial'])} → {html.escape(res['finetuned'])}</h3>"
+                     + _table(header, [[_fmt(r[h]) for h in header] for r in res["rows"]]))
+    if info["kind"] == "caption":
+        res = info["results"]
+        keys = ["bleu1", "bleu4", "meteor", "rouge_l", "cider", "clipscore", "refclipscore"]
+        rows = [[name] + [_fmt(res[name].get(k)) if res[name].get(k) is not None else "n/a" for k in keys]
+                for name in ("model", "nearest_neighbour")]
+        parts.append(f"<h3>Captioning ({html.escape(res['split'])}, {res['n_images']} images, beam {res['beam']})</h3>"
+                     + _table(["model"] + keys, rows)
+                     + f"<p>{html.escape(res['protocol'])}. {html.escape(res['clipscore_note'])}.</p>")
     parts.append("<h3>Figures</h3>" + _figures(run_dir) + "</section>")
     return "".join(parts)
 
