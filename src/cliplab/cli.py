@@ -80,22 +80,26 @@ def embed(
     batch_size: int = typer.Option(64, help="images per forward pass"),
     device: str = typer.Option("auto"),
     backend: str = BackendOpt,
+    engine: str = typer.Option("local", help="local, or ray: image chunks computed by a pool of Ray actors"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else a "
+                                                         "local cluster)"),
+    ray_actors: int = typer.Option(2, help="actors (one image tower each)"),
 ) -> None:
     """Compute (or reuse) frozen-tower features for a dataset."""
     from cliplab.data.captions import load_caption_dataset
     from cliplab.embed.cache import FeatureCache
     from cliplab.embed.pipeline import tower_features
-    from cliplab.models import ImageTower, TextTower
+    from cliplab.models.factory import pretrained_tower
     from cliplab.utils import resolve_device, write_json
 
     cfg = _load_config(config, data, on_error, cache_dir, [])
     out = _run_dir(run_dir, "embed")
     t0 = time.time()
     ds = load_caption_dataset(data, split, image_root=image_root, on_error=cfg.data.on_error)
-    image_tower, text_tower = ImageTower(cfg.model.image), TextTower(cfg.model.text)
+    image_tower, text_tower = pretrained_tower(cfg.model.image), pretrained_tower(cfg.model.text)
     feats = tower_features(image_tower, text_tower, ds, cache=FeatureCache(cfg.data.cache_dir),
                            on_error=cfg.data.on_error, device=resolve_device(device), image_batch_size=batch_size,
-                           backend=backend)
+                           backend=backend, engine=engine, ray_address=ray_address, ray_actors=ray_actors)
     summary = {"dataset": feats.dataset.name, "images": feats.dataset.num_images,
                "captions": feats.dataset.num_captions, "image_dim": int(feats.image.shape[1]),
                "text_dim": int(feats.text.shape[1]), "reused_cache": feats.reused,
@@ -509,6 +513,9 @@ def index(
     batch_size: int = typer.Option(64),
     chunk_size: int = typer.Option(256, help="images per resumable work chunk (a killed run loses at most one)"),
     device: str = typer.Option("auto"),
+    engine: str = typer.Option("local", help="local, or ray (image chunks embedded by Ray actors)"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)"),
+    ray_actors: int = typer.Option(2),
     json_out: bool = typer.Option(False, "--json", help="print the build report as JSON"),
 ) -> None:
     """Index photos for search: embeddings + FAISS + SQLite metadata; re-runs embed only new/changed files."""
@@ -519,7 +526,7 @@ def index(
 
     builder = IndexBuilder(out, model, rebuild=rebuild, faiss_kind=faiss_kind, dtype=dtype,
                            device=str(resolve_device(device)), batch_size=batch_size, max_pixels=max_pixels,
-                           chunk_size=chunk_size,
+                           chunk_size=chunk_size, engine=engine, ray_address=ray_address, ray_actors=ray_actors,
                            log=lambda m: console.print(m, highlight=False, markup=False), progress=not json_out)
     report = builder.build(paths)
     if json_out:

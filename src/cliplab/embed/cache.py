@@ -16,7 +16,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from filelock import FileLock
@@ -63,13 +63,16 @@ class FeatureCache:
 
     def get_or_compute(self, kind: str, key: str, n_items: int, compute: ComputeChunk, *,
                        desc: str = "", meta: dict | None = None, progress: bool = True,
-                       chunk_size: int | None = None, dtype: str | None = None,
-                       ragged: bool = False) -> CachedFeatures:
+                       chunk_size: int | None = None, dtype: str | None = None, ragged: bool = False,
+                       run_chunks: Callable[[list[tuple[int, int]]], Iterable[tuple]] | None = None
+                       ) -> CachedFeatures:
         """Return cached features, computing missing chunks with ``compute(start, stop)``.
 
         ``compute`` returns ``(features [stop-start, ...], valid [stop-start], error messages)``; for
         ``ragged`` entries ``features`` is a list of ``stop-start`` arrays ``[L_i, ...]``. ``dtype``
-        overrides the cache's storage dtype for this entry.
+        overrides the cache's storage dtype for this entry. ``run_chunks(missing spans)``, when given,
+        computes the missing chunks elsewhere (e.g. on a Ray cluster) and yields ``(start, stop, features,
+        valid, errors)`` in any order; each chunk is written once, atomically, as it arrives.
         """
         dtype = dtype or self.dtype
         if dtype not in ("float32", "float16"):
@@ -81,27 +84,35 @@ class FeatureCache:
         with FileLock(str(folder / ".lock")):  # a second process waits, then reuses the result
             if self._complete(folder):
                 return self._load(folder, reused=True)
-            self._compute(folder, kind, key, n_items, compute, desc, meta, progress, chunk_size or self.chunk_size,
-                          dtype, ragged)
+            if run_chunks is None:
+                run_chunks = lambda spans: ((a, b, *compute(a, b)) for a, b in spans)  # noqa: E731
+            self._compute(folder, kind, key, n_items, run_chunks, desc, meta, progress,
+                          chunk_size or self.chunk_size, dtype, ragged)
         return self._load(folder, reused=False)
 
     @staticmethod
     def _complete(folder: Path) -> bool:
         return (folder / "features.npy").is_file() and (folder / "valid.npy").is_file()
 
-    def _compute(self, folder: Path, kind: str, key: str, n_items: int, compute: ComputeChunk, desc: str,
+    @staticmethod
+    def _chunk_path(folder: Path, start: int, stop: int) -> Path:
+        return folder / f"chunk-{start:010d}-{stop:010d}.npz"
+
+    def _compute(self, folder: Path, kind: str, key: str, n_items: int, run_chunks, desc: str,
                  meta: dict | None, progress: bool, chunk_size: int, dtype: str, ragged: bool) -> None:
         write_json(folder / "meta.json", {"kind": kind, "key": key, "n_items": n_items, "dtype": dtype,
-                                          "ragged": ragged, **(meta or {})})
+                                          "ragged": ragged, "chunk_size": chunk_size, **(meta or {})})
         spans = [(s, min(s + chunk_size, n_items)) for s in range(0, n_items, chunk_size)]
-        chunk_paths = [folder / f"chunk-{a:010d}-{b:010d}.npz" for a, b in spans]
-        have = sum(b - a for (a, b), p in zip(spans, chunk_paths) if p.is_file())
+        chunk_paths = [self._chunk_path(folder, a, b) for a, b in spans]
+        missing = [span for span, p in zip(spans, chunk_paths) if not p.is_file()]
+        have = n_items - sum(b - a for a, b in missing)
+        expected = set(missing)
         with tqdm(total=n_items, initial=have, desc=desc or kind, unit="item", disable=not progress,
                   dynamic_ncols=True) as bar:
-            for (start, stop), path in zip(spans, chunk_paths):
-                if path.is_file():
-                    continue
-                feats, valid, errors = compute(start, stop)
+            for start, stop, feats, valid, errors in run_chunks(missing):
+                if (start, stop) not in expected:
+                    raise ValueError(f"chunk ({start}, {stop}) was not asked for, or came twice")
+                expected.discard((start, stop))
                 if len(valid) != stop - start:
                     raise ValueError(f"compute({start}, {stop}) returned {len(valid)} items")
                 payload = {"valid": np.asarray(valid, dtype=bool), "errors": np.asarray(json.dumps(errors))}
@@ -111,8 +122,10 @@ class FeatureCache:
                                            if len(feats) else np.zeros((0,), dtype))
                 else:
                     payload["features"] = np.asarray(feats, dtype=dtype)
-                atomic_write(path, lambda p: _save_npz(p, payload))
+                atomic_write(self._chunk_path(folder, start, stop), lambda p: _save_npz(p, payload))
                 bar.update(stop - start)
+        if expected:
+            raise ValueError(f"{len(expected)} chunks were not computed, e.g. {sorted(expected)[0]}")
         self._merge(folder, chunk_paths, n_items, dtype, ragged)
 
     def _merge(self, folder: Path, chunk_paths: list[Path], n_items: int, dtype: str, ragged: bool) -> None:

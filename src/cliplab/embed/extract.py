@@ -19,7 +19,7 @@ import torch
 from cliplab.data.images import ImageFiles, ImageSet
 from cliplab.embed.backends import OnnxImageTower, OnnxTextTower, resolve_backend
 from cliplab.embed.cache import CachedFeatures, FeatureCache
-from cliplab.errors import CliplabError
+from cliplab.errors import CliplabError, ConfigError
 from cliplab.utils import autocast, autocast_dtype, sha256_text
 
 
@@ -109,44 +109,75 @@ class _LazyEncoder:
         return self._encoder
 
 
-@torch.inference_mode()
-def embed_images(tower: torch.nn.Module, images: Sequence[Path] | ImageSet, *, cache: FeatureCache | None = None,
-                 batch_size: int = 64, num_workers: int | None = None, device: str | torch.device = "cpu",
-                 on_error: str = "raise", progress: bool = True, desc: str = "images",
-                 backend: str = "auto") -> CachedFeatures:
-    """Pooled image-tower features (cached); corrupt/missing images raise or are marked invalid."""
-    images = images if isinstance(images, ImageSet) else ImageFiles(images)
-    cache = cache or FeatureCache()
-    device = torch.device(device)
-    encoder = _LazyEncoder(tower, backend, device, cache, OnnxImageTower)
-    transform = tower.transform()
-    size = tower.image_size
-    if isinstance(images, ImageFiles) and images.draft_size is None:
-        images = images.with_draft(size)  # decode big JPEGs at reduced scale; same cache key
-    workers = default_workers() if num_workers is None else num_workers
-    fingerprint = _cache_fingerprint(tower, resolve_backend(backend, device), device)
-    key = cache.key(fingerprint, images.keys(), extra="image-v1")
+class ImageChunkEncoder:
+    """Features of images ``[start, stop)`` of a set (decode in threads, encode with the chosen backend): the
+    unit of work of the feature store, run in this process or by a distributed engine's workers."""
 
-    def compute(start: int, stop: int):
-        model = encoder.get()
-        decoder = _Decoder(images, transform, size)
+    def __init__(self, tower, images: ImageSet, *, cache: FeatureCache, batch_size: int = 64,
+                 num_workers: int | None = None, device: str | torch.device = "cpu", on_error: str = "raise",
+                 backend: str = "auto") -> None:
+        self.device = torch.device(device)
+        self.encoder = _LazyEncoder(tower, backend, self.device, cache, OnnxImageTower)
+        self.transform, self.size = tower.transform(), tower.image_size
+        if isinstance(images, ImageFiles) and images.draft_size is None:
+            images = images.with_draft(self.size)  # decode big JPEGs at reduced scale; same cache key
+        self.images, self.batch_size, self.on_error = images, batch_size, on_error
+        self.workers = default_workers() if num_workers is None else num_workers
+
+    @torch.inference_mode()
+    def __call__(self, start: int, stop: int):
+        model = self.encoder.get()
+        decoder = _Decoder(self.images, self.transform, self.size)
         feats, valid, errors = [], [], []
-        for indices, (batch, ok, messages) in prefetched_batches(decoder, start, stop, batch_size, workers):
+        for indices, (batch, ok, messages) in prefetched_batches(decoder, start, stop, self.batch_size, self.workers):
             for i, good, msg in zip(indices, ok, messages):
                 if not good:
-                    if on_error == "raise":
+                    if self.on_error == "raise":
                         raise CliplabError(msg)
                     errors.append(f"{i}\t{msg}")
-            batch = batch.to(device, non_blocking=True)
-            if device.type == "cpu" and not encoder.use_onnx:
+            batch = batch.to(self.device, non_blocking=True)
+            if self.device.type == "cpu" and not self.encoder.use_onnx:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
+            with autocast(self.device):
                 feats.append(model(batch).float().cpu().numpy())
             valid.append(np.asarray(ok, dtype=bool))
         return np.concatenate(feats), np.concatenate(valid), errors
 
+
+def image_cache_key(tower, images: ImageSet, cache: FeatureCache, backend: str, device) -> tuple[str, str]:
+    """``(fingerprint, key)`` of a tower's features of an image set in the store (the same for every engine)."""
+    device = torch.device(device)
+    fingerprint = _cache_fingerprint(tower, resolve_backend(backend, device), device)
+    return fingerprint, cache.key(fingerprint, images.keys(), extra="image-v1")
+
+
+@torch.inference_mode()
+def embed_images(tower: torch.nn.Module, images: Sequence[Path] | ImageSet, *, cache: FeatureCache | None = None,
+                 batch_size: int = 64, num_workers: int | None = None, device: str | torch.device = "cpu",
+                 on_error: str = "raise", progress: bool = True, desc: str = "images",
+                 backend: str = "auto", engine: str = "local", ray_address: str | None = None,
+                 ray_actors: int = 2) -> CachedFeatures:
+    """Pooled image-tower features (cached); corrupt/missing images raise or are marked invalid.
+    ``engine="ray"`` computes the missing chunks on a Ray cluster (see :mod:`cliplab.embed.ray_engine`);
+    the store entry is the same either way."""
+    images = images if isinstance(images, ImageSet) else ImageFiles(images)
+    cache = cache or FeatureCache()
+    run_chunks = None
+    if engine == "ray":
+        from cliplab.embed.ray_engine import ray_chunk_runner
+
+        if not isinstance(images, ImageFiles):
+            raise ConfigError("--engine ray reads image files (not in-memory arrays)")
+        run_chunks = ray_chunk_runner(tower, images.paths, cache_root=cache.root, batch_size=batch_size,
+                                      on_error=on_error, backend=backend, actors=ray_actors, address=ray_address,
+                                      max_pixels=images.max_pixels)
+    elif engine != "local":
+        raise ConfigError(f"engine must be local or ray, not {engine!r}")
+    fingerprint, key = image_cache_key(tower, images, cache, backend, device)
+    compute = ImageChunkEncoder(tower, images, cache=cache, batch_size=batch_size, num_workers=num_workers,
+                                device=device, on_error=on_error, backend=backend)
     return cache.get_or_compute("image", key, len(images), compute, desc=desc, progress=progress,
-                                meta={"tower": fingerprint, "n_images": len(images)})
+                                meta={"tower": fingerprint, "n_images": len(images)}, run_chunks=run_chunks)
 
 
 def text_lengths(tower, texts: Sequence[str]) -> list[int]:

@@ -46,13 +46,15 @@ def _drop_invalid(dataset: CaptionDataset, image: np.ndarray, valid: np.ndarray,
 def tower_features(image_tower: nn.Module, text_tower: nn.Module, dataset: CaptionDataset, *,
                    cache: FeatureCache | None = None, on_error: str = "raise", device: str | torch.device = "cpu",
                    image_batch_size: int = 64, text_batch_size: int | None = None, num_workers: int | None = None,
-                   progress: bool = True, backend: str = "auto") -> DatasetFeatures:
+                   progress: bool = True, backend: str = "auto", engine: str = "local",
+                   ray_address: str | None = None, ray_actors: int = 2) -> DatasetFeatures:
     """Cached image- and text-tower features for a dataset; corrupt images raise or are skipped and counted."""
     cache = cache or FeatureCache()
     try:
         img = embed_images(image_tower, dataset.image_paths(), cache=cache, batch_size=image_batch_size,
                            num_workers=num_workers, device=device, on_error=on_error, progress=progress,
-                           desc=f"{dataset.name} images", backend=backend)
+                           desc=f"{dataset.name} images", backend=backend, engine=engine, ray_address=ray_address,
+                           ray_actors=ray_actors)
     except CliplabError as exc:
         # name the caption-file line that introduced the image
         msg = str(exc)

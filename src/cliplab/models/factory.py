@@ -3,7 +3,8 @@
 ``create_model(config)`` builds a fresh two-tower model; ``create_conse()`` the zero-shot baseline;
 ``load_model(spec)`` resolves every way a user names a model:
 
-- ``conse``: ConSE over the default offline towers;
+- ``conse``: ConSE over the default offline towers; ``conse:ARCH`` over another packaged image tower
+  (``conse:efficientnet_lite2``), e.g. to probe that tower's features;
 - ``clip:SPEC``: a real CLIP through :func:`cliplab.models.clip.load_clip` (folder, ``ARCH/TAG``,
   ``hf-hub:...``, HF id);
 - a training run folder (its dev-selected ``best/``) or a saved model folder (two-tower or tuned CLIP).
@@ -88,6 +89,8 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> Embeddin
     spec = str(spec)
     if spec == "conse":
         model: EmbeddingModel = create_conse()
+    elif spec.startswith("conse:"):
+        model = create_conse(pretrained_tower(ImageTowerConfig(arch=spec[6:])))
     elif spec.startswith("clip:"):
         model = load_clip(spec[5:])
     else:

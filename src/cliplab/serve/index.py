@@ -305,7 +305,8 @@ class IndexBuilder:
     def __init__(self, folder: str | Path, model_spec: str | None = None, *, rebuild: bool = False,
                  faiss_kind: str = "auto", dtype: str = "float32", device: str = "cpu", batch_size: int = 64,
                  max_pixels: int = DEFAULT_MAX_PIXELS, log: Callable[[str], None] = print,
-                 progress: bool = True, chunk_size: int = 256) -> None:
+                 progress: bool = True, chunk_size: int = 256, engine: str = "local",
+                 ray_address: str | None = None, ray_actors: int = 2) -> None:
         if dtype not in ("float32", "float16"):
             raise ConfigError(f"vector dtype must be float32 or float16, not {dtype!r}")
         choose_faiss(faiss_kind, 0)
@@ -313,6 +314,7 @@ class IndexBuilder:
         self.rebuild, self.faiss_kind, self.dtype = rebuild, faiss_kind, dtype
         self.device, self.batch_size, self.max_pixels = device, batch_size, max_pixels
         self.log, self.progress, self.chunk_size = log, progress, chunk_size
+        self.engine = {"engine": engine, "ray_address": ray_address, "ray_actors": ray_actors}
         self.current = self._read_current()
         self.previous_info = self._previous_info()
         self.model_spec = model_spec or (self.previous_info or {}).get("model") or "conse"
@@ -394,7 +396,8 @@ class IndexBuilder:
             work = FeatureCache(self.folder / WORK, chunk_size=self.chunk_size)
             new_vectors, good, errors = image_embeddings(model, images, cache=work,
                                                          device=self.device, progress=self.progress,
-                                                         desc="embedding images", batch_size=self.batch_size)
+                                                         desc="embedding images", batch_size=self.batch_size,
+                                                         **self.engine)
             report.embedded = int(good.sum())
         stat_of = {}  # relpath -> (size, mtime) of files that failed, so an unchanged one is not tried again
         for i, f in enumerate(todo):
