@@ -532,7 +532,9 @@ def index(
     if json_out:
         print(_json.dumps(report.to_dict()))
         return
-    table = Table(title=f"index {out} (generation {report.generation})")
+    table = Table(title=f"index {out} (generation {report.generation})", show_header=False, title_justify="left")
+    table.add_column("field")
+    table.add_column("value", justify="right")
     for key in ("total", "new", "changed", "unchanged", "removed", "embedded", "faiss", "recall_at_10"):
         value = getattr(report, key)
         table.add_row(key, "" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value)))

