@@ -2,7 +2,6 @@
 feature-store entry as the single-process engine, and an actor killed mid-task is retried with no chunk lost
 or written twice."""
 
-import os
 
 import numpy as np
 import pytest
