@@ -76,11 +76,11 @@ def test_train_generate_reload_and_resume(caption_dir, tiny_lm, tmp_path, monkey
     from cliplab.errors import ConfigError
     from cliplab.rundir import read_metrics
 
-    cfg = caption_config(caption_dir, tiny_lm, tmp_path / "cache", "lora", epochs=3)
+    cfg = caption_config(caption_dir, tiny_lm, tmp_path / "cache", "lora", epochs=2)
     ref = train_captioner(cfg, tmp_path / "full", progress=False, log=lambda m: None)
     assert ref["best_epoch"] >= 0 and (tmp_path / "full" / "best" / "captioner.safetensors").is_file()
     rows = read_metrics(tmp_path / "full")
-    assert [r["epoch"] for r in rows] == [0, 1, 2] and all(np.isfinite(r["train_loss"]) for r in rows)
+    assert [r["epoch"] for r in rows] == [0, 1] and all(np.isfinite(r["train_loss"]) for r in rows)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
 
     # a killed run resumes to the same losses and the same selected model
