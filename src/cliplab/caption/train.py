@@ -487,9 +487,10 @@ def evaluate_captioner(run_dir: str | Path, *, split: str = "test", beam: int | 
         generated = generate_captions(model, target, config.decode, dev_, beam=beam, progress=progress)
         decode_seconds = time.time() - t0
     refs = {k: [r for r in v] for k, v in target.references.items()}
-    metrics = caption_metrics(refs, generated, tokenizer=tokenizer)
+    meteor = tokenizer == "ptb"  # the official set; the simple tokenizer is the quick, Java-free mode
+    metrics = caption_metrics(refs, generated, tokenizer=tokenizer, meteor=meteor)
     baseline = nearest_neighbour_captions(train, target)
-    base_metrics = caption_metrics(refs, baseline, tokenizer=tokenizer)
+    base_metrics = caption_metrics(refs, baseline, tokenizer=tokenizer, meteor=meteor)
     clip_model = clipscore_model or config.clipscore_model
     clip = ({"model": {"clipscore": None, "refclipscore": None}, "nearest_neighbour": {"clipscore": None,
                                                                                       "refclipscore": None}}
