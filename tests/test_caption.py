@@ -106,6 +106,9 @@ def test_train_generate_reload_and_resume(caption_dir, tiny_lm, tmp_path, monkey
     assert [r["train_loss"] for r in read_metrics(tmp_path / "killed")] == \
         pytest.approx([r["train_loss"] for r in rows], abs=1e-6)
     assert got["best_epoch"] == ref["best_epoch"]
+    killed_rows = read_metrics(tmp_path / "killed")  # the reported time covers both processes' epochs
+    assert got["seconds"]["train"] == pytest.approx(sum(r["epoch_seconds"] for r in killed_rows))
+    assert got["seconds"]["train"] > got["seconds"]["train_this_process"] - 1e-6
     with pytest.raises(ConfigError, match="train.lr: 0.003 -> 0.01"):
         train_captioner(cfg.with_overrides(["train.lr=0.01"]), tmp_path / "killed", progress=False)
 
@@ -133,9 +136,12 @@ def test_train_generate_reload_and_resume(caption_dir, tiny_lm, tmp_path, monkey
 
 
 def test_attention_maps_cover_the_grid(caption_dir, tiny_lm, tmp_path):
+    from PIL import Image
+
     from cliplab.caption.figures import words_and_maps
     from cliplab.caption.train import build_captioner, load_split
     from cliplab.embed import FeatureCache
+    from cliplab.viz.captions import attention_figure
 
     cfg = caption_config(caption_dir, tiny_lm, tmp_path / "cache")
     split = load_split(cfg, "train", FeatureCache(tmp_path / "cache"), "cpu", False)
@@ -143,8 +149,25 @@ def test_attention_maps_cover_the_grid(caption_dir, tiny_lm, tmp_path):
     ids = model.tokenizer("a red circle on grass", add_special_tokens=False)["input_ids"]
     maps = model.attention(torch.from_numpy(split.grid[:1]), torch.from_numpy(split.pooled[:1]), ids)
     assert maps.shape == (len(ids), 2, 2) and (maps >= 0).all() and (maps.sum((1, 2)) <= 1 + 1e-5).all()
-    words, wmaps = words_and_maps(model, split.grid[0], split.pooled[0], "a red circle on grass", "cpu")
+    words, wmaps, layers = words_and_maps(model, split.grid[0], split.pooled[0], "a red circle on grass", "cpu",
+                                          layers=None)
+    assert layers == list(range(model.lm.config.num_hidden_layers))
+    per_layer = model.attention(torch.from_numpy(split.grid[:1]), torch.from_numpy(split.pooled[:1]), ids,
+                                per_layer=True)
+    assert per_layer.shape == (len(layers), len(ids), 2, 2) and torch.allclose(per_layer.mean(0), maps)
+    auto = words_and_maps(model, split.grid[0], split.pooled[0], "a red circle on grass", "cpu")[2]
+    flat = per_layer.flatten(2)[:, :, 1:].numpy().astype(np.float64)  # brute force: share x word-specificity
+    score = [np.mean([f.sum() for f in layer]) * np.mean([0.5 * np.abs(f / f.sum() - np.mean([g / g.sum()
+             for g in layer], axis=0)).sum() for f in layer]) for layer in flat]
+    assert len(auto) == 1 and auto[0] == int(np.argmax(score))
     assert words == ["a", "red", "circle", "on", "grass"] and wmaps.shape == (5, 2, 2)
+    assert np.isnan(wmaps[:, 0, 0]).all() and np.allclose(np.nansum(wmaps, axis=(1, 2)), 1.0)  # sink masked
+    raw = words_and_maps(model, split.grid[0], split.pooled[0], "a red circle on grass", "cpu", layers=None,
+                         mask_sink=False)[1]
+    assert np.isfinite(raw).all() and np.allclose(wmaps[:, 1, 1] / wmaps[:, 0, 1], raw[:, 1, 1] / raw[:, 0, 1])
+    out = attention_figure(Image.new("RGB", (64, 64)), words, wmaps, tmp_path / "att.png", title="x\nnote")
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert out.is_file() and saved["maps"][0][0][0] is None and saved["maps"][0][1][1] > 0
     assert model.lm.config._attn_implementation != "eager"  # the eager pass for attention weights is undone
 
 
@@ -239,3 +262,33 @@ def test_caption_cli_train_eval_generate(caption_dir, tiny_lm, tmp_path, cli):
     caps = json.loads(res.stdout.strip().splitlines()[-1])
     assert [c["image"] for c in caps] == [str(caption_dir / "images" / f"img0{i}.jpg") for i in (0, 1)]
     assert all(isinstance(c["caption"], str) for c in caps)
+
+
+def test_features_bundle_trains_and_scores_like_the_images(caption_dir, tiny_lm, tmp_path):
+    """A run trained from an exported bundle finds the images again for CLIPScore and figures; where the
+    images are absent, an evaluation that needs them is refused before decoding (never a silent 0)."""
+    from cliplab.caption.train import evaluate_captioner, export_bundle, train_captioner
+    from cliplab.errors import ConfigError
+
+    cfg = caption_config(caption_dir, tiny_lm, tmp_path / "cache", "prefix", epochs=1)
+    bundle = export_bundle(cfg, tmp_path / "feats.npz", progress=False)
+    quiet = {"progress": False, "log": lambda m: None}
+    train_captioner(cfg, tmp_path / "images", **quiet)
+    train_captioner(cfg.with_overrides([f"data.features={bundle}"]), tmp_path / "bundle", **quiet)
+    a = evaluate_captioner(tmp_path / "images", tokenizer="simple", progress=False, log=lambda m: None)
+    b = evaluate_captioner(tmp_path / "bundle", tokenizer="simple", progress=False, log=lambda m: None, plots=True)
+    assert [c["nearest_neighbour"] for c in a["captions"]] == [c["nearest_neighbour"] for c in b["captions"]]
+    assert b["nearest_neighbour"]["clipscore"] == pytest.approx(a["nearest_neighbour"]["clipscore"], abs=1e-6)
+    assert (tmp_path / "bundle" / "plots" / "caption_gallery.png").is_file()
+    from cliplab.viz.report import build_report  # the evaluated run, its table and figures in the report
+
+    page = build_report([tmp_path / "bundle"], tmp_path / "report.html").read_text()
+    assert "Captioning (test, 4 images" in page and "caption gallery" in page and "attention 0" in page
+
+    elsewhere = cfg.with_overrides([f"data.features={bundle}", f"data.path={tmp_path / 'absent.csv'}"])
+    train_captioner(elsewhere, tmp_path / "gpu", **quiet)
+    with pytest.raises(ConfigError, match="4 of 4 test images not found"):
+        evaluate_captioner(tmp_path / "gpu", tokenizer="simple", progress=False, log=lambda m: None)
+    res = evaluate_captioner(tmp_path / "gpu", tokenizer="simple", progress=False, log=lambda m: None,
+                             clipscore_model="none")
+    assert res["model"]["clipscore"] is None and res["n_images"] == 4

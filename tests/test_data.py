@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +58,16 @@ def test_coco_and_karpathy(tmp_path):
     auto = load_caption_dataset(tmp_path / "dataset_x.json", "test")
     assert auto.images == ["c2.jpg"]
     assert load_caption_dataset(tmp_path / "coco.json", "all").num_captions == 7
+    # COCO layouts: images in images/ beside the JSON, or annotations/captions_X.json beside X/
+    for images_dir, json_path in (("mini/images", "mini/captions_train2017.json"),
+                                  ("coco/val2017", "coco/annotations/captions_val2017.json")):
+        (tmp_path / images_dir).mkdir(parents=True)
+        (tmp_path / json_path).parent.mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            make_image(tmp_path / images_dir / f"c{i}.jpg", "blue", "square", seed=i)
+        (tmp_path / json_path).write_text(json.dumps(coco))
+        ds = load_caption_dataset(tmp_path / json_path, "all")
+        assert ds.image_root == tmp_path / images_dir and all(p.is_file() for p in map(Path, ds.image_paths()))
 
 
 def test_generic_csv_jsonl(caption_dir, tmp_path):

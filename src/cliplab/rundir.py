@@ -89,6 +89,11 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
+def training_seconds(run_dir: str | Path) -> float:
+    """Wall-clock seconds of every recorded epoch of a run, across resumes (dev evaluation included)."""
+    return float(sum(r.get("epoch_seconds", 0.0) for r in read_metrics(run_dir)))
+
+
 def append_metrics(run_dir: str | Path, record: dict) -> None:
     with open(Path(run_dir) / METRICS, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")

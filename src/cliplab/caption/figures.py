@@ -11,14 +11,40 @@ from cliplab.data.images import load_rgb
 from cliplab.rundir import PLOTS
 
 
+def layer_scores(per_layer: np.ndarray, mask_sink: bool = True) -> np.ndarray:
+    """How informative each layer's maps ``[L, T, g, g]`` are: the share of attention on the grid (without the
+    sink cell) times how much the words' renormalised maps differ from their mean (total variation)."""
+    flat = per_layer.reshape(per_layer.shape[0], per_layer.shape[1], -1)[:, :, 1 if mask_sink else 0:]
+    share = flat.sum(-1)
+    norm = flat / np.maximum(share[..., None], 1e-12)
+    specific = 0.5 * np.abs(norm - norm.mean(1, keepdims=True)).sum(-1)
+    return share.mean(-1) * specific.mean(-1)
+
+
 def words_and_maps(model, grid: np.ndarray, pooled: np.ndarray, caption: str, device,
-                   layers: list[int] | None = None) -> tuple[list[str], np.ndarray]:
-    """Words of ``caption`` and each word's attention over the visual grid (sub-word tokens averaged)."""
+                   layers: list[int] | str | None = "auto", mask_sink: bool = True
+                   ) -> tuple[list[str], np.ndarray, list[int]]:
+    """Words of ``caption``, each word's attention over the visual grid (sub-word tokens averaged) and the
+    layers averaged.
+
+    The first prefix position (grid cell 0, 0) is the LM's attention sink (Xiao et al. 2023): in a trained
+    SmolLM2 captioner it takes 41-77% of the attention of 16 of the 30 layers whatever the image shows. With
+    ``mask_sink`` that cell is NaN and each word's map is renormalised over the other cells.
+    ``layers="auto"`` averages the eighth of the layers (at least one) with the best ``layer_scores``: much
+    attention on the grid and maps that differ from word to word; ``None`` averages all layers."""
     ids = model.tokenizer(caption, add_special_tokens=False)["input_ids"]
     if not ids:
-        return [], np.zeros((0, model.config.grid, model.config.grid))
-    maps = model.attention(torch.from_numpy(grid[None]).float().to(device),
-                           torch.from_numpy(pooled[None]).float().to(device), ids, layers).numpy()
+        return [], np.zeros((0, model.config.grid, model.config.grid)), []
+    per_layer = model.attention(torch.from_numpy(grid[None]).float().to(device),
+                                torch.from_numpy(pooled[None]).float().to(device), ids,
+                                None if layers == "auto" else layers, per_layer=True).numpy()  # [L, T, g, g]
+    if layers == "auto":
+        k = max(1, len(per_layer) // 8)
+        chosen = sorted(np.argsort(-layer_scores(per_layer, mask_sink), kind="stable")[:k].tolist())
+        per_layer = per_layer[chosen]
+    else:
+        chosen = list(range(len(per_layer))) if layers is None else list(layers)
+    maps = per_layer.mean(0)
     words, groups = [], []
     previous = ""
     for i in range(len(ids)):  # a word starts where the decoded text grows by a space (any tokenizer)
@@ -31,7 +57,11 @@ def words_and_maps(model, grid: np.ndarray, pooled: np.ndarray, caption: str, de
             words[-1] += piece.strip()
             groups[-1].append(i)
     keep = [k for k, w in enumerate(words) if w]
-    return [words[k] for k in keep], np.stack([maps[groups[k]].mean(0) for k in keep])
+    out = np.stack([maps[groups[k]].mean(0) for k in keep]).astype(np.float64)
+    if mask_sink and out.shape[1] * out.shape[2] > 1:
+        out[:, 0, 0] = np.nan
+        out /= np.maximum(np.nansum(out, axis=(1, 2), keepdims=True), 1e-12)
+    return [words[k] for k in keep], out, chosen
 
 
 def caption_figures(run_dir: Path, model, split, result: dict, device, n_attention: int = 4,
@@ -49,7 +79,9 @@ def caption_figures(run_dir: Path, model, split, result: dict, device, n_attenti
     index = {name: i for i, name in enumerate(split.dataset.images)}
     for k, e in enumerate(best[: n_attention // 2] + worst[: n_attention - n_attention // 2]):
         i = index[e["image"]]
-        words, maps = words_and_maps(model, split.grid[i], split.pooled[i], e["generated"], device)
+        words, maps, layers = words_and_maps(model, split.grid[i], split.pooled[i], e["generated"], device)
         out.append(attention_figure(load_rgb(root / e["image"]), words, maps, plots / f"attention_{k}.png",
-                                    title=f"{e['image']}: {e['generated']}"))
+                                    title=f"{e['image']}: {e['generated']}\nLM layers {', '.join(map(str, layers))} "
+                                          "(most word-specific attention on the grid), heads averaged; grey: the first prefix "
+                                          "position, the LM's attention sink, masked"))
     return out

@@ -301,9 +301,10 @@ class Captioner(nn.Module):
 
     @torch.inference_mode()
     def attention(self, grid: torch.Tensor, pooled: torch.Tensor, ids: list[int],
-                  layers: list[int] | None = None) -> torch.Tensor:
+                  layers: list[int] | None = None, per_layer: bool = False) -> torch.Tensor:
         """For each token of a caption, the attention of the position that generated it to the grid tokens,
-        averaged over heads and ``layers`` (default: all): ``[len(ids), grid, grid]``, rows summing to <= 1."""
+        averaged over heads and ``layers`` (default: all): ``[len(ids), grid, grid]``, rows summing to <= 1;
+        ``per_layer``: not averaged over layers, ``[layers, len(ids), grid, grid]``."""
         prefix = self.prefix(grid[:1], pooled[:1])
         p = prefix.shape[1]
         tok = torch.as_tensor([ids], device=prefix.device)
@@ -315,7 +316,8 @@ class Captioner(nn.Module):
         finally:
             self.lm.set_attn_implementation(previous)
         chosen = layers if layers is not None else list(range(len(out.attentions)))
-        att = torch.stack([out.attentions[i][0] for i in chosen]).float().mean(dim=(0, 1))  # [T, T]
+        att = torch.stack([out.attentions[i][0] for i in chosen]).float().mean(dim=1)  # [L, T, T]
         g = self.config.grid
-        rows = att[p - 1: p - 1 + len(ids), : g * g]  # the query before each token produced it
-        return rows.reshape(len(ids), g, g).cpu()
+        rows = att[:, p - 1: p - 1 + len(ids), : g * g]  # the query before each token produced it
+        rows = rows.reshape(len(chosen), len(ids), g, g).cpu()
+        return rows if per_layer else rows.mean(dim=0)

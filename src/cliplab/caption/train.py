@@ -168,7 +168,14 @@ def load_split(config: CaptionRunConfig, split: str, cache: FeatureCache, device
 
     d = config.data
     if d.features:
-        return bundle_split(Path(d.features), split, config.model.grid)
+        sp = bundle_split(Path(d.features), split, config.model.grid)
+        if Path(d.path).exists():  # the images are here too: attach them (CLIPScore, figures, generate)
+            ds = load_caption_dataset(d.path, split, image_root=d.image_root, on_error="raise")
+            if ds.images != sp.dataset.images:
+                raise ConfigError(f"data.features: {d.features} was exported from other {split!r} images than "
+                                  f"{d.path} holds ({sp.dataset.num_images} vs {ds.num_images} images)")
+            sp.dataset.image_root = ds.image_root
+        return sp
     ds = load_caption_dataset(d.path, split, image_root=d.image_root, on_error="raise")
     if ds.num_images == 0:
         raise ConfigError(f"{d.path}: split {split!r} has no images")
@@ -219,7 +226,8 @@ def bundle_split(path: Path, split: str, grid: int) -> CaptionSplit:
         if f"{split}/grid" not in z:
             raise ConfigError(f"{path} has no split {split!r}")
         d = json.loads(str(z[f"{split}/dataset"]))
-        ds = CaptionDataset(Path("."), d["images"], d["captions"], d["caption_image"], name=d["name"])
+        ds = CaptionDataset(path.parent / "images-not-in-bundle", d["images"], d["captions"], d["caption_image"],
+                            name=d["name"])
         return CaptionSplit(ds, z[f"{split}/grid"].astype(np.float32), z[f"{split}/pooled"].astype(np.float32),
                             meta["image_weights"])
 
@@ -412,7 +420,8 @@ def train_captioner(config: CaptionRunConfig, run_dir: str | Path, *, resume: bo
         writer.close()
     fit = {"best_epoch": state["best_epoch"], "best_dev_cider": state["best_cider"],
            "stopped_early": state["stopped_early"], "parameters": counts,
-           "seconds": {"features": t_features, "train": time.time() - t1},
+           "seconds": {"features": t_features, "train": rundir.training_seconds(run_dir),
+                       "train_this_process": time.time() - t1},
            "selection": f"greedy captions of the first {dev.dataset.num_images} dev images, CIDEr-D "
                         "(simple tokenizer), best epoch kept", "device": str(device)}
     write_json(run_dir / "fit.json", fit)
@@ -474,6 +483,13 @@ def evaluate_captioner(run_dir: str | Path, *, split: str = "test", beam: int | 
     split_name = {"test": config.data.test_split, "dev": config.data.dev_split}.get(split, split)
     target = load_split(config, split_name, cache, dev_, progress)
     train = load_split(config, config.data.train_split, cache, dev_, progress)
+    clip_model = clipscore_model or config.clipscore_model
+    if plots or clip_model != "none":  # before decoding: both need the images themselves
+        missing = [p for p in target.dataset.image_paths() if not Path(p).is_file()]
+        if missing:
+            raise ConfigError(f"{len(missing)} of {target.dataset.num_images} {split_name} images not found "
+                              f"(first: {missing[0]}); CLIPScore and --plots need them: set data.path / "
+                              "data.image_root, or pass --clipscore-model none without --plots")
     model = None
     if reuse_captions:
         earlier = rundir.read_json(run_dir / out_name)
@@ -491,7 +507,6 @@ def evaluate_captioner(run_dir: str | Path, *, split: str = "test", beam: int | 
     metrics = caption_metrics(refs, generated, tokenizer=tokenizer, meteor=meteor)
     baseline = nearest_neighbour_captions(train, target)
     base_metrics = caption_metrics(refs, baseline, tokenizer=tokenizer, meteor=meteor)
-    clip_model = clipscore_model or config.clipscore_model
     clip = ({"model": {"clipscore": None, "refclipscore": None}, "nearest_neighbour": {"clipscore": None,
                                                                                       "refclipscore": None}}
             if clip_model == "none" else _clipscores(clip_model, target, generated, baseline, cache, dev_))
@@ -525,8 +540,11 @@ def _clipscores(spec: str, split: CaptionSplit, generated: dict, baseline: dict,
     from cliplab.models.factory import load_model
 
     model = load_model(spec, device=device)
-    img, valid, _ = image_embeddings(model, ImageFiles(split.dataset.image_paths()), cache=cache, device=device,
-                                     progress=False)
+    img, valid, errors = image_embeddings(model, ImageFiles(split.dataset.image_paths()), cache=cache,
+                                          device=device, progress=False)
+    if not valid.all():  # a zero embedding would score 0 and pull the mean down silently
+        raise ConfigError(f"CLIPScore: {int((~valid).sum())} of {len(valid)} images unreadable "
+                          f"(first: {next(iter(errors.values()), '?')})")
     names = split.dataset.images
     refs = split.references
     ref_emb = [text_embeddings(model, refs[n]) for n in names]

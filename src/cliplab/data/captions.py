@@ -338,6 +338,22 @@ def _read_jsonl_records(path: Path, image_column: str, caption_column: str):
     return records, splits
 
 
+def _json_image_root(path: Path, data: dict) -> Path:
+    """Where a captions JSON's images are when no root is given: beside it, in ``images/`` beside it, or in
+    COCO's layout (``annotations/captions_train2017.json`` → ``train2017/``); the first that holds its first
+    image, else beside it (the missing image is then reported as usual)."""
+    images = data.get("images") or []
+    first = images[0] if images and isinstance(images[0], dict) else {}
+    name = str(Path(first.get("filepath", "")) / str(first.get("file_name") or first.get("filename") or ""))
+    candidates = [path.parent, path.parent / "images"]
+    if path.stem.startswith("captions_"):
+        candidates += [path.parent / path.stem[len("captions_"):], path.parent.parent / path.stem[len("captions_"):]]
+    for root in candidates:
+        if name and (root / name).is_file():
+            return root
+    return path.parent
+
+
 def _load_json(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"file not found: {path}")
@@ -365,7 +381,7 @@ def load_caption_dataset(spec: str | Path, split: str = "test", *, image_root: s
         raise DataError(f"dataset not found: {path}")
     if path.suffix == ".json":
         data = _load_json(path)
-        root = image_root if image_root is not None else path.parent
+        root = image_root if image_root is not None else _json_image_root(path, data)
         if "annotations" in data:
             return read_coco(path, root, split, on_error=on_error)
         return read_karpathy(path, root, split, on_error=on_error)

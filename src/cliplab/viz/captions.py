@@ -19,24 +19,36 @@ def attention_figure(image: Image.Image, words: list[str], maps: np.ndarray, out
     n = len(words) + 1
     cols = min(6, n)
     rows = -(-n // cols)
-    fig = new_figure(170 * cols, 190 * rows + 40)
+    head = 28 + 16 * max(1, len((title or "").splitlines()))  # room for the title lines above the panels
+    fig = new_figure(170 * cols, 190 * rows + head)
     img = np.asarray(image.convert("RGB").resize((224, 224)))
     ax = fig.add_subplot(rows, cols, 1)
     ax.imshow(img)
     ax.set_title("image", fontsize=9)
     ax.set_axis_off()
-    peak = float(maps.max()) if maps.size else 1.0
+    from matplotlib.patches import Rectangle
+
+    maps = np.asarray(maps, dtype=np.float64)
+    peak = float(np.nanmax(maps)) if maps.size and np.isfinite(maps).any() else 1.0
     for i, (word, m) in enumerate(zip(words, maps), 2):
         ax = fig.add_subplot(rows, cols, i)
         ax.imshow(img)
-        up = np.asarray(Image.fromarray((255 * m / max(peak, 1e-12)).astype(np.uint8)).resize((224, 224),
-                                                                                                Image.BILINEAR))
+        masked = ~np.isfinite(m)  # cells left out of the map (e.g. an attention sink): grey, hatched
+        filled = np.where(masked, np.nanmean(m) if (~masked).any() else 0.0, m)
+        up = np.asarray(Image.fromarray((255 * filled / max(peak, 1e-12)).astype(np.uint8)).resize((224, 224),
+                                                                                                     Image.BILINEAR))
         ax.imshow(up, cmap="jet", alpha=0.45, vmin=0, vmax=255)
+        cell_h, cell_w = 224 / m.shape[0], 224 / m.shape[1]
+        for r, c in zip(*np.nonzero(masked)):
+            ax.add_patch(Rectangle((c * cell_w - 0.5, r * cell_h - 0.5), cell_w, cell_h, facecolor="0.6",
+                                   edgecolor="0.3", hatch="//", alpha=0.9))
         ax.set_title(word, fontsize=10)
         ax.set_axis_off()
-    fig.suptitle(textwrap.shorten(title or " ".join(words), 120), fontsize=11)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 45 / (190 * rows + 40), wspace=0.05, hspace=0.2)
-    save_json({"words": words, "maps": maps.round(5).tolist(), "title": title}, out.with_suffix(".json"))
+    fig.suptitle("\n".join(textwrap.shorten(line, 150) for line in (title or " ".join(words)).splitlines()),
+                 fontsize=10)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (head + 8) / (190 * rows + head), wspace=0.05, hspace=0.2)
+    save_json({"words": words, "maps": np.where(np.isfinite(maps), maps.round(5), None).tolist(), "title": title},
+              out.with_suffix(".json"))
     return save_figure(fig, out)
 
 
