@@ -53,12 +53,17 @@ dist: $(STAMP)
 	$(PY) -m build --sdist --wheel --outdir dist . >/dev/null
 	$(PY) -m twine check --strict dist/*
 
+# torch/torchvision/triton/CUDA packages (~5 GB) are linked from .venv, not copied (tests/link_binary_deps.py):
+# pip resolves the wheel's requirements against them and installs the other core dependencies for real
 wheel-test: dist
 	rm -rf $(WHEEL_VENV)
 	$(PYTHON) -m venv $(WHEEL_VENV)
-	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt dist/cliplab-*.whl
+	$(PY) tests/link_binary_deps.py "$$($(WHEEL_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	$(WHEEL_VENV)/bin/python -m pip install -q --no-cache-dir -c constraints.txt dist/cliplab-*.whl
+	$(WHEEL_VENV)/bin/python -m pip check
 	cd /tmp && $(CURDIR)/$(WHEEL_VENV)/bin/python $(CURDIR)/tests/smoke_wheel.py
-	@du -sh $(WHEEL_VENV) | awk '{print "core install (fresh venv): " $$1}'
+	@du -sh $(WHEEL_VENV) | awk '{print "core install (fresh venv, binary deps linked): " $$1}'
+	rm -rf $(WHEEL_VENV)
 
 BENCH_STAMP := $(VENV)/.installed-bench
 $(BENCH_STAMP): $(STAMP)
