@@ -67,3 +67,77 @@ def test_interpolate_command_in_and_out_of_domain(pair, caption_dir, labelled_sp
     assert res.returncode == 2 and "cannot interpolate a ConSE" in res.stdout
     res = cli("interpolate", pair / "initial", pair / "tuned", "--alpha", "0,2", "--run-dir", tmp_path / "bad2")
     assert res.returncode == 2 and "alphas must be numbers in [0, 1]" in res.stdout
+
+
+def test_score_ensemble_is_the_weighted_sum_of_member_similarities(pair):
+    """Brute force: ensemble image . text == sum_i w_i cos_i, for tower-sharing and general members."""
+    from cliplab.models.base import TowerModel
+    from cliplab.models.ensemble import ScoreEnsemble, TowerScoreEnsemble
+    from cliplab.models.factory import load_model
+
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 224, 224)
+    texts = ["a red circle", "a blue square on grey", "something green"]
+
+    def cos(m):
+        with torch.inference_mode():
+            return (torch.nn.functional.normalize(m.encode_image(images), dim=-1)
+                    @ torch.nn.functional.normalize(m.encode_text(texts), dim=-1).T)
+
+    conse, initial, tuned = load_model("conse"), load_model(str(pair / "initial")), load_model(str(pair / "tuned"))
+    shared = load_model(f"ensemble:0.25*conse+0.75*{pair / 'initial'}")
+    assert isinstance(shared, TowerScoreEnsemble) and isinstance(shared, TowerModel)
+    general = load_model(f"ensemble:2*{pair / 'initial'}+6*{pair / 'tuned'}")  # tuned tower: not shared
+    assert type(general) is ScoreEnsemble and not isinstance(general, TowerModel)
+    assert general.weights == (0.25, 0.75)
+    for ens, (a, b), w in ((shared, (conse, initial), 0.25), (general, (initial, tuned), 0.25)):
+        with torch.inference_mode():
+            img, txt = ens.encode_image(images), ens.encode_text(texts)
+        assert torch.allclose(img.norm(dim=-1), torch.ones(3), atol=1e-5)
+        assert torch.allclose(img @ txt.T, w * cos(a) + (1 - w) * cos(b), atol=1e-5)
+    with torch.inference_mode():  # cached-feature path == image path
+        assert torch.allclose(shared.project_image(shared.image_tower(images)), shared.encode_image(images), atol=1e-5)
+
+
+def test_ensemble_specs_and_members_are_checked(pair):
+    import copy
+
+    from cliplab.errors import ConfigError
+    from cliplab.models.ensemble import ScoreEnsemble
+    from cliplab.models.factory import load_model
+
+    for spec, message in (("ensemble:0.5*conse+conse", "a weight for every model or for none"),
+                          ("ensemble:-1*conse+1*conse", "weights must be finite, >= 0"),
+                          ("ensemble:conse", "at least two models"),
+                          ("ensemble:x*conse+conse", "'x' is not a weight"),
+                          ("ensemble:conse++conse", "empty model name")):
+        with pytest.raises(ConfigError, match=message):
+            load_model(spec)
+    conse = load_model("conse")
+    other = copy.deepcopy(conse)
+    other.image_tower.image_size = 200
+    with pytest.raises(ConfigError, match="preprocesses images differently"):
+        ScoreEnsemble([conse, other], [1, 1])
+
+
+def test_interpolate_outputs_space_combines_conse_and_heads(pair, caption_dir, labelled_splits, tmp_path, cli):
+    from cliplab.data.captions import load_caption_dataset
+    from cliplab.embed.pipeline import encode_dataset
+    from cliplab.eval.retrieval import retrieval_metrics
+    from cliplab.models.factory import load_model
+
+    out = tmp_path / "ens"
+    res = cli("interpolate", "conse", pair / "initial", "--space", "outputs", "--alpha", "0,1", "--data",
+              caption_dir / "captions.csv", "--classify", labelled_splits, "--run-dir", out, cache=pair / "cache")
+    assert res.returncode == 0, res.stdout + res.stderr
+    result = json.loads((out / "wise.json").read_text())
+    assert result["space"] == "outputs" and result["mixed_tensors"] == 0
+    initial = json.loads((pair / "initial" / "results.json").read_text())["test"]["trained"]
+    img, txt, used = encode_dataset(load_model("conse"), load_caption_dataset(caption_dir / "captions.csv", "test"),
+                                    progress=False)
+    conse = retrieval_metrics(img, txt, used.caption_image).metrics
+    assert result["rows"][0]["in_rsum"] == pytest.approx(conse["rsum"], abs=1e-6)
+    assert result["rows"][-1]["in_rsum"] == pytest.approx(initial["rsum"], abs=1e-6)
+    assert "Output ensemble" in (out / "results.md").read_text()
+    res = cli("interpolate", "conse", pair / "initial", "--space", "both", "--run-dir", tmp_path / "bad")
+    assert res.returncode == 2 and "--space must be one of weights, outputs" in res.stdout

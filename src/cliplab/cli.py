@@ -780,14 +780,18 @@ def interpolate(
     data: str = typer.Option(DEFAULT_DATA, help="in-domain caption dataset (its --split is evaluated)"),
     split: str = typer.Option("test"),
     classify: Optional[str] = typer.Option(None, help="out-of-domain labelled set for zero-shot accuracy"),
+    classify_split: str = typer.Option("test", help="its split (choose alpha on another one, e.g. train, then "
+                                                    "report test once)"),
     classify_limit: int = typer.Option(2000, help="images of it used (a fixed random subset)"),
     captions2: Optional[str] = typer.Option(None, help="out-of-domain caption set (all its images)"),
+    space: str = typer.Option("weights", help="weights: WiSE-FT weight mixes (one architecture); outputs: "
+                                              "score ensembles (1-alpha)*A + alpha*B of any two models"),
     run_dir: Optional[Path] = typer.Option(None),
     cache_dir: Optional[Path] = CacheOpt,
     device: str = typer.Option("auto"),
     plots: bool = PlotsOpt,
 ) -> None:
-    """WiSE-FT: evaluate weight interpolations of an initial and a fine-tuned model in and out of domain."""
+    """WiSE-FT: evaluate weight interpolations (or score ensembles) of two models in and out of domain."""
     _check_plots_extra(plots)
     from cliplab.train.wise import interpolate_run, wise_markdown
     from cliplab.utils import resolve_device
@@ -796,9 +800,10 @@ def interpolate(
         alphas = [float(a) for a in alpha.split(",") if a.strip()]
     except ValueError:
         raise CliplabError(f"--alpha takes comma-separated numbers, not {alpha!r}") from None
+    _check_choices("--space", [space], ("weights", "outputs"))
     out = _run_dir(run_dir, "wise")
-    result = interpolate_run(initial, finetuned, alphas, data=data, split=split, classify=classify,
-                             classify_limit=classify_limit, captions2=captions2, cache_dir=cache_dir,
+    result = interpolate_run(initial, finetuned, alphas, data=data, split=split, classify=classify, space=space,
+                             classify_split=classify_split, classify_limit=classify_limit, captions2=captions2, cache_dir=cache_dir,
                              device=resolve_device(device), run_dir=out, plots=plots,
                              log=lambda m: console.print(m, highlight=False, markup=False))
     console.print(wise_markdown(result), highlight=False, markup=False)

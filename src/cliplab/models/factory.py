@@ -7,7 +7,9 @@
   (``conse:efficientnet_lite2``), e.g. to probe that tower's features;
 - ``clip:SPEC``: a real CLIP through :func:`cliplab.models.clip.load_clip` (folder, ``ARCH/TAG``,
   ``hf-hub:...``, HF id);
-- a training run folder (its dev-selected ``best/``) or a saved model folder (two-tower or tuned CLIP).
+- a training run folder (its dev-selected ``best/``) or a saved model folder (two-tower or tuned CLIP);
+- ``ensemble:W*SPEC+W*SPEC``: a weighted sum of the named models' similarities
+  (:mod:`cliplab.models.ensemble`), e.g. ``ensemble:0.6*conse+0.4*runs/demo``.
 
 Every model returned satisfies :class:`~cliplab.models.base.EmbeddingModel`.
 """
@@ -93,6 +95,13 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> Embeddin
         model = create_conse(pretrained_tower(ImageTowerConfig(arch=spec[6:])))
     elif spec.startswith("clip:"):
         model = load_clip(spec[5:])
+    elif spec.startswith("ensemble:"):
+        from cliplab.models.ensemble import parse_ensemble_spec, score_ensemble
+
+        specs, weights = parse_ensemble_spec(spec[len("ensemble:"):])
+        if any(s.startswith("ensemble:") for s in specs):
+            raise ConfigError(f"{spec}: ensembles do not nest; list every model in one ensemble: spec")
+        model = score_ensemble([load_model(s) for s in specs], weights)
     else:
         path = Path(spec)
         if (path / BEST).is_dir():
@@ -103,7 +112,8 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> Embeddin
         elif kind == "clip":
             model = load_clip(str(path))
         elif not path.exists():
-            raise ConfigError(f"model not found: {spec} (give 'conse', 'clip:SPEC', a run folder or a model folder)")
+            raise ConfigError(f"model not found: {spec} (give 'conse', 'clip:SPEC', 'ensemble:W*A+W*B', a run folder "
+                              "or a model folder)")
         else:
             raise ConfigError(f"{spec}: not a cliplab model or run folder (no {CONFIG_NAME} or {CLIP_TUNED_CONFIG})")
     if not isinstance(model, EmbeddingModel):  # every model kind must offer the whole interface

@@ -6,6 +6,10 @@ labelled set, retrieval on a second caption set): the robustness / accuracy trad
 What is mixed: for a two-tower model, the tensors the fine-tuned model saved (heads, temperature, tuned
 tower blocks, LoRA adapters); the initial model's value of a tower tensor it did not tune is its
 pretrained weight, of an adapter it does not have zero (the identity). For a CLIP, the whole model.
+
+``space="outputs"`` evaluates the output-space ensemble instead (the paper's comparison):
+``score(alpha) = (1 - alpha) * cos_initial + alpha * cos_finetuned`` (:mod:`cliplab.models.ensemble`). It
+needs no shared architecture, so it also combines ConSE with trained heads.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from cliplab.eval.classification import classification_metrics
 from cliplab.eval.retrieval import retrieval_metrics
 from cliplab.eval.zeroshot import ZeroShotClassifier
 from cliplab.models.clip import CLIPModelWrapper
+from cliplab.models.ensemble import score_ensemble
 from cliplab.models.factory import load_model
 from cliplab.models.two_tower import TwoTower
 from cliplab.utils import sha256_state, write_json, write_text
@@ -84,14 +89,17 @@ def interpolate_run(initial_spec: str, finetuned_spec: str, alphas: list[float],
                     split: str = "test", image_root: str | None = None, classify: str | None = None,
                     classify_split: str | None = "test", classify_limit: int | None = 2000,
                     templates: str = "clip80", captions2: str | None = None, captions2_split: str = "all",
-                    cache_dir=None, device="cpu", run_dir: str | Path, log=print, plots: bool = False) -> dict:
-    """Evaluate every alpha; writes ``wise.json`` and ``results.md`` into ``run_dir``."""
+                    cache_dir=None, device="cpu", run_dir: str | Path, log=print, plots: bool = False,
+                    space: str = "weights") -> dict:
+    """Evaluate every alpha (weight or output space); writes ``wise.json`` and ``results.md`` into ``run_dir``."""
     from cliplab.data.labelled import load_labelled
 
     if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
         raise ConfigError("alphas must be numbers in [0, 1], e.g. 0,0.25,0.5,0.75,1")
+    if space not in ("weights", "outputs"):
+        raise ConfigError(f"space must be 'weights' (WiSE-FT) or 'outputs' (score ensemble), not {space!r}")
     initial, finetuned = load_model(initial_spec, device=device), load_model(finetuned_spec, device=device)
-    keys = mixed_keys(initial, finetuned)
+    keys = mixed_keys(initial, finetuned) if space == "weights" else []
     cache = FeatureCache(cache_dir)
     ds = load_caption_dataset(data, split, image_root=image_root)
     ds2 = load_caption_dataset(captions2, captions2_split) if captions2 else None
@@ -103,7 +111,8 @@ def interpolate_run(initial_spec: str, finetuned_spec: str, alphas: list[float],
             labelled = labelled.subset(np.sort(rng.choice(len(labelled), classify_limit, replace=False)))
     rows = []
     for alpha in alphas:
-        model = model_at(initial, finetuned, alpha)
+        model = model_at(initial, finetuned, alpha) if space == "weights" else \
+            score_ensemble([initial, finetuned], [1.0 - alpha, alpha]).to(device).eval()
         row = {"alpha": alpha}
         img, txt, used = encode_dataset(model, ds, cache=cache, device=device, progress=False)
         m = retrieval_metrics(img, txt, used.caption_image).metrics
@@ -118,7 +127,7 @@ def interpolate_run(initial_spec: str, finetuned_spec: str, alphas: list[float],
             row["ood_zeroshot_acc"] = classification_metrics(labelled.labels, scores, labelled.class_names)["accuracy"]
         rows.append(row)
         log("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-    result = {"initial": initial_spec, "finetuned": finetuned_spec, "mixed_tensors": len(keys),
+    result = {"initial": initial_spec, "finetuned": finetuned_spec, "space": space, "mixed_tensors": len(keys),
               "mixed_examples": keys[:8], "in_domain": f"{data} ({split})",
               "ood_caption_set": f"{captions2} ({captions2_split})" if captions2 else None,
               "ood_classification": f"{classify} ({classify_split}, {len(labelled)} images, {templates} prompts)"
@@ -130,8 +139,12 @@ def interpolate_run(initial_spec: str, finetuned_spec: str, alphas: list[float],
         from cliplab.viz.curves import tradeoff_curve
 
         tradeoff_curve(rows, run_dir / rundir.PLOTS / "wise_tradeoff.png",
-                       title=f"WiSE-FT: {Path(initial_spec).name} → {Path(finetuned_spec).name}")
+                       title=f"{_title(space)}: {Path(initial_spec).name} → {Path(finetuned_spec).name}")
     return result
+
+
+def _title(space: str) -> str:
+    return "WiSE-FT" if space == "weights" else "Output ensemble"
 
 
 def wise_markdown(result: dict) -> str:
@@ -139,7 +152,9 @@ def wise_markdown(result: dict) -> str:
             if c in result["rows"][0]]
     head = {"in_t2i_r1": "in-domain T→I R@1", "in_i2t_r1": "in-domain I→T R@1", "ood_t2i_r1": "2nd caption set T→I R@1",
             "ood_i2t_r1": "2nd caption set I→T R@1", "ood_zeroshot_acc": "zero-shot accuracy"}
-    lines = [f"### WiSE-FT: {result['initial']} (alpha 0) → {result['finetuned']} (alpha 1)", "",
+    how = "weights mixed" if result.get("space", "weights") == "weights" else "scores (1 - alpha) * A + alpha * B"
+    lines = [f"### {_title(result.get('space', 'weights'))}: {result['initial']} (alpha 0) → {result['finetuned']} "
+             f"(alpha 1), {how}", "",
              "| alpha | " + " | ".join(head[c] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += ["| " + f"{r['alpha']:.2f} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |" for r in result["rows"]]
     extra = [f"in domain: {result['in_domain']}"] + ([f"out of domain: {result['ood_caption_set']}"]
