@@ -79,7 +79,7 @@ class ZeroShotClassifier:
         self.class_embeddings = class_text_embeddings(model, self.class_names, self.templates,
                                                       normalize=similarity == "cosine")
         scale = getattr(model, "logit_scale", None)
-        self.logit_scale = float(scale.exp()) if isinstance(scale, torch.Tensor) else 100.0
+        self.logit_scale = float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else 100.0
 
     def scores(self, image_embeddings: torch.Tensor) -> torch.Tensor:
         """``[N, C]`` similarities of raw image embeddings to each class."""

@@ -48,8 +48,8 @@ class ScoreEnsemble(nn.Module):
             if repr(m.preprocess()) != first:
                 raise ConfigError(f"ensemble member {i + 1} preprocesses images differently from member 1 "
                                   f"({repr(m.preprocess())} vs {first}); ensemble models with one image input")
-        scales = [float(m.logit_scale.exp()) if isinstance(getattr(m, "logit_scale", None), torch.Tensor) else 100.0
-                  for m in members]
+        scales = [float(m.logit_scale.detach().exp()) if isinstance(getattr(m, "logit_scale", None), torch.Tensor)
+                  else 100.0 for m in members]
         self.logit_scale = nn.Parameter(torch.tensor(math.log(sum(w * s for w, s in zip(self.weights, scales)))),
                                         requires_grad=False)
 
