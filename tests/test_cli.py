@@ -191,6 +191,33 @@ grid:
     assert len((out / rows[0]["run"] / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_sweep_test_selected_evaluates_test_once_for_the_dev_choice(caption_dir, tmp_path, cli):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"""
+set:
+  data.path: {caption_dir / 'captions.csv'}
+  train.epochs: 2
+  train.batch_size: 4
+  model.head.embed_dim: 16
+  baseline: false
+grid:
+  train.lr: [1.0e-2, 1.0e-5]
+""")
+    out = tmp_path / "sweep"
+    res = cli("sweep", sweep, "--out-dir", out, "--test", "selected")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    selected = json.loads((out / "selected.json").read_text())
+    assert selected["run"] == max(rows, key=lambda r: float(r["dev_rsum"]))["run"]
+    assert "for this run only, once" in selected["protocol"] and selected["test"]["t2i_r1"] >= 0
+    for r in rows:  # only the dev choice has test numbers, in the tables and in its own results
+        has_test = r["test_t2i_r1"] != ""
+        assert has_test == (r["run"] == selected["run"])
+        assert bool(json.loads((out / r["run"] / "results.json").read_text())["test"]) == has_test
+    assert all(c["test_t2i_r1"] == "" for c in csv.DictReader(open(out / "curves.csv")))  # never tracked
+    assert "test_t2i_r1" in res.stdout  # the console table names the selected run's test columns
+
+
 def test_sweep_vary_is_one_factor_at_a_time(tmp_path):
     from cliplab.train.config import RunConfig
     from cliplab.train.sweep import load_sweep, sweep_settings

@@ -445,10 +445,11 @@ def sweep(
     out = out_dir or Path("runs") / f"sweep-{Path(sweep_file).stem}"
     rows = run_sweep(sweep_file, out, log=lambda m: console.print(m, highlight=False), fresh=fresh, test=test)
     table = Table(title=f"sweep: {Path(sweep_file).name}")
-    for h in rows[0]:
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # the selected run adds its test columns
+    for h in columns:
         table.add_column(h)
     for r in rows:
-        table.add_row(*[str(v) for v in r.values()])
+        table.add_row(*[str(r.get(h, "")) for h in columns])
     console.print(table)
     if plots:
         from cliplab.viz.runs import plot_sweep
