@@ -264,3 +264,31 @@ def test_init_from_copies_a_saved_model(caption_dir, tmp_path):
     bad = cfg.with_overrides([f"train.init_from={tmp_path}"])
     with pytest.raises(ConfigError, match="init_from"):
         build_model(bad)
+
+
+@torch.inference_mode()
+def test_mpnet_stages_reproduce_the_encoder(tmp_path, towers):
+    """MPNet layers need the encoder's relative position bias and return tuples: split anywhere, the stages
+    give the tower's own output (a tiny random MPNet in all-mpnet-base-v2's layout)."""
+    from transformers import MPNetConfig, MPNetModel
+
+    from cliplab.models.text_tower import TextTower, TextTowerConfig
+
+    tokenizer = towers[1].tokenizer
+    torch.manual_seed(0)
+    cfg = MPNetConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=2, max_position_embeddings=40, pad_token_id=tokenizer.pad_token_id)
+    MPNetModel(cfg).eval().save_pretrained(tmp_path / "mpnet")
+    tokenizer.save_pretrained(tmp_path / "mpnet")
+    text = TextTower(TextTowerConfig(name=str(tmp_path / "mpnet"))).eval()
+    tokens = text.tokenize(["a dog runs on the beach with a red ball", "two cats"])
+    ref = text(**tokens)
+    tst = Stages(text.stages())
+    assert [s.name for s in tst] == ["embeddings", "layer.0", "layer.1", "layer.2", "pool"]
+    assert text.model.encoder.relative_attention_bias in tst[0].modules  # trains with the embeddings stage
+    for b in (1, 2, 3):
+        hidden, mask = tst.run(tokens, 0, b)
+        assert torch.allclose(tst.run((hidden, mask), b), ref, atol=1e-5)
+        padded = (torch.cat([hidden, torch.zeros(2, 3, hidden.shape[-1])], 1),
+                  torch.cat([mask, torch.zeros(2, 3, dtype=mask.dtype)], 1))
+        assert torch.allclose(tst.run(padded, b), ref, atol=1e-5)

@@ -130,8 +130,10 @@ def bidirectional_mask(model: nn.Module, hidden: torch.Tensor, mask: torch.Tenso
 
 
 def hf_text_stages(model: nn.Module, pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[Stage]:
-    """BERT-style encoders (``embeddings`` + ``encoder.layer``): embeddings, each layer, pooling.
-    Other encoders are one stage over the whole model."""
+    """BERT-style encoders (``embeddings`` + ``encoder.layer``): embeddings, each layer, pooling. MPNet's
+    relative position bias (one table in the encoder, shared by every layer) is computed per layer call from
+    the sequence length, as its encoder does, and trains with the embeddings stage. Other encoders are one
+    stage over the whole model."""
     layers = getattr(getattr(model, "encoder", None), "layer", None)
     if not hasattr(model, "embeddings") or layers is None:
         def whole(tokens):
@@ -144,14 +146,20 @@ def hf_text_stages(model: nn.Module, pool: Callable[[torch.Tensor, torch.Tensor]
         kwargs = {k: tokens[k] for k in ("token_type_ids",) if k in tokens}
         return model.embeddings(input_ids=tokens["input_ids"], **kwargs), tokens["attention_mask"]
 
+    encoder = model.encoder
+    relative = getattr(encoder, "relative_attention_bias", None)  # MPNet
+
     def layer_fn(layer):
         def fn(state):
             hidden, mask = state
-            return layer(hidden, bidirectional_mask(model, hidden, mask)), mask
+            extra = {"position_bias": encoder.compute_position_bias(hidden)} if relative is not None else {}
+            out = layer(hidden, bidirectional_mask(model, hidden, mask), **extra)
+            return (out[0] if isinstance(out, tuple) else out), mask
 
         return fn
 
-    stages = [Stage("embeddings", [model.embeddings], embed, is_block=False)]
+    shared = [relative] if relative is not None else []
+    stages = [Stage("embeddings", [model.embeddings, *shared], embed, is_block=False)]
     stages += [Stage(f"layer.{i}", [layer], layer_fn(layer)) for i, layer in enumerate(layers)]
     stages.append(Stage("pool", [], lambda state: pool(*state), is_block=False))
     return stages
