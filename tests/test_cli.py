@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -152,19 +153,16 @@ def test_probe_on_a_folder_without_splits_holds_out_a_stratified_test_set(labell
     assert res.returncode == 2 and "--method must be one of logistic, torch" in res.stdout
 
 
-def test_sweep_runs_grid_and_writes_tables(caption_dir, tmp_path, cli):
+def small_sweep(caption_dir: Path, tmp_path: Path, grid: str) -> Path:
+    """A sweep file over the test captions: 2 epochs of tiny heads, the given ``grid:`` lines."""
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(f"""
-set:
-  data.path: {caption_dir / 'captions.csv'}
-  train.epochs: 2
-  train.batch_size: 4
-  model.head.embed_dim: 16
-  baseline: false
-grid:
-  train.lr: [1.0e-3, 1.0e-4]
-  train.trainable: [heads, text_head]
-""")
+    sweep.write_text(f"set:\n  data.path: {caption_dir / 'captions.csv'}\n  train.epochs: 2\n  train.batch_size: 4\n"
+                     f"  model.head.embed_dim: 16\n  baseline: false\ngrid:\n{grid}")
+    return sweep
+
+
+def test_sweep_runs_grid_and_writes_tables(caption_dir, tmp_path, cli):
+    sweep = small_sweep(caption_dir, tmp_path, "  train.lr: [1.0e-3, 1.0e-4]\n  train.trainable: [heads, text_head]\n")
     out = tmp_path / "sweep"
     res = cli("sweep", sweep, "--out-dir", out, "--plots")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -192,17 +190,7 @@ grid:
 
 
 def test_sweep_test_selected_evaluates_test_once_for_the_dev_choice(caption_dir, tmp_path, cli):
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(f"""
-set:
-  data.path: {caption_dir / 'captions.csv'}
-  train.epochs: 2
-  train.batch_size: 4
-  model.head.embed_dim: 16
-  baseline: false
-grid:
-  train.lr: [1.0e-2, 1.0e-5]
-""")
+    sweep = small_sweep(caption_dir, tmp_path, "  train.lr: [1.0e-2, 1.0e-5]\n")
     out = tmp_path / "sweep"
     res = cli("sweep", sweep, "--out-dir", out, "--test", "selected")
     assert res.returncode == 0, res.stdout + res.stderr
