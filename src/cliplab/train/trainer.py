@@ -328,7 +328,7 @@ class Trainer:
                 with torch.no_grad():
                     model.logit_scale.clamp_(0, log_scale_max)
             record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
-                      "temperature": float(1.0 / model.logit_scale.exp().item()), "epoch_seconds": time.time() - t0}
+                      "temperature": float(1.0 / model.logit_scale.exp().item()), "step_seconds": time.time() - t0}
             for name, split in also_evaluate.items():
                 record[name] = self.evaluate(split)
             if dev is not None:
@@ -349,6 +349,7 @@ class Trainer:
                         state["stopped_early"] = True
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev_r1=f"{dev_metrics['t2i_r1']:.1f}/"
                                 f"{dev_metrics['i2t_r1']:.1f}")
+            record["epoch_seconds"] = time.time() - t0  # optimisation + dev evaluation (training time across resumes)
             if self.dist.is_main:
                 self._log(writer, record)
             self._save_checkpoint(epoch, optimizer, scheduler, scaler, state)
