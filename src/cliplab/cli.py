@@ -804,8 +804,8 @@ def interpolate(
     _check_choices("--space", [space], ("weights", "outputs"))
     out = _run_dir(run_dir, "wise")
     result = interpolate_run(initial, finetuned, alphas, data=data, split=split, classify=classify, space=space,
-                             classify_split=classify_split, classify_limit=classify_limit, captions2=captions2, cache_dir=cache_dir,
-                             device=resolve_device(device), run_dir=out, plots=plots,
+                             classify_split=classify_split, classify_limit=classify_limit, captions2=captions2,
+                             cache_dir=cache_dir, device=resolve_device(device), run_dir=out, plots=plots,
                              log=lambda m: console.print(m, highlight=False, markup=False))
     console.print(wise_markdown(result), highlight=False, markup=False)
     console.print(f"run directory: {out}", soft_wrap=True)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliplab.errors import ConfigError
+from cliplab.models.base import logit_scale_value
 
 # A long irrelevant prefix for the "what if we add random text in front?" experiment.
 IRRELEVANT_PREFIX = ("The quarterly meeting about the new parking regulations was moved to Thursday afternoon "
@@ -78,8 +79,7 @@ class ZeroShotClassifier:
         self.similarity = similarity
         self.class_embeddings = class_text_embeddings(model, self.class_names, self.templates,
                                                       normalize=similarity == "cosine")
-        scale = getattr(model, "logit_scale", None)
-        self.logit_scale = float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else 100.0
+        self.logit_scale = logit_scale_value(model)
 
     def scores(self, image_embeddings: torch.Tensor) -> torch.Tensor:
         """``[N, C]`` similarities of raw image embeddings to each class."""

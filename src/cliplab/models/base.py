@@ -57,3 +57,9 @@ class TrainableModel(EmbeddingModel, Protocol):
     def save(self, directory: str | Path) -> Path: ...
 
     def load_trained(self, directory: str | Path) -> None: ...
+
+
+def logit_scale_value(model: object, default: float = 100.0) -> float:
+    """A model's softmax scale ``exp(logit_scale)`` as a float; ``default`` (CLIP's usual 100) without one."""
+    scale = getattr(model, "logit_scale", None)
+    return float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else default

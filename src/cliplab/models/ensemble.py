@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliplab.errors import ConfigError
-from cliplab.models.base import EmbeddingModel, TowerModel
+from cliplab.models.base import EmbeddingModel, TowerModel, logit_scale_value
 from cliplab.utils import sha256_text
 
 
@@ -48,10 +48,8 @@ class ScoreEnsemble(nn.Module):
             if repr(m.preprocess()) != first:
                 raise ConfigError(f"ensemble member {i + 1} preprocesses images differently from member 1 "
                                   f"({repr(m.preprocess())} vs {first}); ensemble models with one image input")
-        scales = [float(m.logit_scale.detach().exp()) if isinstance(getattr(m, "logit_scale", None), torch.Tensor)
-                  else 100.0 for m in members]
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(sum(w * s for w, s in zip(self.weights, scales)))),
-                                        requires_grad=False)
+        scale = sum(w * logit_scale_value(m) for w, m in zip(self.weights, members))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=False)
 
     def _join(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([math.sqrt(w) * F.normalize(p.float(), dim=-1) for w, p in zip(self.weights, parts)], -1)

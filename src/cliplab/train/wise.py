@@ -152,8 +152,9 @@ def wise_markdown(result: dict) -> str:
             if c in result["rows"][0]]
     head = {"in_t2i_r1": "in-domain T→I R@1", "in_i2t_r1": "in-domain I→T R@1", "ood_t2i_r1": "2nd caption set T→I R@1",
             "ood_i2t_r1": "2nd caption set I→T R@1", "ood_zeroshot_acc": "zero-shot accuracy"}
-    how = "weights mixed" if result.get("space", "weights") == "weights" else "scores (1 - alpha) * A + alpha * B"
-    lines = [f"### {_title(result.get('space', 'weights'))}: {result['initial']} (alpha 0) → {result['finetuned']} "
+    space = result.get("space", "weights")  # wise.json files written before output ensembles have none
+    how = "weights mixed" if space == "weights" else "scores (1 - alpha) * A + alpha * B"
+    lines = [f"### {_title(space)}: {result['initial']} (alpha 0) → {result['finetuned']} "
              f"(alpha 1), {how}", "",
              "| alpha | " + " | ".join(head[c] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += ["| " + f"{r['alpha']:.2f} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |" for r in result["rows"]]
