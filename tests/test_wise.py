@@ -116,8 +116,10 @@ def test_ensemble_specs_and_members_are_checked(pair):
     conse = load_model("conse")
     other = copy.deepcopy(conse)
     other.image_tower.image_size = 200
-    with pytest.raises(ConfigError, match="preprocesses images differently"):
-        ScoreEnsemble([conse, other], [1, 1])
+    assert ScoreEnsemble([conse, conse], [1, 1]).shared_input
+    mixed = ScoreEnsemble([conse, other], [1, 1])  # allowed: datasets are embedded member by member
+    with pytest.raises(ConfigError, match="preprocess images differently"):
+        mixed.preprocess()
 
 
 def test_interpolate_outputs_space_combines_conse_and_heads(pair, caption_dir, labelled_splits, tmp_path, cli):
@@ -141,3 +143,170 @@ def test_interpolate_outputs_space_combines_conse_and_heads(pair, caption_dir, l
     assert "Output ensemble" in (out / "results.md").read_text()
     res = cli("interpolate", "conse", pair / "initial", "--space", "both", "--run-dir", tmp_path / "bad")
     assert res.returncode == 2 and "--space must be one of weights, outputs" in res.stdout
+
+
+def test_search_weights_reaches_a_grid_optimum_no_single_change_improves():
+    """Brute force over the grid: the greedy search ends where no one weight change helps, beats every single
+    member and scores each distinct weighting once (a local search: not always the grid's global optimum)."""
+    import itertools
+
+    from cliplab.train.ensemble import search_weights
+
+    grid = (0.0, 0.25, 0.5, 0.75, 1.0)
+    target = torch.tensor([0.5, 0.2, 0.3])
+    calls = []
+
+    def score(w):
+        calls.append(w)
+        return -float(((torch.tensor(w) - target) ** 2).sum())
+
+    found = search_weights(score, 3, grid)
+    assert abs(sum(found.weights) - 1) < 1e-9 and len(calls) == len(set(calls)) == found.evaluated
+    assert found.score == pytest.approx(score(found.weights))
+    for i in range(3):
+        assert found.score >= score(tuple(float(j == i) for j in range(3)))
+        for g in grid:
+            w = list(found.raw)
+            w[i] = g
+            if sum(w) > 0:
+                assert score(tuple(x / sum(w) for x in w)) <= found.score + 1e-9
+    every = [score(tuple(x / sum(w) for x in w)) for w in itertools.product(grid, repeat=3) if sum(w) > 0]
+    assert found.score >= sorted(every)[len(every) * 9 // 10]  # a local optimum, and among the best tenth here
+    # minimising walks to the other end; a member that never helps keeps weight 0
+    low = search_weights(lambda w: float(w[0]) + 0.5 * float(w[1]), 3, grid, maximize=False)
+    assert low.weights == (0.0, 0.0, 1.0)
+    with pytest.raises(Exception, match="non-negative"):
+        search_weights(score, 3, (-1.0, 1.0))
+
+
+def test_ensemble_of_models_with_different_inputs_embeds_member_by_member(pair, caption_dir):
+    """Members at 224 and 200 px: datasets are embedded per member (brute force: ensemble dot product = weighted sum
+    of each member's own cosines); one shared image batch or preprocess() is refused with one line."""
+    import copy
+
+    from cliplab.data.captions import load_caption_dataset
+    from cliplab.embed.pipeline import encode_dataset, encode_images
+    from cliplab.errors import ConfigError
+    from cliplab.models.ensemble import ScoreEnsemble
+    from cliplab.models.factory import load_model
+
+    a = load_model(str(pair / "initial"))
+    b = copy.deepcopy(a)
+    b.image_tower.image_size = 200
+    ens = ScoreEnsemble([a, b], [1, 3])
+    assert not ens.shared_input
+    with pytest.raises(ConfigError, match="preprocess images differently"):
+        ens.preprocess()
+    with pytest.raises(ConfigError, match="one image batch per member"):
+        ens.encode_image(torch.zeros(1, 3, 224, 224))
+    with torch.inference_mode():
+        xa, xb = torch.randn(2, 3, 224, 224), torch.randn(2, 3, 200, 200)
+        joined = ens.encode_image([xa, xb])
+        want = torch.cat([0.5 * a.encode_image(xa), 0.75 ** 0.5 * b.encode_image(xb)], -1)
+    assert torch.allclose(joined, want, atol=1e-5)
+    ds = load_caption_dataset(caption_dir / "captions.csv", "test")
+    img, txt, used = encode_dataset(ens, ds, cache=None, progress=False)
+    ia, ta, _ = encode_dataset(a, ds, progress=False)
+    ib, tb, _ = encode_dataset(b, ds, progress=False)
+    assert not torch.allclose(ia, ib, atol=1e-3)  # the input size matters
+    assert torch.allclose(txt @ img.T, 0.25 * (ta @ ia.T) + 0.75 * (tb @ ib.T), atol=1e-5)
+    z = encode_images(ens, ds.image_paths(), progress=False)
+    assert torch.allclose(z, img, atol=1e-5)
+
+
+def test_ensemble_command_chooses_weights_on_dev_and_reports_test_once(pair, caption_dir, tmp_path, cli):
+    from cliplab.data.captions import load_caption_dataset
+    from cliplab.embed.pipeline import encode_dataset
+    from cliplab.eval.retrieval import retrieval_metrics
+    from cliplab.models.ensemble import join_embeddings
+    from cliplab.models.factory import load_model
+    from cliplab.viz.report import describe_run
+
+    data = caption_dir / "captions.csv"
+    out = tmp_path / "runs" / "ens"
+    specs = ["conse", str(pair / "initial"), str(pair / "tuned")]
+    res = cli("ensemble", *specs, "--data", data, "--test", "--grid", "0,0.5,1", "--run-dir", out, cache=pair / "cache")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rec = json.loads((out / "ensemble.json").read_text())
+    assert rec["split"] == "dev" and rec["select_metric"] == "rsum" and rec["test"]
+    assert abs(sum(rec["weights"]) - 1) < 1e-9 and all(w > 0 for w in rec["weights"])
+    assert rec["dev"]["rsum"] >= max(m["rsum"] for m in rec["members_dev"].values())
+    # brute force: the recorded dev figure is the weighted sum of the members' own dev similarities
+    dev = load_caption_dataset(data, "dev")
+    parts = [encode_dataset(load_model(s), dev, progress=False) for s in specs]
+    w = [rec["all_weights"][s] for s in specs]
+    keep = [i for i in range(3) if w[i] > 0]
+    img = join_embeddings([parts[i][0] for i in keep], [w[i] for i in keep])
+    txt = join_embeddings([parts[i][1] for i in keep], [w[i] for i in keep])
+    assert retrieval_metrics(img, txt, dev.caption_image).metrics["rsum"] == pytest.approx(rec["dev"]["rsum"])
+    # the folder is a model (from any working directory): local members are stored relative to it
+    assert all(not m.startswith("/") for m in rec["members"])
+    res = cli("eval", "retrieval", data, "-m", out, "--run-dir", tmp_path / "ev", cache=pair / "cache")
+    assert res.returncode == 0, res.stdout + res.stderr
+    test = json.loads((tmp_path / "ev" / "metrics.json").read_text())[str(out)]
+    assert test["rsum"] == pytest.approx(rec["test"]["rsum"])
+    assert describe_run(out)["kind"] == "ensemble" and "T→I R@1" in (out / "results.md").read_text()
+    # refused before any work, one line each
+    for args, message in ((("--split", "test", "--test"), "must report another split"),
+                          (("--split", "dev", "--test", "--test-split", "dev"), "must report another split"),
+                          ((), "at least two models")):
+        models = specs[:2] if message != "at least two models" else specs[:1]
+        res = cli("ensemble", *models, "--data", data, *args, "--run-dir", tmp_path / "bad", cache=pair / "cache")
+        assert res.returncode != 0 and message in res.stdout + res.stderr and "Traceback" not in res.stderr
+    res = cli("ensemble", out, "conse", "--data", data, "--run-dir", tmp_path / "bad", cache=pair / "cache")
+    assert res.returncode != 0 and "do not nest" in res.stdout + res.stderr
+
+
+def test_overlapping_splits_are_refused(tmp_path, caption_dir):
+    import csv
+
+    from cliplab.data.captions import check_disjoint_splits
+    from cliplab.errors import ConfigError
+
+    rows = list(csv.reader(open(caption_dir / "captions.csv")))
+    header, body = rows[0], rows[1:]
+    leak = next(r for r in body if r[2] == "dev")
+    path = caption_dir / "leaky.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *body, [leak[0], "the same image again", "test"]])
+    check_disjoint_splits(caption_dir / "captions.csv", {"train": "train", "dev": "dev", "test": "test"})
+    with pytest.raises(ConfigError, match=r"the dev split \('dev'\) and the test split \('test'\) share 1 image"):
+        check_disjoint_splits(path, {"train": "train", "dev": "dev", "test": "test"})
+
+
+def test_flip_tta_averages_each_image_with_its_mirror(pair, caption_dir, tmp_path):
+    """Brute force: with flip TTA an image embedding is normalise(e(x) + e(mirror(x))) from the model's own
+    encode_image; an ensemble folder records the setting and applies it wherever it is loaded."""
+    from PIL import Image
+
+    from cliplab.data.captions import load_caption_dataset
+    from cliplab.embed.pipeline import encode_dataset, encode_images, image_embeddings
+    from cliplab.models.factory import load_model
+
+    m = load_model(str(pair / "tuned"))
+    ds = load_caption_dataset(caption_dir / "captions.csv", "test")
+    img, txt, used = encode_dataset(m, ds, cache=None, progress=False, flip_tta=True)
+    plain, txt0, _ = encode_dataset(m, ds, progress=False)
+    tf = m.preprocess()
+    with torch.inference_mode():
+        views = [Image.open(p).convert("RGB") for p in used.image_paths()]
+        a = m.encode_image(torch.stack([tf(v) for v in views]))
+        b = m.encode_image(torch.stack([tf(v.transpose(Image.Transpose.FLIP_LEFT_RIGHT)) for v in views]))
+    want = torch.nn.functional.normalize(a + b, dim=-1)
+    assert torch.allclose(img, want, atol=1e-4) and torch.equal(txt, txt0) and not torch.allclose(img, plain, atol=1e-3)
+    assert torch.allclose(encode_images(m, used.image_paths(), normalize=True, progress=False, flip_tta=True), want,
+                          atol=1e-4)
+    z, valid, _ = image_embeddings(m, used.image_paths(), progress=False, flip_tta=True)
+    assert valid.all() and torch.allclose(torch.from_numpy(z), want, atol=1e-4)
+    folder = tmp_path / "ens"
+    folder.mkdir()
+    (folder / "ensemble.json").write_text(json.dumps({"members": ["conse", str(pair / "tuned")], "weights": [0.5, 0.5],
+                                                      "flip_tta": True}))
+    ens = load_model(folder)
+    assert ens.flip_tta
+    e_img, _, _ = encode_dataset(ens, ds, progress=False)
+    c_img, _, _ = encode_dataset(load_model("conse"), ds, progress=False, flip_tta=True)
+    assert torch.allclose(e_img, torch.cat([0.5 ** 0.5 * c_img, 0.5 ** 0.5 * img], -1), atol=1e-5)
+    (folder / "ensemble.json").write_text(json.dumps({"members": ["conse"], "weights": [1], "flip_tta": "yes"}))
+    with pytest.raises(Exception, match="'flip_tta' must be true or false"):
+        load_model(folder)

@@ -174,6 +174,8 @@ def eval_retrieval(
     cache_dir: Optional[Path] = CacheOpt,
     device: str = typer.Option("auto"),
     plots: bool = PlotsOpt,
+    flip_tta: Optional[bool] = typer.Option(None, "--flip-tta/--no-flip-tta", help="average each image's embedding "
+                                            "with its mirror's (default: the model's setting; off for single models)"),
 ) -> None:
     """Recall@1/5/10 both ways, MRR and ranks for one or more models on one dataset split."""
     _check_plots_extra(plots)
@@ -193,12 +195,12 @@ def eval_retrieval(
     results, spaces = {}, {}
     for spec in model:
         m = load_model(spec)
-        img, txt, used = encode_dataset(m, ds, cache=cache, on_error=mode, device=dev)
+        img, txt, used = encode_dataset(m, ds, cache=cache, on_error=mode, device=dev, flip_tta=flip_tta)
         results[spec] = retrieval_metrics(img, txt, used.caption_image, device=dev).metrics
         spaces[spec] = (img, txt)
         _print_skips(used.skipped)
     write_json(out / rundir.CONFIG, {"data": data, "split": split, "models": model, "on_error": mode,
-                                     "provenance": rundir.provenance()})
+                                     "flip_tta": flip_tta, "provenance": rundir.provenance()})
     write_json(out / rundir.EVAL_METRICS, results)
     write_text(out / rundir.RESULTS_MD, retrieval_markdown(results, f"{ds.name}"))
     if plots:
@@ -809,6 +811,41 @@ def interpolate(
                              log=lambda m: console.print(m, highlight=False, markup=False))
     console.print(wise_markdown(result), highlight=False, markup=False)
     console.print(f"run directory: {out}", soft_wrap=True)
+
+
+@app.command()
+def ensemble(
+    models: List[str] = typer.Argument(..., help="two or more models (run or model folders, conse, clip:SPEC)"),
+    data: str = typer.Option(DEFAULT_DATA, help="caption dataset whose --split chooses the weights"),
+    split: str = typer.Option("dev", help="the selection split (never the test split)"),
+    test: bool = typer.Option(False, "--test", help="evaluate the chosen ensemble on --test-split once, after"),
+    test_split: str = typer.Option("test"),
+    grid: str = typer.Option("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="comma-separated weight values tried "
+                                                                               "per member (relative weights)"),
+    metric: str = typer.Option("rsum", help="dev retrieval metric to optimise (as train.select_metric)"),
+    flip_tta: bool = typer.Option(False, "--flip-tta", help="embed each image averaged with its mirror (recorded "
+                                                            "in the folder: applies wherever it is used)"),
+    image_root: Optional[Path] = typer.Option(None),
+    run_dir: Optional[Path] = typer.Option(None, help="the ensemble folder to write (a loadable model)"),
+    cache_dir: Optional[Path] = CacheOpt,
+    device: str = typer.Option("auto"),
+) -> None:
+    """Choose score-ensemble weights of several models on dev retrieval; writes a model folder (ensemble.json)."""
+    from cliplab.train.ensemble import choose_ensemble
+    from cliplab.utils import resolve_device
+
+    try:
+        values = [float(g) for g in grid.split(",") if g.strip()]
+    except ValueError:
+        raise CliplabError(f"--grid takes comma-separated numbers, not {grid!r}") from None
+    out = _run_dir(run_dir, "ensemble")
+    result = choose_ensemble(models, data=data, split=split, test=test, test_split=test_split, grid=values,
+                             metric=metric, flip_tta=flip_tta, image_root=str(image_root) if image_root else None,
+                             cache_dir=cache_dir, device=resolve_device(device), run_dir=out,
+                             log=lambda m: console.print(m, highlight=False, markup=False))
+    if result["test"]:
+        _print_retrieval({"ensemble": result["test"]}, f"retrieval: {data} ({test_split}), weights chosen on {split}")
+    console.print(f"ensemble model folder: {out} (use it as -m {out})", soft_wrap=True)
 
 
 @app.command("configs")

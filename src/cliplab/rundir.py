@@ -16,6 +16,7 @@ sweep      ``cliplab sweep``                           ``results.csv`` + ``curve
 embed      ``cliplab embed``                           ``embed.json``
 wise       ``cliplab interpolate``                     ``wise.json``
 caption    ``cliplab caption eval``                    ``captions.json``
+ensemble   ``cliplab ensemble``                        ``ensemble.json`` (also a model folder)
 =========  ==========================================  =========================================
 """
 
@@ -48,7 +49,8 @@ SWEEP_RESULTS = "results.csv"  # one row per sweep run
 CURVES = "curves.csv"  # per sweep run and epoch
 WISE = "wise.json"  # ``cliplab interpolate``: metrics per interpolation weight
 CAPTIONS = "captions.json"  # ``cliplab caption eval``: generated captions and their metrics
-KINDS = ("train", "eval", "zeroshot", "probe", "sweep", "embed", "wise", "caption")
+ENSEMBLE = "ensemble.json"  # ``cliplab ensemble``: member models, dev-chosen weights (a loadable model folder)
+KINDS = ("train", "eval", "zeroshot", "probe", "sweep", "embed", "wise", "caption", "ensemble")
 
 
 def read_json(path: str | Path) -> Any:
@@ -69,15 +71,16 @@ def run_kind(run_dir: str | Path) -> str:
         return "train"
     if (d / CAPTIONS).is_file():
         return "caption"
-    for name, kind in ((EVAL_METRICS, "eval"), (ZEROSHOT, "zeroshot"), (PROBE, "probe"), (WISE, "wise")):
+    for name, kind in ((EVAL_METRICS, "eval"), (ZEROSHOT, "zeroshot"), (PROBE, "probe"), (WISE, "wise"),
+                       (ENSEMBLE, "ensemble")):
         if (d / name).is_file():
             return kind
     if (d / SWEEP_RESULTS).is_file() and (d / CURVES).is_file():
         return "sweep"
     if (d / EMBED).is_file():
         return "embed"
-    raise ConfigError(f"{d}: not a cliplab run folder (no {RESULTS}, {EVAL_METRICS}, {ZEROSHOT}, {PROBE} "
-                      f"or sweep {SWEEP_RESULTS})")
+    raise ConfigError(f"{d}: not a cliplab run folder (no {RESULTS}, {EVAL_METRICS}, {ZEROSHOT}, {PROBE}, "
+                      f"{ENSEMBLE} or sweep {SWEEP_RESULTS})")
 
 
 # -- training runs

@@ -16,7 +16,7 @@ from typing import Iterable, Literal
 
 import numpy as np
 
-from cliplab.errors import DataError
+from cliplab.errors import ConfigError, DataError
 from cliplab.utils import sha256_text
 
 OnError = Literal["raise", "skip"]
@@ -388,3 +388,21 @@ def load_caption_dataset(spec: str | Path, split: str = "test", *, image_root: s
     if path.suffix in (".csv", ".tsv", ".tab", ".jsonl"):
         return read_pairs(path, image_root, split, on_error=on_error)
     raise DataError(f"{path}: unsupported dataset format (folder, .json, .csv, .tsv or .jsonl)")
+
+
+def check_disjoint_splits(path: str | Path, splits: dict[str, str], *, image_root: str | Path | None = None) -> None:
+    """Each named split (``role -> split name``) is non-empty and no two share an image: a ConfigError naming the
+    data, both splits and an example otherwise (checked before any long work)."""
+    images = {}
+    for role, split in splits.items():
+        ds = load_caption_dataset(path, split, image_root=image_root, on_error="skip")
+        if ds.num_images == 0:
+            raise ConfigError(f"{path}: the {role} split ({split!r}) has no images")
+        images[role] = {str(p.resolve()) for p in ds.image_paths()}
+    roles = list(splits)
+    for i, a in enumerate(roles):
+        for b in roles[i + 1:]:
+            shared = images[a] & images[b]
+            if shared:
+                raise ConfigError(f"{path}: the {a} split ({splits[a]!r}) and the {b} split ({splits[b]!r}) share "
+                                  f"{len(shared)} image(s), e.g. {sorted(shared)[0]}; they must be disjoint")

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from cliplab.data.captions import CaptionDataset
-from cliplab.data.images import preprocess_geometry
+from cliplab.data.images import ImageFiles, ImageSet, MirroredImages, preprocess_geometry
 from cliplab.embed.cache import FeatureCache
 from cliplab.embed.extract import embed_images, embed_texts
 from cliplab.errors import CliplabError, ConfigError
 from cliplab.models.base import EmbeddingModel, TowerModel
+from cliplab.models.ensemble import ScoreEnsemble, TowerScoreEnsemble
 from cliplab.utils import sha256_text
 
 
@@ -114,6 +115,21 @@ class EncodeTextAdapter(nn.Module):
         return self._fingerprint
 
 
+def per_member(model: nn.Module) -> bool:
+    """Whether ``model`` is embedded member by member: a score ensemble whose members do not share frozen towers
+    (each member's features are then cached under its own towers, so changing weights reruns nothing heavy)."""
+    return isinstance(model, ScoreEnsemble) and not isinstance(model, TowerScoreEnsemble)
+
+
+def _same_rows(datasets: list[CaptionDataset]) -> CaptionDataset:
+    first = datasets[0]
+    for ds in datasets[1:]:
+        if list(map(str, ds.image_paths())) != list(map(str, first.image_paths())) or ds.captions != first.captions:
+            raise CliplabError(f"{first.name}: ensemble members skipped different images; fix or remove the "
+                               "unreadable images and run again")
+    return first
+
+
 def feature_towers(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """What ``tower_features`` caches for a model: its frozen towers (TwoTower, ConSE), or its final
     embeddings through adapters (any other :class:`EmbeddingModel`)."""
@@ -144,20 +160,50 @@ def evaluate_retrieval(model: nn.Module, feats: DatasetFeatures, device: str | t
 
 def encode_dataset(model: nn.Module, dataset: CaptionDataset, *, cache: FeatureCache | None = None,
                    on_error: str = "raise", device: str | torch.device = "cpu", progress: bool = True,
-                   features: DatasetFeatures | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor, CaptionDataset]:
+                   features: DatasetFeatures | None = None, flip_tta: bool | None = None,
+                   **kwargs) -> tuple[torch.Tensor, torch.Tensor, CaptionDataset]:
     """Normalised image and caption embeddings of a dataset under ``model``.
 
     Two-tower models and ConSE reuse cached frozen-tower features and only run their heads; other
-    models (a CLIP from ``load_clip``) are run end to end with their final embeddings cached.
+    models (a CLIP from ``load_clip``) are run end to end with their final embeddings cached. ``flip_tta``
+    (default: the model's own ``flip_tta`` setting, off for single models) averages each image's embedding with
+    its mirror's (test-time augmentation).
     """
     model = model.eval().to(device)
+    tta = flip_tta_of(model, flip_tta)
+    if per_member(model) and features is None:
+        parts = [encode_dataset(m, dataset, cache=cache, on_error=on_error, device=device, progress=progress,
+                                flip_tta=tta, **kwargs) for m in model.members]
+        used = _same_rows([p[2] for p in parts])
+        return model.join([p[0] for p in parts]), model.join([p[1] for p in parts]), used
     feats = features or tower_features(*feature_towers(model), dataset, cache=cache, on_error=on_error,
                                        device=device, progress=progress, **kwargs)
     if isinstance(model, TowerModel):
         img = project_features(model.project_image, feats.image, device)
         txt = project_features(model.project_text, feats.text, device)
-        return img, txt, feats.dataset
-    return (*normalized_features(feats), feats.dataset)
+    else:
+        img, txt = normalized_features(feats)
+    if tta:
+        mirrored = _mirrored_embeddings(model, ImageFiles(feats.dataset.image_paths()), cache=cache, device=device,
+                                        progress=progress, desc=f"{dataset.name} images (mirrored)", on_error=on_error)
+        img = torch.nn.functional.normalize(img + mirrored, dim=-1)
+    return img, txt, feats.dataset
+
+
+def flip_tta_of(model: nn.Module, flip_tta: bool | None) -> bool:
+    """The flip test-time augmentation setting in force: the caller's, else the model's own (ensembles record one)."""
+    return bool(getattr(model, "flip_tta", False)) if flip_tta is None else bool(flip_tta)
+
+
+def _mirrored_embeddings(model: nn.Module, images: ImageSet, *, cache, device, progress: bool, desc: str,
+                         normalize: bool = True, **kwargs) -> torch.Tensor:
+    """Embeddings of the horizontal mirrors of ``images``, through the same feature cache."""
+    feats = embed_images(feature_towers(model)[0], MirroredImages(images), cache=cache, device=device,
+                         progress=progress, desc=desc, **kwargs).features
+    if isinstance(model, TowerModel):
+        return project_features(lambda x: model.project_image(x, normalize=normalize), feats, device)
+    z = torch.from_numpy(np.array(feats, dtype=np.float32))
+    return torch.nn.functional.normalize(z, dim=-1) if normalize else z
 
 
 def normalized_features(feats: DatasetFeatures) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,18 +214,28 @@ def normalized_features(feats: DatasetFeatures) -> tuple[torch.Tensor, torch.Ten
 
 
 def encode_images(model: nn.Module, images, *, cache: FeatureCache | None = None, device: str | torch.device = "cpu",
-                  normalize: bool = False, progress: bool = True, desc: str = "images", **kwargs) -> torch.Tensor:
+                  normalize: bool = False, progress: bool = True, desc: str = "images", flip_tta: bool | None = None,
+                  **kwargs) -> torch.Tensor:
     """Image embeddings ``[N, d]`` of an :class:`~cliplab.data.images.ImageSet` (or paths) under any model.
 
-    Raw (unnormalised) by default, for experiments that compare cosine with dot product.
+    Raw (unnormalised) by default, for experiments that compare cosine with dot product; ``flip_tta`` (default:
+    the model's setting) averages each image's embedding with its mirror's.
     """
     model = model.eval().to(device)
+    tta = flip_tta_of(model, flip_tta)
+    images = images if isinstance(images, ImageSet) else ImageFiles(images)
+    if per_member(model):
+        return model.join([encode_images(m, images, cache=cache, device=device, progress=progress, desc=desc,
+                                         flip_tta=tta, **kwargs) for m in model.members])
     feats = embed_images(feature_towers(model)[0], images, cache=cache, device=device, progress=progress, desc=desc,
                          **kwargs)
     if isinstance(model, TowerModel):
         z = project_features(lambda x: model.project_image(x, normalize=False), feats.features, device)
     else:
         z = torch.as_tensor(np.array(feats.features, dtype=np.float32))
+    if tta:
+        z = (z + _mirrored_embeddings(model, images, cache=cache, device=device, progress=progress,
+                                      desc=f"{desc} (mirrored)", normalize=False, **kwargs)) / 2
     return torch.nn.functional.normalize(z, dim=-1) if normalize else z
 
 
@@ -190,8 +246,6 @@ def image_tower_features(model: nn.Module, images, *, cache: FeatureCache | None
 
     ``flip_tta`` averages the features of each image and its horizontal mirror.
     """
-    from cliplab.data.images import ImageFiles, ImageSet, MirroredImages
-
     tower = feature_towers(model.eval().to(device))[0]
     images = images if isinstance(images, ImageSet) else ImageFiles(images)
     feats = np.array(embed_images(tower, images, cache=cache, device=device, progress=progress, desc=desc,
@@ -205,10 +259,20 @@ def image_tower_features(model: nn.Module, images, *, cache: FeatureCache | None
 
 def image_embeddings(model: nn.Module, images, *, cache: FeatureCache | None = None,
                      device: str | torch.device = "cpu", progress: bool = True, desc: str = "images",
-                     **kwargs) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+                     flip_tta: bool | None = None, **kwargs) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """Unit-norm image embeddings ``[N, d]`` under any model, with ``valid [N]`` and error messages of images
-    that could not be read (their rows are zeros); computed through the feature cache (chunked, resumable)."""
+    that could not be read (their rows are zeros); computed through the feature cache (chunked, resumable).
+    ``flip_tta`` as in :func:`encode_dataset`."""
     model = model.eval().to(device)
+    tta = flip_tta_of(model, flip_tta)
+    images = images if isinstance(images, ImageSet) else ImageFiles(images)
+    if per_member(model):
+        parts = [image_embeddings(m, images, cache=cache, device=device, progress=progress, desc=desc, flip_tta=tta,
+                                  **kwargs) for m in model.members]
+        valid = np.logical_and.reduce([p[1] for p in parts])
+        z = model.join([torch.from_numpy(p[0]) for p in parts]).numpy().astype(np.float32)
+        z[~valid] = 0.0
+        return z, valid, {k: v for p in parts for k, v in p[2].items()}
     feats = embed_images(feature_towers(model)[0], images, cache=cache, device=device, progress=progress, desc=desc,
                          on_error="skip", **kwargs)
     valid = np.asarray(feats.valid, dtype=bool)
@@ -216,6 +280,10 @@ def image_embeddings(model: nn.Module, images, *, cache: FeatureCache | None = N
         z = project_features(model.project_image, np.asarray(feats.features), device)
     else:
         z = torch.nn.functional.normalize(torch.as_tensor(np.array(feats.features, dtype=np.float32)), dim=-1)
+    if tta:
+        zm = _mirrored_embeddings(model, images, cache=cache, device=device, progress=progress,
+                                  desc=f"{desc} (mirrored)", on_error="skip", **kwargs)
+        z = torch.nn.functional.normalize(z + zm, dim=-1)
     z = z.numpy().astype(np.float32)
     z[~valid] = 0.0
     return z, valid, feats.errors

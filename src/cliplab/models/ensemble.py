@@ -6,23 +6,37 @@ which keeps the embedding unit-norm). Every evaluator (retrieval, zero-shot, sea
 ensemble like any model. A prompt ensemble averages the joint embeddings of its templates (and normalises
 the mean once), as for any single model.
 
-Members must share their image preprocessing. When every member is a :class:`TowerModel` over the same
-frozen towers (ConSE and the trained heads of ``make demo``), the ensemble is a TowerModel too: datasets
-are embedded once from cached tower features and each weight only reruns the heads.
+Members may preprocess images differently (EfficientNet-Lite0 at 224 px beside Lite2 at 260 px): datasets and
+image folders are then embedded member by member (:mod:`cliplab.embed.pipeline`, each member's features cached
+under its own towers), and ``encode_image`` takes one image tensor per member; only a caller that needs one
+shared ``preprocess()`` (the search server's image queries) is refused. When every member is a
+:class:`TowerModel` over the same frozen towers (ConSE and the trained heads of ``make demo``), the ensemble is
+a TowerModel too: datasets are embedded once from cached tower features and each weight only reruns the heads.
+
+A folder holding ``ensemble.json`` (written by ``cliplab ensemble``, which chooses the weights on dev data) is an
+ensemble model too: ``load_model(folder)``.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cliplab import rundir
 from cliplab.errors import ConfigError
 from cliplab.models.base import EmbeddingModel, TowerModel, logit_scale_value
 from cliplab.utils import sha256_text
+
+
+def join_embeddings(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """One embedding per row whose dot products are ``sum_i w_i * cos_i``: each member's unit embedding scaled by
+    ``sqrt(w_i)`` and concatenated (weights summing to 1 keep it unit-norm)."""
+    return torch.cat([math.sqrt(w) * F.normalize(p.float(), dim=-1) for w, p in zip(weights, parts)], -1)
 
 
 def _weights(weights: Sequence[float], n: int) -> tuple[float, ...]:
@@ -37,30 +51,40 @@ def _weights(weights: Sequence[float], n: int) -> tuple[float, ...]:
 class ScoreEnsemble(nn.Module):
     """Weighted sum of member similarities (see the module docstring); any :class:`EmbeddingModel` members."""
 
-    def __init__(self, members: Sequence[EmbeddingModel], weights: Sequence[float]) -> None:
+    def __init__(self, members: Sequence[EmbeddingModel], weights: Sequence[float], *, flip_tta: bool = False) -> None:
         super().__init__()
+        self.flip_tta = bool(flip_tta)  # datasets and image folders: average each image with its mirror
         if len(members) < 2:
             raise ConfigError("an ensemble needs at least two models")
         self.weights = _weights(weights, len(members))
         self.members = nn.ModuleList(members)
-        first = repr(members[0].preprocess())
-        for i, m in enumerate(members[1:], 1):
-            if repr(m.preprocess()) != first:
-                raise ConfigError(f"ensemble member {i + 1} preprocesses images differently from member 1 "
-                                  f"({repr(m.preprocess())} vs {first}); ensemble models with one image input")
+        self.shared_input = len({repr(m.preprocess()) for m in members}) == 1
         scale = sum(w * logit_scale_value(m) for w, m in zip(self.weights, members))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=False)
 
-    def _join(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([math.sqrt(w) * F.normalize(p.float(), dim=-1) for w, p in zip(self.weights, parts)], -1)
+    def join(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The ensemble embedding of the members' embeddings (any scale) of the same rows."""
+        return join_embeddings(parts, self.weights)
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        return self._join([m.encode_image(images, normalize=True) for m in self.members])
+    def encode_image(self, images: torch.Tensor | Sequence[torch.Tensor], normalize: bool = True) -> torch.Tensor:
+        """Embeddings of one image batch (members sharing preprocessing) or of one batch per member."""
+        if isinstance(images, (list, tuple)):
+            if len(images) != len(self.members):
+                raise ConfigError(f"ensemble of {len(self.members)} models got {len(images)} image batches")
+            return self.join([m.encode_image(x, normalize=True) for m, x in zip(self.members, images)])
+        if not self.shared_input:
+            raise ConfigError("the ensemble's members preprocess images differently: pass one image batch per "
+                              "member (each through that member's preprocess())")
+        return self.join([m.encode_image(images, normalize=True) for m in self.members])
 
     def encode_text(self, texts, normalize: bool = True) -> torch.Tensor:
-        return self._join([m.encode_text(texts, normalize=True) for m in self.members])
+        return self.join([m.encode_text(texts, normalize=True) for m in self.members])
 
     def preprocess(self) -> Callable:
+        if not self.shared_input:
+            raise ConfigError("this ensemble's members preprocess images differently (e.g. other input sizes): "
+                              "it embeds datasets and image folders member by member, but has no single image "
+                              "preprocessing for this use")
         return self.members[0].preprocess()
 
     def fingerprint(self) -> str:
@@ -70,16 +94,16 @@ class ScoreEnsemble(nn.Module):
 class TowerScoreEnsemble(ScoreEnsemble):
     """A :class:`ScoreEnsemble` of TowerModels over the same frozen towers: heads run on cached features."""
 
-    def __init__(self, members: Sequence[TowerModel], weights: Sequence[float]) -> None:
-        super().__init__(members, weights)
+    def __init__(self, members: Sequence[TowerModel], weights: Sequence[float], *, flip_tta: bool = False) -> None:
+        super().__init__(members, weights, flip_tta=flip_tta)
         self.image_tower = members[0].image_tower
         self.text_tower = members[0].text_tower
 
     def project_image(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        return self._join([m.project_image(features, normalize=True) for m in self.members])
+        return self.join([m.project_image(features, normalize=True) for m in self.members])
 
     def project_text(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        return self._join([m.project_text(features, normalize=True) for m in self.members])
+        return self.join([m.project_text(features, normalize=True) for m in self.members])
 
 
 def shares_towers(members: Sequence[EmbeddingModel]) -> bool:
@@ -91,10 +115,38 @@ def shares_towers(members: Sequence[EmbeddingModel]) -> bool:
     return len(image) == 1 and len(text) == 1
 
 
-def score_ensemble(members: Sequence[EmbeddingModel], weights: Sequence[float]) -> ScoreEnsemble:
-    """The ensemble of ``members`` with ``weights`` (normalised to sum 1): tower-sharing when possible."""
+def score_ensemble(members: Sequence[EmbeddingModel], weights: Sequence[float], *,
+                   flip_tta: bool = False) -> ScoreEnsemble:
+    """The ensemble of ``members`` with ``weights`` (normalised to sum 1): tower-sharing when possible.
+    ``flip_tta``: the embedding pipeline averages each image's embedding with its mirror's."""
     cls = TowerScoreEnsemble if shares_towers(members) else ScoreEnsemble
-    return cls(members, weights)
+    return cls(members, weights, flip_tta=flip_tta)
+
+
+def read_ensemble_folder(folder: str | Path) -> tuple[list[str], list[float], bool]:
+    """Member specs, weights and the flip test-time augmentation setting of an ensemble model folder
+    (``ensemble.json`` from ``cliplab ensemble``)."""
+    path = Path(folder) / rundir.ENSEMBLE
+    data = rundir.read_json(path)
+    members, weights = data.get("members"), data.get("weights")
+    if not isinstance(members, list) or not isinstance(weights, list) or not members \
+            or not all(isinstance(m, str) for m in members):
+        raise ConfigError(f"{path}: needs 'members' (model specs) and 'weights' (numbers) lists")
+    if len(members) != len(weights):
+        raise ConfigError(f"{path}: {len(members)} members but {len(weights)} weights")
+    # local members are stored relative to the folder (see ``ensemble_member_spec``)
+    flip_tta = data.get("flip_tta", False)
+    if not isinstance(flip_tta, bool):
+        raise ConfigError(f"{path}: 'flip_tta' must be true or false, not {flip_tta!r}")
+    return [str(Path(folder) / m) if (Path(folder) / m).exists() else m for m in members], weights, flip_tta
+
+
+def ensemble_member_spec(spec: str, folder: str | Path) -> str:
+    """How ``ensemble.json`` in ``folder`` names a member: a local path relative to the folder (so the folders
+    can move together), any other spec (``conse``, ``clip:...``, a hub id) as given."""
+    import os
+
+    return os.path.relpath(Path(spec).resolve(), Path(folder).resolve()) if Path(spec).exists() else spec
 
 
 def parse_ensemble_spec(spec: str) -> tuple[list[str], list[float]]:

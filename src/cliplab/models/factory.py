@@ -9,7 +9,8 @@
   ``hf-hub:...``, HF id);
 - a training run folder (its dev-selected ``best/``) or a saved model folder (two-tower or tuned CLIP);
 - ``ensemble:W*SPEC+W*SPEC``: a weighted sum of the named models' similarities
-  (:mod:`cliplab.models.ensemble`), e.g. ``ensemble:0.6*conse+0.4*runs/demo``.
+  (:mod:`cliplab.models.ensemble`), e.g. ``ensemble:0.6*conse+0.4*runs/demo``; or a folder written by
+  ``cliplab ensemble`` (its ``ensemble.json`` names the members and their dev-chosen weights).
 
 Every model returned satisfies :class:`~cliplab.models.base.EmbeddingModel`.
 """
@@ -30,7 +31,7 @@ from cliplab.models.conse import ConSE
 from cliplab.models.image_tower import ImageTower, ImageTowerConfig
 from cliplab.models.text_tower import TextTower, TextTowerConfig
 from cliplab.models.two_tower import CONFIG_NAME, TwoTower, TwoTowerConfig
-from cliplab.rundir import BEST
+from cliplab.rundir import BEST, ENSEMBLE
 
 
 _TOWERS: OrderedDict[str, torch.nn.Module] = OrderedDict()  # recently built pretrained towers (pristine)
@@ -83,7 +84,23 @@ def model_folder_kind(path: Path) -> str | None:
         return "twotower"
     if (path / CLIP_TUNED_CONFIG).is_file():
         return "clip"
+    if (path / ENSEMBLE).is_file():
+        return "ensemble"
     return None
+
+
+def _load_ensemble(spec: str, members: list[str], weights: list[float], flip_tta: bool = False) -> EmbeddingModel:
+    from cliplab.models.ensemble import score_ensemble
+
+    for m in members:
+        p = Path(m)
+        if m.startswith("ensemble:") or (p.is_dir() and model_folder_kind(p) == "ensemble"):
+            raise ConfigError(f"{spec}: ensembles do not nest (member {m}); list every model in one ensemble")
+    if len(members) == 1 and not spec.startswith("ensemble:"):  # a dev search that kept one member: that model
+        model = load_model(members[0])
+        model.flip_tta = flip_tta  # read by the embedding pipeline
+        return model
+    return score_ensemble([load_model(m) for m in members], weights, flip_tta=flip_tta)
 
 
 def load_model(spec: str | Path, device: str | torch.device = "cpu") -> EmbeddingModel:
@@ -96,12 +113,9 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> Embeddin
     elif spec.startswith("clip:"):
         model = load_clip(spec[5:])
     elif spec.startswith("ensemble:"):
-        from cliplab.models.ensemble import parse_ensemble_spec, score_ensemble
+        from cliplab.models.ensemble import parse_ensemble_spec
 
-        specs, weights = parse_ensemble_spec(spec[len("ensemble:"):])
-        if any(s.startswith("ensemble:") for s in specs):
-            raise ConfigError(f"{spec}: ensembles do not nest; list every model in one ensemble: spec")
-        model = score_ensemble([load_model(s) for s in specs], weights)
+        model = _load_ensemble(spec, *parse_ensemble_spec(spec[len("ensemble:"):]))
     else:
         path = Path(spec)
         if (path / BEST).is_dir():
@@ -111,6 +125,10 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> Embeddin
             model = TwoTower.load(path, build_tower=pretrained_tower)
         elif kind == "clip":
             model = load_clip(str(path))
+        elif kind == "ensemble":
+            from cliplab.models.ensemble import read_ensemble_folder
+
+            model = _load_ensemble(spec, *read_ensemble_folder(path))
         elif not path.exists():
             raise ConfigError(f"model not found: {spec} (give 'conse', 'clip:SPEC', 'ensemble:W*A+W*B', a run folder "
                               "or a model folder)")

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from cliplab import rundir
-from cliplab.data.captions import load_caption_dataset
+from cliplab.data.captions import check_disjoint_splits, load_caption_dataset
 from cliplab.data.images import ImageFiles, MirroredImages
 from cliplab.embed.cache import FeatureCache
 from cliplab.embed.extract import embed_images
@@ -85,18 +85,8 @@ def check_splits(config: RunConfig) -> None:
     """Train, dev and test must be non-empty and share no image (asserted before any features are computed):
     the dev split selects, the test split is reported once."""
     d = config.data
-    names = {"train": d.train_split, "dev": d.dev_split, "test": d.test_split}
-    images = {}
-    for role, split in names.items():
-        ds = load_caption_dataset(d.path, split, image_root=d.image_root, on_error="skip")
-        if ds.num_images == 0:
-            raise ConfigError(f"{d.path}: the {role} split ({split!r}) has no images")
-        images[role] = {str(p.resolve()) for p in ds.image_paths()}
-    for a, b in (("train", "test"), ("dev", "test"), ("train", "dev")):
-        shared = images[a] & images[b]
-        if shared:
-            raise ConfigError(f"{d.path}: the {a} split ({names[a]!r}) and the {b} split ({names[b]!r}) share "
-                              f"{len(shared)} image(s), e.g. {sorted(shared)[0]}; they must be disjoint")
+    check_disjoint_splits(d.path, {"train": d.train_split, "dev": d.dev_split, "test": d.test_split},
+                          image_root=d.image_root)
 
 
 def split_inputs(model, fingerprints: tuple[str, str], feats, config: RunConfig, cache: FeatureCache, device,

@@ -101,6 +101,9 @@ def describe_run(run_dir: Path) -> dict:
         return {"kind": "wise", "results": rundir.read_json(run_dir / rundir.WISE)}
     if kind == "caption":
         return {"kind": "caption", "results": rundir.read_json(run_dir / rundir.CAPTIONS)}
+    if kind == "ensemble":
+        res = rundir.read_json(run_dir / rundir.ENSEMBLE)
+        return {"kind": "ensemble", "results": res, **({"retrieval": {"ensemble": res["test"]}} if res.get("test") else {})}
     raise ConfigError(f"{run_dir}: a {kind} run has nothing to report")
 
 
@@ -143,6 +146,15 @@ def _run_section(run_dir: Path, info: dict, anchor: str) -> str:
         header = list(res["rows"][0]) if res["rows"] else []
         parts.append(f"<h3>WiSE-FT: {html.escape(res['initial'])} → {html.escape(res['finetuned'])}</h3>"
                      + _table(header, [[_fmt(r[h]) for h in header] for r in res["rows"]]))
+    if info["kind"] == "ensemble":
+        res = info["results"]
+        metric = res["select_metric"]
+        rows = [[spec, _fmt(res["all_weights"][spec]), _fmt(m["t2i_r1"]), _fmt(m["i2t_r1"]), _fmt(m[metric])]
+                for spec, m in res["members_dev"].items()]
+        rows.append(["ensemble (chosen)", "", _fmt(res["dev"]["t2i_r1"]), _fmt(res["dev"]["i2t_r1"]),
+                     _fmt(res["dev"][metric])])
+        parts.append(f"<h3>Score ensemble: weights chosen on {html.escape(res['split'])} {html.escape(metric)}</h3>"
+                     + _table(["member", "weight", "T→I R@1", "I→T R@1", metric], rows))
     if info["kind"] == "caption":
         res = info["results"]
         keys = ["bleu1", "bleu4", "meteor", "rouge_l", "cider", "clipscore", "refclipscore"]
