@@ -310,3 +310,29 @@ def test_flip_tta_averages_each_image_with_its_mirror(pair, caption_dir, tmp_pat
     (folder / "ensemble.json").write_text(json.dumps({"members": ["conse"], "weights": [1], "flip_tta": "yes"}))
     with pytest.raises(Exception, match="'flip_tta' must be true or false"):
         load_model(folder)
+
+
+def test_search_queries_by_image_match_the_index_for_mixed_input_ensembles(pair, caption_dir):
+    """An image query under an ensemble of members with different inputs (and flip TTA) is embedded exactly as
+    the index embeds that image, so the image finds itself with score 1."""
+    import copy
+
+    import numpy as np
+
+    from cliplab.data.images import load_rgb
+    from cliplab.embed.pipeline import image_embeddings
+    from cliplab.models.ensemble import ScoreEnsemble
+    from cliplab.models.factory import load_model
+    from cliplab.serve.query import QueryEncoder
+
+    a = load_model(str(pair / "tuned"))
+    b = copy.deepcopy(load_model(str(pair / "initial")))
+    b.image_tower.image_size = 200
+    paths = sorted((caption_dir / "images").glob("*.jpg"))[:3]
+    for flip in (False, True):
+        ens = ScoreEnsemble([a, b], [0.3, 0.7], flip_tta=flip)
+        stored, valid, _ = image_embeddings(ens, paths, progress=False)
+        enc = QueryEncoder(ens)
+        for row, path in enumerate(paths):
+            q = enc.image(load_rgb(path))
+            assert float(np.dot(q, stored[row])) == pytest.approx(1.0, abs=1e-4), (flip, path.name)

@@ -106,6 +106,15 @@ class TowerScoreEnsemble(ScoreEnsemble):
         return self.join([m.project_text(features, normalize=True) for m in self.members])
 
 
+def image_inputs(model: EmbeddingModel, images: Sequence) -> torch.Tensor | list[torch.Tensor]:
+    """What ``model.encode_image`` takes for a list of PIL images: one preprocessed batch, or for an ensemble of
+    members with different inputs one batch per member (each through its own ``preprocess()``)."""
+    if isinstance(model, ScoreEnsemble) and not model.shared_input:
+        return [torch.stack([m.preprocess()(im) for im in images]) for m in model.members]
+    transform = model.preprocess()
+    return torch.stack([transform(im) for im in images])
+
+
 def shares_towers(members: Sequence[EmbeddingModel]) -> bool:
     """Whether every member is a TowerModel over the same (fingerprint-equal) image and text towers."""
     if not all(isinstance(m, TowerModel) for m in members):

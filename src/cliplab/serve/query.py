@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cliplab.errors import CliplabError, DataError
+from cliplab.models.ensemble import image_inputs
 
 
 @dataclass
@@ -50,7 +52,7 @@ def parse_cli_query(args: list[str]) -> list[QueryTerm]:
 
 def decode_image_bytes(data: bytes, max_pixels: int) -> "object":
     """An uploaded image, checked before decoding: size limit in pixels (decompression bombs), then RGB."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -72,7 +74,7 @@ class QueryEncoder:
 
     def __init__(self, model, cache_size: int = 1024, max_batch: int = 64) -> None:
         self.model = model.eval()
-        self.transform = model.preprocess()
+        self.flip_tta = bool(getattr(model, "flip_tta", False))  # as the index was built (embed.pipeline)
         self.lock = threading.Lock()  # one model call at a time (fast tokenizers are not re-entrant)
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.cache_lock = threading.Lock()
@@ -119,9 +121,12 @@ class QueryEncoder:
 
     @torch.inference_mode()
     def image(self, image) -> np.ndarray:
-        x = self.transform(image)[None]
+        """A query image's unit embedding, made as the index's images were (flip TTA when the model asks)."""
+        views = [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)] if self.flip_tta else [image]
+        x = image_inputs(self.model, views)
         with self.lock:
-            return self.model.encode_image(x, normalize=True).float().cpu().numpy()[0]
+            z = self.model.encode_image(x, normalize=True).float().sum(0)
+        return torch.nn.functional.normalize(z, dim=-1).cpu().numpy()
 
     def compose(self, terms: list[QueryTerm], index) -> tuple[np.ndarray, set[int]]:
         """The unit-norm sum of signed term embeddings, and the indexed items used as queries (excluded from
