@@ -336,3 +336,25 @@ def test_search_queries_by_image_match_the_index_for_mixed_input_ensembles(pair,
         for row, path in enumerate(paths):
             q = enc.image(load_rgb(path))
             assert float(np.dot(q, stored[row])) == pytest.approx(1.0, abs=1e-4), (flip, path.name)
+
+
+def test_probe_features_of_an_ensemble_are_its_members_features_side_by_side(labelled_splits, tmp_path, cli):
+    """ConSE over Lite0 (224 px) and Lite1 (240 px): probe features concatenate the two towers' features, and
+    `cliplab probe` runs on the ensemble."""
+    import numpy as np
+
+    from cliplab.data.labelled import load_labelled
+    from cliplab.embed.pipeline import image_tower_features
+    from cliplab.models.factory import load_model
+
+    spec = "ensemble:conse+conse:efficientnet_lite1"
+    ens = load_model(spec)
+    assert not ens.shared_input
+    images = load_labelled(labelled_splits, split="test").images
+    both = image_tower_features(ens, images, progress=False, flip_tta=True)
+    parts = [image_tower_features(load_model(s), images, progress=False, flip_tta=True)
+             for s in ("conse", "conse:efficientnet_lite1")]
+    assert both.shape == (len(images), 2560) and np.allclose(both, np.concatenate(parts, 1))
+    res = cli("probe", labelled_splits, "-m", spec, "--method", "logistic", "--run-dir", tmp_path / "p")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads((tmp_path / "p" / "probe.json").read_text())["feature_dim"] == 2560

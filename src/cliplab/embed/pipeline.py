@@ -242,12 +242,16 @@ def encode_images(model: nn.Module, images, *, cache: FeatureCache | None = None
 def image_tower_features(model: nn.Module, images, *, cache: FeatureCache | None = None,
                          device: str | torch.device = "cpu", progress: bool = True, desc: str = "images",
                          flip_tta: bool = False, **kwargs) -> np.ndarray:
-    """Frozen image features for linear probes: the image tower's pooled output, or a CLIP's image embedding.
+    """Frozen image features for linear probes: the image tower's pooled output, or a CLIP's image embedding;
+    for an ensemble of models with their own towers, the members' features side by side.
 
     ``flip_tta`` averages the features of each image and its horizontal mirror.
     """
-    tower = feature_towers(model.eval().to(device))[0]
     images = images if isinstance(images, ImageSet) else ImageFiles(images)
+    if per_member(model):
+        return np.concatenate([image_tower_features(m, images, cache=cache, device=device, progress=progress,
+                                                    desc=desc, flip_tta=flip_tta, **kwargs) for m in model.members], 1)
+    tower = feature_towers(model.eval().to(device))[0]
     feats = np.array(embed_images(tower, images, cache=cache, device=device, progress=progress, desc=desc,
                                   **kwargs).features, dtype=np.float32)
     if flip_tta:
