@@ -358,3 +358,46 @@ def test_probe_features_of_an_ensemble_are_its_members_features_side_by_side(lab
     res = cli("probe", labelled_splits, "-m", spec, "--method", "logistic", "--run-dir", tmp_path / "p")
     assert res.returncode == 0, res.stdout + res.stderr
     assert json.loads((tmp_path / "p" / "probe.json").read_text())["feature_dim"] == 2560
+
+
+def test_ensemble_command_for_zero_shot_chooses_on_a_labelled_split(pair, labelled_splits, tmp_path, cli):
+    """`--task zeroshot`: the weights are chosen by accuracy on the train split; the search's closed-form scores
+    equal ZeroShotClassifier on the ensemble model (brute force), and test is reported once."""
+    from cliplab.data.labelled import load_labelled
+    from cliplab.embed.pipeline import encode_images
+    from cliplab.eval.classification import classification_metrics
+    from cliplab.eval.zeroshot import ZeroShotClassifier
+    from cliplab.models.ensemble import score_ensemble
+    from cliplab.models.factory import load_model
+    from cliplab.train.ensemble import _ZeroShot
+
+    specs = ["conse", str(pair / "initial"), str(pair / "tuned")]
+    models = [load_model(s) for s in specs]
+    objective = _ZeroShot(str(labelled_splits), "train", "test", "simple7")
+    with torch.inference_mode():
+        parts = [objective.embed(m, progress=False) for m in models]
+        for weights in ([0.2, 0.8, 0.0], [0.5, 0.25, 0.25]):
+            keep = [i for i in range(3) if weights[i] > 0]
+            ens = score_ensemble([models[i] for i in keep], [weights[i] for i in keep])
+            emb = encode_images(ens, objective.ds.images, progress=False)
+            want = ZeroShotClassifier(ens, objective.ds.class_names, "simple7").scores(emb).numpy()
+            got = objective.metrics([parts[i] for i in keep], [weights[i] for i in keep])
+            assert got["accuracy"] == classification_metrics(objective.ds.labels, want, objective.ds.class_names)["accuracy"]
+            num = sum(weights[i] * (parts[i][0] @ parts[i][1].T) for i in keep)
+            den = sum(weights[i] * (parts[i][1] ** 2).sum(-1) for i in keep).sqrt()
+            assert torch.allclose(num / den, torch.from_numpy(want), atol=1e-5)
+    out = tmp_path / "zs"
+    res = cli("ensemble", *specs, "--task", "zeroshot", "--data", labelled_splits, "--split", "train",
+              "--templates", "simple7", "--grid", "0,0.5,1", "--test", "--run-dir", out, cache=pair / "cache")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rec = json.loads((out / "ensemble.json").read_text())
+    assert rec["task"] == "zeroshot" and rec["select_metric"] == "accuracy" and rec["test"]
+    assert rec["dev"]["accuracy"] >= max(m["accuracy"] for m in rec["members_dev"].values())
+    test = load_labelled(labelled_splits, split="test")
+    model = load_model(out)
+    scores = ZeroShotClassifier(model, test.class_names, "simple7").scores(
+        encode_images(model, test.images, progress=False)).numpy()
+    assert classification_metrics(test.labels, scores, test.class_names)["accuracy"] == rec["test"]["accuracy"]
+    res = cli("ensemble", *specs[:2], "--task", "zeroshot", "--data", labelled_splits, "--split", "train",
+              "--metric", "rsum", "--run-dir", tmp_path / "bad", cache=pair / "cache")
+    assert res.returncode != 0 and "unknown classification metric" in res.stdout + res.stderr

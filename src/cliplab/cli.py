@@ -816,13 +816,18 @@ def interpolate(
 @app.command()
 def ensemble(
     models: List[str] = typer.Argument(..., help="two or more models (run or model folders, conse, clip:SPEC)"),
-    data: str = typer.Option(DEFAULT_DATA, help="caption dataset whose --split chooses the weights"),
-    split: str = typer.Option("dev", help="the selection split (never the test split)"),
+    data: str = typer.Option(DEFAULT_DATA, help="caption dataset (--task retrieval) or labelled image set "
+                                                "(--task zeroshot) whose --split chooses the weights"),
+    task: str = typer.Option("retrieval", help="retrieval (caption retrieval) or zeroshot (classification)"),
+    split: str = typer.Option("dev", help="the selection split (never the test split; e.g. train for a labelled "
+                                          "set the members were not trained on)"),
     test: bool = typer.Option(False, "--test", help="evaluate the chosen ensemble on --test-split once, after"),
     test_split: str = typer.Option("test"),
     grid: str = typer.Option("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="comma-separated weight values tried "
                                                                                "per member (relative weights)"),
-    metric: str = typer.Option("rsum", help="dev retrieval metric to optimise (as train.select_metric)"),
+    metric: Optional[str] = typer.Option(None, help="metric to maximise: a retrieval metric (default rsum) or "
+                                                    "accuracy / top5 / macro_f1 for zeroshot (default accuracy)"),
+    templates: str = typer.Option("clip80", help="--task zeroshot: prompt variant"),
     flip_tta: bool = typer.Option(False, "--flip-tta", help="embed each image averaged with its mirror (recorded "
                                                             "in the folder: applies wherever it is used)"),
     image_root: Optional[Path] = typer.Option(None),
@@ -830,21 +835,28 @@ def ensemble(
     cache_dir: Optional[Path] = CacheOpt,
     device: str = typer.Option("auto"),
 ) -> None:
-    """Choose score-ensemble weights of several models on dev retrieval; writes a model folder (ensemble.json)."""
+    """Choose score-ensemble weights of several models on dev data; writes a model folder (ensemble.json)."""
     from cliplab.train.ensemble import choose_ensemble
     from cliplab.utils import resolve_device
 
+    _check_choices("--task", [task], ("retrieval", "zeroshot"))
     try:
         values = [float(g) for g in grid.split(",") if g.strip()]
     except ValueError:
         raise CliplabError(f"--grid takes comma-separated numbers, not {grid!r}") from None
     out = _run_dir(run_dir, "ensemble")
     result = choose_ensemble(models, data=data, split=split, test=test, test_split=test_split, grid=values,
-                             metric=metric, flip_tta=flip_tta, image_root=str(image_root) if image_root else None,
-                             cache_dir=cache_dir, device=resolve_device(device), run_dir=out,
+                             metric=metric, flip_tta=flip_tta, task=task, templates=templates,
+                             image_root=str(image_root) if image_root else None, cache_dir=cache_dir,
+                             device=resolve_device(device), run_dir=out,
                              log=lambda m: console.print(m, highlight=False, markup=False))
-    if result["test"]:
+    if result["test"] and task == "retrieval":
         _print_retrieval({"ensemble": result["test"]}, f"retrieval: {data} ({test_split}), weights chosen on {split}")
+    elif result["test"]:
+        t = result["test"]
+        top5 = f", top-5 {t['top5']:.2f}" if "top5" in t else ""
+        console.print(f"zero-shot on {data} ({test_split}), weights chosen on {split}: accuracy {t['accuracy']:.2f}"
+                      f"{top5}, macro-F1 {t['macro_f1']:.2f}", highlight=False)
     console.print(f"ensemble model folder: {out} (use it as -m {out})", soft_wrap=True)
 
 

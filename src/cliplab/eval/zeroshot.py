@@ -54,16 +54,28 @@ def resolve_templates(spec: str | Sequence[str]) -> list[str]:
 
 
 @torch.inference_mode()
-def class_text_embeddings(model: nn.Module, class_names: Sequence[str], templates: Sequence[str], *,
-                          normalize: bool = True, batch_size: int = 256) -> torch.Tensor:
-    """``[C, d]`` class embeddings averaged over templates (normalised per template and after, if asked)."""
+def _prompt_embeddings(model: nn.Module, class_names: Sequence[str], templates: Sequence[str], normalize: bool,
+                       batch_size: int = 256) -> torch.Tensor:
+    """``[T, C, d]`` embeddings of every template filled with every class (unit per prompt if ``normalize``)."""
     per_template = []
     for tpl in templates:
         texts = [tpl.format(c) for c in class_names]
         emb = torch.cat([model.encode_text(texts[i:i + batch_size], normalize=False).float()
                          for i in range(0, len(texts), batch_size)])
         per_template.append(F.normalize(emb, dim=-1) if normalize else emb)
-    mean = torch.stack(per_template).mean(0)
+    return torch.stack(per_template)
+
+
+def template_mean_embeddings(model: nn.Module, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """``[C, d]`` mean over templates of unit prompt embeddings, not renormalised (its norm says how much the
+    templates agree; score ensembles weigh members by it)."""
+    return _prompt_embeddings(model, class_names, templates, normalize=True).mean(0)
+
+
+def class_text_embeddings(model: nn.Module, class_names: Sequence[str], templates: Sequence[str], *,
+                          normalize: bool = True, batch_size: int = 256) -> torch.Tensor:
+    """``[C, d]`` class embeddings averaged over templates (normalised per template and after, if asked)."""
+    mean = _prompt_embeddings(model, class_names, templates, normalize, batch_size).mean(0)
     return F.normalize(mean, dim=-1) if normalize else mean
 
 

@@ -1,4 +1,5 @@
-"""Choose the weights of a score ensemble on dev data (``cliplab ensemble``).
+"""Choose the weights of a score ensemble on dev data (``cliplab ensemble``), for caption retrieval (dev R-sum by
+default) or for zero-shot classification (accuracy on a labelled split that is not the test split).
 
 Every member is embedded once on the selection split (member by member, features cached); the weights are then
 found by greedy coordinate ascent on a grid: start from the best single member (weight 1), and in rounds try
@@ -20,9 +21,11 @@ import torch
 from cliplab import rundir
 from cliplab.data.captions import check_disjoint_splits, load_caption_dataset
 from cliplab.embed.cache import FeatureCache
-from cliplab.embed.pipeline import encode_dataset
+from cliplab.embed.pipeline import encode_dataset, encode_images
 from cliplab.errors import ConfigError
+from cliplab.eval.classification import classification_metrics
 from cliplab.eval.retrieval import metric_direction, retrieval_metrics
+from cliplab.eval.zeroshot import ZeroShotClassifier, resolve_templates, template_mean_embeddings
 from cliplab.models.ensemble import ensemble_member_spec, join_embeddings
 from cliplab.models.factory import load_model, model_folder_kind
 from cliplab.utils import write_json, write_text
@@ -85,33 +88,115 @@ def search_weights(score: Callable[[tuple[float, ...]], float], n: int, grid: Se
 
 def _markdown(result: dict) -> str:
     metric = result["select_metric"]
-    lines = [f"# Score ensemble chosen on {result['data']} ({result['split']})", "",
+    cols = [("t2i_r1", "T→I R@1"), ("i2t_r1", "I→T R@1")] if result["task"] == "retrieval" else [("top5", "top-5")]
+    cols = [(k, h) for k, h in cols if k != metric and k in result["dev"]] + [(metric, metric)]
+    what = "retrieval" if result["task"] == "retrieval" else f"zero-shot classification ({result['templates']} prompts)"
+    lines = [f"# Score ensemble for {what}, chosen on {result['data']} ({result['split']})", "",
              "Images embedded with flip test-time augmentation (each averaged with its mirror)."
              if result.get("flip_tta") else "No test-time augmentation.", "",
-             f"Weights by greedy coordinate ascent on the grid {result['search']['grid']} maximising dev {metric} "
-             f"({result['search']['evaluated']} weightings tried, {result['search']['rounds']} rounds); "
+             f"Weights by greedy coordinate ascent on the grid {result['search']['grid']} maximising "
+             f"{result['split']} {metric} ({result['search']['evaluated']} weightings tried, "
+             f"{result['search']['rounds']} rounds); "
              + ("test evaluated once, after the choice." if result.get("test") else "test not evaluated."), "",
-             f"| member | weight | {result['split']} T→I R@1 | I→T R@1 | {metric} |", "|---|---|---|---|---|"]
+             f"| member | weight | " + " | ".join(f"{result['split']} {h}" for _, h in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
     for spec, m in result["members_dev"].items():
-        w = result["all_weights"][spec]
-        lines.append(f"| {spec} | {w:.3f} | {m['t2i_r1']:.2f} | {m['i2t_r1']:.2f} | {m[metric]:.2f} |")
-    d = result["dev"]
-    lines.append(f"| **ensemble** | | {d['t2i_r1']:.2f} | {d['i2t_r1']:.2f} | {d[metric]:.2f} |")
+        lines.append(f"| {spec} | {result['all_weights'][spec]:.3f} | " + " | ".join(f"{m[k]:.2f}" for k, _ in cols)
+                     + " |")
+    lines.append("| **ensemble** | | " + " | ".join(f"{result['dev'][k]:.2f}" for k, _ in cols) + " |")
     if result.get("test"):
         t = result["test"]
-        lines += ["", f"Test ({result['test_split']}): T→I R@1 {t['t2i_r1']:.2f}, R@5 {t['t2i_r5']:.2f}, "
-                  f"R@10 {t['t2i_r10']:.2f}; I→T R@1 {t['i2t_r1']:.2f}, R@5 {t['i2t_r5']:.2f}, R@10 {t['i2t_r10']:.2f}; "
-                  f"R-sum {t['rsum']:.2f}"]
+        lines += ["", f"Test ({result['test_split']}): " + ", ".join(f"{h} {t[k]:.2f}" for k, h in cols)]
     return "\n".join(lines) + "\n"
+
+
+class _Retrieval:
+    """Caption retrieval on a split: members' unit embeddings once, any weighting's metrics from them."""
+
+    task, default_metric = "retrieval", "rsum"
+
+    def __init__(self, data: str, split: str, test_split: str, image_root: str | None) -> None:
+        self.data, self.split, self.test_split, self.image_root = data, split, test_split, image_root
+
+    def check(self, test: bool) -> None:
+        if test:
+            check_disjoint_splits(self.data, {"selection": self.split, "test": self.test_split},
+                                  image_root=self.image_root)
+
+    def embed(self, model, **kw) -> tuple:
+        img, txt, used = encode_dataset(model, self.selection(), **kw)
+        self.caption_image = used.caption_image
+        return img, txt
+
+    def selection(self):
+        if not hasattr(self, "_ds"):
+            self._ds = load_caption_dataset(self.data, self.split, image_root=self.image_root)
+        return self._ds
+
+    def metrics(self, parts: list[tuple], weights: Sequence[float]) -> dict:
+        img = join_embeddings([p[0] for p in parts], weights)
+        txt = join_embeddings([p[1] for p in parts], weights)
+        return retrieval_metrics(img, txt, self.caption_image).metrics
+
+    def test_metrics(self, model, **kw) -> dict:
+        img, txt, used = encode_dataset(model, load_caption_dataset(self.data, self.test_split,
+                                                                    image_root=self.image_root), **kw)
+        return retrieval_metrics(img, txt, used.caption_image).metrics
+
+
+class _ZeroShot:
+    """Zero-shot classification of a labelled split: per member, unit image embeddings and the template means of
+    its unit class-prompt embeddings; an ensemble's class embedding is the normalised mean over templates of the
+    joined prompt embeddings, so its cosine score is ``sum_i w_i <x_i, m_i> / sqrt(sum_i w_i |m_i|^2)`` per class
+    (what :class:`ZeroShotClassifier` computes for the ensemble model, tested)."""
+
+    task, default_metric = "zeroshot", "accuracy"
+
+    def __init__(self, data: str, split: str, test_split: str, templates: str) -> None:
+        from cliplab.data.labelled import load_labelled
+
+        self.data, self.split, self.test_split, self.templates = data, split, test_split, templates
+        resolve_templates(templates)
+        self.ds = load_labelled(data, split=split)
+        self._load = load_labelled
+
+    def check(self, test: bool) -> None:
+        from cliplab.data.labelled import assert_disjoint
+
+        if test:
+            self.test_ds = self._load(self.data, split=self.test_split)
+            if self.test_ds.class_names != self.ds.class_names:
+                raise ConfigError(f"{self.data}: classes of {self.split!r} and {self.test_split!r} differ")
+            assert_disjoint(self.ds, self.test_ds)
+
+    def embed(self, model, **kw) -> tuple:
+        kw.pop("on_error", None)
+        img = encode_images(model, self.ds.images, normalize=True, **kw)
+        means = template_mean_embeddings(model, self.ds.class_names, resolve_templates(self.templates))
+        return img, means
+
+    def metrics(self, parts: list[tuple], weights: Sequence[float]) -> dict:
+        num = sum(w * (p[0] @ p[1].T) for w, p in zip(weights, parts))
+        den = sum(w * (p[1] ** 2).sum(-1) for w, p in zip(weights, parts)).sqrt()
+        return classification_metrics(self.ds.labels, (num / den).numpy(), self.ds.class_names)
+
+    def test_metrics(self, model, **kw) -> dict:
+        kw.pop("on_error", None)
+        emb = encode_images(model, self.test_ds.images, **kw)
+        scores = ZeroShotClassifier(model, self.test_ds.class_names, self.templates).scores(emb).cpu().numpy()
+        return classification_metrics(self.test_ds.labels, scores, self.test_ds.class_names)
 
 
 def choose_ensemble(member_specs: Sequence[str], *, data: str, run_dir: str | Path, split: str = "dev",
                     test_split: str = "test", test: bool = False, grid: Sequence[float] = DEFAULT_GRID,
-                    metric: str = "rsum", flip_tta: bool = False, image_root: str | None = None, cache_dir=None,
-                    device="cpu", progress: bool = True, log=print) -> dict:
+                    metric: str | None = None, flip_tta: bool = False, task: str = "retrieval",
+                    templates: str = "clip80", image_root: str | None = None, cache_dir=None, device="cpu",
+                    progress: bool = True, log=print) -> dict:
     """Choose ensemble weights of ``member_specs`` on ``split`` of ``data`` and write the ensemble model folder
-    ``run_dir`` (``ensemble.json`` + ``results.md``); returns the JSON record. ``flip_tta``: every member embeds
-    each image averaged with its mirror, in the search and whenever the folder is used as a model."""
+    ``run_dir`` (``ensemble.json`` + ``results.md``); returns the JSON record. ``task``: ``retrieval`` (a caption
+    dataset, metric ``rsum`` by default) or ``zeroshot`` (a labelled set, ``templates`` prompts, metric
+    ``accuracy``). ``flip_tta``: every member embeds each image averaged with its mirror, in the search and
+    whenever the folder is used as a model."""
     if len(member_specs) < 2:
         raise ConfigError("an ensemble needs at least two models")
     if len(set(member_specs)) != len(member_specs):
@@ -119,29 +204,34 @@ def choose_ensemble(member_specs: Sequence[str], *, data: str, run_dir: str | Pa
     for spec in member_specs:
         if str(spec).startswith("ensemble:") or (Path(spec).is_dir() and model_folder_kind(Path(spec)) == "ensemble"):
             raise ConfigError(f"{spec} is an ensemble; ensembles do not nest: list its members instead")
-    direction = metric_direction(metric)
-    if test:
-        if split == test_split:
-            raise ConfigError(f"split {split!r} chooses the weights, so the test evaluation must report another split "
-                              "(selection on dev only)")
-        check_disjoint_splits(data, {"selection": split, "test": test_split}, image_root=image_root)
+    if task not in ("retrieval", "zeroshot"):
+        raise ConfigError(f"ensemble task must be retrieval or zeroshot, not {task!r}")
+    if test and split == test_split:
+        raise ConfigError(f"split {split!r} chooses the weights, so the test evaluation must report another split "
+                          "(selection on dev only)")
+    objective = _Retrieval(data, split, test_split, image_root) if task == "retrieval" else \
+        _ZeroShot(data, split, test_split, templates)
+    metric = metric or objective.default_metric
+    if task == "retrieval":
+        direction = metric_direction(metric)
+    elif metric in ("accuracy", "top5", "macro_f1", "macro_precision", "macro_recall"):
+        direction = "max"
+    else:
+        raise ConfigError(f"unknown classification metric {metric!r}; choose accuracy, top5, macro_f1, "
+                          "macro_precision or macro_recall")
+    objective.check(test)
     models = [load_model(s, device=device) for s in member_specs]  # every member loads before any long work
     cache = FeatureCache(cache_dir)
-    ds = load_caption_dataset(data, split, image_root=image_root)
     embedded, members_dev = [], {}
     for spec, model in zip(member_specs, models):
-        img, txt, used = encode_dataset(model, ds, cache=cache, device=device, progress=progress, flip_tta=flip_tta)
-        embedded.append((img, txt))
-        members_dev[spec] = retrieval_metrics(img, txt, used.caption_image).metrics
-        log(f"{spec}: {split} T→I R@1 {members_dev[spec]['t2i_r1']:.2f}, I→T R@1 {members_dev[spec]['i2t_r1']:.2f}, "
-            f"{metric} {members_dev[spec][metric]:.2f}")
-    caption_image = used.caption_image
+        with torch.inference_mode():
+            embedded.append(objective.embed(model, cache=cache, device=device, progress=progress, flip_tta=flip_tta))
+        members_dev[spec] = _brief(objective.metrics([embedded[-1]], [1.0]))
+        log(f"{spec}: {split} {metric} {members_dev[spec][metric]:.2f}")
 
     def dev_metrics(weights: Sequence[float]) -> dict:
         keep = [i for i, w in enumerate(weights) if w > 0]
-        img = join_embeddings([embedded[i][0] for i in keep], [weights[i] for i in keep])
-        txt = join_embeddings([embedded[i][1] for i in keep], [weights[i] for i in keep])
-        return retrieval_metrics(img, txt, caption_image).metrics
+        return objective.metrics([embedded[i] for i in keep], [weights[i] for i in keep])
 
     found = search_weights(lambda w: dev_metrics(w)[metric], len(models), grid, maximize=direction == "max")
     keep = [i for i, w in enumerate(found.weights) if w > 0]
@@ -150,9 +240,10 @@ def choose_ensemble(member_specs: Sequence[str], *, data: str, run_dir: str | Pa
     run_dir = Path(run_dir)
     result = {"members": [ensemble_member_spec(member_specs[i], run_dir) for i in keep],
               "weights": [found.weights[i] for i in keep], "flip_tta": flip_tta,
-              "all_weights": dict(zip(member_specs, found.weights)),
+              "all_weights": dict(zip(member_specs, found.weights)), "task": task,
+              "templates": templates if task == "zeroshot" else None,
               "data": str(data), "split": split, "select_metric": metric, "direction": direction,
-              "dev": dev_metrics(found.weights), "members_dev": members_dev,
+              "dev": _brief(dev_metrics(found.weights)), "members_dev": members_dev,
               "search": {"method": "greedy coordinate ascent from the best single member", "grid": list(grid),
                          "evaluated": found.evaluated, "rounds": found.rounds, "trace": found.trace},
               "test_split": test_split, "test": None, "provenance": rundir.provenance()}
@@ -161,9 +252,13 @@ def choose_ensemble(member_specs: Sequence[str], *, data: str, run_dir: str | Pa
     write_json(run_dir / rundir.ENSEMBLE, result)  # a loadable model from here on
     if test:
         model = load_model(run_dir, device=device)  # as users will load it
-        img, txt, used = encode_dataset(model, load_caption_dataset(data, test_split, image_root=image_root),
-                                        cache=cache, device=device, progress=progress)
-        result["test"] = retrieval_metrics(img, txt, used.caption_image).metrics
+        with torch.inference_mode():
+            result["test"] = _brief(objective.test_metrics(model, cache=cache, device=device, progress=progress))
         write_json(run_dir / rundir.ENSEMBLE, result)
     write_text(run_dir / rundir.RESULTS_MD, _markdown(result))
     return result
+
+
+def _brief(metrics: dict) -> dict:
+    """The scalar metrics (classification results also carry per-class tables and a confusion matrix)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -103,7 +103,8 @@ def describe_run(run_dir: Path) -> dict:
         return {"kind": "caption", "results": rundir.read_json(run_dir / rundir.CAPTIONS)}
     if kind == "ensemble":
         res = rundir.read_json(run_dir / rundir.ENSEMBLE)
-        return {"kind": "ensemble", "results": res, **({"retrieval": {"ensemble": res["test"]}} if res.get("test") else {})}
+        key = "classification" if res.get("task") == "zeroshot" else "retrieval"
+        return {"kind": "ensemble", "results": res, **({key: {"ensemble": res["test"]}} if res.get("test") else {})}
     raise ConfigError(f"{run_dir}: a {kind} run has nothing to report")
 
 
@@ -149,12 +150,13 @@ def _run_section(run_dir: Path, info: dict, anchor: str) -> str:
     if info["kind"] == "ensemble":
         res = info["results"]
         metric = res["select_metric"]
-        rows = [[spec, _fmt(res["all_weights"][spec]), _fmt(m["t2i_r1"]), _fmt(m["i2t_r1"]), _fmt(m[metric])]
+        cols = ["t2i_r1", "i2t_r1"] if res.get("task", "retrieval") == "retrieval" else ["top5"]
+        cols = [c for c in cols if c != metric] + [metric]
+        rows = [[spec, _fmt(res["all_weights"][spec])] + [_fmt(m.get(c, "")) for c in cols]
                 for spec, m in res["members_dev"].items()]
-        rows.append(["ensemble (chosen)", "", _fmt(res["dev"]["t2i_r1"]), _fmt(res["dev"]["i2t_r1"]),
-                     _fmt(res["dev"][metric])])
+        rows.append(["ensemble (chosen)", ""] + [_fmt(res["dev"].get(c, "")) for c in cols])
         parts.append(f"<h3>Score ensemble: weights chosen on {html.escape(res['split'])} {html.escape(metric)}</h3>"
-                     + _table(["member", "weight", "T→I R@1", "I→T R@1", metric], rows))
+                     + _table(["member", "weight"] + cols, rows))
     if info["kind"] == "caption":
         res = info["results"]
         keys = ["bleu1", "bleu4", "meteor", "rouge_l", "cider", "clipscore", "refclipscore"]
