@@ -143,10 +143,10 @@ def read_ensemble_folder(folder: str | Path) -> tuple[list[str], list[float], bo
         raise ConfigError(f"{path}: needs 'members' (model specs) and 'weights' (numbers) lists")
     if len(members) != len(weights):
         raise ConfigError(f"{path}: {len(members)} members but {len(weights)} weights")
-    # local members are stored relative to the folder (see ``ensemble_member_spec``)
     flip_tta = data.get("flip_tta", False)
     if not isinstance(flip_tta, bool):
         raise ConfigError(f"{path}: 'flip_tta' must be true or false, not {flip_tta!r}")
+    # local members are stored relative to the folder (see ``ensemble_member_spec``)
     return [str(Path(folder) / m) if (Path(folder) / m).exists() else m for m in members], weights, flip_tta
 
 

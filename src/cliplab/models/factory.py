@@ -89,12 +89,17 @@ def model_folder_kind(path: Path) -> str | None:
     return None
 
 
+def is_ensemble_spec(spec: str | Path) -> bool:
+    """Whether a model spec names an ensemble (``ensemble:...`` or a folder written by ``cliplab ensemble``)."""
+    path = Path(spec)
+    return str(spec).startswith("ensemble:") or (path.is_dir() and model_folder_kind(path) == "ensemble")
+
+
 def _load_ensemble(spec: str, members: list[str], weights: list[float], flip_tta: bool = False) -> EmbeddingModel:
     from cliplab.models.ensemble import score_ensemble
 
     for m in members:
-        p = Path(m)
-        if m.startswith("ensemble:") or (p.is_dir() and model_folder_kind(p) == "ensemble"):
+        if is_ensemble_spec(m):
             raise ConfigError(f"{spec}: ensembles do not nest (member {m}); list every model in one ensemble")
     if len(members) == 1 and not spec.startswith("ensemble:"):  # a dev search that kept one member: that model
         model = load_model(members[0])

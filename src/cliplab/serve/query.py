@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cliplab.embed.pipeline import flip_tta_of
 from cliplab.errors import CliplabError, DataError
 from cliplab.models.ensemble import image_inputs
 
@@ -74,7 +75,7 @@ class QueryEncoder:
 
     def __init__(self, model, cache_size: int = 1024, max_batch: int = 64) -> None:
         self.model = model.eval()
-        self.flip_tta = bool(getattr(model, "flip_tta", False))  # as the index was built (embed.pipeline)
+        self.flip_tta = flip_tta_of(model, None)  # as the index was built
         self.lock = threading.Lock()  # one model call at a time (fast tokenizers are not re-entrant)
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.cache_lock = threading.Lock()

@@ -20,6 +20,7 @@ import torch
 
 from cliplab import rundir
 from cliplab.data.captions import check_disjoint_splits, load_caption_dataset
+from cliplab.data.labelled import assert_disjoint, load_labelled
 from cliplab.embed.cache import FeatureCache
 from cliplab.embed.pipeline import encode_dataset, encode_images
 from cliplab.errors import ConfigError
@@ -27,7 +28,7 @@ from cliplab.eval.classification import classification_metrics
 from cliplab.eval.retrieval import metric_direction, retrieval_metrics
 from cliplab.eval.zeroshot import ZeroShotClassifier, resolve_templates, template_mean_embeddings
 from cliplab.models.ensemble import ensemble_member_spec, join_embeddings
-from cliplab.models.factory import load_model, model_folder_kind
+from cliplab.models.factory import is_ensemble_spec, load_model
 from cliplab.utils import write_json, write_text
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
@@ -117,6 +118,7 @@ class _Retrieval:
 
     def __init__(self, data: str, split: str, test_split: str, image_root: str | None) -> None:
         self.data, self.split, self.test_split, self.image_root = data, split, test_split, image_root
+        self.ds = load_caption_dataset(data, split, image_root=image_root)
 
     def check(self, test: bool) -> None:
         if test:
@@ -124,19 +126,13 @@ class _Retrieval:
                                   image_root=self.image_root)
 
     def embed(self, model, **kw) -> tuple:
-        img, txt, used = encode_dataset(model, self.selection(), **kw)
-        self.caption_image = used.caption_image
+        img, txt, _ = encode_dataset(model, self.ds, **kw)  # unreadable images raise: rows stay those of self.ds
         return img, txt
-
-    def selection(self):
-        if not hasattr(self, "_ds"):
-            self._ds = load_caption_dataset(self.data, self.split, image_root=self.image_root)
-        return self._ds
 
     def metrics(self, parts: list[tuple], weights: Sequence[float]) -> dict:
         img = join_embeddings([p[0] for p in parts], weights)
         txt = join_embeddings([p[1] for p in parts], weights)
-        return retrieval_metrics(img, txt, self.caption_image).metrics
+        return retrieval_metrics(img, txt, self.ds.caption_image).metrics
 
     def test_metrics(self, model, **kw) -> dict:
         img, txt, used = encode_dataset(model, load_caption_dataset(self.data, self.test_split,
@@ -153,24 +149,18 @@ class _ZeroShot:
     task, default_metric = "zeroshot", "accuracy"
 
     def __init__(self, data: str, split: str, test_split: str, templates: str) -> None:
-        from cliplab.data.labelled import load_labelled
-
         self.data, self.split, self.test_split, self.templates = data, split, test_split, templates
         resolve_templates(templates)
         self.ds = load_labelled(data, split=split)
-        self._load = load_labelled
 
     def check(self, test: bool) -> None:
-        from cliplab.data.labelled import assert_disjoint
-
         if test:
-            self.test_ds = self._load(self.data, split=self.test_split)
+            self.test_ds = load_labelled(self.data, split=self.test_split)
             if self.test_ds.class_names != self.ds.class_names:
                 raise ConfigError(f"{self.data}: classes of {self.split!r} and {self.test_split!r} differ")
             assert_disjoint(self.ds, self.test_ds)
 
     def embed(self, model, **kw) -> tuple:
-        kw.pop("on_error", None)
         img = encode_images(model, self.ds.images, normalize=True, **kw)
         means = template_mean_embeddings(model, self.ds.class_names, resolve_templates(self.templates))
         return img, means
@@ -181,7 +171,6 @@ class _ZeroShot:
         return classification_metrics(self.ds.labels, (num / den).numpy(), self.ds.class_names)
 
     def test_metrics(self, model, **kw) -> dict:
-        kw.pop("on_error", None)
         emb = encode_images(model, self.test_ds.images, **kw)
         scores = ZeroShotClassifier(model, self.test_ds.class_names, self.templates).scores(emb).cpu().numpy()
         return classification_metrics(self.test_ds.labels, scores, self.test_ds.class_names)
@@ -202,7 +191,7 @@ def choose_ensemble(member_specs: Sequence[str], *, data: str, run_dir: str | Pa
     if len(set(member_specs)) != len(member_specs):
         raise ConfigError(f"a model is listed twice among {list(member_specs)}")
     for spec in member_specs:
-        if str(spec).startswith("ensemble:") or (Path(spec).is_dir() and model_folder_kind(Path(spec)) == "ensemble"):
+        if is_ensemble_spec(spec):
             raise ConfigError(f"{spec} is an ensemble; ensembles do not nest: list its members instead")
     if task not in ("retrieval", "zeroshot"):
         raise ConfigError(f"ensemble task must be retrieval or zeroshot, not {task!r}")
