@@ -126,6 +126,21 @@ def test_zeroshot_and_probe_commands(labelled_splits, tmp_path, cli):
     assert out["protocol"]["split"] == "dataset" and "20 train / 12 test images" in res.stdout
     assert out["results"]["probe:logistic"]["accuracy"] >= 75  # colours are easy for ImageNet features
 
+    st = tmp_path / "st"
+    res = cli("zeroshot", labelled_splits, "-m", "conse", "-v", "photo", "--similarity", "cosine",
+              "--self-train", "train", "--run-dir", st)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = json.loads((st / "zeroshot.json").read_text())
+    assert set(out["results"]) == {"photo|cosine", "self-trained photo|cosine"}
+    info = out["self_training"]
+    assert info["n_pool"] == 20 and info["pool_split"] == "train" and info["feature_dim"] == 1280
+    assert "labels never read" in info["protocol"] and len(info["rounds"]) == 5
+    assert out["results"]["self-trained photo|cosine"]["n"] == 12 and "self-trained" in (st / "results.md").read_text()
+    res = cli("zeroshot", labelled_splits, "--self-train", "test")
+    assert res.returncode == 2 and "another split" in res.stdout
+    res = cli("zeroshot", labelled_splits, "--self-train", "train", "--self-train-fractions", "0.5,x")
+    assert res.returncode == 2 and "comma-separated" in res.stdout
+
     res = cli("zeroshot", labelled_splits, "--rename", "purple=violet")
     assert res.returncode == 2 and "unknown class(es) purple" in res.stdout
     res = cli("zeroshot", labelled_splits, "--split", "val")

@@ -181,3 +181,65 @@ def test_power_norm_probe_and_mirrored_images(colour_folder, tmp_path):
     mirrored = MirroredImages(files)
     a, b = np.asarray(files.load(0)), np.asarray(mirrored.load(0))
     assert np.array_equal(a[:, ::-1], b) and mirrored.keys() != files.keys()
+
+
+def _noisy_zeroshot(labels: np.ndarray, n_classes: int, accuracy: float, rng) -> np.ndarray:
+    """Zero-shot-like probabilities: right with the given rate, else a wrong class, with a bias to class 0."""
+    wrong = (labels + rng.integers(1, n_classes, len(labels))) % n_classes
+    wrong = np.where(rng.random(len(labels)) < 0.3, 0, wrong)
+    pred = np.where(rng.random(len(labels)) < accuracy, labels, wrong)
+    logits = rng.normal(0, 0.5, (len(labels), n_classes))
+    logits[np.arange(len(labels)), pred] += 2.0 + rng.random(len(labels))
+    return np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+
+def test_self_training_beats_its_zero_shot_teacher_without_labels():
+    from cliplab.eval.self_training import SelfTrainingConfig, self_train
+
+    rng = np.random.default_rng(0)
+    n_classes, d = 6, 16
+    centres = rng.normal(0, 3, (n_classes, d))
+    y_pool, y_test = rng.integers(0, n_classes, 600), rng.integers(0, n_classes, 300)
+    x_pool = centres[y_pool] + rng.normal(0, 1.5, (600, d))
+    x_test = centres[y_test] + rng.normal(0, 1.5, (300, d))
+    p_pool, p_test = (_noisy_zeroshot(y, n_classes, 0.45, rng) for y in (y_pool, y_test))
+    teacher = (p_test.argmax(1) == y_test).mean() * 100
+    fitted = self_train(x_pool, p_pool, SelfTrainingConfig(power_norm=False, c=1.0))
+    student = (fitted.predict(x_test) == y_test).mean() * 100
+    assert teacher < 60 and student > teacher + 25, (teacher, student)
+    rounds = fitted.summary()["rounds"]
+    assert [r["fraction"] for r in rounds] == [0.1, 0.3, 0.5, 0.7, 0.9]
+    assert all(max(r["pseudo_labels_per_class"]) <= r["per_class_cap"] for r in rounds)  # class-balanced
+    assert fitted.scores(x_test).shape == (300, n_classes) and np.isfinite(fitted.scores(x_test)).all()
+
+
+def test_balanced_pseudo_labels_against_brute_force():
+    from cliplab.eval.self_training import balanced_pseudo_labels
+
+    rng = np.random.default_rng(1)
+    p = rng.dirichlet(np.ones(4), 50)
+    idx, lab = balanced_pseudo_labels(p, 3)
+    for c in range(4):
+        mine = sorted(i for i in range(50) if p[i].argmax() == c)
+        expect = sorted(mine, key=lambda i: -p[i, c])[:3]
+        assert sorted(idx[lab == c].tolist()) == sorted(expect)
+
+
+def test_self_training_refuses_bad_input_and_keeps_unnamed_classes_finite():
+    from cliplab.errors import ConfigError, NumericError
+    from cliplab.eval.self_training import SelfTrainingConfig, self_train
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 5))
+    p = np.zeros((40, 3))
+    p[:20, 0], p[20:, 1] = 0.9, 0.9  # class 2 is never predicted
+    p[:, 2] = 0.1
+    fitted = self_train(x, p, SelfTrainingConfig(fractions=(0.5,)))
+    assert fitted.scores(x).shape == (40, 3) and np.isfinite(fitted.scores(x)).all()
+    assert fitted.summary()["rounds"][-1]["classes_without_pseudo_labels"] == [2]
+    with pytest.raises(NumericError):
+        self_train(np.full((40, 5), np.nan), p)
+    with pytest.raises(ConfigError, match="same N"):
+        self_train(x[:10], p)
+    with pytest.raises(ConfigError, match="fractions"):
+        SelfTrainingConfig(fractions=(0.0, 0.5))

@@ -268,13 +268,26 @@ def zeroshot(
     classes: Optional[Path] = ClassesOpt,
     rename: List[str] = RenameOpt,
     top5: int = typer.Option(8, help="save top-5 class probabilities for this many random images"),
+    self_train: Optional[str] = typer.Option(None, "--self-train",
+                                             help="a split of DATA used as unlabelled images (e.g. train; its "
+                                                  "labels are never read): the zero-shot classifier's surest "
+                                                  "predictions there train a logistic classifier on image features, "
+                                                  "scored on --split beside plain zero-shot"),
+    features_model: Optional[str] = typer.Option(None, help="--self-train: model whose image-tower features the "
+                                                            "self-trained classifier uses (default: --model)"),
+    features_flip: bool = typer.Option(True, "--features-flip/--no-features-flip",
+                                       help="--self-train: average each image's features with its mirror's"),
+    self_train_fractions: str = typer.Option("0.1,0.3,0.5,0.7,0.9",
+                                             help="--self-train: share of each class's pseudo-labels per round"),
+    self_train_c: float = typer.Option(0.002, help="--self-train: inverse L2 regularisation of the classifier"),
     run_dir: Optional[Path] = typer.Option(None),
     cache_dir: Optional[Path] = CacheOpt,
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),
     plots: bool = PlotsOpt,
 ) -> None:
-    """Zero-shot accuracy/F1 for prompt variants side by side, cosine vs dot product."""
+    """Zero-shot accuracy/F1 for prompt variants side by side, cosine vs dot product; optionally refined by
+    self-training on unlabelled images (--self-train)."""
     _check_plots_extra(plots)
     import numpy as np
 
@@ -294,18 +307,48 @@ def zeroshot(
         split = "test"
     ds = _labelled(data, split, classes, rename)
     sims = ("cosine", "dot") if similarity == "both" else (similarity,)
+    st_config, pool = None, None
+    if self_train is not None:  # everything checked before any image is embedded
+        from cliplab.data.labelled import assert_disjoint
+        from cliplab.eval.self_training import SelfTrainingConfig
+
+        if self_train == (split or "all"):
+            raise CliplabError(f"--self-train {self_train}: the unlabelled pool must be another split than the one "
+                               "scored (--split)")
+        try:
+            fractions = tuple(float(f) for f in self_train_fractions.split(",") if f.strip())
+        except ValueError:
+            raise CliplabError(f"--self-train-fractions takes comma-separated numbers, not "
+                               f"{self_train_fractions!r}") from None
+        st_config = SelfTrainingConfig(fractions=fractions, c=self_train_c, seed=seed)
+        pool = _labelled(data, self_train, classes, rename)
+        if pool.class_names != ds.class_names:
+            raise CliplabError(f"--self-train {self_train}: its classes {pool.class_names} differ from the scored "
+                               f"split's {ds.class_names}")
+        assert_disjoint(pool, ds)
     m = load_model(model)
+    fm = load_model(features_model) if features_model else m
+    cache = FeatureCache(cache_dir)
     t0 = time.time()
-    emb = encode_images(m, ds.images, cache=FeatureCache(cache_dir), device=dev, desc=f"{ds.name} images")
+    emb = encode_images(m, ds.images, cache=cache, device=dev, desc=f"{ds.name} images")
     t_embed = time.time() - t0
     picks = sorted(np.random.default_rng(seed).choice(len(ds), size=min(top5, len(ds)), replace=False).tolist())
     result = zeroshot_experiment(m, emb, ds.labels, ds.class_names, variants=tuple(variant) or DEFAULT_VARIANTS,
                                  similarities=sims, top_images=picks)
     result.update({"dataset": ds.name, "model": model, "n_images": len(ds), "class_names": ds.class_names,
                    "seconds": {"embed": t_embed, "classify": time.time() - t0 - t_embed}})
+    if pool is not None:
+        t1 = time.time()
+        result.update(_self_trained_zeroshot(m, fm, ds, pool, variant=variant[0] if variant else "clip80",
+                                             similarity=sims[0], config=st_config, cache=cache, device=dev,
+                                             flip_tta=features_flip, results=result["results"]))
+        result["self_training"].update({"pool_split": self_train, "features_model": features_model or model})
+        result["seconds"]["self_training"] = time.time() - t1
     write_json(out / rundir.CONFIG, {"data": data, "split": split or "all", "model": model, "variants": variant,
                                      "similarity": similarity, "rename": rename, "seed": seed,
-                                     "provenance": rundir.provenance()})
+                                     "self_train": self_train, "features_model": features_model,
+                                     "features_flip": features_flip, "self_train_fractions": self_train_fractions,
+                                     "self_train_c": self_train_c, "provenance": rundir.provenance()})
     write_json(out / rundir.ZEROSHOT, result)
     md, table = _classification_table(result["results"], f"zero-shot: {ds.name} ({model})")
     if "cosine_vs_dot" in result:
@@ -319,7 +362,39 @@ def zeroshot(
     if "cosine_vs_dot" in result:
         console.print(result["cosine_vs_dot"]["explanation"], highlight=False)
     console.print(f"embedding: {t_embed:.1f}s, classification of all variants: {result['seconds']['classify']:.1f}s")
+    if "self_training" in result:
+        console.print(f"self-training: {result['self_training']['protocol']}", highlight=False)
     console.print(f"run directory: {out}", soft_wrap=True)
+
+
+def _self_trained_zeroshot(model, features_model, ds, pool, *, variant: str, similarity: str, config, cache, device,
+                           flip_tta: bool, results: dict) -> dict:
+    """Self-train on ``pool`` (labels unread) from ``model``'s zero-shot probabilities; add the row scoring ``ds``."""
+    from cliplab.embed.pipeline import encode_images, image_tower_features
+    from cliplab.eval.classification import classification_metrics
+    from cliplab.eval.self_training import self_train
+    from cliplab.eval.zeroshot import ZeroShotClassifier
+
+    clf = ZeroShotClassifier(model, ds.class_names, variant, similarity)
+    pool_emb = encode_images(model, pool.images, cache=cache, device=device, desc=f"{pool.name} images (unlabelled)")
+    probs = clf.predict_proba(pool_emb).cpu().numpy()
+    x_pool = image_tower_features(features_model, pool.images, cache=cache, device=device, flip_tta=flip_tta,
+                                  desc=f"{pool.name} features")
+    x_test = image_tower_features(features_model, ds.images, cache=cache, device=device, flip_tta=flip_tta,
+                                  desc=f"{ds.name} features")
+    fitted = self_train(x_pool, probs, config, log=lambda msg: console.print(msg, highlight=False))
+    key = f"self-trained {variant}|{similarity}"
+    results[key] = {"variant": key, "similarity": similarity, "n_templates": len(clf.templates),
+                    "example": clf.templates[0].format(ds.class_names[0]),
+                    **classification_metrics(ds.labels, fitted.scores(x_test), ds.class_names)}
+    protocol = (f"zero-shot ({variant}, {similarity}) labels {len(pool)} unlabelled images of {pool.name} (their "
+                f"labels never read; disjoint from the scored images, checked); a logistic classifier on "
+                f"{x_pool.shape[1]}-d image features{' (flip-averaged)' if flip_tta else ''} is trained on the "
+                f"surest class-balanced pseudo-labels over {len(config.fractions)} rounds, then scores "
+                f"{len(ds)} images of {ds.name} once: {results[key]['accuracy']:.2f}% "
+                f"(plain zero-shot {results[f'{variant}|{similarity}']['accuracy']:.2f}%)")
+    return {"self_training": {"key": key, "n_pool": len(pool), "feature_dim": int(x_pool.shape[1]),
+                              "flip_tta": flip_tta, "protocol": protocol, **fitted.summary()}}
 
 
 @app.command()
