@@ -125,6 +125,14 @@ def test_zeroshot_and_probe_commands(labelled_splits, tmp_path, cli):
     assert out["dataset"]["n_train"] == 20 and out["dataset"]["n_test"] == 12 and out["feature_dim"] == 1280
     assert out["protocol"]["split"] == "dataset" and "20 train / 12 test images" in res.stdout
     assert out["results"]["probe:logistic"]["accuracy"] >= 75  # colours are easy for ImageNet features
+    res = cli("probe", labelled_splits, "-m", "conse", "--method", "logistic", "--flip-train", "--run-dir",
+              tmp_path / "pr2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = json.loads((tmp_path / "pr2" / "probe.json").read_text())
+    assert out["protocol"]["flip_train"] and "its mirror" in res.stdout
+    assert out["results"]["probe:logistic"]["fit"]["hyperparameters"]["train_views"] == 2
+    res = cli("probe", labelled_splits, "--flip-train", "--no-flip-tta", "--method", "logistic")
+    assert res.returncode == 2 and "--flip-train needs --flip-tta" in res.stdout
 
     st = tmp_path / "st"
     res = cli("zeroshot", labelled_splits, "-m", "conse", "-v", "photo", "--similarity", "cosine",

@@ -243,3 +243,19 @@ def test_self_training_refuses_bad_input_and_keeps_unnamed_classes_finite():
         self_train(x[:10], p)
     with pytest.raises(ConfigError, match="fractions"):
         SelfTrainingConfig(fractions=(0.0, 0.5))
+
+
+def test_logistic_probe_on_two_views_splits_validation_by_image():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0, 2, (3, 8))
+    y = np.repeat(np.arange(3), 30)
+    a = centres[y] + rng.normal(0, 1, (90, 8))
+    b = centres[y] + rng.normal(0, 1, (90, 8))
+    avg = (a + b) / 2
+    fit = fit_logistic_probe(avg, y, train_views=[a, b])
+    assert fit.hyperparameters["train_views"] == 2 and fit.val_accuracy > 80
+    assert fit.model.n_features_in_ == 8 and fit.scaler.n_samples_seen_ == 180  # refit on both views of all
+    plain = fit_logistic_probe(avg, y)
+    assert plain.hyperparameters["train_views"] == 0 and plain.scaler.n_samples_seen_ == 90
+    with pytest.raises(Exception, match="shape"):
+        fit_logistic_probe(avg, y, train_views=[a[:10], b])

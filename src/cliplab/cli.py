@@ -413,6 +413,9 @@ def probe(
                                   help="average features of each image and its mirror (train and test)"),
     power_norm: bool = typer.Option(True, "--power-norm/--no-power-norm",
                                     help="signed square root of features before standardising"),
+    flip_train: bool = typer.Option(False, "--flip-train",
+                                    help="logistic probe: fit on each training image and its mirror as two samples "
+                                         "(with --flip-tta; validation and test images keep the averaged features)"),
     classes: Optional[Path] = ClassesOpt,
     rename: List[str] = RenameOpt,
     run_dir: Optional[Path] = typer.Option(None),
@@ -433,6 +436,9 @@ def probe(
 
     _check_choices("--method", method, ("logistic", "torch"))
     resolve_templates(variant)
+    if flip_train and (not flip_tta or "torch" in method):
+        raise CliplabError("--flip-train needs --flip-tta (test images get the averaged features) and --method "
+                           "logistic only")
     if few_shot < 0 or few_shot == 1:
         raise CliplabError(f"--few-shot {few_shot}: needs 0 (all) or k >= 2 (one image per class is held out "
                            "to choose the regularisation)")
@@ -457,7 +463,7 @@ def probe(
         train_ds = train_ds.few_shot(few_shot, seed)
     assert_disjoint(train_ds, test_ds)  # never score a probe on images it was fitted on
     check_probe_training_set(train_ds.labels, train_ds.class_names)  # before any feature is computed
-    protocol.update({"n_train": len(train_ds), "n_test": len(test_ds), "few_shot": few_shot,
+    protocol.update({"n_train": len(train_ds), "n_test": len(test_ds), "few_shot": few_shot, "flip_train": flip_train,
                      "validation": f"{VAL_FRACTION:.0%} of each class of the training set picks the "
                                    "hyperparameters, then the probe is refit on all training images"})
     m = load_model(model)
@@ -466,11 +472,18 @@ def probe(
                                flip_tta=flip_tta)
     xte = image_tower_features(m, test_ds.images, cache=cache, device=dev, desc=f"{test_ds.name} images",
                                flip_tta=flip_tta)
+    views = None
+    if flip_train:  # the two views are cached by the flip-averaged pass above
+        from cliplab.data.images import MirroredImages
+
+        plain = image_tower_features(m, train_ds.images, cache=cache, device=dev, progress=False)
+        views = [plain, image_tower_features(m, MirroredImages(train_ds.images), cache=cache, device=dev,
+                                             progress=False)]
     emb = encode_images(m, test_ds.images, cache=cache, device=dev, progress=False)
     zs = ZeroShotClassifier(m, test_ds.class_names, variant).scores(emb).cpu().numpy()
     t1 = time.time()
     results = probe_vs_zeroshot(xtr, train_ds.labels, xte, test_ds.labels, test_ds.class_names, methods=tuple(method),
-                                zeroshot_scores=zs, seed=seed, power_norm=power_norm)
+                                zeroshot_scores=zs, seed=seed, power_norm=power_norm, train_views=views)
     summary = {"dataset": {"train": train_ds.name, "test": test_ds.name, "n_train": len(train_ds),
                            "n_test": len(test_ds)}, "protocol": protocol, "model": model,
                "feature_dim": int(xtr.shape[1]), "zeroshot_variant": variant, "results": results,
@@ -478,7 +491,8 @@ def probe(
     write_json(out / rundir.CONFIG, {"data": data, "model": model, "train_split": train_split,
                                      "test_split": test_split, "test_fraction": test_fraction, "methods": method,
                                      "few_shot": few_shot, "variant": variant, "seed": seed, "flip_tta": flip_tta,
-                                     "power_norm": power_norm, "provenance": rundir.provenance()})
+                                     "flip_train": flip_train, "power_norm": power_norm,
+                                     "provenance": rundir.provenance()})
     write_json(out / rundir.PROBE, summary)
     title = f"linear probe vs zero-shot: {test_ds.name} ({model})"
     md, table = _classification_table(results, title, "method")
@@ -501,7 +515,8 @@ def _probe_protocol_line(p: dict) -> str:
     where = (f"dataset splits {p['train_split']} -> {p['test_split']}" if p["split"] == "dataset" else
              f"held-out stratified split, {p['test_fraction']:.0%} of each class for test (seed {p['seed']})")
     shots = f", {p['few_shot']}-shot" if p.get("few_shot") else ""
-    return f"{where}; {p['n_train']} train / {p['n_test']} test images{shots}, disjoint (checked)"
+    views = "; fitted on each training image and its mirror" if p.get("flip_train") else ""
+    return f"{where}; {p['n_train']} train / {p['n_test']} test images{shots}, disjoint (checked){views}"
 
 
 @app.command()

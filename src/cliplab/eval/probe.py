@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -89,23 +90,34 @@ def _logreg(x, y, c: float, max_iter: int, seed: int) -> LogisticRegression:
 
 def fit_logistic_probe(features: np.ndarray, labels: np.ndarray, *, val_fraction: float = VAL_FRACTION, seed: int = 0,
                        c_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
-                       refine_steps: int = 4, max_iter: int = 1000, power_norm: bool = False) -> ProbeFit:
+                       refine_steps: int = 4, max_iter: int = 1000, power_norm: bool = False,
+                       train_views: Sequence[np.ndarray] | None = None) -> ProbeFit:
     """Logistic regression with C picked on a held-out validation split, then refit on all ``features``.
 
-    ``power_norm`` applies a signed square root before standardising.
+    ``power_norm`` applies a signed square root before standardising. ``train_views``: other views of the
+    same images (row i of each is image i, e.g. the image and its mirror), fitted on as separate samples
+    instead of ``features``; the validation split is drawn by image (no view of a validation image is
+    fitted on) and scored on ``features``, the representation the test images get.
     """
     labels = np.asarray(labels)
-    features = power_normalize(features) if power_norm else np.asarray(features, dtype=np.float32)
+    prep = (lambda f: power_normalize(f)) if power_norm else (lambda f: np.asarray(f, dtype=np.float32))
+    features = prep(features)
+    views = [prep(v) for v in train_views] if train_views else [features]
+    if any(v.shape != features.shape for v in views):
+        raise ConfigError(f"probe: every training view must have the features' shape {features.shape}, not "
+                          f"{[v.shape for v in views]}")
     tr, va = validation_split(labels, val_fraction, seed)
-    scaler = StandardScaler().fit(features[tr])
-    xtr, xva = scaler.transform(features[tr]), scaler.transform(features[va])
+    fit_x = np.concatenate([v[tr] for v in views])
+    fit_y = np.tile(labels[tr], len(views))
+    scaler = StandardScaler().fit(fit_x)
+    xtr, xva = scaler.transform(fit_x), scaler.transform(features[va])
     search = []
 
     def val_acc(c: float) -> float:
         for row in search:
             if np.isclose(row["C"], c):
                 return row["val_accuracy"]
-        acc = float((_logreg(xtr, labels[tr], c, max_iter, seed).predict(xva) == labels[va]).mean() * 100)
+        acc = float((_logreg(xtr, fit_y, c, max_iter, seed).predict(xva) == labels[va]).mean() * 100)
         search.append({"C": float(c), "val_accuracy": acc})
         return acc
 
@@ -120,9 +132,11 @@ def fit_logistic_probe(features: np.ndarray, labels: np.ndarray, *, val_fraction
         else:
             lo = mid_lo
     best_row = max(search, key=lambda r: (r["val_accuracy"], -abs(np.log10(r["C"]))))
-    full_scaler = StandardScaler().fit(features)
-    model = _logreg(full_scaler.transform(features), labels, best_row["C"], max_iter, seed)
-    return ProbeFit("logistic", full_scaler, model, {"C": best_row["C"], "max_iter": max_iter, "power_norm": power_norm},
+    all_x = np.concatenate(views)
+    full_scaler = StandardScaler().fit(all_x)
+    model = _logreg(full_scaler.transform(all_x), np.tile(labels, len(views)), best_row["C"], max_iter, seed)
+    return ProbeFit("logistic", full_scaler, model, {"C": best_row["C"], "max_iter": max_iter, "power_norm": power_norm,
+                                                     "train_views": len(views) if train_views else 0},
                     best_row["val_accuracy"], sorted(search, key=lambda r: r["C"]), power_norm)
 
 
@@ -186,14 +200,19 @@ def fit_torch_probe(features: np.ndarray, labels: np.ndarray, cfg: TorchProbeCon
 def probe_vs_zeroshot(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
                       test_labels: np.ndarray, class_names: list[str], *, methods=("logistic", "torch"),
                       zeroshot_scores: np.ndarray | None = None, seed: int = 0, power_norm: bool = False,
-                      torch_config: TorchProbeConfig | None = None) -> dict:
-    """Fit the chosen probes and score them beside zero-shot on the same test images."""
+                      torch_config: TorchProbeConfig | None = None,
+                      train_views: Sequence[np.ndarray] | None = None) -> dict:
+    """Fit the chosen probes and score them beside zero-shot on the same test images (``train_views``: see
+    :func:`fit_logistic_probe`; logistic only)."""
     from cliplab.eval.classification import classification_metrics
 
+    if train_views and "torch" in methods:
+        raise ConfigError("training on several views of each image is implemented for the logistic probe only")
     out = {}
     for method in methods:
         if method == "logistic":
-            fit = fit_logistic_probe(train_features, train_labels, seed=seed, power_norm=power_norm)
+            fit = fit_logistic_probe(train_features, train_labels, seed=seed, power_norm=power_norm,
+                                     train_views=train_views)
         elif method == "torch":
             fit = fit_torch_probe(train_features, train_labels,
                                   torch_config or TorchProbeConfig(seed=seed, power_norm=power_norm))
