@@ -146,6 +146,8 @@ def test_zeroshot_and_probe_commands(labelled_splits, tmp_path, cli):
     assert out["results"]["self-trained photo|cosine"]["n"] == 12 and "self-trained" in (st / "results.md").read_text()
     res = cli("zeroshot", labelled_splits, "--self-train", "test")
     assert res.returncode == 2 and "another split" in res.stdout
+    res = cli("zeroshot", labelled_splits, "--self-train", "train", "--self-train-selection", "uniform")
+    assert res.returncode == 2 and "selection must be one of balanced, proportional" in res.stdout
     res = cli("zeroshot", labelled_splits, "--self-train", "train", "--self-train-fractions", "0.5,x")
     assert res.returncode == 2 and "comma-separated" in res.stdout
 

@@ -259,3 +259,28 @@ def test_logistic_probe_on_two_views_splits_validation_by_image():
     assert plain.hyperparameters["train_views"] == 0 and plain.scaler.n_samples_seen_ == 90
     with pytest.raises(Exception, match="shape"):
         fit_logistic_probe(avg, y, train_views=[a[:10], b])
+
+
+def test_self_training_selection_modes_on_an_unbalanced_pool():
+    """Balanced caps assume balanced classes: on a 70/10/10/10 pool they teach the minority classes with
+    majority images; proportional caps keep the predicted balance and learn the clusters."""
+    from cliplab.errors import ConfigError
+    from cliplab.eval.self_training import SelfTrainingConfig, self_train
+
+    rng = np.random.default_rng(5)
+    n_classes, d = 4, 12
+    centres = rng.normal(0, 2.0, (n_classes, d))
+    share = np.array([0.7, 0.1, 0.1, 0.1])
+    y_pool, y_test = rng.choice(n_classes, 1200, p=share), rng.choice(n_classes, 600, p=share)
+    x_pool = centres[y_pool] + rng.normal(0, 1.6, (1200, d))
+    x_test = centres[y_test] + rng.normal(0, 1.6, (600, d))
+    p_pool = _noisy_zeroshot(y_pool, n_classes, 0.6, rng)
+    acc = {}
+    for selection in ("balanced", "proportional"):
+        fitted = self_train(x_pool, p_pool, SelfTrainingConfig(selection=selection, power_norm=False, c=1.0))
+        acc[selection] = (fitted.predict(x_test) == y_test).mean() * 100
+        caps = fitted.summary()["rounds"][-1]["per_class_cap"]
+        assert (np.ndim(caps) == 0) == (selection == "balanced")
+    assert acc["proportional"] > 90 and acc["balanced"] < 70, acc
+    with pytest.raises(ConfigError, match="selection"):
+        SelfTrainingConfig(selection="uniform")

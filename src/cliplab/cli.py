@@ -280,6 +280,10 @@ def zeroshot(
     self_train_fractions: str = typer.Option("0.1,0.3,0.5,0.7,0.9",
                                              help="--self-train: share of each class's pseudo-labels per round"),
     self_train_c: float = typer.Option(0.002, help="--self-train: inverse L2 regularisation of the classifier"),
+    self_train_selection: str = typer.Option("balanced", help="--self-train: balanced (the same number of "
+                                                              "pseudo-labels per class: for roughly balanced "
+                                                              "classes) or proportional (a share of each class's "
+                                                              "predictions: for unbalanced pools)"),
     run_dir: Optional[Path] = typer.Option(None),
     cache_dir: Optional[Path] = CacheOpt,
     device: str = typer.Option("auto"),
@@ -320,7 +324,7 @@ def zeroshot(
         except ValueError:
             raise CliplabError(f"--self-train-fractions takes comma-separated numbers, not "
                                f"{self_train_fractions!r}") from None
-        st_config = SelfTrainingConfig(fractions=fractions, c=self_train_c, seed=seed)
+        st_config = SelfTrainingConfig(fractions=fractions, c=self_train_c, seed=seed, selection=self_train_selection)
         pool = _labelled(data, self_train, classes, rename)
         if pool.class_names != ds.class_names:
             raise CliplabError(f"--self-train {self_train}: its classes {pool.class_names} differ from the scored "
@@ -348,7 +352,8 @@ def zeroshot(
                                      "similarity": similarity, "rename": rename, "seed": seed,
                                      "self_train": self_train, "features_model": features_model,
                                      "features_flip": features_flip, "self_train_fractions": self_train_fractions,
-                                     "self_train_c": self_train_c, "provenance": rundir.provenance()})
+                                     "self_train_c": self_train_c, "self_train_selection": self_train_selection,
+                                     "provenance": rundir.provenance()})
     write_json(out / rundir.ZEROSHOT, result)
     md, table = _classification_table(result["results"], f"zero-shot: {ds.name} ({model})")
     if "cosine_vs_dot" in result:
@@ -390,7 +395,7 @@ def _self_trained_zeroshot(model, features_model, ds, pool, *, variant: str, sim
     protocol = (f"zero-shot ({variant}, {similarity}) labels {len(pool)} unlabelled images of {pool.name} (their "
                 f"labels never read; disjoint from the scored images, checked); a logistic classifier on "
                 f"{x_pool.shape[1]}-d image features{' (flip-averaged)' if flip_tta else ''} is trained on the "
-                f"surest class-balanced pseudo-labels over {len(config.fractions)} rounds, then scores "
+                f"surest pseudo-labels ({config.selection} per class) over {len(config.fractions)} rounds, then scores "
                 f"{len(ds)} images of {ds.name} once: {results[key]['accuracy']:.2f}% "
                 f"(plain zero-shot {results[f'{variant}|{similarity}']['accuracy']:.2f}%)")
     return {"self_training": {"key": key, "n_pool": len(pool), "feature_dim": int(x_pool.shape[1]),

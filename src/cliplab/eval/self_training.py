@@ -21,6 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from cliplab.errors import ConfigError, NumericError
 from cliplab.eval.probe import power_normalize
 
+SELECTION_MODES = ("balanced", "proportional")  # per-class cap: fraction x pool/classes, or x the class's predictions
 LOG_FLOOR = float(np.log(1e-12))  # score of a class no pseudo-label named (finite: non-finite scores are refused)
 
 
@@ -29,7 +30,9 @@ class SelfTrainingConfig:
     """Fixed settings: the pool has no labels, so nothing here is chosen on it.
 
     ``fractions``: share of each class's pseudo-labelled images used per round (highest probability first,
-    ``fraction x pool / classes`` per class); ``c``: the logistic regression's inverse regularisation.
+    ``fraction x pool / classes`` per class with ``selection="balanced"``, which assumes roughly balanced
+    classes; ``fraction x`` the class's own predictions with ``"proportional"``, which keeps the predicted
+    class balance, for unbalanced pools); ``c``: the logistic regression's inverse regularisation.
     Defaults chosen on a CIFAR-10 dev protocol (adapt on half of the labelled train subset, score the other
     half); see BENCHMARKS.md.
     """
@@ -39,8 +42,12 @@ class SelfTrainingConfig:
     power_norm: bool = True
     max_iter: int = 500
     seed: int = 0
+    selection: str = "balanced"
 
     def __post_init__(self) -> None:
+        if self.selection not in SELECTION_MODES:
+            raise ConfigError(f"self-training selection must be one of {', '.join(SELECTION_MODES)}, not "
+                              f"{self.selection!r}")
         self.fractions = tuple(float(f) for f in self.fractions)
         if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
             raise ConfigError(f"self-training fractions must be in (0, 1], not {list(self.fractions)}")
@@ -63,9 +70,7 @@ class SelfTrainedClassifier:
         return self.scaler.transform(x)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
-        out = np.full((len(features), self.n_classes), LOG_FLOOR, dtype=np.float64)
-        out[:, self.model.classes_] = np.maximum(self.model.predict_log_proba(self._prepare(features)), LOG_FLOOR)
-        return out
+        return _class_log_proba(self.model, self._prepare(features), self.n_classes)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         return self.scores(features).argmax(1)
@@ -74,13 +79,15 @@ class SelfTrainedClassifier:
         return {"config": asdict(self.config), "rounds": self.rounds}
 
 
-def balanced_pseudo_labels(probabilities: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, labels): for each class, up to ``per_class`` images predicted as it, most probable first."""
+def balanced_pseudo_labels(probabilities: np.ndarray, per_class) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, labels): for each class, up to ``per_class`` (one number, or one per class) images predicted
+    as it, most probable first."""
     pred = probabilities.argmax(1)
+    caps = np.broadcast_to(np.asarray(per_class), (probabilities.shape[1],))
     idx, lab = [], []
     for c in range(probabilities.shape[1]):
         cand = np.flatnonzero(pred == c)
-        cand = cand[np.argsort(-probabilities[cand, c], kind="stable")][:per_class]
+        cand = cand[np.argsort(-probabilities[cand, c], kind="stable")][:int(caps[c])]
         idx.append(cand)
         lab.append(np.full(len(cand), c))
     return np.concatenate(idx), np.concatenate(lab)
@@ -89,6 +96,12 @@ def balanced_pseudo_labels(probabilities: np.ndarray, per_class: int) -> tuple[n
 def _softmax(log_scores: np.ndarray) -> np.ndarray:
     e = np.exp(log_scores - log_scores.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
+
+
+def _class_log_proba(model: LogisticRegression, x: np.ndarray, n_classes: int) -> np.ndarray:
+    out = np.full((len(x), n_classes), LOG_FLOOR, dtype=np.float64)
+    out[:, model.classes_] = np.maximum(model.predict_log_proba(x), LOG_FLOOR)
+    return out
 
 
 def self_train(features: np.ndarray, zeroshot_probabilities: np.ndarray,
@@ -118,7 +131,10 @@ def self_train(features: np.ndarray, zeroshot_probabilities: np.ndarray,
     rounds: list[dict] = []
     clf = None
     for r, fraction in enumerate(cfg.fractions):
-        per_class = max(1, int(round(fraction * n / n_classes)))
+        if cfg.selection == "balanced":
+            per_class = max(1, int(round(fraction * n / n_classes)))
+        else:  # the surest share of each class's own predictions: keeps the pool's predicted class balance
+            per_class = np.maximum(1, np.round(fraction * np.bincount(p.argmax(1), minlength=n_classes))).astype(int)
         idx, lab = balanced_pseudo_labels(p, per_class)
         if len(np.unique(lab)) < 2:
             raise ConfigError(f"self-training round {r}: the pool's pseudo-labels name fewer than 2 classes; the "
@@ -127,17 +143,18 @@ def self_train(features: np.ndarray, zeroshot_probabilities: np.ndarray,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf.fit(xs[idx], lab)
-        log_q = np.full((n, n_classes), LOG_FLOOR)
-        log_q[:, clf.classes_] = np.maximum(clf.predict_log_proba(xs), LOG_FLOOR)
+        log_q = _class_log_proba(clf, xs, n_classes)
         q = _softmax(log_q)
         counts = np.bincount(lab, minlength=n_classes)
-        row = {"round": r, "fraction": fraction, "per_class_cap": per_class, "n_pseudo_labels": int(len(idx)),
+        row = {"round": r, "fraction": fraction, "per_class_cap": np.asarray(per_class).tolist(),
+               "n_pseudo_labels": int(len(idx)),
                "pseudo_labels_per_class": counts.tolist(),
                "pool_predictions_changed": float((q.argmax(1) != p.argmax(1)).mean() * 100)}
         rounds.append(row)
         if log:
-            log(f"self-training round {r + 1}/{len(cfg.fractions)}: {len(idx)} pseudo-labels (up to {per_class} per "
-                f"class), {row['pool_predictions_changed']:.1f}% of pool predictions changed")
+            cap = f"up to {per_class} per class" if np.ndim(per_class) == 0 else f"{fraction:.0%} of each class's"
+            log(f"self-training round {r + 1}/{len(cfg.fractions)}: {len(idx)} pseudo-labels ({cap}), "
+                f"{row['pool_predictions_changed']:.1f}% of pool predictions changed")
         p = q
     missing = [c for c in range(n_classes) if c not in set(clf.classes_.tolist())]
     if missing:
