@@ -100,7 +100,7 @@ def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled_split
               "-m", runs["train"], "--run-dir", runs["eval"], "--plots")
     assert res.returncode == 0, res.stdout + res.stderr
     res = cli("zeroshot", labelled_splits, "-v", "photo", "-v", "name", "--top5", "3", "--run-dir",
-              runs["zeroshot"], "--plots")
+              runs["zeroshot"], "--plots", "--self-train", "train")
     assert res.returncode == 0, res.stdout + res.stderr
     res = cli("probe", labelled_splits, "--method", "logistic", "--variant", "photo", "--run-dir", runs["probe"],
               "--plots")
@@ -124,6 +124,7 @@ def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled_split
     assert res.returncode == 0, res.stdout + res.stderr
     page = report.read_text()
     assert "http://" not in page and "https://" not in page  # self-contained: opens offline
+    assert "Self-training: zero-shot (photo, cosine)" in page and "labels never read" in page
     assert page.count("<img ") == sum(len(s) for s in expected.values())
 
     from playwright.sync_api import sync_playwright

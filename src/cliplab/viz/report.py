@@ -138,6 +138,8 @@ def _run_section(run_dir: Path, info: dict, anchor: str) -> str:
                                                          _class_rows(run_dir.name, info["classification"])))
         if info["kind"] == "zeroshot" and "cosine_vs_dot" in info["results"]:
             parts.append(f"<p>{html.escape(info['results']['cosine_vs_dot']['explanation'])}</p>")
+        if info["kind"] == "zeroshot" and "self_training" in info["results"]:
+            parts.append(f"<p>Self-training: {html.escape(info['results']['self_training']['protocol'])}</p>")
     if info["kind"] == "sweep":
         rows = info["rows"]
         header = list(rows[0]) if rows else []
