@@ -213,16 +213,18 @@ def test_self_training_beats_its_zero_shot_teacher_without_labels():
     assert fitted.scores(x_test).shape == (300, n_classes) and np.isfinite(fitted.scores(x_test)).all()
 
 
-def test_balanced_pseudo_labels_against_brute_force():
-    from cliplab.eval.self_training import balanced_pseudo_labels
+def test_capped_pseudo_labels_against_brute_force():
+    from cliplab.eval.self_training import capped_pseudo_labels
 
     rng = np.random.default_rng(1)
     p = rng.dirichlet(np.ones(4), 50)
-    idx, lab = balanced_pseudo_labels(p, 3)
-    for c in range(4):
-        mine = sorted(i for i in range(50) if p[i].argmax() == c)
-        expect = sorted(mine, key=lambda i: -p[i, c])[:3]
-        assert sorted(idx[lab == c].tolist()) == sorted(expect)
+    for caps in (3, [1, 2, 0, 50]):  # one cap for all classes, or one per class
+        idx, lab = capped_pseudo_labels(p, caps)
+        for c in range(4):
+            cap = caps if isinstance(caps, int) else caps[c]
+            mine = sorted(i for i in range(50) if p[i].argmax() == c)
+            expect = sorted(mine, key=lambda i: -p[i, c])[:cap]
+            assert sorted(idx[lab == c].tolist()) == sorted(expect)
 
 
 def test_self_training_refuses_bad_input_and_keeps_unnamed_classes_finite():

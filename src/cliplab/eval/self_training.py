@@ -79,7 +79,7 @@ class SelfTrainedClassifier:
         return {"config": asdict(self.config), "rounds": self.rounds}
 
 
-def balanced_pseudo_labels(probabilities: np.ndarray, per_class) -> tuple[np.ndarray, np.ndarray]:
+def capped_pseudo_labels(probabilities: np.ndarray, per_class) -> tuple[np.ndarray, np.ndarray]:
     """(indices, labels): for each class, up to ``per_class`` (one number, or one per class) images predicted
     as it, most probable first."""
     pred = probabilities.argmax(1)
@@ -135,7 +135,7 @@ def self_train(features: np.ndarray, zeroshot_probabilities: np.ndarray,
             per_class = max(1, int(round(fraction * n / n_classes)))
         else:  # the surest share of each class's own predictions: keeps the pool's predicted class balance
             per_class = np.maximum(1, np.round(fraction * np.bincount(p.argmax(1), minlength=n_classes))).astype(int)
-        idx, lab = balanced_pseudo_labels(p, per_class)
+        idx, lab = capped_pseudo_labels(p, per_class)
         if len(np.unique(lab)) < 2:
             raise ConfigError(f"self-training round {r}: the pool's pseudo-labels name fewer than 2 classes; the "
                               "zero-shot classifier is too one-sided for this pool")
