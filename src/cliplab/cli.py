@@ -473,17 +473,18 @@ def probe(
                                    "hyperparameters, then the probe is refit on all training images"})
     m = load_model(model)
     t0 = time.time()
-    xtr = image_tower_features(m, train_ds.images, cache=cache, device=dev, desc=f"{train_ds.name} images",
-                               flip_tta=flip_tta)
-    xte = image_tower_features(m, test_ds.images, cache=cache, device=dev, desc=f"{test_ds.name} images",
-                               flip_tta=flip_tta)
     views = None
-    if flip_train:  # the two views are cached by the flip-averaged pass above
+    if flip_train:  # each view on its own; their mean is the flip-averaged feature
         from cliplab.data.images import MirroredImages
 
-        plain = image_tower_features(m, train_ds.images, cache=cache, device=dev, progress=False)
-        views = [plain, image_tower_features(m, MirroredImages(train_ds.images), cache=cache, device=dev,
-                                             progress=False)]
+        views = [image_tower_features(m, imgs, cache=cache, device=dev, desc=f"{train_ds.name} images{tag}")
+                 for imgs, tag in ((train_ds.images, ""), (MirroredImages(train_ds.images), " (mirrored)"))]
+        xtr = (views[0] + views[1]) / 2
+    else:
+        xtr = image_tower_features(m, train_ds.images, cache=cache, device=dev, desc=f"{train_ds.name} images",
+                                   flip_tta=flip_tta)
+    xte = image_tower_features(m, test_ds.images, cache=cache, device=dev, desc=f"{test_ds.name} images",
+                               flip_tta=flip_tta)
     emb = encode_images(m, test_ds.images, cache=cache, device=dev, progress=False)
     zs = ZeroShotClassifier(m, test_ds.class_names, variant).scores(emb).cpu().numpy()
     t1 = time.time()

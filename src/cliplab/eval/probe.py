@@ -80,7 +80,9 @@ class ProbeFit:
                 "search": self.search}
 
 
-def _logreg(x, y, c: float, max_iter: int, seed: int) -> LogisticRegression:
+def logistic_regression(x, y, c: float, max_iter: int, seed: int) -> LogisticRegression:
+    """sklearn's logistic regression fitted quietly (convergence warnings muted: the probe's C search visits
+    weakly regularised settings on purpose)."""
     clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -100,7 +102,7 @@ def fit_logistic_probe(features: np.ndarray, labels: np.ndarray, *, val_fraction
     fitted on) and scored on ``features``, the representation the test images get.
     """
     labels = np.asarray(labels)
-    prep = (lambda f: power_normalize(f)) if power_norm else (lambda f: np.asarray(f, dtype=np.float32))
+    prep = power_normalize if power_norm else (lambda f: np.asarray(f, dtype=np.float32))
     features = prep(features)
     views = [prep(v) for v in train_views] if train_views else [features]
     if any(v.shape != features.shape for v in views):
@@ -117,7 +119,7 @@ def fit_logistic_probe(features: np.ndarray, labels: np.ndarray, *, val_fraction
         for row in search:
             if np.isclose(row["C"], c):
                 return row["val_accuracy"]
-        acc = float((_logreg(xtr, fit_y, c, max_iter, seed).predict(xva) == labels[va]).mean() * 100)
+        acc = float((logistic_regression(xtr, fit_y, c, max_iter, seed).predict(xva) == labels[va]).mean() * 100)
         search.append({"C": float(c), "val_accuracy": acc})
         return acc
 
@@ -134,7 +136,7 @@ def fit_logistic_probe(features: np.ndarray, labels: np.ndarray, *, val_fraction
     best_row = max(search, key=lambda r: (r["val_accuracy"], -abs(np.log10(r["C"]))))
     all_x = np.concatenate(views)
     full_scaler = StandardScaler().fit(all_x)
-    model = _logreg(full_scaler.transform(all_x), np.tile(labels, len(views)), best_row["C"], max_iter, seed)
+    model = logistic_regression(full_scaler.transform(all_x), np.tile(labels, len(views)), best_row["C"], max_iter, seed)
     return ProbeFit("logistic", full_scaler, model, {"C": best_row["C"], "max_iter": max_iter, "power_norm": power_norm,
                                                      "train_views": len(views) if train_views else 0},
                     best_row["val_accuracy"], sorted(search, key=lambda r: r["C"]), power_norm)

@@ -10,16 +10,15 @@ features and zero-shot scores only. The fitted classifier then scores new images
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from cliplab.errors import ConfigError, NumericError
-from cliplab.eval.probe import power_normalize
+from cliplab.errors import ConfigError
+from cliplab.eval.probe import logistic_regression, power_normalize
+from cliplab.eval.retrieval import check_finite
 
 SELECTION_MODES = ("balanced", "proportional")  # per-class cap: fraction x pool/classes, or x the class's predictions
 LOG_FLOOR = float(np.log(1e-12))  # score of a class no pseudo-label named (finite: non-finite scores are refused)
@@ -117,9 +116,8 @@ def self_train(features: np.ndarray, zeroshot_probabilities: np.ndarray,
     if x.ndim != 2 or p.ndim != 2 or len(x) != len(p):
         raise ConfigError(f"self-training: features {x.shape} and zero-shot probabilities {p.shape} must be "
                           "[N, d] and [N, C] for the same N images")
-    for name, arr in (("features", x), ("zero-shot probabilities", p)):
-        if not np.isfinite(arr).all():
-            raise NumericError(f"self-training: non-finite {name}")
+    check_finite(x, "self-training features")
+    check_finite(p, "self-training zero-shot probabilities")
     n, n_classes = p.shape
     if n < 2 * n_classes:
         raise ConfigError(f"self-training needs at least 2 unlabelled images per class: {n} images, {n_classes} "
@@ -139,10 +137,7 @@ def self_train(features: np.ndarray, zeroshot_probabilities: np.ndarray,
         if len(np.unique(lab)) < 2:
             raise ConfigError(f"self-training round {r}: the pool's pseudo-labels name fewer than 2 classes; the "
                               "zero-shot classifier is too one-sided for this pool")
-        clf = LogisticRegression(C=cfg.c, max_iter=cfg.max_iter, random_state=cfg.seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(xs[idx], lab)
+        clf = logistic_regression(xs[idx], lab, cfg.c, cfg.max_iter, cfg.seed)
         log_q = _class_log_proba(clf, xs, n_classes)
         q = _softmax(log_q)
         counts = np.bincount(lab, minlength=n_classes)
