@@ -1,0 +1,109 @@
+"""Choose the linear probe's image features (which towers, which input scales) on dev data only.
+
+Dev protocol: only the labelled training split is read (for CIFAR-10, the 10,000-image train subset); the
+test split is not touched. Each candidate feature set gets ``cliplab probe``'s own rule (C searched on 20% of
+each class, seed 0: "val") and, at that C, a stratified 5-fold cross-validation over all training images
+("cv": every image is scored once, so the estimate has about a fifth of the single split's variance when
+candidates are compared). Candidates are ranked by the cross-validated accuracy. Features come from the feature
+cache, so a rerun after ``cliplab probe`` is quick.
+
+    python bench/probe_dev.py [--data ../shared/data/cifar10] [--flip-train] [SPEC ...]
+
+Results: ``bench/results/probe_dev.json`` and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import save, table  # noqa: E402
+
+FOUR = "ensemble:conse+conse:efficientnet_lite2+conse:efficientnet_lite1+conse:mobilenetv2_100"
+CANDIDATES = (  # the four packaged towers at their own input sizes, plus second, smaller scales of some
+    FOUR,
+    FOUR + "+conse:efficientnet_lite0@192",
+    FOUR + "+conse:efficientnet_lite2@224",
+    FOUR + "+conse:efficientnet_lite0@192+conse:efficientnet_lite2@224",
+    FOUR + "+conse:efficientnet_lite0@192+conse:efficientnet_lite2@224+conse:efficientnet_lite1@208"
+           "+conse:mobilenetv2_100@192",
+)
+
+
+def cross_validated_accuracy(views: list[np.ndarray], features: np.ndarray, labels: np.ndarray, c: float,
+                             folds: int, seed: int) -> list[float]:
+    """Accuracy of each fold of a stratified k-fold split by image: fitted on the other folds' ``views``
+    (each view a sample), scored on the fold's ``features``; power-normalised and standardised as the probe."""
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    from cliplab.eval.probe import logistic_regression, power_normalize
+
+    views = [power_normalize(v) for v in views]
+    features = power_normalize(features)
+    accs = []
+    for fit_idx, val_idx in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, labels):
+        x = np.concatenate([v[fit_idx] for v in views])
+        y = np.tile(labels[fit_idx], len(views))
+        scaler = StandardScaler().fit(x)
+        clf = logistic_regression(scaler.transform(x), y, c, 1000, seed)
+        accs.append(float((clf.predict(scaler.transform(features[val_idx])) == labels[val_idx]).mean() * 100))
+    return accs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("specs", nargs="*", help=f"model specs whose image features are compared (default: {CANDIDATES})")
+    ap.add_argument("--data", default="../shared/data/cifar10")
+    ap.add_argument("--split", default="train", help="the labelled split to choose on (never the test split)")
+    ap.add_argument("--flip-train", action="store_true", help="fit on each image and its mirror (probe --flip-train)")
+    ap.add_argument("--folds", type=int, default=5)
+    args = ap.parse_args()
+    if args.split == "test":
+        sys.exit("probe_dev: choose on a training split, never on test")
+
+    from cliplab.data.images import MirroredImages
+    from cliplab.data.labelled import load_labelled
+    from cliplab.embed.cache import FeatureCache
+    from cliplab.embed.pipeline import image_tower_features
+    from cliplab.eval.probe import fit_logistic_probe
+    from cliplab.models.factory import load_model
+
+    dev = load_labelled(args.data, split=args.split)
+    labels = np.asarray(dev.labels)
+    cache = FeatureCache()
+    rows = []
+    for spec in args.specs or CANDIDATES:
+        t = time.perf_counter()
+        model = load_model(spec)
+        views = [image_tower_features(model, imgs, cache=cache, desc=f"{spec} {tag}")
+                 for imgs, tag in ((dev.images, "images"), (MirroredImages(dev.images), "mirrored"))]
+        t_feat = time.perf_counter() - t
+        averaged = (views[0] + views[1]) / 2
+        fit_views = views if args.flip_train else [averaged]
+        fit = fit_logistic_probe(averaged, labels, power_norm=True, train_views=views if args.flip_train else None)
+        c = fit.hyperparameters["C"]
+        cv = cross_validated_accuracy(fit_views, averaged, labels, c, args.folds, seed=0)
+        rows.append({"features": spec, "dim": int(averaged.shape[1]), "C": c, "val_accuracy": fit.val_accuracy,
+                     "cv_accuracy": float(np.mean(cv)), "cv_folds": cv, "cv_std_error": float(np.std(cv, ddof=1) /
+                                                                                              np.sqrt(len(cv))),
+                     "feature_seconds": t_feat, "fit_seconds": time.perf_counter() - t - t_feat})
+        print(f"{spec}: val {fit.val_accuracy:.2f} cv {np.mean(cv):.2f} (C {c:.4g})", flush=True)
+    best = max(rows, key=lambda r: r["cv_accuracy"])
+    protocol = (f"{args.data} split {args.split!r} only ({len(labels)} images; test untouched); probe rule: C "
+                f"searched on 20% of each class (seed 0), then {args.folds}-fold stratified CV at that C; flip-averaged"
+                f" power-normalised features{', fitted on both views' if args.flip_train else ''}; ranked by CV")
+    save("probe_dev" + ("_fliptrain" if args.flip_train else ""),
+         {"protocol": protocol, "rows": rows, "chosen": best["features"]})
+    print(table([(r["features"], r["dim"], f"{r['C']:.4g}", f"{r['val_accuracy']:.2f}", f"{r['cv_accuracy']:.2f}",
+                  f"{r['cv_std_error']:.2f}") for r in rows], ("features", "dim", "C", "val acc", "CV acc", "CV s.e.")))
+    print(f"\nchosen (highest CV accuracy): {best['features']}\nprotocol: {protocol}")
+
+
+if __name__ == "__main__":
+    main()
