@@ -35,27 +35,6 @@ CANDIDATES = (  # the four packaged towers at their own input sizes, plus second
 )
 
 
-def cross_validated_accuracy(views: list[np.ndarray], features: np.ndarray, labels: np.ndarray, c: float,
-                             folds: int, seed: int) -> list[float]:
-    """Accuracy of each fold of a stratified k-fold split by image: fitted on the other folds' ``views``
-    (each view a sample), scored on the fold's ``features``; power-normalised and standardised as the probe."""
-    from sklearn.model_selection import StratifiedKFold
-    from sklearn.preprocessing import StandardScaler
-
-    from cliplab.eval.probe import logistic_regression, power_normalize
-
-    views = [power_normalize(v) for v in views]
-    features = power_normalize(features)
-    accs = []
-    for fit_idx, val_idx in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, labels):
-        x = np.concatenate([v[fit_idx] for v in views])
-        y = np.tile(labels[fit_idx], len(views))
-        scaler = StandardScaler().fit(x)
-        clf = logistic_regression(scaler.transform(x), y, c, 1000, seed)
-        accs.append(float((clf.predict(scaler.transform(features[val_idx])) == labels[val_idx]).mean() * 100))
-    return accs
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("specs", nargs="*", help=f"model specs whose image features are compared (default: {CANDIDATES})")
@@ -71,7 +50,7 @@ def main() -> None:
     from cliplab.data.labelled import load_labelled
     from cliplab.embed.cache import FeatureCache
     from cliplab.embed.pipeline import image_tower_features
-    from cliplab.eval.probe import fit_logistic_probe
+    from cliplab.eval.probe import cross_validated_accuracy, fit_logistic_probe
     from cliplab.models.factory import load_model
 
     dev = load_labelled(args.data, split=args.split)
@@ -85,10 +64,10 @@ def main() -> None:
                  for imgs, tag in ((dev.images, "images"), (MirroredImages(dev.images), "mirrored"))]
         t_feat = time.perf_counter() - t
         averaged = (views[0] + views[1]) / 2
-        fit_views = views if args.flip_train else [averaged]
-        fit = fit_logistic_probe(averaged, labels, power_norm=True, train_views=views if args.flip_train else None)
+        train_views = views if args.flip_train else None
+        fit = fit_logistic_probe(averaged, labels, power_norm=True, train_views=train_views)
         c = fit.hyperparameters["C"]
-        cv = cross_validated_accuracy(fit_views, averaged, labels, c, args.folds, seed=0)
+        cv = cross_validated_accuracy(averaged, labels, c, folds=args.folds, power_norm=True, train_views=train_views)
         rows.append({"features": spec, "dim": int(averaged.shape[1]), "C": c, "val_accuracy": fit.val_accuracy,
                      "cv_accuracy": float(np.mean(cv)), "cv_folds": cv, "cv_std_error": float(np.std(cv, ddof=1) /
                                                                                               np.sqrt(len(cv))),

@@ -263,6 +263,33 @@ def test_logistic_probe_on_two_views_splits_validation_by_image():
         fit_logistic_probe(avg, y, train_views=[a[:10], b])
 
 
+def test_cross_validated_probe_accuracy_matches_brute_force_folds():
+    """Every image is scored once, by a probe fitted without any view of it; equal to a hand-made fold loop."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    from cliplab.eval.probe import cross_validated_accuracy
+
+    rng = np.random.default_rng(4)
+    centres = rng.normal(0, 1.0, (3, 6))
+    y = np.repeat(np.arange(3), 40)
+    a, b = (centres[y] + rng.normal(0, 1.5, (120, 6)) for _ in range(2))
+    avg = (a + b) / 2
+    for views in (None, [a, b]):
+        got = cross_validated_accuracy(avg, y, 0.3, folds=4, seed=1, train_views=views)
+        want = []
+        for fit_idx, val_idx in StratifiedKFold(4, shuffle=True, random_state=1).split(avg, y):
+            assert not set(fit_idx) & set(val_idx)
+            x = np.concatenate([v[fit_idx] for v in (views or [avg])])
+            sc = StandardScaler().fit(x)
+            clf = LogisticRegression(C=0.3, max_iter=1000, random_state=1).fit(
+                sc.transform(x), np.tile(y[fit_idx], len(views or [avg])))
+            want.append((clf.predict(sc.transform(avg[val_idx])) == y[val_idx]).mean() * 100)
+        assert len(got) == 4 and np.allclose(got, want)
+        assert 50 < np.mean(got) < 100  # learnable but not trivial
+
+
 def test_self_training_selection_modes_on_an_unbalanced_pool():
     """Balanced caps assume balanced classes: on a 70/10/10/10 pool they teach the minority classes with
     majority images; proportional caps keep the predicted balance and learn the clusters."""
