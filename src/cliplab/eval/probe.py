@@ -90,6 +90,19 @@ def logistic_regression(x, y, c: float, max_iter: int, seed: int) -> LogisticReg
     return clf
 
 
+def _probe_inputs(features: np.ndarray, train_views: Sequence[np.ndarray] | None,
+                  power_norm: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(scored features, fitted views) as float32, power-normalised on request; the views default to the
+    features, and every view must have their shape."""
+    prep = power_normalize if power_norm else (lambda f: np.asarray(f, dtype=np.float32))
+    features = prep(features)
+    views = [prep(v) for v in train_views] if train_views else [features]
+    if any(v.shape != features.shape for v in views):
+        raise ConfigError(f"probe: every training view must have the features' shape {features.shape}, not "
+                          f"{[v.shape for v in views]}")
+    return features, views
+
+
 def fit_logistic_probe(features: np.ndarray, labels: np.ndarray, *, val_fraction: float = VAL_FRACTION, seed: int = 0,
                        c_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
                        refine_steps: int = 4, max_iter: int = 1000, power_norm: bool = False,
@@ -102,12 +115,7 @@ def fit_logistic_probe(features: np.ndarray, labels: np.ndarray, *, val_fraction
     fitted on) and scored on ``features``, the representation the test images get.
     """
     labels = np.asarray(labels)
-    prep = power_normalize if power_norm else (lambda f: np.asarray(f, dtype=np.float32))
-    features = prep(features)
-    views = [prep(v) for v in train_views] if train_views else [features]
-    if any(v.shape != features.shape for v in views):
-        raise ConfigError(f"probe: every training view must have the features' shape {features.shape}, not "
-                          f"{[v.shape for v in views]}")
+    features, views = _probe_inputs(features, train_views, power_norm)
     tr, va = validation_split(labels, val_fraction, seed)
     fit_x = np.concatenate([v[tr] for v in views])
     fit_y = np.tile(labels[tr], len(views))
@@ -152,9 +160,7 @@ def cross_validated_accuracy(features: np.ndarray, labels: np.ndarray, c: float,
     from sklearn.model_selection import StratifiedKFold
 
     labels = np.asarray(labels)
-    prep = power_normalize if power_norm else (lambda f: np.asarray(f, dtype=np.float32))
-    features = prep(features)
-    views = [prep(v) for v in train_views] if train_views else [features]
+    features, views = _probe_inputs(features, train_views, power_norm)
     accs = []
     for fit_idx, val_idx in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, labels):
         x = np.concatenate([v[fit_idx] for v in views])
