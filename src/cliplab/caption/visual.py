@@ -16,7 +16,7 @@ from torch import nn
 from cliplab.embed.cache import FeatureCache
 from cliplab.embed.extract import embed_images
 from cliplab.errors import ConfigError
-from cliplab.models.image_tower import ImageTower
+from cliplab.models.image_tower import ImageTower, ImageTowerConfig
 from cliplab.models.stages import Stages
 from cliplab.utils import sha256_text
 
@@ -68,6 +68,29 @@ def adaptive_pool_cells(fmap: torch.Tensor, grid: int) -> torch.Tensor:
             c0, c1 = (j * w) // grid, -(-((j + 1) * w) // grid)
             cells.append(fmap[:, :, r0:r1, c0:c1].mean(dim=(2, 3)))
     return torch.stack(cells, dim=1)
+
+
+def caption_image_tower(image: dict, image_model: str | None = None) -> ImageTower:
+    """The image tower that gives a captioner its visual tokens: the pretrained tower ``image`` describes, or
+    the image tower of the cliplab model ``image_model`` (e.g. a run whose last blocks were tuned on captions)."""
+    from cliplab.models.factory import load_model, pretrained_tower
+
+    if not image_model:
+        d = {k: (tuple(v) if k in ("mean", "std") and v is not None else v) for k, v in dict(image).items()}
+        return pretrained_tower(ImageTowerConfig(**d))
+    model = load_model(image_model)
+    tower = getattr(model, "image_tower", None)
+    if not isinstance(tower, ImageTower):
+        raise ConfigError(f"model.image_model: {image_model} has no cliplab image tower ({type(model).__name__}); "
+                          "give a two-tower run or model folder")
+    for param in tower.parameters():
+        param.requires_grad_(False)
+    return tower.eval()
+
+
+def tower_weights_id(tower: ImageTower) -> str:
+    """Digest of an image tower's weights: its base weights, plus the tuned tensors loaded on top of them."""
+    return f"{tower.weights_id}+{tower.weights_delta}" if tower.weights_delta else tower.weights_id
 
 
 @dataclass

