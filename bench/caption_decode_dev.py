@@ -20,7 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import save, table  # noqa: E402
 
-from cliplab import rundir  # noqa: E402
 from cliplab.caption.metrics import caption_metrics  # noqa: E402
 from cliplab.caption.model import Captioner  # noqa: E402
 from cliplab.caption.rerank import consensus_rerank  # noqa: E402
@@ -38,8 +37,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=None, help="first N dev images only")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args()
-    config = CaptionRunConfig.from_dict({k: v for k, v in rundir.read_json(a.run / rundir.CONFIG).items()
-                                         if k not in ("kind", "provenance")})
+    config = CaptionRunConfig.from_run(a.run)
     device = resolve_device(a.device)
     cache = FeatureCache(config.data.cache_dir)
     train = load_split(config, config.data.train_split, cache, device, True)

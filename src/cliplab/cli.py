@@ -856,8 +856,7 @@ def caption_generate(
         run_dir = run.parent if run.name == "best" else run
         if not (run_dir / rundir.CONFIG).is_file():
             raise CliplabError(f"--rerank-k needs the run folder (with {rundir.CONFIG}), not {run}")
-        cfg = CaptionRunConfig.from_dict({k: v for k, v in rundir.read_json(run_dir / rundir.CONFIG).items()
-                                          if k not in ("kind", "provenance")})
+        cfg = CaptionRunConfig.from_run(run_dir)
         train = load_split(cfg, cfg.data.train_split, FeatureCache(cfg.data.cache_dir), dev, progress=False,
                            image_tower=tower)
     caps = generate_captions(model, CaptionSplit(ds, grid, pooled), DecodeConfig(beam=beam,

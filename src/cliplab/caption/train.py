@@ -120,6 +120,12 @@ class CaptionRunConfig:
                    clipscore_model=d.get("clipscore_model", "conse"))
 
     @classmethod
+    def from_run(cls, run_dir: str | Path) -> "CaptionRunConfig":
+        """The config a caption run was trained with (its ``config.json``)."""
+        return cls.from_dict({k: v for k, v in rundir.read_json(Path(run_dir) / rundir.CONFIG).items()
+                              if k not in ("kind", "provenance")})
+
+    @classmethod
     def load(cls, spec: str | Path) -> "CaptionRunConfig":
         from cliplab.configs import read_yaml_config
 
@@ -497,8 +503,7 @@ def evaluate_captioner(run_dir: str | Path, *, split: str = "test", beam: int | 
     if not (run_dir / BEST / CONFIG_NAME).is_file():
         raise ConfigError(f"{run_dir}: no trained captioner (no {BEST}/{CONFIG_NAME}); train one with "
                           "`cliplab caption train`")
-    config = CaptionRunConfig.from_dict({k: v for k, v in rundir.read_json(run_dir / rundir.CONFIG).items()
-                                         if k not in ("kind", "provenance")})
+    config = CaptionRunConfig.from_run(run_dir)
     decode = dataclasses.replace(config.decode, **({"beam": beam} if beam else {}),
                                  **({"rerank_k": rerank_k} if rerank_k is not None else {}))
     dev_ = resolve_device(device)
