@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cliplab.errors import ConfigError
+from cliplab.errors import ConfigError, check_minimums
 from cliplab.models.checkpoint import check_base_weights, load_checked
 from cliplab.models.image_tower import ImageTowerConfig
 from cliplab.models.pretrained import DEFAULT_LANGUAGE_MODEL, resolve_language_model
@@ -55,10 +55,8 @@ class CaptionerConfig:
             raise ConfigError(f"model.tuning must be one of {', '.join(TUNINGS)}, not {self.tuning!r}")
         if self.mapper not in MAPPERS:
             raise ConfigError(f"model.mapper must be one of {', '.join(MAPPERS)}, not {self.mapper!r}")
-        for name, low in (("grid", 1), ("mapper_hidden", 1), ("mapper_layers", 1), ("lora_r", 1),
-                          ("adapter_dim", 1), ("max_caption_tokens", 4)):
-            if int(getattr(self, name)) < low:
-                raise ConfigError(f"model.{name} must be >= {low}, not {getattr(self, name)!r}")
+        check_minimums(self, "model", (("grid", 1), ("mapper_hidden", 1), ("mapper_layers", 1), ("lora_r", 1),
+                                       ("adapter_dim", 1), ("max_caption_tokens", 4)))
 
     def to_dict(self) -> dict:
         return asdict(self)

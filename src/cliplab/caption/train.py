@@ -26,7 +26,7 @@ from cliplab.caption.visual import caption_image_tower, tower_weights_id, visual
 from cliplab.data.captions import CaptionDataset, load_caption_dataset
 from cliplab.data.images import ImageFiles
 from cliplab.embed.cache import FeatureCache
-from cliplab.errors import ConfigError, NumericError
+from cliplab.errors import ConfigError, NumericError, check_minimums
 from cliplab.rundir import BEST, CAPTIONS, CHECKPOINT, append_metrics, check_resume_config, flatten, truncate_metrics
 from cliplab.utils import atomic_write, autocast, resolve_device, seed_everything, write_json, write_text
 
@@ -53,9 +53,7 @@ class CaptionTrainConfig:
     def __post_init__(self) -> None:
         if self.sampling not in ("all_captions", "random_caption"):
             raise ConfigError(f"train.sampling must be all_captions or random_caption, not {self.sampling!r}")
-        for name, low in (("epochs", 1), ("batch_size", 1), ("dev_images", 1), ("patience", 0)):
-            if int(getattr(self, name)) < low:
-                raise ConfigError(f"train.{name} must be >= {low}, not {getattr(self, name)!r}")
+        check_minimums(self, "train", (("epochs", 1), ("batch_size", 1), ("dev_images", 1), ("patience", 0)))
         if not float(self.lr) > 0:
             raise ConfigError(f"train.lr must be > 0, not {self.lr!r}")
 
@@ -70,9 +68,7 @@ class DecodeConfig:
     #                    similar training images (cliplab.caption.rerank); 0: the beam's best
 
     def __post_init__(self) -> None:
-        for name, low in (("beam", 1), ("max_new_tokens", 1), ("no_repeat_ngram", 0), ("rerank_k", 0)):
-            if int(getattr(self, name)) < low:
-                raise ConfigError(f"decode.{name} must be >= {low}, not {getattr(self, name)!r}")
+        check_minimums(self, "decode", (("beam", 1), ("max_new_tokens", 1), ("no_repeat_ngram", 0), ("rerank_k", 0)))
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-from cliplab.errors import ConfigError
+from cliplab.errors import ConfigError, check_minimums
 from cliplab.rundir import config_changes, flatten  # noqa: F401 - re-exported for callers
 from cliplab.models.two_tower import TwoTowerConfig
 
@@ -72,9 +72,7 @@ class TrainConfig:
         _choice("train.trainable", self.trainable, TRAINABLE)
         metric_direction(self.select_metric)  # unknown names fail now, not after an epoch
         create_loss(self.loss, **self.loss_args)  # unknown loss or bad loss_args
-        for name, low in (("epochs", 1), ("batch_size", 2), ("grad_accum_steps", 1), ("patience", 0)):
-            if int(getattr(self, name)) < low:
-                raise ConfigError(f"train.{name} must be >= {low}, not {getattr(self, name)!r}")
+        check_minimums(self, "train", (("epochs", 1), ("batch_size", 2), ("grad_accum_steps", 1), ("patience", 0)))
         for name in ("lr", "max_logit_scale"):
             if not float(getattr(self, name)) > 0:
                 raise ConfigError(f"train.{name} must be > 0, not {getattr(self, name)!r}")
