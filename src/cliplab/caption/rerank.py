@@ -24,10 +24,7 @@ def nearest_training_images(train_pooled: np.ndarray, target_pooled: np.ndarray,
         raise ConfigError(f"nearest training images: k must be from 1 to {len(train_pooled)}, not {k}")
     a = train_pooled / np.maximum(np.linalg.norm(train_pooled, axis=1, keepdims=True), 1e-12)
     b = target_pooled / np.maximum(np.linalg.norm(target_pooled, axis=1, keepdims=True), 1e-12)
-    sims = b @ a.T
-    if k == 1:
-        return np.argmax(sims, axis=1)[:, None]
-    return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.argsort(-(b @ a.T), axis=1, kind="stable")[:, :k]
 
 
 def consensus_rerank(candidates: Mapping[str, Sequence[str]], consensus: Mapping[str, Sequence[str]]
