@@ -6,7 +6,8 @@ import hashlib
 import json
 import os
 import random
-import tempfile
+import re
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,16 +15,46 @@ import numpy as np
 import torch
 
 
+TEMP_MARK = ".cliplab-"  # temp files are ``.<name>.cliplab-<random>.tmp``: recognisably cliplab's own
+
+
+def temp_name_pattern(name_regex: str) -> "re.Pattern[str]":
+    """The names :func:`atomic_write` gives its temp files for files named by ``name_regex`` (so a clean-up
+    after a killed writer removes only cliplab's own temp files)."""
+    return re.compile(r"\.(?:" + name_regex + ")" + re.escape(TEMP_MARK) + r"[0-9a-f]{16}\.tmp")
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename or unlink in ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write a file through ``write(tmp_path)`` then rename it into place, so readers never see half a file."""
+    """Write a file through ``write(tmp_path)`` then rename it into place, durably: the temp file is
+    fsynced before the rename and the folder after it, so after a crash or power loss ``path`` holds the
+    old or the new content, never an empty or half file. The file gets the umask's mode (like ``open``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = path.parent / f".{path.name}{TEMP_MARK}{secrets.token_hex(8)}.tmp"
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0666 & ~umask
     try:
         write(tmp_path)
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

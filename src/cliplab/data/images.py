@@ -9,16 +9,32 @@ from PIL import Image, UnidentifiedImageError
 from cliplab.errors import DataError
 
 
-def load_rgb(path: str | Path, draft_size: int | None = None, max_pixels: int | None = None) -> Image.Image:
+SAFE_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")  # what uploads and indexing decode by default
+FORMAT_EXTENSIONS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",), "BMP": (".bmp",),
+                     "GIF": (".gif",), "TIFF": (".tif", ".tiff")}
+
+
+def check_formats(formats: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Pillow format names, upper-cased; unknown ones refused (a typo would otherwise skip every image)."""
+    out = tuple(f.upper() for f in formats)
+    unknown = [f for f in out if f not in FORMAT_EXTENSIONS]
+    if unknown or not out:
+        raise DataError(f"image formats must be among {', '.join(FORMAT_EXTENSIONS)}, not {', '.join(unknown) or 'none'}")
+    return out
+
+
+def load_rgb(path: str | Path, draft_size: int | None = None, max_pixels: int | None = None,
+             formats: tuple[str, ...] | None = None) -> Image.Image:
     """Open an image as RGB, fully decoded; raise :class:`DataError` naming the file when it is missing or corrupt.
 
     ``draft_size`` lets the JPEG decoder downscale large files by 1/2-1/8 while decoding (PIL draft mode),
     never below ``draft_size`` on either side. ``max_pixels`` refuses images whose header declares more
     pixels (decompression bombs) before anything is decoded; PIL's own bomb limit always applies.
+    ``formats`` limits the decoders Pillow may use (e.g. :data:`SAFE_IMAGE_FORMATS`: no EPS/PSD/TIFF parsers).
     """
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=formats) as im:
             w, h = im.size
             if max_pixels is not None and w * h > max_pixels:
                 raise DataError(f"image too large: {path} ({w}x{h} pixels, limit {max_pixels})")
@@ -32,7 +48,10 @@ def load_rgb(path: str | Path, draft_size: int | None = None, max_pixels: int | 
         raise DataError(f"image not found: {path}") from None
     except Image.DecompressionBombError as exc:
         raise DataError(f"image too large: {path} ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        allowed = f" (or not one of {', '.join(formats)})" if formats else ""
+        raise DataError(f"corrupt image: {path}: not a readable image{allowed}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"corrupt image: {path} ({exc.__class__.__name__}: {exc})") from None
 
 
@@ -69,28 +88,39 @@ class ImageSet:
         exactly when they share an id (train/test disjointness checks)."""
         raise NotImplementedError
 
+    def content_keys(self) -> list[str] | None:
+        """One cache key per image (None where the set has only a whole-set key): lets the feature store
+        reuse finished chunks after the set changes."""
+        return None
+
 
 class ImageFiles(ImageSet):
     """Images on disk; the cache key of each is its path, size and mtime (edits in place invalidate it)."""
 
-    def __init__(self, paths, draft_size: int | None = None, max_pixels: int | None = None) -> None:
+    def __init__(self, paths, draft_size: int | None = None, max_pixels: int | None = None,
+                 formats: tuple[str, ...] | None = None) -> None:
         self.paths = [Path(p) for p in paths]
         self.draft_size = draft_size
         self.max_pixels = max_pixels
+        self.formats = formats
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def with_draft(self, size: int) -> "ImageFiles":
-        out = type(self).__new__(type(self))  # subclasses keep their behaviour
-        out.paths, out.draft_size, out.max_pixels = self.paths, size, self.max_pixels
+        out = type(self).__new__(type(self))  # subclasses keep their behaviour and attributes
+        out.__dict__.update(self.__dict__)
+        out.draft_size = size
         return out
 
     def load(self, i: int) -> Image.Image:
-        return load_rgb(self.paths[i], self.draft_size, self.max_pixels)
+        return load_rgb(self.paths[i], self.draft_size, self.max_pixels, self.formats)
 
     def item_ids(self) -> list[str]:
         return [str(p.resolve()) for p in self.paths]
+
+    def content_keys(self) -> list[str]:
+        return self.keys()
 
     def keys(self) -> list[str]:
         import os
@@ -145,6 +175,10 @@ class MirroredImages(ImageSet):
 
     def keys(self) -> list[str]:
         return ["hflip"] + self.inner.keys()
+
+    def content_keys(self) -> list[str] | None:
+        inner = self.inner.content_keys()
+        return None if inner is None else [f"hflip|{k}" for k in inner]
 
     def item_ids(self) -> list[str]:
         return self.inner.item_ids()

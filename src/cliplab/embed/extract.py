@@ -156,10 +156,11 @@ def embed_images(tower: torch.nn.Module, images: Sequence[Path] | ImageSet, *, c
                  batch_size: int = 64, num_workers: int | None = None, device: str | torch.device = "cpu",
                  on_error: str = "raise", progress: bool = True, desc: str = "images",
                  backend: str = "auto", engine: str = "local", ray_address: str | None = None,
-                 ray_actors: int = 2) -> CachedFeatures:
+                 ray_actors: int = 2, content_chunks: bool = False) -> CachedFeatures:
     """Pooled image-tower features (cached); corrupt/missing images raise or are marked invalid.
     ``engine="ray"`` computes the missing chunks on a Ray cluster (see :mod:`cliplab.embed.ray_engine`);
-    the store entry is the same either way."""
+    the store entry is the same either way. ``content_chunks`` keys the resumable chunks by their images
+    (an interrupted run whose image list then changes reuses the finished chunks)."""
     images = images if isinstance(images, ImageSet) else ImageFiles(images)
     cache = cache or FeatureCache()
     run_chunks = None
@@ -170,14 +171,15 @@ def embed_images(tower: torch.nn.Module, images: Sequence[Path] | ImageSet, *, c
             raise ConfigError("--engine ray reads image files (not in-memory arrays)")
         run_chunks = ray_chunk_runner(tower, images.paths, cache_root=cache.root, batch_size=batch_size,
                                       on_error=on_error, backend=backend, actors=ray_actors, address=ray_address,
-                                      max_pixels=images.max_pixels)
+                                      max_pixels=images.max_pixels, formats=images.formats)
     elif engine != "local":
         raise ConfigError(f"engine must be local or ray, not {engine!r}")
     fingerprint, key = image_cache_key(tower, images, cache, backend, device)
     compute = ImageChunkEncoder(tower, images, cache=cache, batch_size=batch_size, num_workers=num_workers,
                                 device=device, on_error=on_error, backend=backend)
     return cache.get_or_compute("image", key, len(images), compute, desc=desc, progress=progress,
-                                meta={"tower": fingerprint, "n_images": len(images)}, run_chunks=run_chunks)
+                                meta={"tower": fingerprint, "n_images": len(images)}, run_chunks=run_chunks,
+                                item_keys=images.content_keys() if content_chunks else None)
 
 
 def text_lengths(tower, texts: Sequence[str]) -> list[int]:

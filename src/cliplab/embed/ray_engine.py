@@ -39,7 +39,8 @@ class ChunkActor:
     """One image tower per actor; ``__call__`` computes the chunks of a batch of spans."""
 
     def __init__(self, tower_config: dict, paths: list[str], cache_root: str, batch_size: int, on_error: str,
-                 backend: str, max_pixels: int | None = None, threads: int | None = None) -> None:
+                 backend: str, max_pixels: int | None = None, threads: int | None = None,
+                 formats: list[str] | None = None) -> None:
         import torch
 
         if threads:  # the driver's intra-op threads: same summation order, so the same features bit for bit
@@ -57,8 +58,9 @@ class ChunkActor:
             if cfg.get(k) is not None:
                 cfg[k] = tuple(cfg[k])
         tower = pretrained_tower(ImageTowerConfig(**cfg))
-        self.encode = ImageChunkEncoder(tower, ImageFiles(paths, max_pixels=max_pixels), cache=FeatureCache(cache_root),
-                                        batch_size=batch_size, device=device, on_error=on_error, backend=backend)
+        images = ImageFiles(paths, max_pixels=max_pixels, formats=tuple(formats) if formats else None)
+        self.encode = ImageChunkEncoder(tower, images, cache=FeatureCache(cache_root), batch_size=batch_size,
+                                        device=device, on_error=on_error, backend=backend)
 
     def __call__(self, batch: dict) -> dict:
         marker = os.environ.get(DIE_ONCE)
@@ -71,7 +73,7 @@ class ChunkActor:
 
 def ray_chunk_runner(tower, paths: list[Path], *, cache_root: Path, batch_size: int = 64, on_error: str = "raise",
                      backend: str = "auto", actors: int = 2, address: str | None = None, gpus_per_actor: float = 0,
-                     max_pixels: int | None = None):
+                     max_pixels: int | None = None, formats: tuple[str, ...] | None = None):
     """A ``run_chunks`` for :meth:`FeatureCache.get_or_compute` that computes the spans on Ray."""
     from cliplab.models.image_tower import ImageTower
 
@@ -100,7 +102,8 @@ def ray_chunk_runner(tower, paths: list[Path], *, cache_root: Path, batch_size: 
                                                     "paths": [str(p) for p in paths], "cache_root": str(cache_root),
                                                     "batch_size": batch_size, "on_error": on_error,
                                                     "backend": backend, "max_pixels": max_pixels,
-                                                    "threads": threads})
+                                                    "threads": threads,
+                                                    "formats": list(formats) if formats else None})
         for row in out.iter_rows():
             yield (int(row["start"]), int(row["stop"]), *_unpack(row["blob"]))
 

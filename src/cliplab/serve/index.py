@@ -9,34 +9,47 @@ Layout of ``INDEX/`` (one *generation* is live at a time; ``CURRENT`` names it):
   ``skipped`` (files that could not be indexed, and why);
 - ``vectors-G.npy``: unit-norm image embeddings ``[N, d]`` (float32 or float16, memory-mapped), row
   ``items.row``; ``faiss-G.index``: exact or approximate inner-product index over them;
-- ``work/``: embeddings of new files, computed in resumable chunks (the feature store), so a build
-  killed half-way resumes where it stopped.
+- ``cliplab-work/``: embeddings of new files, computed in resumable chunks keyed by their files (the
+  feature store), so a build killed half-way resumes where it stopped, even after photos were added;
+- ``CLIPLAB_INDEX``: cliplab's marker. A build refuses a non-empty folder without it (so ``--out`` can never
+  be a photo folder or a home directory), refuses an ``--out`` that is or contains an indexed root (one
+  inside a root is left out of the walk), and only ever deletes the exact file names it writes
+  (``meta-G.sqlite``, ``vectors-G.npy``, ``faiss-G.index``, its own ``.NAME.cliplab-*.tmp`` temp files) and
+  the work folder when that carries its marker ``CLIPLAB_WORK``;
+- ``CLIPLAB_INDEX.lock``: held (flock) for the length of a build; a second build at once is refused.
 
 An update walks the roots, reuses the vectors of unchanged files (same path, size and mtime, or same
 content hash), embeds only new or changed ones, drops deleted ones, writes generation G+1 next to G,
-then swaps ``CURRENT``. Leftovers of an interrupted build are removed by the next one.
+then swaps ``CURRENT``. Every file is written atomically and fsynced (file, then folder) before ``CURRENT``
+moves, so a power loss leaves one whole generation. Leftovers of an interrupted build are removed by the next one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
+from cliplab.data.images import FORMAT_EXTENSIONS, SAFE_IMAGE_FORMATS, check_formats
 from cliplab.errors import ConfigError, DataError
-from cliplab.utils import atomic_write, write_json
+from cliplab.utils import atomic_write, fsync_dir, sha256_file, temp_name_pattern, write_json
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CURRENT = "CURRENT"
-WORK = "work"
+MARKER = "CLIPLAB_INDEX"  # cliplab's mark on a folder it made: only such a folder is written to or cleaned
+LOCK = "CLIPLAB_INDEX.lock"  # held (flock) by the one build running
+WORK = "cliplab-work"  # resumable chunks of the running build, with its own marker
+WORK_MARKER = "CLIPLAB_WORK"
+GENERATION_FILE = re.compile(r"meta-[0-9]+\.sqlite|vectors-[0-9]+\.npy|faiss-[0-9]+\.index")
+OWN_TEMP_FILE = temp_name_pattern(GENERATION_FILE.pattern + "|" + CURRENT + "|" + MARKER)
 EXACT_BELOW = 50_000  # FAISS "auto": exact inner product below this many images, HNSW above
 DEFAULT_MAX_PIXELS = 100_000_000  # images declaring more pixels are skipped (decompression bombs)
 SCHEMA = """
@@ -99,25 +112,25 @@ class BuildReport:
             "skipped": len(self.skipped), "skipped_items": [list(s) for s in self.skipped]}
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def image_extensions(formats: tuple[str, ...] = SAFE_IMAGE_FORMATS) -> tuple[str, ...]:
+    """File extensions of the given Pillow formats (what the walk picks up)."""
+    return tuple(ext for f in formats for ext in FORMAT_EXTENSIONS[f])
 
 
-def walk_images(root: Path, exclude: Path | None = None) -> Iterable[tuple[Path, str | None]]:
+def walk_images(root: Path, exclude: Path | None = None,
+                formats: tuple[str, ...] = SAFE_IMAGE_FORMATS) -> Iterable[tuple[Path, str | None]]:
     """Image files under ``root`` (recursive, extensions case-insensitive), with a skip reason for files
-    that must not be indexed (symlinks leading out of the root)."""
+    that must not be indexed (symlinks leading out of the root). ``exclude`` (the index folder, when it
+    lies inside a root) is left out of the walk."""
     real_root = root.resolve()
+    extensions = image_extensions(formats)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         here = Path(dirpath)
         if exclude is not None:
             dirnames[:] = [d for d in dirnames if (here / d).resolve() != exclude]
         dirnames.sort()
         for name in sorted(filenames):
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
+            if not name.lower().endswith(extensions):
                 continue
             path = here / name
             reason = None
@@ -136,8 +149,8 @@ def _is_caption_dataset(path: Path) -> bool:
     return path.suffix in (".json", ".csv", ".tsv", ".jsonl")
 
 
-def collect_sources(paths: list[Path], exclude: Path | None = None) -> tuple[list[Path], list[SourceFile],
-                                                                               list[tuple[str, str]]]:
+def collect_sources(paths: list[Path], exclude: Path | None = None, formats: tuple[str, ...] = SAFE_IMAGE_FORMATS
+                    ) -> tuple[list[Path], list[SourceFile], list[tuple[str, str]]]:
     """Roots, the image files under them (with captions for caption datasets) and files skipped up front."""
     from cliplab.data.captions import load_caption_dataset
 
@@ -166,12 +179,16 @@ def collect_sources(paths: list[Path], exclude: Path | None = None) -> tuple[lis
         elif p.is_dir():
             ri = len(roots)
             roots.append(p.resolve())
-            for path, reason in walk_images(p, exclude):
+            for path, reason in walk_images(p, exclude, formats):
                 rel = path.relative_to(p).as_posix()
                 if reason:
                     skipped.append((rel, reason))
                     continue
-                st = path.stat()
+                try:
+                    st = path.stat()
+                except OSError:  # removed between listing and stat
+                    skipped.append((rel, "file vanished while indexing"))
+                    continue
                 if st.st_size == 0:
                     skipped.append((rel, "empty file (0 bytes)"))
                     continue
@@ -184,7 +201,8 @@ def collect_sources(paths: list[Path], exclude: Path | None = None) -> tuple[lis
 
 def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
     if read_only:  # a committed generation never changes: no locks, no journal
-        con = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+        uri = Path(path).resolve().as_uri() + "?mode=ro&immutable=1"  # '#', '%', spaces: percent-encoded
+        con = sqlite3.connect(uri, uri=True, check_same_thread=False)
     else:
         con = sqlite3.connect(str(path))
     con.row_factory = sqlite3.Row
@@ -306,44 +324,56 @@ class IndexBuilder:
                  faiss_kind: str = "auto", dtype: str = "float32", device: str = "cpu", batch_size: int = 64,
                  max_pixels: int = DEFAULT_MAX_PIXELS, log: Callable[[str], None] = print,
                  progress: bool = True, chunk_size: int = 256, engine: str = "local",
-                 ray_address: str | None = None, ray_actors: int = 2) -> None:
+                 ray_address: str | None = None, ray_actors: int = 2,
+                 formats: tuple[str, ...] | list[str] = SAFE_IMAGE_FORMATS) -> None:
         if dtype not in ("float32", "float16"):
             raise ConfigError(f"vector dtype must be float32 or float16, not {dtype!r}")
         choose_faiss(faiss_kind, 0)
         self.folder = Path(folder)
+        self.formats = check_formats(formats)
         self.rebuild, self.faiss_kind, self.dtype = rebuild, faiss_kind, dtype
         self.device, self.batch_size, self.max_pixels = device, batch_size, max_pixels
         self.log, self.progress, self.chunk_size = log, progress, chunk_size
         self.engine = {"engine": engine, "ray_address": ray_address, "ray_actors": ray_actors}
-        self.current = self._read_current()
-        self.previous_info = self._previous_info()
+        self._read_state()
         self.model_spec = model_spec or (self.previous_info or {}).get("model") or "conse"
 
-    def _read_current(self) -> dict | None:
-        pointer = self.folder / CURRENT
-        return json.loads(pointer.read_text(encoding="utf-8")) if pointer.is_file() else None
-
-    def _previous_info(self) -> dict | None:
-        if self.current is None:
-            return None
-        con = _connect(self.folder / self.current["db"], read_only=True)
-        try:
-            return {r["key"]: json.loads(r["value"]) for r in con.execute("SELECT key, value FROM info")}
-        finally:
-            con.close()
+    def _read_state(self) -> None:
+        """The live generation and its info (None for a new index); refuses a folder that is not an index."""
+        self.current = self.previous_info = None
+        if index_folder_state(self.folder) in ("index", "legacy"):
+            self.current = _read_json(self.folder / CURRENT) if (self.folder / CURRENT).is_file() else None
+        if self.current is not None:
+            con = _connect(self.folder / self.current["db"], read_only=True)
+            try:
+                self.previous_info = {r["key"]: json.loads(r["value"]) for r in con.execute("SELECT key, value FROM info")}
+            finally:
+                con.close()
 
     def build(self, paths: list[str | Path]) -> BuildReport:
-        from cliplab.embed.cache import FeatureCache
-        from cliplab.embed.pipeline import image_embeddings
-        from cliplab.extras import require
+        """Index ``paths`` into the folder: refused unless it is new, empty or a cliplab index (nothing else
+        is ever deleted there), under an exclusive lock (a second build at once is refused)."""
+        t0 = time.time()
+        check_index_folder(self.folder)
+        roots, files, skipped = collect_sources([Path(p) for p in paths], exclude=self.folder.resolve(),
+                                                formats=self.formats)
+        check_out_beside_roots(self.folder, roots)
+        claim_index_folder(self.folder)
+        with index_lock(self.folder):
+            self._read_state()  # another build may have committed while this one waited
+            self._collect_garbage()
+            try:
+                report = self._build_locked(roots, files, skipped)
+            except OSError as exc:  # a full disk, a read-only folder: the previous generation is untouched
+                raise DataError(f"cannot write the index {self.folder}: {exc.strerror or exc} "
+                                f"({exc.__class__.__name__}); the previous generation is unchanged") from None
+        report.seconds = time.time() - t0
+        return report
+
+    def _build_locked(self, roots: list[Path], files: list[SourceFile], skipped: list) -> BuildReport:
         from cliplab.models.factory import load_model
 
-        faiss = require("faiss")
-        t0 = time.time()
-        report = BuildReport()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._collect_garbage()
-        roots, files, report.skipped = collect_sources([Path(p) for p in paths], exclude=self.folder.resolve())
+        report = BuildReport(skipped=skipped)
         model = load_model(self.model_spec, device=self.device)
         fingerprint = model.fingerprint()
         prev = self.previous_info
@@ -355,12 +385,29 @@ class IndexBuilder:
             self.log(f"roots changed: {prev['roots']} -> {[str(r) for r in roots]}; files are matched by root and path")
         fresh = prev is None or self.rebuild or prev["model_fingerprint"] != fingerprint
         old = {} if fresh else self._old_items()
-        old_failed = {} if fresh else self._old_failures()
-        old_vectors = (np.load(self.folder / self.current["vectors"], mmap_mode="r")
-                       if old and self.current else None)
-        # sort files: unchanged (reuse), changed/new (embed)
-        keep, todo, failed = [], [], []  # failed: (SourceFile, reason) of unchanged files that failed before
-        by_hash_candidates = []
+        keep, todo, failed = self._sort_files(files, old, {} if fresh else self._old_failures(), report)
+        self.log(f"{len(files)} images under {len(roots)} root(s): {report.unchanged} unchanged, {report.new} new, "
+                 f"{report.changed} changed, {report.removed} removed")
+        new_vectors, good, errors = self._embed(model, todo)
+        report.embedded = int(good.sum())
+        entries, stat_of = self._entries(keep, todo, good, errors, failed, old, report)
+        old_vectors = np.load(self.folder / self.current["vectors"], mmap_mode="r") if old else None
+        dim = (int(new_vectors.shape[1]) if new_vectors.size else int(old_vectors.shape[1])
+               if old_vectors is not None else int(model.encode_text(["x"]).shape[1]))
+        vectors = np.zeros((len(entries), dim), dtype=self.dtype)
+        for row, e in enumerate(entries):
+            src, j = e[1]
+            vectors[row] = old_vectors[j] if src == "old" else new_vectors[j]
+        info = {"model": self.model_spec, "model_fingerprint": fingerprint, "dim": dim, "dtype": self.dtype,
+                "roots": [str(r) for r in roots], "max_pixels": self.max_pixels, "formats": list(self.formats),
+                "created": (prev or {}).get("created", time.time()) if old else time.time(), "updated": time.time()}
+        self._commit(vectors, entries, info, stat_of, report)
+        return report
+
+    def _sort_files(self, files: list[SourceFile], old: dict, old_failed: dict, report: BuildReport):
+        """``(keep, todo, failed)``: unchanged files (vectors reused), new or changed ones (embedded), and
+        unchanged files that failed before (not tried again)."""
+        keep, todo, failed = [], [], []
         for f in files:
             bad = old_failed.get((f.root, f.relpath))
             if bad is not None and bad[1:] == (f.size, f.mtime_ns):
@@ -369,63 +416,65 @@ class IndexBuilder:
             o = old.get((f.root, f.relpath))
             if o is not None and o["size"] == f.size and o["mtime_ns"] == f.mtime_ns:
                 keep.append((f, o))
-            elif o is not None:
-                by_hash_candidates.append((f, o))
+            elif o is not None and f.size == o["size"] and _same_content(f.path, o["sha256"]):
+                keep.append((f, o))  # touched but identical
             else:
                 todo.append(f)
-        for f, o in by_hash_candidates:  # touched but maybe identical: compare content
-            if f.size == o["size"] and sha256_of(f.path) == o["sha256"]:
-                keep.append((f, o))
-            else:
-                todo.append(f)
-                report.changed += 1
-        report.unchanged = len(keep)
-        report.new = len(todo) - report.changed
-        report.skipped_known = len(failed)
+                report.changed += int(o is not None)
+        report.unchanged, report.new, report.skipped_known = len(keep), len(todo) - report.changed, len(failed)
         seen = {(f.root, f.relpath) for f in files}
         report.removed = sum(1 for key in old if key not in seen)
-        self.log(f"{len(files)} images under {len(roots)} root(s): {report.unchanged} unchanged, {report.new} new, "
-                 f"{report.changed} changed, {report.removed} removed")
+        return keep, todo, failed
 
-        # embed new and changed files (resumable: chunks land in work/ as they are computed)
-        new_vectors = np.zeros((0, 0), np.float32)
-        good = np.zeros(0, dtype=bool)
-        errors: dict[int, str] = {}
-        if todo:
-            images = _ImagesWithCrashPoint([f.path for f in todo], max_pixels=self.max_pixels)
-            work = FeatureCache(self.folder / WORK, chunk_size=self.chunk_size)
-            new_vectors, good, errors = image_embeddings(model, images, cache=work,
-                                                         device=self.device, progress=self.progress,
-                                                         desc="embedding images", batch_size=self.batch_size,
-                                                         **self.engine)
-            report.embedded = int(good.sum())
+    def _embed(self, model, todo: list[SourceFile]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        """Embeddings of new and changed files, resumable: content-keyed chunks land in the work folder as they
+        are computed, so a killed build (even one whose file list then changed) reuses the finished ones."""
+        from cliplab.embed.cache import FeatureCache
+        from cliplab.embed.pipeline import image_embeddings
+
+        if not todo:
+            return np.zeros((0, 0), np.float32), np.zeros(0, dtype=bool), {}
+        images = _ImagesWithCrashPoint([f.path for f in todo], max_pixels=self.max_pixels, formats=self.formats)
+        z, good, errors = image_embeddings(model, images, cache=FeatureCache(work_folder(self.folder),
+                                                                             chunk_size=self.chunk_size),
+                                           device=self.device, progress=self.progress, desc="embedding images",
+                                           batch_size=self.batch_size, content_chunks=True, **self.engine)
+        if not np.isfinite(z[good]).all():
+            bad = [todo[i].relpath for i in np.flatnonzero(good & ~np.isfinite(z).all(1))[:3]]
+            raise DataError(f"the model gave non-finite embeddings (NaN/inf) for {', '.join(bad)}; nothing was "
+                            "committed (check the model's weights)")
+        return z, good, errors
+
+    def _entries(self, keep, todo, good, errors, failed, old, report: BuildReport):
+        """The items of the next generation, sorted by root and path, and the stat of files that failed."""
+        now = time.time()
+        entries = [(f, ("old", o["row"]), o["sha256"], o["width"], o["height"], o["added"], o["id"])
+                   for f, o in keep]  # (SourceFile, vector source, sha, width, height, added, id or None)
         stat_of = {}  # relpath -> (size, mtime) of files that failed, so an unchanged one is not tried again
         for i, f in enumerate(todo):
-            if not good[i]:
+            if good[i]:
+                try:
+                    (w, h), sha = self._size(f.path), sha256_file(f.path)
+                except (OSError, DataError):  # gone or replaced since it was embedded
+                    report.skipped.append((f.relpath, "file vanished or changed while indexing"))
+                    report.embedded -= 1
+                    continue
+                prior = old.get((f.root, f.relpath))  # a changed file keeps its id
+                entries.append((f, ("new", i), sha, w, h, now, prior["id"] if prior else None))
+            else:
                 report.skipped.append((f.relpath, errors.get(i, "unreadable image").replace(str(f.path), f.relpath)))
                 stat_of[f.relpath] = (f.size, f.mtime_ns)
         for f, reason in failed:
             report.skipped.append((f.relpath, reason))
             stat_of[f.relpath] = (f.size, f.mtime_ns)
-        dim = int(new_vectors.shape[1]) if todo and new_vectors.size else (
-            int(old_vectors.shape[1]) if old_vectors is not None else int(model.encode_text(["x"]).shape[1]))
-
-        # assemble generation G+1
-        now = time.time()
-        entries = []  # (SourceFile, vector row source, sha, width, height, added, id or None)
-        for f, o in keep:
-            entries.append((f, ("old", o["row"]), o["sha256"], o["width"], o["height"], o["added"], o["id"]))
-        for i, f in enumerate(todo):
-            if good[i]:
-                w, h = self._size(f.path)
-                prior = old.get((f.root, f.relpath))  # a changed file keeps its id
-                entries.append((f, ("new", i), sha256_of(f.path), w, h, now, prior["id"] if prior else None))
         entries.sort(key=lambda e: (e[0].root, e[0].relpath))
+        return entries, stat_of
+
+    def _commit(self, vectors: np.ndarray, entries: list, info: dict, stat_of: dict, report: BuildReport) -> None:
+        """Write generation G+1 beside G (durably), then swap ``CURRENT``; G's files are removed after."""
+        import faiss
+
         n = len(entries)
-        vectors = np.zeros((n, dim), dtype=self.dtype)
-        for row, e in enumerate(entries):
-            src, j = e[1]
-            vectors[row] = old_vectors[j] if src == "old" else new_vectors[j]
         generation = (self.current["generation"] + 1) if self.current else 1
         names = {"db": f"meta-{generation}.sqlite", "vectors": f"vectors-{generation}.npy",
                  "faiss": f"faiss-{generation}.index"}
@@ -435,27 +484,22 @@ class IndexBuilder:
             report.recall_at_10 = approximate_recall(vectors, index)
             self.log(f"{kind} index: recall@10 against exact search {report.recall_at_10:.3f} "
                      f"(200 stored vectors as queries)")
+        info = {**info, "faiss": kind, "recall_at_10": report.recall_at_10}
         crash_point("before-vectors")
         atomic_write(self.folder / names["vectors"], lambda p: _save_npy(p, vectors))
         crash_point("after-vectors")
         atomic_write(self.folder / names["faiss"], lambda p: faiss.write_index(index, str(p)))
-        info = {"model": self.model_spec, "model_fingerprint": fingerprint, "dim": dim, "dtype": self.dtype,
-                "roots": [str(r) for r in roots], "faiss": kind, "recall_at_10": report.recall_at_10,
-                "max_pixels": self.max_pixels, "created": (prev or {}).get("created", now) if old else now,
-                "updated": now}
         skipped_rows = [(rel, reason, *stat_of.get(rel, (None, None))) for rel, reason in report.skipped]
         atomic_write(self.folder / names["db"], lambda p: self._write_db(p, entries, info, skipped_rows))
         crash_point("before-commit")
-        # the commit: one atomic rename makes generation G+1 the live one
+        # the commit: one atomic, durable rename makes generation G+1 the live one
         write_json(self.folder / CURRENT, {"generation": generation, **names, "count": n,
                                             "committed": time.strftime("%Y-%m-%dT%H:%M:%S")})
         self.current = {"generation": generation, **names}
         crash_point("after-commit")
         self._collect_garbage()
-        shutil.rmtree(self.folder / WORK, ignore_errors=True)  # its chunks are in the committed vectors now
+        remove_work_folder(self.folder)  # its chunks are in the committed vectors now
         report.total, report.faiss, report.generation = n, kind, generation
-        report.seconds = time.time() - t0
-        return report
 
     def _old_items(self) -> dict[tuple[int, str], dict]:
         con = _connect(self.folder / self.current["db"], read_only=True)
@@ -475,7 +519,7 @@ class IndexBuilder:
     def _size(self, path: Path) -> tuple[int, int]:
         from PIL import Image
 
-        with Image.open(path) as im:
+        with Image.open(path, formats=self.formats) as im:
             return int(im.size[0]), int(im.size[1])
 
     def _faiss(self, faiss, vectors: np.ndarray, kind: str):
@@ -517,12 +561,105 @@ class IndexBuilder:
 
     def _collect_garbage(self) -> None:
         """Remove generation files the live ``CURRENT`` does not name (an interrupted build's leftovers, or the
-        generation a commit replaced)."""
-        live = set((self.current or {}).values()) if self.current else set()
-        for p in self.folder.glob("*"):
-            if p.name.startswith(("meta-", "vectors-", "faiss-", ".")) and p.name not in live and p.is_file() \
-                    and p.name != CURRENT:
+        generation a commit replaced) and cliplab's own temp files: exact names cliplab writes, nothing else."""
+        live = set((self.current or {}).values())
+        for p in self.folder.iterdir():
+            own = GENERATION_FILE.fullmatch(p.name) or OWN_TEMP_FILE.fullmatch(p.name)
+            if own and p.name not in live and p.is_file() and not p.is_symlink():
                 p.unlink(missing_ok=True)
+        fsync_dir(self.folder)
+
+
+def _same_content(path: Path, sha256: str) -> bool:
+    try:
+        return sha256_file(path) == sha256
+    except OSError:  # vanished: embedding it again reports it
+        return False
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def index_folder_state(folder: Path) -> str:
+    """``missing``, ``empty``, ``index`` (has cliplab's marker), ``legacy`` (an index written before the
+    marker: a ``CURRENT`` naming generation files that exist) or ``foreign`` (anything else)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return "missing"
+    if not folder.is_dir():
+        return "foreign"
+    marker = _read_json(folder / MARKER)
+    if isinstance(marker, dict) and marker.get("format") == "cliplab-index":
+        return "index"
+    current = _read_json(folder / CURRENT)
+    if isinstance(current, dict) and all(isinstance(current.get(k), str) and GENERATION_FILE.fullmatch(current[k])
+                                         and (folder / current[k]).is_file() for k in ("db", "vectors", "faiss")):
+        return "legacy"
+    return "empty" if not any(folder.iterdir()) else "foreign"
+
+
+def check_index_folder(folder: Path) -> None:
+    """Refuse an index folder that already holds anything but a cliplab index (before any work starts)."""
+    state = index_folder_state(folder)
+    if state == "foreign":
+        what = "is not a folder" if Path(folder).exists() and not Path(folder).is_dir() else \
+            f"is not empty and is not a cliplab index (no {MARKER} file)"
+        raise DataError(f"--out {folder} {what}; nothing was written. Give a new or empty folder for the index")
+
+
+def check_out_beside_roots(folder: Path, roots: list[Path]) -> None:
+    """Refuse an index folder that is, or contains, an indexed root; one inside a root is left out of the walk."""
+    out = Path(folder).resolve()
+    for root in roots:
+        if root == out or root.is_relative_to(out):
+            raise DataError(f"--out {folder} is or contains the indexed folder {root}; put the index outside the "
+                            f"photos, e.g. --out {root.parent / (root.name + '-index')}")
+
+
+def claim_index_folder(folder: Path) -> None:
+    """Create the folder if needed and write cliplab's marker (an existing index keeps its own)."""
+    folder = Path(folder)
+    if index_folder_state(folder) != "index":
+        write_json(folder / MARKER, {"format": "cliplab-index", "version": 1,
+                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                     "note": "written by cliplab index; cliplab only ever deletes its own files here"})
+
+
+@contextmanager
+def index_lock(folder: Path):
+    """An exclusive lock on the index folder for one build (flock: released by the kernel even on kill -9)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(Path(folder) / LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise DataError(f"{folder} is being updated by another `cliplab index` (it holds {LOCK}); wait for it to "
+                        "finish, then run this again") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def work_folder(folder: Path) -> Path:
+    """The build's resumable work folder, created with cliplab's marker."""
+    work = Path(folder) / WORK
+    work.mkdir(exist_ok=True)
+    if not (work / WORK_MARKER).is_file():
+        write_json(work / WORK_MARKER, {"format": "cliplab-index-work", "version": 1})
+    return work
+
+
+def remove_work_folder(folder: Path) -> None:
+    """Remove the work folder only when it carries cliplab's marker (never a folder of the user's)."""
+    work = Path(folder) / WORK
+    if (work / WORK_MARKER).is_file() and not work.is_symlink():
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def crash_point(name: str) -> None:
