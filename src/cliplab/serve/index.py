@@ -358,15 +358,17 @@ class IndexBuilder:
         roots, files, skipped = collect_sources([Path(p) for p in paths], exclude=self.folder.resolve(),
                                                 formats=self.formats)
         check_out_beside_roots(self.folder, roots)
-        claim_index_folder(self.folder)
-        with index_lock(self.folder):
-            self._read_state()  # another build may have committed while this one waited
-            self._collect_garbage()
-            try:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with index_lock(self.folder):
+                check_index_folder(self.folder)  # again, now that no other build can write here
+                claim_index_folder(self.folder)
+                self._read_state()  # another build may have committed before this one took the lock
+                self._collect_garbage()
                 report = self._build_locked(roots, files, skipped)
-            except OSError as exc:  # a full disk, a read-only folder: the previous generation is untouched
-                raise DataError(f"cannot write the index {self.folder}: {exc.strerror or exc} "
-                                f"({exc.__class__.__name__}); the previous generation is unchanged") from None
+        except OSError as exc:  # a full disk, a read-only folder: the previous generation is untouched
+            raise DataError(f"cannot write the index {self.folder}: {exc.strerror or exc} "
+                            f"({exc.__class__.__name__}); the previous generation is unchanged") from None
         report.seconds = time.time() - t0
         return report
 
@@ -599,7 +601,8 @@ def index_folder_state(folder: Path) -> str:
     if isinstance(current, dict) and all(isinstance(current.get(k), str) and GENERATION_FILE.fullmatch(current[k])
                                          and (folder / current[k]).is_file() for k in ("db", "vectors", "faiss")):
         return "legacy"
-    return "empty" if not any(folder.iterdir()) else "foreign"
+    mine = lambda name: name == LOCK or OWN_TEMP_FILE.fullmatch(name)  # noqa: E731 - a build starting beside us
+    return "empty" if all(mine(p.name) for p in folder.iterdir()) else "foreign"
 
 
 def check_index_folder(folder: Path) -> None:
