@@ -1007,22 +1007,44 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
-                                       help="print the version and exit")) -> None:
-    """Learn and evaluate shared image-text embedding spaces."""
+                                       help="print the version and exit"),
+          debug: bool = typer.Option(False, "--debug", help="show the traceback of an unexpected error (or set "
+                                                             "CLIPLAB_DEBUG=1); without it: one line, exit 1")) -> None:
+    """Learn and evaluate shared image-text embedding spaces."""  # --debug is acted on by main()
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Entry point; ``argv`` (default ``sys.argv[1:]``) lets tests run commands in-process."""
+    """Entry point; ``argv`` (default ``sys.argv[1:]``) lets tests run commands in-process.
+
+    A user error (:class:`CliplabError`) prints one line and exits 2; any other exception prints one line
+    ``error: Type: message`` and exits 1, with its traceback too under ``--debug`` or ``CLIPLAB_DEBUG=1``.
+    """
+    import itertools
+    import os
+    import traceback
+
+    from rich.markup import escape
+
+    leading = itertools.takewhile(lambda a: a.startswith("-"), sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in leading or os.environ.get("CLIPLAB_DEBUG", "").strip() not in ("", "0")
     try:
         app(args=argv, prog_name="cliplab")
     except CliplabError as exc:
-        from rich.markup import escape
-
+        if debug:
+            traceback.print_exc()
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted; rerun the same command to resume")
         sys.exit(130)
+    except Exception as exc:  # a bug or an environment problem, not the user's input
+        if debug:
+            traceback.print_exc()
+        message = " ".join(str(exc).split())
+        hint = "" if debug else " (run with --debug for the traceback)"
+        console.print(f"[red]error:[/red] {escape(type(exc).__name__)}{': ' if message else ''}{escape(message)}"
+                      f"{hint}", highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -85,11 +85,29 @@ def run_kind(run_dir: str | Path) -> str:
 
 # -- training runs
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The per-epoch records of a training run (empty when it has not finished an epoch)."""
+    """The per-epoch records of a training run (empty when it has not finished an epoch).
+
+    An unreadable *last* line is left out: a run killed while appending a record leaves it half written
+    (resuming rewrites the file without it, see :func:`truncate_metrics`). A damaged line before the last
+    is an error naming the file and line.
+    """
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = [(n, ln) for n, ln in enumerate(path.read_bytes().split(b"\n"), 1) if ln.strip()]
+    records = []
+    for i, (n, ln) in enumerate(lines):
+        try:
+            record = json.loads(ln.decode("utf-8"))
+            problem = "" if isinstance(record, dict) else f"a JSON {type(record).__name__}, not a record"
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            problem = str(exc)
+        if problem and i == len(lines) - 1:
+            break
+        if problem:
+            raise ConfigError(f"{path}:{n}: damaged metrics record ({problem}); pass --fresh to start the run over")
+        records.append(record)
+    return records
 
 
 def training_seconds(run_dir: str | Path) -> float:
@@ -103,7 +121,8 @@ def append_metrics(run_dir: str | Path, record: dict) -> None:
 
 
 def truncate_metrics(run_dir: str | Path, last_epoch: int) -> None:
-    """Drop records after ``last_epoch`` (written after the checkpoint a resumed run starts from)."""
+    """Drop records after ``last_epoch`` (written after the checkpoint a resumed run starts from) and a
+    half-written last line; the file is replaced atomically."""
     path = Path(run_dir) / METRICS
     if path.is_file():
         keep = [r for r in read_metrics(run_dir) if r["epoch"] <= last_epoch]

@@ -27,6 +27,7 @@ from cliplab.data.captions import CaptionDataset, load_caption_dataset
 from cliplab.data.images import ImageFiles
 from cliplab.embed.cache import FeatureCache
 from cliplab.errors import ConfigError, NumericError, check_minimums
+from cliplab.models.checkpoint import load_checked, load_checkpoint
 from cliplab.rundir import BEST, CAPTIONS, CHECKPOINT, append_metrics, check_resume_config, flatten, truncate_metrics
 from cliplab.utils import atomic_write, autocast, resolve_device, seed_everything, write_json, write_text
 
@@ -329,8 +330,7 @@ def train_captioner(config: CaptionRunConfig, run_dir: str | Path, *, resume: bo
     record = config.training_record()
     ckpt_path = run_dir / CHECKPOINT
     if resume and ckpt_path.is_file():
-        check_resume_config(run_dir, torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-                            .get("config"), record)
+        check_resume_config(run_dir, load_checkpoint(ckpt_path, "cpu", mmap=True).get("config"), record)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / rundir.CONFIG, {**config.to_dict(), "kind": "caption", "provenance": rundir.provenance()})
     cfg = config.train
@@ -371,9 +371,7 @@ def train_captioner(config: CaptionRunConfig, run_dir: str | Path, *, resume: bo
     state = {"best_cider": -1.0, "best_epoch": -1, "bad_epochs": 0, "stopped_early": False}
     start = 0
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        from cliplab.models.checkpoint import load_checked
-
+        ckpt = load_checkpoint(ckpt_path, device)
         load_checked(model, ckpt["model"], where=str(ckpt_path), required=model.trainable_keys())
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -19,6 +19,11 @@ from typing import Mapping
 
 import numpy as np
 
+try:
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+
 from cliplab.data.images import ImageArrays, ImageFiles, ImageSet
 from cliplab.errors import DataError
 
@@ -189,14 +194,33 @@ def read_cifar(root: str | Path, split: str = "test") -> LabelledImages:
                           f"{root.name}/{split}")
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR batch holds and nothing else: dicts, lists, bytes, numbers and numpy arrays.
+    Any other global (a function a crafted pickle would call) is refused, so loading never runs code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,  # as the CIFAR files name it
+               ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,  # as numpy >= 2 writes it
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+    def find_class(self, module: str, name: str):
+        found = self.ALLOWED.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: a CIFAR batch holds only arrays, lists, bytes "
+                                         "and numbers")
+        return found
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"CIFAR file not found: {path}")
     with open(path, "rb") as f:
         try:
-            return pickle.load(f, encoding="bytes")
-        except (pickle.UnpicklingError, EOFError) as exc:
-            raise DataError(f"{path}: corrupt pickle ({exc})") from None
+            out = _CifarUnpickler(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError) as exc:
+            raise DataError(f"{path}: not a CIFAR pickle ({exc})") from None
+    if not isinstance(out, dict):
+        raise DataError(f"{path}: not a CIFAR pickle (holds a {type(out).__name__}, not a dict)")
+    return out
 
 
 def available_splits(spec: str | Path) -> list[str]:

@@ -4,10 +4,16 @@ Saved cliplab models hold only what training changed (heads, temperature, tuned 
 rest comes from the base weights. So a load is partial by design, but never silent: a key the model
 does not have, a tensor of the wrong shape, or a *required* key the file lacks is an error, and the
 base weights the tensors were trained on must be the ones installed.
+
+Loading never runs code from the file: :func:`load_checkpoint` unpickles with ``weights_only=True``, so a
+file holding anything but tensors and plain values (dicts, lists, numbers, strings) is refused, not run.
 """
 
 from __future__ import annotations
 
+import pickle
+import re
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
@@ -18,6 +24,29 @@ from cliplab.errors import ConfigError
 
 def _few(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict:
+    """A training checkpoint (``last.pt``), unpickled with ``weights_only=True``: only tensors and plain
+    values load, nothing in the file is executed. A file that needs other Python objects (made by an older
+    cliplab or by something else), or that is not a readable checkpoint, is a :class:`ConfigError` naming it.
+    """
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise ConfigError(f"{path}: refused to load a checkpoint that holds Python objects other than tensors "
+                          f"and plain values{what}; it was not written by this cliplab: pass --fresh to start "
+                          "the run over") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{path}: not a readable checkpoint ({first}); pass --fresh to start the run over") from None
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"{path}: not a cliplab checkpoint (holds a {type(ckpt).__name__}, not a dict); pass "
+                          "--fresh to start the run over")
+    return ckpt
 
 
 def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], *, where: str,

@@ -24,7 +24,7 @@ from cliplab.errors import ConfigError
 from cliplab.eval.retrieval import retrieval_metrics
 from cliplab.eval.tables import retrieval_markdown
 from cliplab.models.base import TowerModel, TrainableModel
-from cliplab.models.checkpoint import check_base_weights, load_checked
+from cliplab.models.checkpoint import check_base_weights, load_checked, load_checkpoint
 from cliplab.models.clip import load_clip
 from cliplab.models.factory import create_conse, create_model
 from cliplab.models.two_tower import CONFIG_NAME, WEIGHTS_NAME, TwoTower
@@ -139,7 +139,7 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     log = log if dist.is_main else (lambda *a, **k: None)
     record = config.training_record()
     if resume and (run_dir / CHECKPOINT).is_file():  # refuse before anything is overwritten or computed
-        ckpt = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = load_checkpoint(run_dir / CHECKPOINT, "cpu", mmap=True)
         check_resume_config(run_dir, ckpt.get("config"), record)
         del ckpt
     if dist.is_main:

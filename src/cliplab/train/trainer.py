@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from cliplab import rundir
 from cliplab.embed.pipeline import DatasetFeatures
 from cliplab.errors import ConfigError, NumericError
-from cliplab.models.checkpoint import load_checked
+from cliplab.models.checkpoint import load_checked, load_checkpoint
 from cliplab.rundir import (BEST, CHECKPOINT, METRICS, append_metrics, check_resume_config, flatten,
                             truncate_metrics)
 from cliplab.train.config import TrainConfig
@@ -267,7 +267,7 @@ class Trainer:
         start_epoch = 0
         ckpt_path = self.run_dir / CHECKPOINT
         if resume and ckpt_path.is_file():
-            ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=False)
+            ckpt = load_checkpoint(ckpt_path, self.device)
             check_resume_config(self.run_dir, ckpt.get("config"), self.config_record)
             load_checked(model, ckpt["model"], where=str(ckpt_path), required=self._trainable_state())
             self.loss_fn.load_state_dict(ckpt.get("loss", {}))
