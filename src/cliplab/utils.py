@@ -67,6 +67,15 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, lambda p: p.write_text(text + "\n", encoding="utf-8"))
 
 
+def write_npy(path: str | Path, arr: np.ndarray) -> Path:
+    """Save an array as ``.npy``, atomically and durably."""
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+
+    return atomic_write(path, save)
+
+
 def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 

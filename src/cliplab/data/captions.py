@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 import numpy as np
 
@@ -364,29 +364,63 @@ def _load_json(path: Path) -> dict:
         raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
 
 
+@dataclass(frozen=True)
+class CaptionFormat:
+    """A caption-dataset format: ``detect(path)`` says whether a path is one, ``read(path, split, image_root,
+    on_error)`` opens it. Register a new one with :func:`register_caption_format` (one function, one line)."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    read: Callable[[Path, str, "str | Path | None", OnError], CaptionDataset]
+
+
+CAPTION_FORMATS: dict[str, CaptionFormat] = {}
+
+
+def register_caption_format(name: str, detect: Callable[[Path], bool],
+                            read: Callable[[Path, str, "str | Path | None", OnError], CaptionDataset]) -> None:
+    """Add a dataset format that :func:`load_caption_dataset` (and so every command, and the indexer) detects."""
+    CAPTION_FORMATS[name] = CaptionFormat(name, detect, read)
+
+
+def detect_caption_format(path: str | Path) -> CaptionFormat | None:
+    """The registered format of ``path`` (the first whose ``detect`` accepts it), or None."""
+    path = Path(path)
+    return next((f for f in CAPTION_FORMATS.values() if f.detect(path)), None)
+
+
+def _read_json_dataset(path: Path, split: str, image_root, on_error: OnError) -> CaptionDataset:
+    data = _load_json(path)
+    root = image_root if image_root is not None else _json_image_root(path, data)
+    if "annotations" in data:
+        return read_coco(path, root, split, on_error=on_error)
+    return read_karpathy(path, root, split, on_error=on_error)
+
+
+register_caption_format(
+    "flickr8k", lambda p: p.is_dir() and ((p / "captions.txt").is_file() or (p / "Flickr8k.token.txt").is_file()),
+    lambda p, split, image_root, on_error: read_flickr8k(p, split, on_error=on_error))
+register_caption_format("coco-or-karpathy-json", lambda p: p.is_file() and p.suffix == ".json", _read_json_dataset)
+register_caption_format("pairs", lambda p: p.is_file() and p.suffix in (".csv", ".tsv", ".tab", ".jsonl"),
+                        lambda p, split, image_root, on_error: read_pairs(p, image_root, split, on_error=on_error))
+
+
 def load_caption_dataset(spec: str | Path, split: str = "test", *, image_root: str | Path | None = None,
                          on_error: OnError = "raise") -> CaptionDataset:
-    """Open any supported dataset by path, detecting its format.
+    """Open any supported dataset by path, detecting its format (:data:`CAPTION_FORMATS`):
 
     - a folder with ``captions.txt`` or ``Flickr8k.token.txt``: Flickr8k;
     - ``*.json``: Karpathy (``images[].sentences``) or COCO captions (``annotations``);
     - ``*.csv``/``*.tsv``/``*.jsonl``: generic pairs.
     """
     path = Path(spec)
+    fmt = detect_caption_format(path)
+    if fmt is not None:
+        return fmt.read(path, split, image_root, on_error)
     if path.is_dir():
-        if (path / "captions.txt").is_file() or (path / "Flickr8k.token.txt").is_file():
-            return read_flickr8k(path, split, on_error=on_error)
         raise DataError(f"{path}: folder has no captions.txt or Flickr8k.token.txt")
     if not path.exists():
         raise DataError(f"dataset not found: {path}")
-    if path.suffix == ".json":
-        data = _load_json(path)
-        root = image_root if image_root is not None else _json_image_root(path, data)
-        if "annotations" in data:
-            return read_coco(path, root, split, on_error=on_error)
-        return read_karpathy(path, root, split, on_error=on_error)
-    if path.suffix in (".csv", ".tsv", ".tab", ".jsonl"):
-        return read_pairs(path, image_root, split, on_error=on_error)
     raise DataError(f"{path}: unsupported dataset format (folder, .json, .csv, .tsv or .jsonl)")
 
 

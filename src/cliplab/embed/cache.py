@@ -23,7 +23,7 @@ import numpy as np
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from cliplab.utils import atomic_write, default_cache_dir, sha256_text, write_json
+from cliplab.utils import atomic_write, default_cache_dir, sha256_text, write_json, write_npy
 
 ComputeChunk = Callable[[int, int], tuple[np.ndarray | list[np.ndarray], np.ndarray, list[str]]]
 
@@ -212,9 +212,9 @@ class FeatureCache:
 
         atomic_write(folder / "features.npy", write_features)
         if ragged:
-            atomic_write(folder / "offsets.npy", lambda p: _save_npy(p, offsets))
+            write_npy(folder / "offsets.npy", offsets)
         write_json(folder / "errors.json", {str(k): v for k, v in sorted(errors.items())})
-        atomic_write(folder / "valid.npy", lambda p: _save_npy(p, valid))  # written last: marks the entry complete
+        write_npy(folder / "valid.npy", valid)  # written last: marks the entry complete
         for path in chunk_paths:
             path.unlink()
 
@@ -247,8 +247,3 @@ def content_defined_spans(keys: Sequence[str], target: int) -> list[tuple[int, i
 def _save_npz(path: Path, payload: dict) -> None:
     with open(path, "wb") as f:
         np.savez(f, **payload)
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, arr)

@@ -39,9 +39,10 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from cliplab.data.images import FORMAT_EXTENSIONS, SAFE_IMAGE_FORMATS, check_formats
+from cliplab.data.images import FORMAT_EXTENSIONS, SAFE_IMAGE_FORMATS, ImageFiles, check_formats
+from cliplab.embed.index import build_faiss
 from cliplab.errors import ConfigError, DataError
-from cliplab.utils import atomic_write, fsync_dir, sha256_file, temp_name_pattern, write_json
+from cliplab.utils import atomic_write, fsync_dir, sha256_file, temp_name_pattern, write_json, write_npy
 
 CURRENT = "CURRENT"
 MARKER = "CLIPLAB_INDEX"  # cliplab's mark on a folder it made: only such a folder is written to or cleaned
@@ -143,16 +144,10 @@ def walk_images(root: Path, exclude: Path | None = None,
             yield path, reason
 
 
-def _is_caption_dataset(path: Path) -> bool:
-    if path.is_dir():
-        return (path / "captions.txt").is_file() or (path / "Flickr8k.token.txt").is_file()
-    return path.suffix in (".json", ".csv", ".tsv", ".jsonl")
-
-
 def collect_sources(paths: list[Path], exclude: Path | None = None, formats: tuple[str, ...] = SAFE_IMAGE_FORMATS
                     ) -> tuple[list[Path], list[SourceFile], list[tuple[str, str]]]:
     """Roots, the image files under them (with captions for caption datasets) and files skipped up front."""
-    from cliplab.data.captions import load_caption_dataset
+    from cliplab.data.captions import detect_caption_format, load_caption_dataset
 
     roots: list[Path] = []
     files: list[SourceFile] = []
@@ -161,7 +156,7 @@ def collect_sources(paths: list[Path], exclude: Path | None = None, formats: tup
         p = Path(p)
         if not p.exists():
             raise DataError(f"not found: {p}")
-        if _is_caption_dataset(p):
+        if detect_caption_format(p) is not None:
             ds = load_caption_dataset(p, "all", on_error="skip")
             root = ds.image_root.resolve()
             ri = len(roots)
@@ -436,7 +431,7 @@ class IndexBuilder:
 
         if not todo:
             return np.zeros((0, 0), np.float32), np.zeros(0, dtype=bool), {}
-        images = _ImagesWithCrashPoint([f.path for f in todo], max_pixels=self.max_pixels, formats=self.formats)
+        images = ImageFiles([f.path for f in todo], max_pixels=self.max_pixels, formats=self.formats)
         z, good, errors = image_embeddings(model, images, cache=FeatureCache(work_folder(self.folder),
                                                                              chunk_size=self.chunk_size),
                                            device=self.device, progress=self.progress, desc="embedding images",
@@ -481,24 +476,20 @@ class IndexBuilder:
         names = {"db": f"meta-{generation}.sqlite", "vectors": f"vectors-{generation}.npy",
                  "faiss": f"faiss-{generation}.index"}
         kind = choose_faiss(self.faiss_kind, n)
-        index = self._faiss(faiss, vectors, kind)
+        index = build_faiss(vectors, kind)
         if kind != "flat" and n:
             report.recall_at_10 = approximate_recall(vectors, index)
             self.log(f"{kind} index: recall@10 against exact search {report.recall_at_10:.3f} "
                      f"(200 stored vectors as queries)")
         info = {**info, "faiss": kind, "recall_at_10": report.recall_at_10}
-        crash_point("before-vectors")
-        atomic_write(self.folder / names["vectors"], lambda p: _save_npy(p, vectors))
-        crash_point("after-vectors")
+        write_npy(self.folder / names["vectors"], vectors)
         atomic_write(self.folder / names["faiss"], lambda p: faiss.write_index(index, str(p)))
         skipped_rows = [(rel, reason, *stat_of.get(rel, (None, None))) for rel, reason in report.skipped]
         atomic_write(self.folder / names["db"], lambda p: self._write_db(p, entries, info, skipped_rows))
-        crash_point("before-commit")
         # the commit: one atomic, durable rename makes generation G+1 the live one
         write_json(self.folder / CURRENT, {"generation": generation, **names, "count": n,
                                             "committed": time.strftime("%Y-%m-%dT%H:%M:%S")})
         self.current = {"generation": generation, **names}
-        crash_point("after-commit")
         self._collect_garbage()
         remove_work_folder(self.folder)  # its chunks are in the committed vectors now
         report.total, report.faiss, report.generation = n, kind, generation
@@ -523,24 +514,6 @@ class IndexBuilder:
 
         with Image.open(path, formats=self.formats) as im:
             return int(im.size[0]), int(im.size[1])
-
-    def _faiss(self, faiss, vectors: np.ndarray, kind: str):
-        dim = vectors.shape[1]
-        x = np.ascontiguousarray(vectors, dtype=np.float32)
-        if kind == "flat" or len(x) == 0:
-            index = faiss.IndexFlatIP(dim)
-        elif kind == "hnsw":
-            index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = 80
-            index.hnsw.efSearch = 64
-        else:  # ivf
-            nlist = max(1, min(4096, int(4 * np.sqrt(len(x)))))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(x[np.random.default_rng(0).choice(len(x), size=min(len(x), 256 * nlist), replace=False)])
-            index.nprobe = min(16, nlist)
-        if len(x):
-            index.add(x)
-        return index
 
     @staticmethod
     def _write_db(path: Path, entries, info: dict, skipped: list[tuple]) -> None:
@@ -663,30 +636,3 @@ def remove_work_folder(folder: Path) -> None:
     work = Path(folder) / WORK
     if (work / WORK_MARKER).is_file() and not work.is_symlink():
         shutil.rmtree(work, ignore_errors=True)
-
-
-def crash_point(name: str) -> None:
-    """Test hook: ``CLIPLAB_INDEX_CRASH_AT=name`` kills this process with SIGKILL here (the kill -9 tests)."""
-    if os.environ.get("CLIPLAB_INDEX_CRASH_AT") == name:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _images_with_crash_point_base():
-    from cliplab.data.images import ImageFiles
-
-    return ImageFiles
-
-
-class _ImagesWithCrashPoint(_images_with_crash_point_base()):
-    """Image files whose ``load(i)`` passes crash point ``image-i`` (a kill in the middle of embedding)."""
-
-    def load(self, i: int):
-        crash_point(f"image-{i}")
-        return super().load(i)
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, arr)
