@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from cliplab.errors import ConfigError
 from cliplab.train.config import RunConfig
 from cliplab.train.run import train_run
 
@@ -175,7 +176,7 @@ def test_search_weights_reaches_a_grid_optimum_no_single_change_improves():
     # minimising walks to the other end; a member that never helps keeps weight 0
     low = search_weights(lambda w: float(w[0]) + 0.5 * float(w[1]), 3, grid, maximize=False)
     assert low.weights == (0.0, 0.0, 1.0)
-    with pytest.raises(Exception, match="non-negative"):
+    with pytest.raises(ConfigError, match="non-negative"):
         search_weights(score, 3, (-1.0, 1.0))
 
 
@@ -308,7 +309,7 @@ def test_flip_tta_averages_each_image_with_its_mirror(pair, caption_dir, tmp_pat
     c_img, _, _ = encode_dataset(load_model("conse"), ds, progress=False, flip_tta=True)
     assert torch.allclose(e_img, torch.cat([0.5 ** 0.5 * c_img, 0.5 ** 0.5 * img], -1), atol=1e-5)
     (folder / "ensemble.json").write_text(json.dumps({"members": ["conse"], "weights": [1], "flip_tta": "yes"}))
-    with pytest.raises(Exception, match="'flip_tta' must be true or false"):
+    with pytest.raises(ConfigError, match="'flip_tta' must be true or false"):
         load_model(folder)
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from cliplab.data.labelled import load_labelled, read_image_folder
 from cliplab.embed import FeatureCache
+from cliplab.errors import ConfigError, DataError
 from cliplab.embed.pipeline import encode_images
 from cliplab.eval.classification import classification_metrics, top_k_accuracy
 from cliplab.eval.probe import TorchProbeConfig, fit_logistic_probe, fit_torch_probe
@@ -107,7 +108,7 @@ def test_zeroshot_experiment_and_templates(colour_folder, tmp_path):
     assert "differ exactly when class norms differ" in out["cosine_vs_dot"]["explanation"]
     top = out["top5"]["images"][0]
     assert top["classes"][0] == top["label"] and len(top["probabilities"]) == 4
-    with pytest.raises(Exception, match="placeholder"):
+    with pytest.raises(ConfigError, match="placeholder"):
         resolve_templates(["no placeholder"])
     assert len(resolve_templates("clip80")) == 80
 
@@ -145,14 +146,14 @@ def test_labelled_readers(colour_folder, tmp_path):
 
     ds = load_labelled(colour_folder)
     assert ds.renamed({"red": "crimson"}).class_names[2] == "crimson"
-    with pytest.raises(Exception, match="unknown class"):
+    with pytest.raises(DataError, match="unknown class"):
         ds.renamed({"purple": "violet"})
     assert len(ds.few_shot(2)) == 8
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text("image,label\n" + "".join(f"{colour_folder}/{c}/0.png,{c}\n" for c in COLOURS))
     assert len(load_labelled(csv_path)) == 4
     csv_path.write_text(f"image,label\n{colour_folder}/red/0.png,purple\n")
-    with pytest.raises(Exception, match=r"labels.csv:2: unknown class 'purple'"):
+    with pytest.raises(DataError, match=r"labels.csv:2: unknown class 'purple'"):
         load_labelled(csv_path, class_names=sorted(COLOURS))
     cifar = tmp_path / "cifar-10-batches-py"
     cifar.mkdir()
@@ -259,7 +260,7 @@ def test_logistic_probe_on_two_views_splits_validation_by_image():
     assert fit.model.n_features_in_ == 8 and fit.scaler.n_samples_seen_ == 180  # refit on both views of all
     plain = fit_logistic_probe(avg, y)
     assert plain.hyperparameters["train_views"] == 0 and plain.scaler.n_samples_seen_ == 90
-    with pytest.raises(Exception, match="shape"):
+    with pytest.raises(ConfigError, match="shape"):
         fit_logistic_probe(avg, y, train_views=[a[:10], b])
 
 

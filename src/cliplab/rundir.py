@@ -50,7 +50,6 @@ CURVES = "curves.csv"  # per sweep run and epoch
 WISE = "wise.json"  # ``cliplab interpolate``: metrics per interpolation weight
 CAPTIONS = "captions.json"  # ``cliplab caption eval``: generated captions and their metrics
 ENSEMBLE = "ensemble.json"  # ``cliplab ensemble``: member models, dev-chosen weights (a loadable model folder)
-KINDS = ("train", "eval", "zeroshot", "probe", "sweep", "embed", "wise", "caption", "ensemble")
 
 
 def read_json(path: str | Path) -> Any:

@@ -86,10 +86,6 @@ class LabelledImages:
         tr, te = np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
         return (self.subset(tr, f"{self.name}[held-out train]"), self.subset(te, f"{self.name}[held-out test]"))
 
-    def class_counts(self) -> dict[str, int]:
-        counts = np.bincount(self.labels, minlength=len(self.class_names))
-        return {name: int(n) for name, n in zip(self.class_names, counts)}
-
 
 def assert_disjoint(train: LabelledImages, test: LabelledImages) -> None:
     """Train and test must not share an image (by identity: resolved path, or source + index)."""

@@ -46,7 +46,7 @@ def _measured() -> dict:
 
 
 @torch.inference_mode()
-def _measure(name: str, kind: str, model) -> float:
+def _measure(kind: str, model) -> float:
     if kind == "image":
         x = torch.randn(32, 3, model.image_size, model.image_size)
         model(x[:4])
@@ -81,7 +81,7 @@ def catalog(measure: bool = False) -> list[TowerInfo]:
                          sum(p.numel() for p in net.parameters()), installed, spec.package,
                          note="ImageNet-1k classifier kept (ConSE)")
         if installed and measure:
-            speeds[arch] = _measure(arch, "image", pretrained_tower(ImageTowerConfig(arch=arch)))
+            speeds[arch] = _measure("image", pretrained_tower(ImageTowerConfig(arch=arch)))
         info.speed, info.speed_unit = speeds.get(arch), "images/s"
         out.append(info)
     for name, (source, dim) in TEXT_TOWERS.items():
@@ -100,7 +100,7 @@ def catalog(measure: bool = False) -> list[TowerInfo]:
         if installed and measure:
             tower = pretrained_tower(TextTowerConfig(name=name))
             info.parameters = sum(p.numel() for p in tower.parameters())
-            speeds[name] = _measure(name, "text", tower)
+            speeds[name] = _measure("text", tower)
         info.speed, info.speed_unit = speeds.get(name), "captions/s"
         out.append(info)
     for name, spec in LANGUAGE_MODELS.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -182,6 +181,3 @@ def _coerce(value, annotation, where: str):
         return float(value)
     return value
 
-
-def dump_config(config: RunConfig) -> str:
-    return json.dumps(config.to_dict(), indent=2)

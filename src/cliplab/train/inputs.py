@@ -21,7 +21,7 @@ import torchvision.transforms as T
 from torch import nn
 
 from cliplab.data.captions import CaptionDataset
-from cliplab.data.images import ImageFiles, ImageSet, MirroredImages, preprocess_geometry
+from cliplab.data.images import ImageSet, MirroredImages, preprocess_geometry
 from cliplab.embed.backends import OnnxTensorFunction, resolve_backend
 from cliplab.embed.cache import FeatureCache
 from cliplab.embed.extract import default_workers
@@ -291,6 +291,3 @@ def embed_side(stages: Stages, boundary: int, acts: Acts, device, batch_size: in
         out.append(F.normalize(stages.run(acts.batch(idx, device), boundary).float(), dim=-1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
-
-def dataset_images(dataset: CaptionDataset) -> ImageSet:
-    return ImageFiles(dataset.image_paths())

@@ -31,16 +31,7 @@ def reduce_2d(x: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
     raise ConfigError(f"map method must be tsne, pca or umap, not {method!r}")
 
 
-def available_methods() -> list[str]:
-    try:
-        import umap  # noqa: F401
-
-        return ["tsne", "pca", "umap"]
-    except ImportError:
-        return ["tsne", "pca"]
-
-
-def _sample_pairs(caption_image: np.ndarray, n_images: int, max_images: int, seed: int):
+def _sample_pairs(caption_image: np.ndarray, max_images: int, seed: int):
     """Up to ``max_images`` images, each with one of its captions."""
     rng = np.random.default_rng(seed)
     owners = np.asarray(caption_image)
@@ -55,8 +46,7 @@ def modality_map(spaces: dict[str, tuple[np.ndarray, np.ndarray]], caption_image
     """Images and captions of each model's space in one panel per model (e.g. before vs after training),
     coloured by modality, matched pairs joined by a line. The same images and captions in every panel."""
     out = Path(out)
-    n_images = len(next(iter(spaces.values()))[0])
-    images, captions = _sample_pairs(caption_image, n_images, max_images, seed)
+    images, captions = _sample_pairs(caption_image, max_images, seed)
     fig = new_figure(600 * len(spaces), 600)
     data = {"method": method, "images": images.tolist(), "captions": captions.tolist(), "panels": {}}
     for k, (name, (img, txt)) in enumerate(spaces.items(), 1):
