@@ -402,3 +402,24 @@ def test_ensemble_command_for_zero_shot_chooses_on_a_labelled_split(pair, labell
     res = cli("ensemble", *specs[:2], "--task", "zeroshot", "--data", labelled_splits, "--split", "train",
               "--metric", "rsum", "--run-dir", tmp_path / "bad", cache=pair / "cache")
     assert res.returncode != 0 and "unknown classification metric" in res.stdout + res.stderr
+
+
+def test_an_ensemble_refuses_dot_product_and_both_means_cosine(tmp_path, cli, labelled_splits):
+    """An ensemble's score is a weighted sum of member cosines: --similarity dot is refused with one line (not
+    silently the cosine numbers), and 'both' reports cosine alone."""
+    from cliplab.eval.zeroshot import ZeroShotClassifier, similarities_for
+    from cliplab.models.factory import load_model
+
+    ens = load_model("ensemble:0.5*conse+0.5*conse:efficientnet_lite0@192")
+    assert similarities_for(ens, "both") == ("cosine",) and similarities_for(load_model("conse"), "both") == (
+        "cosine", "dot")
+    with pytest.raises(ConfigError, match="dot product is not defined"):
+        ZeroShotClassifier(ens, ["red", "green"], "photo", "dot")
+    res = cli("zeroshot", labelled_splits, "-m", "ensemble:0.5*conse+0.5*conse:efficientnet_lite0@192",
+              "--similarity", "dot", "-v", "photo", "--run-dir", tmp_path / "zs")
+    assert res.returncode == 2 and "dot product is not defined" in res.stdout
+    res = cli("zeroshot", labelled_splits, "-m", "ensemble:0.5*conse+0.5*conse:efficientnet_lite0@192",
+              "-v", "photo", "--run-dir", tmp_path / "zs2")
+    assert res.returncode == 0, res.stdout
+    results = json.loads((tmp_path / "zs2" / "zeroshot.json").read_text())["results"]
+    assert set(results) == {"photo|cosine"}

@@ -298,7 +298,7 @@ def zeroshot(
     from cliplab.embed.cache import FeatureCache
     from cliplab.embed.pipeline import encode_images
     from cliplab.data.labelled import available_splits
-    from cliplab.eval.zeroshot import DEFAULT_VARIANTS, resolve_templates, zeroshot_experiment
+    from cliplab.eval.zeroshot import DEFAULT_VARIANTS, resolve_templates, similarities_for, zeroshot_experiment
     from cliplab.models.factory import load_model
     from cliplab.utils import resolve_device, write_json, write_text
 
@@ -310,7 +310,6 @@ def zeroshot(
     if split is None and available_splits(data):
         split = "test"
     ds = _labelled(data, split, classes, rename)
-    sims = ("cosine", "dot") if similarity == "both" else (similarity,)
     st_config, pool = None, None
     if self_train is not None:  # everything checked before any image is embedded
         from cliplab.data.labelled import assert_disjoint
@@ -331,6 +330,7 @@ def zeroshot(
                                f"split's {ds.class_names}")
         assert_disjoint(pool, ds)
     m = load_model(model)
+    sims = similarities_for(m, similarity)  # an ensemble defines cosine only
     fm = load_model(features_model) if features_model else m
     cache = FeatureCache(cache_dir)
     t0 = time.time()
@@ -601,7 +601,8 @@ def demo(
 def index(
     paths: List[Path] = typer.Argument(..., help="photo folders (searched recursively) or caption datasets "
                                                  "(Flickr8k folder, COCO/Karpathy JSON, CSV/JSONL)"),
-    out: Path = typer.Option(..., "--out", "-o", help="index folder (created, or updated incrementally)"),
+    out: Path = typer.Option(..., "--out", "-o", help="index folder: new, empty or an existing index (anything "
+                                                      "else is refused; one inside a photo folder is not indexed)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="run/model folder, 'conse' or 'clip:SPEC' "
                                                                     "(default: the index's model, else conse)"),
     rebuild: bool = typer.Option(False, help="re-embed everything (needed to change the model)"),
@@ -610,7 +611,10 @@ def index(
     dtype: str = typer.Option("float32", help="stored vectors: float32 or float16"),
     max_pixels: int = typer.Option(100_000_000, help="skip images declaring more pixels than this"),
     batch_size: int = typer.Option(64),
-    chunk_size: int = typer.Option(256, help="images per resumable work chunk (a killed run loses at most one)"),
+    chunk_size: int = typer.Option(256, help="images per resumable work chunk, on average (a killed run loses "
+                                             "at most one; chunks are keyed by their files)"),
+    formats: str = typer.Option("jpeg,png,webp,bmp,gif", help="image formats to decode (comma-separated Pillow "
+                                                              "names; tiff possible)"),
     device: str = typer.Option("auto"),
     engine: str = typer.Option("local", help="local, or ray (image chunks embedded by Ray actors)"),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)"),
@@ -626,6 +630,7 @@ def index(
     builder = IndexBuilder(out, model, rebuild=rebuild, faiss_kind=faiss_kind, dtype=dtype,
                            device=str(resolve_device(device)), batch_size=batch_size, max_pixels=max_pixels,
                            chunk_size=chunk_size, engine=engine, ray_address=ray_address, ray_actors=ray_actors,
+                           formats=[f.strip() for f in formats.split(",") if f.strip()],
                            log=lambda m: console.print(m, highlight=False, markup=False), progress=not json_out)
     report = builder.build(paths)
     if json_out:

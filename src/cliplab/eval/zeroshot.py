@@ -79,13 +79,35 @@ def class_text_embeddings(model: nn.Module, class_names: Sequence[str], template
     return F.normalize(mean, dim=-1) if normalize else mean
 
 
+def check_similarity(model: nn.Module, similarity: str) -> None:
+    """Refuse a similarity the model does not define: 'cosine' or 'dot', and for a score ensemble cosine only
+    (its score is the weighted sum of its members' cosine similarities; it has no dot product of its own)."""
+    from cliplab.models.ensemble import ScoreEnsemble
+
+    if similarity not in ("cosine", "dot"):
+        raise ConfigError(f"similarity must be 'cosine' or 'dot', not {similarity!r}")
+    if similarity == "dot" and isinstance(model, ScoreEnsemble):
+        raise ConfigError("an ensemble scores by the weighted sum of its members' cosine similarities; dot product "
+                          "is not defined for it: use --similarity cosine")
+
+
+def similarities_for(model: nn.Module, requested: str) -> tuple[str, ...]:
+    """The similarities to report for ``requested`` ('cosine', 'dot' or 'both'): 'both' is cosine alone for an
+    ensemble (see :func:`check_similarity`); an explicit 'dot' on one is refused."""
+    from cliplab.models.ensemble import ScoreEnsemble
+
+    if requested == "both":
+        return ("cosine",) if isinstance(model, ScoreEnsemble) else ("cosine", "dot")
+    check_similarity(model, requested)
+    return (requested,)
+
+
 class ZeroShotClassifier:
     """Scores images against class text embeddings; works with any model with encode_image/encode_text."""
 
     def __init__(self, model: nn.Module, class_names: Sequence[str], templates: str | Sequence[str] = "photo",
                  similarity: str = "cosine") -> None:
-        if similarity not in ("cosine", "dot"):
-            raise ConfigError(f"similarity must be 'cosine' or 'dot', not {similarity!r}")
+        check_similarity(model, similarity)
         self.class_names = list(class_names)
         self.templates = resolve_templates(templates)
         self.similarity = similarity

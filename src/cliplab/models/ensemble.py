@@ -67,7 +67,9 @@ class ScoreEnsemble(nn.Module):
         return join_embeddings(parts, self.weights)
 
     def encode_image(self, images: torch.Tensor | Sequence[torch.Tensor], normalize: bool = True) -> torch.Tensor:
-        """Embeddings of one image batch (members sharing preprocessing) or of one batch per member."""
+        """Embeddings of one image batch (members sharing preprocessing) or of one batch per member. Always
+        unit-norm whatever ``normalize`` says: the ensemble defines cosine scores only (dot product is refused
+        by :func:`cliplab.eval.zeroshot.check_similarity`)."""
         if isinstance(images, (list, tuple)):
             if len(images) != len(self.members):
                 raise ConfigError(f"ensemble of {len(self.members)} models got {len(images)} image batches")
