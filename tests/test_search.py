@@ -149,18 +149,19 @@ def test_a_model_change_is_refused_unless_rebuild(indexed, tmp_path, towers):
     assert report.embedded == 16 and report.unchanged == 0
 
 
-def _index_cmd(index: Path, photos: Path, model: str, **env):
-    cmd = [sys.executable, "-m", "cliplab", "index", str(photos), "--out", str(index), "-m", model,
-           "--chunk-size", "8", "--batch-size", "4", "--device", "cpu"]
+def _index_cmd(index: Path, photos: Path, model: str, crash_at: str):
+    """`cliplab index` in a subprocess that kills itself with SIGKILL at ``crash_at`` (tests/crash_points.py)."""
+    cmd = [sys.executable, "-m", "tests.crash_points", crash_at, "index", str(photos), "--out", str(index), "-m",
+           model, "--chunk-size", "8", "--batch-size", "4", "--device", "cpu"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "CLIPLAB_CACHE": str(index.parent / "cache"),
-                                 **env})
+                            cwd=Path(__file__).resolve().parents[1],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "CLIPLAB_CACHE": str(index.parent / "cache")})
 
 
 def test_kill_9_at_any_point_leaves_the_previous_index_usable(tmp_path, towers):
     """Real indexing subprocesses killed with SIGKILL at several points; the previous generation stays whole
     and searchable, and the next run completes the work (equal to an uninterrupted build)."""
-    from cliplab.serve.index import IndexBuilder, PhotoIndex
+    from cliplab.serve.index import WORK, IndexBuilder, PhotoIndex
 
     _, folder = tiny_hf_clip(tmp_path, towers[1].tokenizer)
     model = f"clip:{folder}"
@@ -181,20 +182,21 @@ def test_kill_9_at_any_point_leaves_the_previous_index_usable(tmp_path, towers):
         return len(idx)
 
     # 1) killed in the middle of embedding (SIGKILL while decoding the 21st new image)
-    proc = _index_cmd(index, photos, model, CLIPLAB_INDEX_CRASH_AT="image-20")
+    proc = _index_cmd(index, photos, model, crash_at="image-20")
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == -signal.SIGKILL, out[-2000:]
     assert check_previous_generation_whole() == 12
-    assert len(list((index / "work").rglob("chunk-*"))) == 2  # 16 of 108 images done, kept for the next run
+    done = list((index / WORK).rglob("part-*.npz"))  # finished chunks of the 108 new images, kept for the next run
+    assert done and sum(len(np.load(p)["valid"]) for p in done) <= 20
     # 2-4) killed inside the commit sequence, by the process itself (a real SIGKILL at a named point)
     for point in ("before-vectors", "after-vectors", "before-commit"):
-        proc = _index_cmd(index, photos, model, CLIPLAB_INDEX_CRASH_AT=point)
+        proc = _index_cmd(index, photos, model, crash_at=point)
         out = proc.communicate(timeout=300)[0]
         assert proc.returncode == -signal.SIGKILL, out[-2000:]
         assert check_previous_generation_whole() == 12, point
         assert json.loads((index / "CURRENT").read_text())["generation"] == 1
     # 5) killed right after the commit: the new generation is live and whole
-    proc = _index_cmd(index, photos, model, CLIPLAB_INDEX_CRASH_AT="after-commit")
+    proc = _index_cmd(index, photos, model, crash_at="after-commit")
     proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL and check_previous_generation_whole() == 120
     # the next run finds nothing to do, removes the leftovers, and equals an uninterrupted build
@@ -206,7 +208,7 @@ def test_kill_9_at_any_point_leaves_the_previous_index_usable(tmp_path, towers):
     paths = lambda idx: [idx.item(int(i))["path"] for i in idx.row_to_id]  # noqa: E731
     assert paths(a) == paths(b)
     np.testing.assert_allclose(np.asarray(a.vectors), np.asarray(b.vectors), atol=1e-5)
-    assert not (index / "work").exists()
+    assert not (index / WORK).exists()
     assert not [p for p in index.iterdir() if p.name.startswith(".")]
 
 
