@@ -244,7 +244,7 @@ def server(indexed, tmp_path_factory):
 def client(server):
     from fastapi.testclient import TestClient
 
-    return TestClient(server[1], raise_server_exceptions=False)
+    return TestClient(server[1], base_url="http://localhost", raise_server_exceptions=False)
 
 
 def png_bytes(colour="red", size=64) -> bytes:
@@ -328,7 +328,7 @@ def test_clip_retrieval_compatible_api(client):
     ("post", "/knn-service", {"json": {"text": "a", "modality": "text"}}, 422, "modality"),
     ("post", "/knn-service", {"json": {"image": "***"}}, 422, "base64"),
     ("post", "/knn-service", {"json": {"embedding_input": [1.0, 2.0]}}, 422, "finite numbers"),
-    ("post", "/metadata", {"json": {"ids": list(range(50))}}, 422, "at most 20 ids"),
+    ("post", "/metadata", {"json": {"ids": list(range(50))}}, 422, "at most 20"),
     ("get", "/no/such/route", {}, 404, "Not Found"),
 ])
 def test_every_bad_request_is_a_json_4xx(client, method, url, kwargs, status, message):
@@ -356,7 +356,8 @@ def test_files_never_leave_the_indexed_root(indexed, server, tmp_path):
     con.execute("UPDATE info SET value = ? WHERE key = 'roots'", (json.dumps([str(copy.resolve())]),))
     con.commit()
     con.close()
-    client = TestClient(create_app(ServerSettings(idx_copy, thumb_dir=tmp_path / "t")), raise_server_exceptions=False)
+    client = TestClient(create_app(ServerSettings(idx_copy, thumb_dir=tmp_path / "t")), base_url="http://localhost",
+                        raise_server_exceptions=False)
     item = client.get("/api/search", params={"q": "red", "k": 1}).json()["results"][0]
     assert client.get(f"/image/{item['id']}").status_code == 200
     target = copy / item["path"]
@@ -373,32 +374,39 @@ def test_bearer_token_and_read_only_index(indexed, tmp_path):
 
     _, _, index, _ = indexed
     before = {p.name: p.stat().st_mtime_ns for p in index.iterdir()}
-    client = TestClient(create_app(ServerSettings(index, token="s3cret", thumb_dir=tmp_path / "t")),
-                        raise_server_exceptions=False)
+    token = "s3cret-s3cret-s3cret"
+    client = TestClient(create_app(ServerSettings(index, token=token, thumb_dir=tmp_path / "t")),
+                        base_url="http://localhost", raise_server_exceptions=False)
     assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
     r = client.get("/api/search", params={"q": "dog"})
     assert r.status_code == 401 and r.json() == {"error": "missing or wrong bearer token"}
     assert client.get("/api/search", params={"q": "dog"}, headers={"Authorization": "Bearer nope"}).status_code == 401
-    ok = client.get("/api/search", params={"q": "dog"}, headers={"Authorization": "Bearer s3cret"})
+    ok = client.get("/api/search", params={"q": "dog"}, headers={"Authorization": f"Bearer {token}"})
     assert ok.status_code == 200
     item = ok.json()["results"][0]["id"]
-    assert client.get(f"/thumb/{item}", params={"token": "s3cret"}).status_code == 200  # <img> tags send ?token=
+    assert client.get(f"/thumb/{item}").status_code == 200  # <img> tags: the session cookie set by that answer
+    client.cookies.clear()
     assert client.get(f"/image/{item}").status_code == 401
+    assert client.get(f"/image/{item}", params={"token": token}).status_code == 401  # never a token in a URL
     assert {p.name: p.stat().st_mtime_ns for p in index.iterdir()} == before  # the server never writes the index
 
 
-def test_serve_warns_when_exposed_without_token(indexed, monkeypatch):
+def test_serve_refuses_exposure_without_token_unless_no_auth(indexed, monkeypatch):
+    from cliplab.errors import ConfigError
     from cliplab.serve import app as app_module
 
     _, _, index, _ = indexed
     ran, lines = [], []
     monkeypatch.setattr(app_module, "require", lambda m, f=None: type("U", (), {"run": lambda *a, **k: ran.append(k)}))
     monkeypatch.setattr(app_module, "create_app", lambda s: object())
-    app_module.serve(app_module.ServerSettings(index), host="0.0.0.0", port=1, log=lines.append)
-    assert "without --token" in lines[0] and ran[0]["host"] == "0.0.0.0"
+    with pytest.raises(ConfigError, match="without --token"):
+        app_module.serve(app_module.ServerSettings(index), host="0.0.0.0", port=1, log=lines.append)
+    assert ran == []
+    app_module.serve(app_module.ServerSettings(index), host="0.0.0.0", port=1, log=lines.append, no_auth=True)
+    assert "without a token" in lines[0] and ran[0]["host"] == "0.0.0.0"
     lines.clear()
     app_module.serve(app_module.ServerSettings(index), log=lines.append)
-    assert not any("without --token" in ln for ln in lines) and ran[1]["host"] == "127.0.0.1"
+    assert not any("without" in ln for ln in lines) and ran[1]["host"] == "127.0.0.1"
 
 
 # -- a live server: the web page in Chromium, and concurrent clients

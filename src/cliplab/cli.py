@@ -696,21 +696,30 @@ def search(
 @app.command()
 def serve(
     index_dir: Path = typer.Argument(..., metavar="INDEX", help="index folder made by `cliplab index`"),
-    host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default; any other needs --token)"),
     port: int = typer.Option(8000),
-    token: Optional[str] = typer.Option(None, envvar="CLIPLAB_TOKEN", help="require this bearer token"),
+    token: Optional[str] = typer.Option(None, envvar="CLIPLAB_TOKEN",
+                                        help="require this bearer token (16+ characters; a session cookie after)"),
+    no_auth: bool = typer.Option(False, "--no-auth", help="serve off loopback without a token (anyone who can "
+                                                          "reach the address can search and download the images)"),
+    allowed_host: List[str] = typer.Option([], "--allowed-host", help="another Host name clients use "
+                                           "(repeatable; *.example.org patterns); loopback and --host always count"),
     max_upload_mb: float = typer.Option(10.0, help="largest accepted upload"),
+    max_upload_mp: float = typer.Option(25.0, help="most megapixels decoded from a query image (JPEGs decode "
+                                                   "reduced, so they may declare 4x this)"),
     max_k: int = typer.Option(200, help="largest number of results per query"),
-    allow_urls: bool = typer.Option(False, help="let /knn-service fetch image_url (off: the server fetches nothing)"),
+    allow_urls: bool = typer.Option(False, help="let /knn-service fetch image_url from public addresses "
+                                                "(off: the server fetches nothing)"),
     thumb_dir: Optional[Path] = typer.Option(None, help="thumbnail cache (default $CLIPLAB_CACHE/thumbs)"),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Serve an index: web page at /, JSON API (/api/search, clip-retrieval's /knn-service), /docs, /metrics."""
     from cliplab.serve.app import ServerSettings, serve as run_server
 
-    settings = ServerSettings(index_dir, token=token, max_upload_bytes=int(max_upload_mb * 2**20), max_k=max_k,
-                              allow_urls=allow_urls, thumb_dir=thumb_dir, device=device)
-    run_server(settings, host=host, port=port, log=lambda m: console.print(m, highlight=False, markup=False))
+    settings = ServerSettings(index_dir, token=token, host=host, allowed_hosts=allowed_host,
+                              max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_upload_mp * 1e6),
+                              max_k=max_k, allow_urls=allow_urls, thumb_dir=thumb_dir, device=device)
+    run_server(settings, port=port, no_auth=no_auth, log=lambda m: console.print(m, highlight=False, markup=False))
 
 
 @caption_app.command("train")

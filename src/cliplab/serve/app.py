@@ -5,125 +5,294 @@ indexed id for "more like this", or a multipart image upload), ``/image/{id}``, 
 clip-retrieval's ``/indices-list``, ``/knn-service`` and ``/metadata`` (same field names, so its front end
 can point here), ``/metrics`` (Prometheus) and the OpenAPI schema (``/docs``, ``/openapi.json``).
 
-Safety: files are served by index id only (never a path from a request) and must resolve inside their
-indexed root; uploads are size-limited and checked for pixel count before decoding; query length and k
-are capped; no URL is fetched unless ``allow_urls``; an optional bearer token guards everything but
-``/healthz`` and the page itself; every error is a JSON 4xx, never a traceback.
+Safety (threat model in the README's search section):
+
+- reach: loopback by default; the ``Host`` header must name this server (localhost, 127.0.0.1, [::1], the
+  bind address or an ``--allowed-host``), so a DNS-rebinding page cannot talk to it; off loopback a token of
+  16+ characters is required (``serve`` refuses to start otherwise unless told ``no_auth``);
+- the token guards everything but ``/healthz``, the page and its static files; it is taken from an
+  ``Authorization: Bearer`` header (or ``?token=`` on the page load only), answered with an HttpOnly,
+  SameSite=Strict session cookie so ``<img src="/image/1">`` works without the token in any URL;
+- files are served by index id only (never a path from a request) and must resolve inside their indexed
+  root; ids outside 0..2**63-1 are a 404;
+- every input is bounded: body size (Content-Length, no chunked uploads) and read time, uploaded pixels
+  (decoded reduced, only JPEG/PNG/WebP/BMP/GIF decoders), query length, k, list lengths, waiting image and
+  text queries (then 429 with Retry-After), connections and header size (uvicorn);
+- decoding and embedding never run on the event loop: image work runs in worker threads, at most
+  ``cores - 1`` at a time, so health checks and text queries keep being answered during uploads;
+- no URL is fetched unless ``allow_urls``, and then only a public (global) address, pinned after the
+  check, without redirects, within a total deadline and size cap, image content types only;
+- every error is a JSON 4xx (502 for a failed image_url fetch), never a traceback; a rebuilt index with
+  another model is not loaded (the old generation keeps serving, ``/healthz`` says degraded).
 """
 
 
 import base64
+import hashlib
 import hmac
 import io
+import ipaddress
 import os
+import socket
 import threading
 import time
 from pathlib import Path
 
+from cliplab.errors import CliplabError, ConfigError
 from cliplab.extras import require
-from cliplab.serve.index import PhotoIndex
-from cliplab.serve.query import QueryEncoder, QueryTerm, decode_image_bytes
+from cliplab.serve.index import CURRENT, PhotoIndex
+from cliplab.serve.query import QueryBusy, QueryEncoder, QueryTerm, decode_image_bytes
 
 STATIC = Path(__file__).with_name("static")
+MAX_ID = 2**63 - 1  # SQLite's INTEGER range: any other id is simply not found
+MIN_TOKEN_CHARS = 16
+MAX_HEADER_BYTES = 16 * 1024  # also uvicorn's (h11) limit on a request head still arriving
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+COOKIE = "cliplab_session"
+PUBLIC_PATHS = ("/", "/healthz")  # and /static/*: no data behind them
+PAGE_CSP = "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"  # no framing (clickjacking)
 
 
 class ServerSettings:
-    def __init__(self, index_dir: str | Path, *, token: str | None = None, max_upload_bytes: int = 10 * 2**20,
-                 max_pixels: int = 50_000_000, max_query_chars: int = 500, max_k: int = 200,
-                 allow_urls: bool = False, thumb_dir: str | Path | None = None, thumb_size: int = 256,
-                 device: str = "cpu", index_name: str | None = None) -> None:
+    """What one server serves and its limits. ``host`` is the bind address (it joins the allowed ``Host``
+    names); ``allowed_hosts`` adds more (``*.example.org`` patterns, or ``*`` for any)."""
+
+    def __init__(self, index_dir: str | Path, *, token: str | None = None, host: str = "127.0.0.1",
+                 allowed_hosts: list[str] | tuple[str, ...] = (), max_upload_bytes: int = 10 * 2**20,
+                 max_pixels: int = 25_000_000, max_query_chars: int = 500, max_k: int = 200,
+                 allow_urls: bool = False, url_timeout: float = 10.0, body_timeout: float = 30.0,
+                 image_workers: int | None = None, max_waiting_images: int = 8,
+                 thumb_dir: str | Path | None = None, thumb_size: int = 256, device: str = "cpu",
+                 index_name: str | None = None) -> None:
         from cliplab.utils import default_cache_dir
 
         self.index_dir = Path(index_dir)
         self.token = token or None
+        if self.token is not None and (len(self.token) < MIN_TOKEN_CHARS or not self.token.isascii()
+                                       or not self.token.isprintable() or " " in self.token):
+            raise ConfigError(f"--token must be at least {MIN_TOKEN_CHARS} printable ASCII characters without "
+                              "spaces (make one with: python -c 'import secrets; print(secrets.token_urlsafe())')")
+        self.host, self.extra_hosts = host, [h.strip().lower() for h in allowed_hosts if h.strip()]
         self.max_upload_bytes, self.max_pixels = max_upload_bytes, max_pixels
         self.max_query_chars, self.max_k = max_query_chars, max_k
-        self.allow_urls, self.thumb_size, self.device = allow_urls, thumb_size, device
+        self.allow_urls, self.url_timeout, self.body_timeout = allow_urls, url_timeout, body_timeout
+        # one core stays free for the event loop, health checks and text queries
+        self.image_workers = image_workers or max(1, (os.cpu_count() or 2) - 1)
+        self.max_waiting_images = max_waiting_images
+        self.thumb_size, self.device = thumb_size, device
         self.index_name = index_name or self.index_dir.resolve().name
         self.thumb_dir = Path(thumb_dir) if thumb_dir else default_cache_dir() / "thumbs"
 
+    @property
+    def allowed_hosts(self) -> list[str]:
+        """Host names (no port) a request may name: loopback, the bind address (for a wildcard bind: this
+        machine's host name) and the extra ones."""
+        bind = _bare_host(self.host)
+        names = list(LOOPBACK_NAMES)
+        names += [socket.gethostname().lower()] if bind in ("0.0.0.0", "::", "") else [bind]
+        return list(dict.fromkeys(names + [_bare_host(h) for h in self.extra_hosts]))
+
+
+def _bare_host(host: str) -> str:
+    """``[::1]:8000`` -> ``::1``, ``Example.org.:80`` -> ``example.org``, ``1.2.3.4`` -> itself."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    if host.count(":") == 1:
+        host = host.split(":")[0]
+    return host.rstrip(".")
+
+
+def host_allowed(header: str | None, allowed: list[str]) -> bool:
+    if not header:
+        return False
+    name = _bare_host(header)
+    return any(a == "*" or name == a or (a.startswith("*.") and name.endswith(a[1:])) for a in allowed)
+
+
+def is_loopback(host: str) -> bool:
+    bare = _bare_host(host)
+    if bare == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False
+
 
 class SearchService:
-    """The index, its model and the query encoder; reopens the index when a newer generation is committed."""
+    """The index, its model and the query encoder. A newly committed generation is opened once per change of
+    ``CURRENT``, and only if it was built with the same model (fingerprint and dimension); otherwise, or if it
+    cannot be opened, the previous generation keeps serving and ``problem`` says why (not retried until
+    ``CURRENT`` changes again)."""
 
     def __init__(self, settings: ServerSettings) -> None:
         from cliplab.models.factory import load_model
 
         self.settings = settings
         self.lock = threading.Lock()
+        self.seen = self._pointer()
         self.index = PhotoIndex(settings.index_dir)
         self.model = load_model(self.index.info["model"], device=settings.device)
-        if self.model.fingerprint() != self.index.info["model_fingerprint"]:
-            from cliplab.errors import ConfigError
-
+        self.fingerprint, self.dim = self.model.fingerprint(), self.index.info["dim"]
+        if self.fingerprint != self.index.info["model_fingerprint"]:
             raise ConfigError(f"the model {self.index.info['model']!r} no longer matches the one that built "
                               f"{settings.index_dir} (its weights changed); rebuild the index")
         self.encoder = QueryEncoder(self.model)
+        self.problem: str | None = None
+
+    def _pointer(self) -> tuple | None:
+        try:
+            st = (self.settings.index_dir / CURRENT).stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def current(self) -> PhotoIndex:
-        if self.index.stale():
+        pointer = self._pointer()
+        if pointer != self.seen and pointer is not None:
             with self.lock:
-                if self.index.stale():
-                    self.index = PhotoIndex(self.settings.index_dir)
+                if pointer != self.seen:
+                    self.seen = pointer
+                    self._reload()
         return self.index
+
+    def _reload(self) -> None:
+        try:
+            fresh = PhotoIndex(self.settings.index_dir)
+        except Exception as exc:  # noqa: BLE001 - any failure keeps the old generation
+            self.problem = (f"the newly committed index generation could not be opened ({exc.__class__.__name__}); "
+                            "serving the previous one")
+            return
+        if fresh.info.get("model_fingerprint") != self.fingerprint or fresh.info.get("dim") != self.dim:
+            self.problem = (f"the index was rebuilt with another model ({fresh.info.get('model')!r}); serving the "
+                            "previous generation: restart the server to load the new one")
+            return
+        self.index, self.problem = fresh, None
+
+
+class _ImageGate:
+    """Decoding and embedding of query images: at most ``slots`` at once (worker threads), at most
+    ``waiting`` more queued; beyond that :class:`QueryBusy` (429). Loop-agnostic: called in a worker thread."""
+
+    def __init__(self, slots: int, waiting: int) -> None:
+        self.slots = threading.BoundedSemaphore(slots)
+        self.limit, self.admitted, self.lock = slots + waiting, 0, threading.Lock()
+
+    def __call__(self, fn, *args):
+        with self.lock:
+            if self.admitted >= self.limit:
+                raise QueryBusy("too many image queries in progress; retry shortly")
+            self.admitted += 1
+        try:
+            with self.slots:
+                return fn(*args)
+        finally:
+            with self.lock:
+                self.admitted -= 1
+
+
+def _session_value(token: str) -> str:
+    """The cookie's value: derived from the token (the token itself is never stored by the browser)."""
+    return hmac.new(token.encode(), b"cliplab session cookie", hashlib.sha256).hexdigest()
 
 
 def create_app(settings: ServerSettings):
     """The FastAPI application for one index."""
     require("fastapi")
     require("multipart", "image uploads")
+    import anyio
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
     from pydantic import BaseModel, Field
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     service = SearchService(settings)
+    gate = _ImageGate(settings.image_workers, settings.max_waiting_images)
+    allowed = settings.allowed_hosts
+    session = _session_value(settings.token) if settings.token else None
     app = FastAPI(title="cliplab search", version=_version(),
                   description="Search a photo folder by text or image with a cliplab model.")
     metrics = _Metrics()
 
     class ApiError(Exception):
-        def __init__(self, status: int, message: str) -> None:
-            self.status, self.message = status, message
+        def __init__(self, status: int, message: str, headers: dict | None = None) -> None:
+            self.status, self.message, self.headers = status, message, headers
+
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     # -- errors: always JSON, never a traceback
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", []) if x not in ("body", "query"))
-        return JSONResponse({"error": f"invalid request: {where or 'input'}: {first.get('msg', 'invalid')}"},
-                            status_code=422)
+        where = ".".join(str(x) for x in first.get("loc", []) if x not in ("body", "query", "path"))
+        return error(422, f"invalid request: {where or 'input'}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # logged by uvicorn; the client gets no traceback
-        return JSONResponse({"error": "internal error"}, status_code=500)
+        return error(500, "internal error")
 
-    # -- limits and auth, before any handler runs
+    # -- Host, limits and auth, before any handler runs
+    async def admit(request: Request) -> tuple[Response | None, bool]:
+        """An early answer (or None), and whether to set the session cookie on the handler's answer."""
+        if not host_allowed(request.headers.get("host"), allowed):
+            return error(400, "invalid Host header (start the server with --allowed-host NAME to accept it)"), False
+        if sum(len(k) + len(v) for k, v in request.headers.raw) > MAX_HEADER_BYTES:
+            return error(431, f"request headers larger than {MAX_HEADER_BYTES} bytes"), False
+        length = request.headers.get("content-length")
+        if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > settings.max_upload_bytes):
+            return error(413, f"request body too large (limit {settings.max_upload_bytes} bytes)"), False
+        if request.method in ("POST", "PUT", "PATCH") and length is None and request.headers.get("transfer-encoding"):
+            return error(411, "send a Content-Length (chunked uploads are not accepted)"), False
+        set_cookie = False
+        path = request.scope["path"]  # never request.url (rebuilt with the Host header)
+        if session and path not in PUBLIC_PATHS and not path.startswith("/static/"):
+            bearer = request.headers.get("authorization", "")
+            bearer = bearer[7:].strip() if bearer[:7].lower() == "bearer " else ""
+            cookie_ok = hmac.compare_digest(request.cookies.get(COOKIE, "").encode(), session.encode())
+            if bearer and not hmac.compare_digest(bearer.encode(), settings.token.encode()) or \
+                    not bearer and not cookie_ok:
+                return error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}), False
+            set_cookie = not cookie_ok
+        if session and path == "/" and "token" in request.query_params:  # a shared link: swap it for a cookie
+            given = request.query_params["token"]
+            if not hmac.compare_digest(given.encode(), settings.token.encode()):
+                return error(401, "wrong token in the link", {"WWW-Authenticate": "Bearer"}), False
+            rest = "&".join(f"{k}={v}" for k, v in _query_pairs(request.url.query) if k != "token")
+            return RedirectResponse("/" + (f"?{rest}" if rest else ""), status_code=303), True
+        if request.method in ("POST", "PUT", "PATCH") and length is not None and int(length) > 0:
+            try:
+                with anyio.fail_after(settings.body_timeout):
+                    await request.body()  # cached for the handler; a stalled sender is cut off
+            except TimeoutError:
+                return error(408, f"request body not received within {settings.body_timeout:g} s"), False
+            except ClientDisconnect:
+                return error(400, "the request body ended early"), False
+        return None, set_cookie
+
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         t0 = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_upload_bytes):
-            return JSONResponse({"error": f"request body too large (limit {settings.max_upload_bytes} bytes)"},
-                                status_code=413)
-        if request.method in ("POST", "PUT") and length is None and request.headers.get("transfer-encoding"):
-            return JSONResponse({"error": "send a Content-Length (chunked uploads are not accepted)"}, status_code=411)
-        if settings.token and request.url.path not in ("/", "/healthz") and not request.url.path.startswith("/static/"):
-            given = request.headers.get("authorization", "")
-            given = given[7:] if given.lower().startswith("bearer ") else request.query_params.get("token", "")
-            if not hmac.compare_digest(given.encode(), settings.token.encode()):
-                return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
-        response = await call_next(request)
+        response, set_cookie = await admit(request)
+        if response is None:
+            response = await call_next(request)
+        if set_cookie and response.status_code < 400:
+            response.set_cookie(COOKIE, session, httponly=True, samesite="strict", path="/",
+                                secure=request.url.scheme == "https")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
         metrics.observe(request.url.path, response.status_code, time.perf_counter() - t0)
         return response
 
@@ -139,13 +308,18 @@ def create_app(settings: ServerSettings):
             raise ApiError(422, f"query longer than {settings.max_query_chars} characters")
         return q
 
-    def run_search(terms: list[QueryTerm], k: int) -> dict:
-        from cliplab.errors import CliplabError
+    def check_id(item_id: int) -> int:
+        if not 0 <= item_id <= MAX_ID:
+            raise ApiError(404, f"no image with id {item_id}")
+        return item_id
 
+    def run_search(terms: list[QueryTerm], k: int) -> dict:
         index = service.current()
         t0 = time.perf_counter()
         try:
             vector, used = service.encoder.compose(terms, index)
+        except QueryBusy as exc:
+            raise ApiError(429, str(exc), {"Retry-After": "1"}) from None
         except CliplabError as exc:
             raise ApiError(404 if "no indexed image" in str(exc) else 422, str(exc)) from None
         results = index.search(vector, k, exclude=used)
@@ -154,8 +328,6 @@ def create_app(settings: ServerSettings):
                 "results": [_public_hit(h) for h in results]}
 
     def load_upload(data: bytes):
-        from cliplab.errors import CliplabError
-
         if len(data) > settings.max_upload_bytes:
             raise ApiError(413, f"image larger than {settings.max_upload_bytes} bytes")
         try:
@@ -163,10 +335,49 @@ def create_app(settings: ServerSettings):
         except CliplabError as exc:
             raise ApiError(413 if "too large" in str(exc) else 415, str(exc)) from None
 
+    def image_search(data: bytes, extra: list[QueryTerm], k: int) -> dict:
+        """Decode + embed + search an uploaded image (in a worker thread, through the gate)."""
+        try:
+            return gate(lambda: run_search([QueryTerm(1.0, "image", load_upload(data)), *extra], k))
+        except QueryBusy as exc:
+            raise ApiError(429, str(exc), {"Retry-After": "1"}) from None
+
+    # -- the OpenAPI description of answers (schemathesis checks every answer against it)
+    class ErrorBody(BaseModel):
+        error: str
+
+    def errors(*codes: int) -> dict:
+        return {c: {"model": ErrorBody} for c in (400, 401, 422, 431, *codes)}
+
+    class Hit(BaseModel):
+        id: int
+        score: float
+        path: str
+        width: int
+        height: int
+        captions: list[str]
+        image: str
+        thumb: str
+
+    class SearchResult(BaseModel):
+        k: int
+        took_ms: float
+        count: int
+        results: list[Hit]
+
+    class Health(BaseModel):
+        status: str = Field(description="ok, or degraded (a newer index generation could not be loaded)")
+        images: int
+        reason: str | None = None
+
+    image_content = {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+                     "description": "the image file"}
+
     # -- pages and health
     @app.get("/", include_in_schema=False)
     def page():
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"),
+                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
 
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str):
@@ -175,18 +386,21 @@ def create_app(settings: ServerSettings):
             raise ApiError(404, "not found")
         return FileResponse(files[name])
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, response_model_exclude_none=True, responses=errors())
     def healthz():
-        return {"status": "ok", "images": len(service.current())}
+        """``ok``; or ``degraded`` (still 200: the previous generation is served) with the reason."""
+        index = service.current()
+        out = {"status": "ok", "images": len(index)}
+        return out if service.problem is None else {**out, "status": "degraded", "reason": service.problem}
 
-    @app.get("/api/info")
+    @app.get("/api/info", responses=errors())
     def info():
         index = service.current()
         return {**index.summary(), "name": settings.index_name, "max_k": settings.max_k,
                 "max_upload_bytes": settings.max_upload_bytes, "version": _version()}
 
     # -- search
-    @app.get("/api/search")
+    @app.get("/api/search", response_model=SearchResult, responses=errors(404, 429))
     def search_get(q: str = Query(..., description="text query"), k: int = Query(10)):
         return run_search([QueryTerm(1.0, "text", check_text(q))], check_k(k))
 
@@ -196,8 +410,17 @@ def create_app(settings: ServerSettings):
         minus_text: str | None = Field(None, description="text to subtract from the query")
         k: int = 10
 
-    @app.post("/api/search")
+    form_schema = {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "format": "binary"}, "text": {"type": "string"}, "k": {"type": "integer"}}}
+    post_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": SearchBody.model_json_schema()},
+        "multipart/form-data": {"schema": form_schema}}}}
+
+    @app.post("/api/search", response_model=SearchResult, openapi_extra=post_body,
+              responses=errors(404, 408, 411, 413, 415, 429))
     async def search_post(request: Request):
+        """JSON (text, id, minus_text, k) or a multipart upload (image, text, k). The body is read here; the
+        decoding, embedding and search run in worker threads."""
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             form = await request.form(max_files=1, max_fields=10)
@@ -205,60 +428,71 @@ def create_app(settings: ServerSettings):
             if upload is None or isinstance(upload, str):
                 raise ApiError(422, "multipart search needs an 'image' file field")
             data = await upload.read(settings.max_upload_bytes + 1)
-            terms = [QueryTerm(1.0, "image", load_upload(data))]
             text = form.get("text")
-            if isinstance(text, str) and text.strip():
-                terms.append(QueryTerm(1.0, "text", check_text(text)))
+            extra = [QueryTerm(1.0, "text", check_text(text))] if isinstance(text, str) and text.strip() else []
             try:
-                k = int(form.get("k") or 10)
+                k = check_k(int(form.get("k") or 10))
             except ValueError:
                 raise ApiError(422, "k must be an integer") from None
-            return run_search(terms, check_k(k))
+            return await run_in_threadpool(image_search, data, extra, k)
         try:
             body = SearchBody.model_validate(await request.json())
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ApiError(422, f"invalid JSON body: {str(exc).splitlines()[0]}") from None
         terms = []
         if body.text:
             terms.append(QueryTerm(1.0, "text", check_text(body.text)))
         if body.id is not None:
+            if not 0 <= body.id <= MAX_ID:
+                raise ApiError(404, f"no indexed image with id {body.id}")
             terms.append(QueryTerm(1.0, "item", body.id))
         if body.minus_text:
             terms.append(QueryTerm(-1.0, "text", check_text(body.minus_text)))
         if not terms:
             raise ApiError(422, "give text, id (more like this) or an uploaded image")
-        return run_search(terms, check_k(body.k))
+        return await run_in_threadpool(run_search, terms, check_k(body.k))
 
     # -- files by id only
     def item_file(item_id: int) -> Path:
-        path = service.current().file_path(item_id)
+        path = service.current().file_path(check_id(item_id))
         if path is None:
             raise ApiError(404, f"no image with id {item_id}")
         return path
 
-    @app.get("/image/{item_id}")
-    def image(item_id: int):
-        return FileResponse(item_file(item_id), headers={"Cache-Control": "private, max-age=3600"})
+    file_headers = {"Content-Security-Policy": "default-src 'none'; sandbox"}
 
-    @app.get("/thumb/{item_id}")
+    @app.get("/image/{item_id}", response_class=Response, responses={200: image_content, **errors(404)})
+    def image(item_id: int):
+        return FileResponse(item_file(item_id), headers={"Cache-Control": "private, max-age=3600", **file_headers})
+
+    @app.get("/thumb/{item_id}", response_class=Response, responses={200: image_content, **errors(404, 429)})
     def thumb(item_id: int):
         index = service.current()
-        item = index.item(item_id)
+        item = index.item(check_id(item_id))
         if item is None:
             raise ApiError(404, f"no image with id {item_id}")
-        cached = _thumbnail(item_file(item_id), item["sha256"], settings.thumb_dir, settings.thumb_size)
-        return FileResponse(cached, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+        path = item_file(item_id)
+        try:
+            cached = gate(_thumbnail, path, item["sha256"], settings.thumb_dir, settings.thumb_size, index.info)
+        except QueryBusy as exc:
+            raise ApiError(429, str(exc), {"Retry-After": "1"}) from None
+        except CliplabError:  # replaced since indexing by something unreadable, too large or of another format
+            raise ApiError(404, f"image {item_id} can no longer be read") from None
+        return FileResponse(cached, media_type="image/jpeg",
+                            headers={"Cache-Control": "private, max-age=86400", **file_headers})
 
     # -- clip-retrieval compatible API
-    @app.get("/indices-list")
+    @app.get("/indices-list", response_model=list[str], responses=errors())
     def indices_list():
         return [settings.index_name]
 
+    max_b64 = (settings.max_upload_bytes + 2) // 3 * 4 + 4
+
     class KnnBody(BaseModel):
         text: str | None = None
-        image: str | None = None
-        image_url: str | None = None
-        embedding_input: list[float] | None = None
+        image: str | None = Field(None, max_length=max_b64, description="base64 of an image file")
+        image_url: str | None = Field(None, max_length=2048)
+        embedding_input: list[float] | None = Field(None, max_length=4096)
         modality: str = "image"
         num_images: int = 40
         num_result_ids: int | None = None
@@ -270,7 +504,14 @@ def create_app(settings: ServerSettings):
         aesthetic_score: str | int | None = None
         aesthetic_weight: str | float | None = None
 
-    @app.post("/knn-service")
+    class KnnHit(BaseModel):
+        id: int
+        similarity: float
+        url: str
+        caption: str
+        image_path: str
+
+    @app.post("/knn-service", response_model=list[KnnHit], responses=errors(403, 404, 408, 411, 413, 415, 429, 502))
     def knn_service(body: KnnBody):
         if body.indice_name not in (None, "", settings.index_name):
             raise ApiError(404, f"unknown indice_name {body.indice_name!r}; see /indices-list")
@@ -279,47 +520,48 @@ def create_app(settings: ServerSettings):
         given = [x is not None for x in (body.text, body.image, body.image_url, body.embedding_input)]
         if sum(given) != 1:
             raise ApiError(422, "give exactly one of text, image (base64), image_url or embedding_input")
+        if body.num_images < 1:
+            raise ApiError(422, "num_images must be >= 1")
         k = check_k(body.num_result_ids or body.num_images)
         index = service.current()
         if body.embedding_input is not None:
             import numpy as np
 
-            v = np.asarray(body.embedding_input, dtype=np.float32)
-            if v.shape != (index.info["dim"],) or not np.isfinite(v).all() or np.linalg.norm(v) == 0:
+            v = np.asarray(body.embedding_input, dtype=np.float64)
+            norm = float(np.linalg.norm(v)) if np.isfinite(v).all() else 0.0
+            if v.shape != (index.info["dim"],) or not np.isfinite(norm) or norm == 0:
                 raise ApiError(422, f"embedding_input must be {index.info['dim']} finite numbers, not all zero")
-            hits = index.search(v / np.linalg.norm(v), k)
+            hits = [_public_hit(h) for h in index.search((v / norm).astype(np.float32), k)]
+        elif body.text is not None:
+            hits = run_search([QueryTerm(1.0, "text", check_text(body.text))], k)["results"]
         else:
-            if body.text is not None:
-                terms = [QueryTerm(1.0, "text", check_text(body.text))]
-            elif body.image is not None:
+            if body.image is not None:
                 try:
                     data = base64.b64decode(body.image, validate=True)
                 except ValueError:
                     raise ApiError(422, "image is not valid base64") from None
-                terms = [QueryTerm(1.0, "image", load_upload(data))]
+            elif not settings.allow_urls:
+                raise ApiError(403, "image_url queries are disabled on this server (start it with --allow-urls)")
             else:
-                if not settings.allow_urls:
-                    raise ApiError(403, "image_url queries are disabled on this server (start it with --allow-urls)")
-                terms = [QueryTerm(1.0, "image", load_upload(_fetch(body.image_url, settings.max_upload_bytes)))]
-            hits = run_search(terms, k)["results"]
-        out = []
-        for h in hits[: body.num_images]:
-            out.append({"id": h["id"], "similarity": h["score"], "url": f"/image/{h['id']}",
-                        "caption": (h.get("captions") or [""])[0], "image_path": h["path"]})
-        return out
+                try:
+                    data = fetch_image(body.image_url, settings.max_upload_bytes, settings.url_timeout)
+                except FetchError as exc:
+                    raise ApiError(exc.status, str(exc)) from None
+            hits = image_search(data, [], k)["results"]
+        return [{"id": h["id"], "similarity": h["score"], "url": f"/image/{h['id']}",
+                 "caption": (h.get("captions") or [""])[0], "image_path": h["path"]} for h in hits[: body.num_images]]
 
     class MetadataBody(BaseModel):
-        ids: list[int]
+        ids: list[int] = Field(max_length=settings.max_k)
         indice_name: str | None = None
 
-    @app.post("/metadata")
+    @app.post("/metadata", responses=errors(408, 411, 413))
     def metadata(body: MetadataBody):
-        if len(body.ids) > settings.max_k:
-            raise ApiError(422, f"at most {settings.max_k} ids per request")
-        found = service.current().items(body.ids)
+        ids = [i for i in body.ids if 0 <= i <= MAX_ID]  # others are not found
+        found = service.current().items(ids)
         return [{"id": i, "metadata": {"url": f"/image/{i}", "caption": (found[i]["captions"] or [""])[0],
                                        "image_path": found[i]["path"], "width": found[i]["width"],
-                                       "height": found[i]["height"]}} for i in body.ids if i in found]
+                                       "height": found[i]["height"]}} for i in ids if i in found]
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus():
@@ -328,41 +570,154 @@ def create_app(settings: ServerSettings):
     return app
 
 
+def _query_pairs(query: str) -> list[tuple[str, str]]:
+    """The raw ``key=value`` pairs of a query string (values kept percent-encoded)."""
+    return [(p.partition("=")[0], p.partition("=")[2]) for p in query.split("&") if p]
+
+
 def _public_hit(hit: dict) -> dict:
     return {"id": hit["id"], "score": round(hit["score"], 6), "path": hit["path"], "width": hit["width"],
             "height": hit["height"], "captions": hit["captions"], "image": f"/image/{hit['id']}",
             "thumb": f"/thumb/{hit['id']}"}
 
 
-def _thumbnail(path: Path, sha256: str, folder: Path, size: int) -> Path:
-    """A JPEG thumbnail keyed by content hash and size, generated once (atomically) and reused."""
-    from PIL import Image
-
+def _thumbnail(path: Path, sha256: str, folder: Path, size: int, info: dict) -> Path:
+    """A JPEG thumbnail keyed by content hash and size, generated once (atomically) and reused. The file is
+    decoded with the index's own limits (its decoders and pixel cap): it may have been replaced since."""
+    from cliplab.data.images import SAFE_IMAGE_FORMATS, load_rgb
     from cliplab.utils import atomic_write
 
     out = folder / sha256[:2] / f"{sha256}-{size}.jpg"
     if not out.is_file():
-        with Image.open(path) as im:
-            im.draft("RGB", (size, size))
-            im = im.convert("RGB")
-            im.thumbnail((size, size))
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=85)
+        im = load_rgb(path, draft_size=size, max_pixels=info.get("max_pixels"),
+                      formats=tuple(info.get("formats") or SAFE_IMAGE_FORMATS))
+        im.thumbnail((size, size))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=85)
         atomic_write(out, lambda p: p.write_bytes(buf.getvalue()))
     return out
 
 
-def _fetch(url: str, limit: int) -> bytes:
-    """Download an image (only when the server was started with --allow-urls): http(s) only, size-limited."""
-    import urllib.request
+# -- image_url fetching (only with --allow-urls)
+class FetchError(Exception):
+    """A refused or failed image_url fetch: ``status`` 400 (bad or refused URL) or 502 (the fetch failed).
+    Messages never say which port or internal state caused a failure."""
 
-    if not url.startswith(("http://", "https://")):
-        raise ValueError("only http(s) URLs")
-    with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - scheme checked above
-        data = r.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError("image too large")
-    return data
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Only globally routable addresses may be fetched (no loopback, private, link-local, CGNAT, multicast,
+    reserved, or IPv4 hidden in IPv6)."""
+    mapped = getattr(ip, "ipv4_mapped", None) or getattr(ip, "sixtofour", None)
+    return ip.is_global and not ip.is_multicast and (mapped is None or is_public_address(mapped))
+
+
+def _resolve(host: str, port: int, timeout: float) -> str:
+    """One checked address of ``host``; every address it resolves to must be public."""
+    answer: list = []
+
+    def lookup():
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except (OSError, UnicodeError) as exc:
+            answer.append(exc)
+
+    worker = threading.Thread(target=lookup, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not answer or isinstance(answer[0], Exception) or not answer[0]:
+        raise FetchError(400, "image_url: the host name could not be resolved")
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in answer[0]]
+    if not all(is_public_address(a) for a in addresses):
+        raise FetchError(400, "image_url: the target address is not allowed (only public addresses are fetched)")
+    return str(addresses[0])
+
+
+def fetch_image(url: str, limit: int, timeout: float = 10.0) -> bytes:
+    """GET an image over http(s): the host resolved and checked (public addresses only), the connection pinned
+    to the checked address (TLS still verified against the host name), no redirects, at most ``limit``
+    bytes, ``image/*`` only, everything within ``timeout`` seconds in total."""
+    import http.client
+    import ssl
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise FetchError(400, "image_url is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        raise FetchError(400, "image_url must be an http(s) URL with a host and no credentials")
+    deadline = time.monotonic() + timeout
+    ip = _resolve(parts.hostname, port, timeout)
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return left
+
+    sockets: list[socket.socket] = []  # the connection's socket (http.client may drop its own reference)
+
+    class Pinned(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.create_connection((ip, self.port), remaining())
+            sockets.append(self.sock)
+
+    class PinnedTLS(http.client.HTTPSConnection):
+        def connect(self):
+            raw = socket.create_connection((ip, self.port), remaining())
+            self.sock = ssl.create_default_context().wrap_socket(raw, server_hostname=parts.hostname)
+            sockets.append(self.sock)
+
+    expired = threading.Event()
+
+    def cut_off():  # the total deadline: a server trickling bytes is disconnected, whatever the phase
+        expired.set()
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    cls = PinnedTLS if parts.scheme == "https" else Pinned
+    conn = cls(parts.hostname, port, timeout=remaining())
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    watchdog = threading.Timer(remaining(), cut_off)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        conn.request("GET", target, headers={"User-Agent": "cliplab-search", "Accept": "image/*"})
+        response = conn.getresponse()
+        if 300 <= response.status < 400:
+            raise FetchError(502, "image_url answered with a redirect (redirects are not followed)")
+        if response.status != 200:
+            raise FetchError(502, f"image_url answered HTTP {response.status}")
+        if not (response.getheader("content-type") or "").lower().startswith("image/"):
+            raise FetchError(502, "image_url did not answer with an image content type")
+        data = bytearray()
+        while len(data) <= limit:
+            sockets[0].settimeout(remaining())
+            chunk = response.read1(min(65536, limit + 1 - len(data)))
+            if not chunk:
+                break
+            data += chunk
+        if expired.is_set():
+            raise TimeoutError
+        if len(data) > limit:
+            raise FetchError(502, f"image_url: the image is larger than {limit} bytes")
+        return bytes(data)
+    except FetchError:
+        raise
+    except (OSError, TimeoutError, http.client.HTTPException, ValueError):
+        raise FetchError(502, "image_url could not be fetched (connection failed, timed out or was "
+                              "malformed)") from None
+    finally:
+        watchdog.cancel()
+        conn.close()
 
 
 def _version() -> str:
@@ -401,12 +756,28 @@ class _Metrics:
         return "\n".join(lines) + "\n"
 
 
-def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, log=print) -> None:
-    """Run the server with uvicorn (blocking)."""
+def uvicorn_limits(max_connections: int = 64) -> dict:
+    """Connection-level bounds for uvicorn: concurrent connections (503 beyond), idle keep-alive, header size."""
+    return {"http": "h11", "limit_concurrency": max_connections, "timeout_keep_alive": 5,
+            "h11_max_incomplete_event_size": MAX_HEADER_BYTES, "proxy_headers": False, "server_header": False,
+            "timeout_graceful_shutdown": 5}
+
+
+def serve(settings: ServerSettings, host: str | None = None, port: int = 8000, log=print,
+          no_auth: bool = False) -> None:
+    """Run the server with uvicorn (blocking). Off loopback a token is required unless ``no_auth``."""
     uvicorn = require("uvicorn")
-    if host not in ("127.0.0.1", "localhost", "::1") and not settings.token:
-        log(f"warning: serving on {host} without --token: anyone who can reach this address can search and "
-            "download the indexed images")
+    if host is not None:
+        settings.host = host
+    host = settings.host
+    if not is_loopback(host) and not settings.token:
+        if not no_auth:
+            raise ConfigError(f"refusing to serve on {host} without --token: anyone who can reach this address could "
+                              "search and download the indexed images (pass --token, or --no-auth to accept that)")
+        log(f"warning: serving on {host} without a token (--no-auth): anyone who can reach this address can "
+            "search and download the indexed images")
     app = create_app(settings)
-    log(f"serving {settings.index_dir} on http://{host}:{port}/  (API docs: http://{host}:{port}/docs)")
-    uvicorn.run(app, host=host, port=port, log_level=os.environ.get("CLIPLAB_LOG_LEVEL", "warning"))
+    shown = f"[{host}]" if ":" in host else host
+    log(f"serving {settings.index_dir} on http://{shown}:{port}/  (API docs: http://{shown}:{port}/docs); "
+        f"accepted Host names: {', '.join(settings.allowed_hosts)}")
+    uvicorn.run(app, host=host, port=port, log_level=os.environ.get("CLIPLAB_LOG_LEVEL", "warning"), **uvicorn_limits())

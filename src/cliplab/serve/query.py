@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cliplab.data.images import SAFE_IMAGE_FORMATS
 from cliplab.embed.pipeline import flip_tta_of
 from cliplab.errors import CliplabError, DataError
 from cliplab.models.ensemble import image_inputs
@@ -51,36 +52,60 @@ def parse_cli_query(args: list[str]) -> list[QueryTerm]:
     return terms
 
 
-def decode_image_bytes(data: bytes, max_pixels: int) -> "object":
-    """An uploaded image, checked before decoding: size limit in pixels (decompression bombs), then RGB."""
+UPLOAD_FORMATS = SAFE_IMAGE_FORMATS  # the only decoders an upload reaches: JPEG, PNG, WebP, BMP, GIF (no EPS, PSD, TIFF)
+QUERY_SIDE = 448  # query images are reduced while decoding to a short side near this (the model sees 224-448 px)
+
+
+class QueryBusy(CliplabError):
+    """Too many queries are already waiting; the client should retry shortly (HTTP 429)."""
+
+
+def decode_image_bytes(data: bytes, max_pixels: int, side: int = QUERY_SIDE) -> "Image.Image":
+    """An uploaded query image as RGB, reduced to a short side of ``side``..2×``side`` pixels while decoding.
+
+    Only :data:`UPLOAD_FORMATS` are tried. ``max_pixels`` bounds the pixels actually decoded, checked from the
+    header before any decoding: a JPEG decodes at 1/2-1/8 scale (draft mode), so it may declare up to
+    4×``max_pixels``; other formats decode in full and may declare ``max_pixels``. Then a box reduction by an
+    integer factor brings the short side near ``side`` (cheap, and the model's preprocessing resizes anyway).
+    """
     from PIL import UnidentifiedImageError
+    from PIL.JpegImagePlugin import JpegImageFile
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as im:
             w, h = im.size
-            if w * h > max_pixels:
+            jpeg = isinstance(im, JpegImageFile)  # MPO (phone photos) included
+            if w * h > (4 * max_pixels if jpeg else max_pixels):
                 raise DataError(f"image too large: {w}x{h} pixels (limit {max_pixels})")
+            if jpeg:
+                short = max(1, min(w, h))
+                im.draft("RGB", (-(-side * w // short), -(-side * h // short)))  # short side stays >= side
+                if im.size[0] * im.size[1] > max_pixels:
+                    raise DataError(f"image too large: {w}x{h} pixels (limit {max_pixels})")
             im.load()
-            return im.convert("RGB")
+            rgb = im.convert("RGB")
     except Image.DecompressionBombError:
         raise DataError("image too large (decompression bomb guard)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DataError(f"not a readable image ({exc.__class__.__name__})") from None
+    factor = min(rgb.size) // side
+    return rgb.reduce(factor) if factor >= 2 else rgb
 
 
 class QueryEncoder:
     """Embeds query terms with the index's model; thread-safe. Text queries that arrive together are encoded
     in one batch (a worker thread takes every query waiting while the previous batch ran: no added wait
-    for a lone query, several times the throughput under load); recent texts are kept in an LRU cache."""
+    for a lone query, several times the throughput under load); at most ``max_pending`` texts wait (then
+    :class:`QueryBusy`); recent texts are kept in an LRU cache."""
 
-    def __init__(self, model, cache_size: int = 1024, max_batch: int = 64) -> None:
+    def __init__(self, model, cache_size: int = 1024, max_batch: int = 64, max_pending: int = 512) -> None:
         self.model = model.eval()
         self.flip_tta = flip_tta_of(model, None)  # as the index was built
         self.lock = threading.Lock()  # one model call at a time (fast tokenizers are not re-entrant)
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.cache_lock = threading.Lock()
         self.cache_size, self.max_batch = cache_size, max_batch
-        self.pending: "queue.Queue[tuple[str, Future]]" = queue.Queue()
+        self.pending: "queue.Queue[tuple[str, Future]]" = queue.Queue(maxsize=max_pending)  # full: QueryBusy
         self.batches: list[int] = []  # sizes of the batches encoded (for tests and metrics)
         threading.Thread(target=self._worker, name="cliplab-text-batcher", daemon=True).start()
 
@@ -112,7 +137,10 @@ class QueryEncoder:
                 self.cache.move_to_end(text)
                 return hit
         fut: Future = Future()
-        self.pending.put((text, fut))
+        try:
+            self.pending.put_nowait((text, fut))
+        except queue.Full:
+            raise QueryBusy("too many text queries waiting; retry shortly") from None
         z = fut.result()
         with self.cache_lock:
             self.cache[text] = z
