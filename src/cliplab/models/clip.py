@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,13 +41,158 @@ def _without(module: nn.Module, name: str):
         setattr(module, name, saved)
 
 
+@dataclass
+class CLIPSource:
+    """A training run's ``model`` section for ``kind: clip``: the CLIP to fine-tune (a :func:`load_clip` name
+    or folder)."""
+
+    source: str
+
+    def to_dict(self) -> dict:
+        return {"source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLIPSource":
+        unknown = set(d) - {"source"}
+        if unknown:
+            raise ConfigError(f"unknown model config keys for kind clip: {', '.join(sorted(unknown))} (give "
+                              "model.source)")
+        source = d.get("source")
+        if not isinstance(source, str) or not source:
+            raise ConfigError(f"model.source must name the CLIP to fine-tune (see load_clip), not {source!r}")
+        return cls(source.removeprefix("clip:"))
+
+
+class OpenClipBackend:
+    """How cliplab drives an open_clip ``CLIP`` (stateless: every method takes the open_clip model)."""
+
+    name = "open_clip"
+    root_names = {"image": "visual", "text": ""}  # where each side's LoRA adapters go ("" = the model)
+
+    def visual(self, model: nn.Module) -> nn.Module:
+        return model.visual
+
+    def tokenize(self, model: nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
+        return tokenizer(list(texts)).to(next(model.parameters()).device)
+
+    def encode_image(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return model.encode_image(images)
+
+    def encode_text(self, model: nn.Module, tokens) -> torch.Tensor:
+        return model.encode_text(tokens)
+
+    def image_stages(self, model: nn.Module, source: str) -> Stages:
+        visual = model.visual
+        if not isinstance(getattr(visual, "proj", None), nn.Parameter):
+            raise ConfigError(f"{source}: this open_clip vision tower has no separate projection to tune")
+        body = ParamHolder([p for n, p in visual.named_parameters() if n != "proj"], visual)
+
+        def encode(px):
+            with _without(visual, "proj"):
+                return visual(px)
+
+        return Stages([Stage("vision", [body], encode),
+                       Stage("projection", [ParamHolder([visual.proj])], lambda x: x @ visual.proj, is_block=False)])
+
+    def text_stages(self, model: nn.Module, source: str) -> Stages:
+        if not hasattr(model, "token_embedding") or model.text_projection is None:
+            raise ConfigError(f"{source}: only open_clip CLIP models with a text projection can be tuned")
+        proj = model.text_projection
+        body = ParamHolder([p for n, p in model.named_parameters()
+                            if not n.startswith(("visual.", "logit_", "text_projection"))], model.transformer)
+
+        def encode(tokens):
+            with _without(model, "text_projection"):
+                return model.encode_text(tokens)
+
+        if isinstance(proj, nn.Linear):
+            project, holder = proj, proj
+        else:
+            project, holder = (lambda x: x @ proj), ParamHolder([proj])
+        return Stages([Stage("text", [body], encode), Stage("projection", [holder], project, is_block=False)])
+
+    def load(self, name: str, pretrained: str | None) -> "CLIPModelWrapper":
+        from cliplab.extras import require
+
+        open_clip = require("open_clip")
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+            tokenizer = open_clip.get_tokenizer(name)
+        except (RuntimeError, ValueError, FileNotFoundError, OSError) as exc:
+            raise ConfigError(f"cannot load open_clip model {name!r}: {str(exc).splitlines()[0]}") from None
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        transform = _transform(int(size), model.visual.image_mean, model.visual.image_std)
+        if name.startswith("local-dir:"):
+            source = name.split(":", 1)[1]
+        else:  # keep the pretrained tag: ViT-B-32/openai and ViT-B-32/laion2b_s34b_b79k are different weights
+            source = f"{name}/{pretrained}" if pretrained else name
+        return CLIPModelWrapper(model, self.name, tokenizer, transform, source)
+
+
+class HFBackend:
+    """How cliplab drives a Hugging Face ``CLIPModel`` (stateless: every method takes the HF model)."""
+
+    name = "hf"
+    root_names = {"image": "vision_model", "text": "text_model"}
+
+    def visual(self, model: nn.Module) -> nn.Module:
+        return model.vision_model
+
+    def tokenize(self, model: nn.Module, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+        device = next(model.parameters()).device
+        ctx = getattr(model.config.text_config, "max_position_embeddings", 77)
+        batch = tokenizer(list(texts), padding=True, truncation=True, max_length=ctx, return_tensors="pt")
+        return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    def encode_image(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return _as_tensor(model.get_image_features(pixel_values=images))
+
+    def encode_text(self, model: nn.Module, tokens) -> torch.Tensor:
+        return _as_tensor(model.get_text_features(**tokens))
+
+    def image_stages(self, model: nn.Module, source: str) -> Stages:
+        vm, proj = model.vision_model, model.visual_projection
+        return Stages([Stage("vision", [vm], lambda px: vm(pixel_values=px).pooler_output),
+                       Stage("projection", [proj], proj, is_block=False)])
+
+    def text_stages(self, model: nn.Module, source: str) -> Stages:
+        tm, proj = model.text_model, model.text_projection
+        return Stages([Stage("text", [tm], lambda tok: tm(**tok).pooler_output),
+                       Stage("projection", [proj], proj, is_block=False)])
+
+    def load(self, name: str) -> "CLIPModelWrapper":
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        try:
+            model = CLIPModel.from_pretrained(name)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load Hugging Face CLIP {name!r}: {str(exc).splitlines()[0]}") from None
+        try:
+            proc = AutoImageProcessor.from_pretrained(name)
+            crop = getattr(proc, "crop_size", None) or {}
+            size = crop.get("height") or model.config.vision_config.image_size
+            transform = _transform(int(size), proc.image_mean, proc.image_std)
+        except (OSError, ValueError):
+            from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+            transform = _transform(model.config.vision_config.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        return CLIPModelWrapper(model, self.name, tokenizer, transform, name)
+
+
+CLIP_BACKENDS: dict[str, OpenClipBackend | HFBackend] = {"open_clip": OpenClipBackend(), "hf": HFBackend()}
+
+
 class CLIPModelWrapper(nn.Module):
-    """One interface over open_clip and HF CLIP: ``encode_image``, ``encode_text``, ``preprocess``."""
+    """One interface over open_clip and HF CLIP: ``encode_image``, ``encode_text``, ``preprocess``; what differs
+    between the two is in their backend adapter (:class:`OpenClipBackend`, :class:`HFBackend`)."""
 
     def __init__(self, model: nn.Module, backend: str, tokenizer, transform: T.Compose, source: str) -> None:
         super().__init__()
         self.model = model.eval()
         self.backend = backend
+        self.adapter = CLIP_BACKENDS[backend]
         self.tokenizer = tokenizer
         self._transform = transform
         self.source = source  # the full spec: a folder, ``ARCH/TAG``, ``hf-hub:org/repo`` or a HF id
@@ -61,7 +207,7 @@ class CLIPModelWrapper(nn.Module):
     # -- towers (used by fine-tuning code to find the parts to adapt)
     @property
     def visual(self) -> nn.Module:
-        return self.model.visual if self.backend == "open_clip" else self.model.vision_model
+        return self.adapter.visual(self.model)
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -71,26 +217,15 @@ class CLIPModelWrapper(nn.Module):
         return self._transform
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor] | torch.Tensor:
-        device = next(self.model.parameters()).device
-        if self.backend == "open_clip":
-            return self.tokenizer(list(texts)).to(device)
-        ctx = getattr(self.model.config.text_config, "max_position_embeddings", 77)
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=ctx, return_tensors="pt")
-        return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        return self.adapter.tokenize(self.model, self.tokenizer, texts)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        if self.backend == "open_clip":
-            z = self.model.encode_image(images)
-        else:
-            z = _as_tensor(self.model.get_image_features(pixel_values=images))
+        z = self.adapter.encode_image(self.model, images)
         return F.normalize(z, dim=-1) if normalize else z
 
     def encode_text(self, texts, normalize: bool = True) -> torch.Tensor:
         tokens = self.tokenize(texts) if isinstance(texts, (list, tuple)) else texts
-        if self.backend == "open_clip":
-            z = self.model.encode_text(tokens)
-        else:
-            z = _as_tensor(self.model.get_text_features(**tokens))
+        z = self.adapter.encode_text(self.model, tokens)
         return F.normalize(z, dim=-1) if normalize else z
 
     def fingerprint(self) -> str:
@@ -104,51 +239,14 @@ class CLIPModelWrapper(nn.Module):
 
     # -- fine-tuning: each side is [encoder, projection]
     def _roots(self) -> dict[str, nn.Module]:
-        if self.backend == "hf":
-            return {"image": self.model.vision_model, "text": self.model.text_model}
-        return {"image": self.model.visual, "text": self.model}
-
-    def _root_names(self) -> dict[str, str]:
-        return {"image": "vision_model", "text": "text_model"} if self.backend == "hf" else {"image": "visual", "text": ""}
+        return {side: self.model.get_submodule(name) if name else self.model
+                for side, name in self.adapter.root_names.items()}
 
     def image_stages(self) -> Stages:
-        if self.backend == "hf":
-            vm, proj = self.model.vision_model, self.model.visual_projection
-            return Stages([Stage("vision", [vm], lambda px: vm(pixel_values=px).pooler_output),
-                           Stage("projection", [proj], proj, is_block=False)])
-        visual = self.model.visual
-        if not isinstance(getattr(visual, "proj", None), nn.Parameter):
-            raise ConfigError(f"{self.source}: this open_clip vision tower has no separate projection to tune")
-        body = ParamHolder([p for n, p in visual.named_parameters() if n != "proj"], visual)
-
-        def encode(px):
-            with _without(visual, "proj"):
-                return visual(px)
-
-        return Stages([Stage("vision", [body], encode),
-                       Stage("projection", [ParamHolder([visual.proj])], lambda x: x @ visual.proj, is_block=False)])
+        return self.adapter.image_stages(self.model, self.source)
 
     def text_stages(self) -> Stages:
-        if self.backend == "hf":
-            tm, proj = self.model.text_model, self.model.text_projection
-            return Stages([Stage("text", [tm], lambda tok: tm(**tok).pooler_output),
-                           Stage("projection", [proj], proj, is_block=False)])
-        m = self.model
-        if not hasattr(m, "token_embedding") or m.text_projection is None:
-            raise ConfigError(f"{self.source}: only open_clip CLIP models with a text projection can be tuned")
-        proj = m.text_projection
-        body = ParamHolder([p for n, p in m.named_parameters()
-                             if not n.startswith(("visual.", "logit_", "text_projection"))], m.transformer)
-
-        def encode(tokens):
-            with _without(m, "text_projection"):
-                return m.encode_text(tokens)
-
-        if isinstance(proj, nn.Linear):
-            project, holder = proj, proj
-        else:
-            project, holder = (lambda x: x @ proj), ParamHolder([proj])
-        return Stages([Stage("text", [body], encode), Stage("projection", [holder], project, is_block=False)])
+        return self.adapter.text_stages(self.model, self.source)
 
     def set_trainable(self, mode: str) -> "CLIPModelWrapper":
         """``heads``: both projections + temperature (the classic exercise); ``image_head``/``text_head``: one
@@ -165,7 +263,7 @@ class CLIPModelWrapper(nn.Module):
         return self
 
     def tune_towers(self, image: TowerTuning, text: TowerTuning) -> dict:
-        roots, names = self._roots(), self._root_names()
+        roots, names = self._roots(), self.adapter.root_names
         for side, tuning, stages in (("image", image, self.image_stages()), ("text", text, self.text_stages())):
             spec = apply_tower_tuning(roots[side], stages, tuning)
             if spec is not None:
@@ -190,6 +288,18 @@ class CLIPModelWrapper(nn.Module):
                                                    "backend": self.backend, "lora": self.lora,
                                                    "base_weights": self.base_weights()})
         return directory
+
+    # -- weight interpolation (WiSE-FT): the whole inner model
+    def interpolation_state(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def interpolation_keys(self) -> list[str]:
+        return sorted(k for k, v in self.model.state_dict().items() if v.is_floating_point())
+
+    def load_interpolated(self, state: dict[str, torch.Tensor], alpha: float) -> None:
+        """Load mixed tensors; at ``alpha`` 0 the model is the initial one (and shares its cache entries)."""
+        self.model.load_state_dict(state, strict=False)
+        self.weights_delta = sha256_state(state) if alpha != 0 else ""
 
     def load_trained(self, directory: str | Path) -> None:
         """Reload tensors this model saved (keys relative to the inner model), strictly."""
@@ -223,50 +333,11 @@ def _transform(size: int, mean, std, interpolation: str = "bicubic") -> T.Compos
     ])
 
 
-def _load_open_clip(name: str, pretrained: str | None) -> CLIPModelWrapper:
-    from cliplab.extras import require
-
-    open_clip = require("open_clip")
-
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
-        tokenizer = open_clip.get_tokenizer(name)
-    except (RuntimeError, ValueError, FileNotFoundError, OSError) as exc:
-        raise ConfigError(f"cannot load open_clip model {name!r}: {str(exc).splitlines()[0]}") from None
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    transform = _transform(int(size), model.visual.image_mean, model.visual.image_std)
-    if name.startswith("local-dir:"):
-        source = name.split(":", 1)[1]
-    else:  # keep the pretrained tag: ViT-B-32/openai and ViT-B-32/laion2b_s34b_b79k are different weights
-        source = f"{name}/{pretrained}" if pretrained else name
-    return CLIPModelWrapper(model, "open_clip", tokenizer, transform, source)
-
-
-def _load_hf(name: str) -> CLIPModelWrapper:
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
-    try:
-        model = CLIPModel.from_pretrained(name)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load Hugging Face CLIP {name!r}: {str(exc).splitlines()[0]}") from None
-    try:
-        proc = AutoImageProcessor.from_pretrained(name)
-        crop = getattr(proc, "crop_size", None) or {}
-        size = crop.get("height") or model.config.vision_config.image_size
-        transform = _transform(int(size), proc.image_mean, proc.image_std)
-    except (OSError, ValueError):
-        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-        transform = _transform(model.config.vision_config.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    return CLIPModelWrapper(model, "hf", tokenizer, transform, name)
-
-
 def load_clip(name_or_path: str, backend: str = "auto", device: str | torch.device = "cpu") -> CLIPModelWrapper:
     """Load a CLIP from a folder, an open_clip name or a hub id; see the module docstring."""
     spec = str(name_or_path)
-    if backend not in ("auto", "open_clip", "hf"):
+    open_clip_backend, hf_backend = CLIP_BACKENDS["open_clip"], CLIP_BACKENDS["hf"]
+    if backend not in ("auto", *CLIP_BACKENDS):
         raise ConfigError(f"backend must be auto, open_clip or hf, not {backend!r}")
     path = Path(spec)
     if (path / CLIP_TUNED_CONFIG).is_file():
@@ -275,16 +346,16 @@ def load_clip(name_or_path: str, backend: str = "auto", device: str | torch.devi
         backend, spec = "hf", spec[3:]
         path = Path(spec)
     if spec.startswith(("local-dir:", "hf-hub:")):
-        wrapper = _load_open_clip(spec, None)
+        wrapper = open_clip_backend.load(spec, None)
     elif path.is_dir():
         if backend != "hf" and (path / "open_clip_config.json").is_file():
-            wrapper = _load_open_clip(f"local-dir:{path}", None)
+            wrapper = open_clip_backend.load(f"local-dir:{path}", None)
         elif backend != "open_clip" and (path / "config.json").is_file():
-            wrapper = _load_hf(str(path))
+            wrapper = hf_backend.load(str(path))
         else:
             raise ConfigError(f"{path}: no open_clip_config.json or Hugging Face config.json found")
     elif backend == "hf":
-        wrapper = _load_hf(spec)
+        wrapper = hf_backend.load(spec)
     elif "/" in spec and backend in ("auto", "open_clip"):
         arch, _, tag = spec.partition("/")
         from cliplab.extras import require
@@ -292,11 +363,11 @@ def load_clip(name_or_path: str, backend: str = "auto", device: str | torch.devi
         open_clip = require("open_clip")
 
         if arch in open_clip.list_models():
-            wrapper = _load_open_clip(arch, tag or None)
+            wrapper = open_clip_backend.load(arch, tag or None)
         elif backend == "open_clip":
             raise ConfigError(f"unknown open_clip architecture {arch!r}")
         else:
-            wrapper = _load_hf(spec)
+            wrapper = hf_backend.load(spec)
     else:
         raise ConfigError(f"cannot resolve CLIP model {spec!r}: not a folder, 'ARCH/PRETRAINED' or hub id")
     return wrapper.to(device)
