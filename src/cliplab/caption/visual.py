@@ -76,8 +76,7 @@ def caption_image_tower(image: dict, image_model: str | None = None) -> ImageTow
     from cliplab.models.factory import load_model, pretrained_tower
 
     if not image_model:
-        d = {k: (tuple(v) if k in ("mean", "std") and v is not None else v) for k, v in dict(image).items()}
-        return pretrained_tower(ImageTowerConfig(**d))
+        return pretrained_tower(ImageTowerConfig.from_dict(image))
     model = load_model(image_model)
     tower = getattr(model, "image_tower", None)
     if not isinstance(tower, ImageTower):

@@ -53,11 +53,7 @@ class ChunkActor:
         from cliplab.models.image_tower import ImageTowerConfig
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        cfg = dict(tower_config)
-        for k in ("mean", "std"):
-            if cfg.get(k) is not None:
-                cfg[k] = tuple(cfg[k])
-        tower = pretrained_tower(ImageTowerConfig(**cfg))
+        tower = pretrained_tower(ImageTowerConfig.from_dict(tower_config))
         images = ImageFiles(paths, max_pixels=max_pixels, formats=tuple(formats) if formats else None)
         self.encode = ImageChunkEncoder(tower, images, cache=FeatureCache(cache_root), batch_size=batch_size,
                                         device=device, on_error=on_error, backend=backend)

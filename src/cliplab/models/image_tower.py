@@ -34,6 +34,15 @@ class ImageTowerConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageTowerConfig":
+        """The inverse of :meth:`to_dict` (JSON and YAML give lists where the config holds tuples)."""
+        d = dict(d)
+        for key in ("mean", "std"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
@@ -50,7 +59,10 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 class ImageTower(nn.Module):
-    """Pooled image features from a timm backbone; keeps the classifier for ConSE and probing."""
+    """Pooled image features from a timm backbone; keeps the classifier for ConSE and probing. An
+    :class:`~cliplab.models.base.ImageFeatureTower` the ONNX backends can export."""
+
+    onnx_exportable = True
 
     def __init__(self, config: ImageTowerConfig | None = None) -> None:
         super().__init__()

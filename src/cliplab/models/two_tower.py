@@ -43,13 +43,9 @@ class TwoTowerConfig:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown model config keys: {', '.join(sorted(unknown))}")
-        image = dict(d.get("image", {}))
-        for key in ("mean", "std"):
-            if image.get(key) is not None:
-                image[key] = tuple(image[key])
         try:
             return cls(
-                image=ImageTowerConfig(**image),
+                image=ImageTowerConfig.from_dict(d.get("image", {})),
                 text=TextTowerConfig(**d.get("text", {})),
                 head=HeadConfig(**d.get("head", {})),
                 init_temperature=float(d.get("init_temperature", 0.07)),
@@ -196,6 +192,38 @@ class TwoTower(nn.Module):
         check_base_weights(raw.get("base_weights"), self.base_weights(), str(directory))
         state = load_file(str(path), device=str(self.logit_scale.device))
         load_checked(self, state, where=str(path), required=self._saved_keys())
+
+    def init_from(self, path: str | Path) -> None:
+        """Copy a saved two-tower model's tensors (heads, temperature, any tuned tower tensors) into this model
+        (``train.init_from``; call after tuning, so that LoRA adapters exist to receive saved ones): every saved
+        tensor must exist here, the heads must be there, and the base weights must be the same."""
+        from cliplab import rundir
+
+        path = rundir.model_dir(Path(path))
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file() or not (path / CONFIG_NAME).is_file():
+            raise ConfigError(f"train.init_from: {path} is not a two-tower model folder (no {WEIGHTS_NAME})")
+        check_base_weights(rundir.read_json(path / CONFIG_NAME).get("base_weights"), self.base_weights(),
+                           f"train.init_from {path}")
+        heads = [k for k in self.state_dict() if k.startswith(("image_head.", "text_head.", "logit_scale"))]
+        load_checked(self, load_file(str(weights)), where=f"train.init_from {weights}", required=heads)
+
+    # -- weight interpolation (WiSE-FT): the tensors a fine-tuned model saved
+    def interpolation_state(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()
+
+    def interpolation_keys(self) -> list[str]:
+        """Heads, temperature and tuned tower tensors (the initial model's value of a tower tensor it did not
+        tune is its pretrained weight)."""
+        heads = [k for k in self.state_dict() if not k.startswith(("image_tower.", "text_tower."))]
+        return sorted(set(heads) | set(self.tuned_tower_keys))
+
+    def load_interpolated(self, state: dict[str, torch.Tensor], alpha: float) -> None:
+        """Load mixed tensors; each tower's fingerprint follows the mix of its own tensors."""
+        self.load_state_dict(state, strict=False)
+        for prefix, tower in (("image_tower.", self.image_tower), ("text_tower.", self.text_tower)):
+            keys = {k: v for k, v in state.items() if k.startswith(prefix)}
+            tower.weights_delta = sha256_state(keys) if keys else ""
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device = "cpu", *,
