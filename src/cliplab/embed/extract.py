@@ -20,6 +20,7 @@ from cliplab.data.images import ImageFiles, ImageSet
 from cliplab.embed.backends import OnnxImageTower, OnnxTextTower, resolve_backend
 from cliplab.embed.cache import CachedFeatures, FeatureCache
 from cliplab.errors import CliplabError, ConfigError
+from cliplab.models.base import BatchStreamEncoder, OnnxExportable, TokenCounting
 from cliplab.utils import autocast, autocast_dtype, sha256_text
 
 
@@ -67,18 +68,16 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
-def _is_cliplab_tower(tower) -> bool:
-    from cliplab.models.image_tower import ImageTower
-    from cliplab.models.text_tower import TextTower
-
-    return isinstance(tower, (ImageTower, TextTower))
+def _exportable(tower) -> bool:
+    """Whether the ONNX backends may export ``tower`` (it declares :class:`~cliplab.models.base.OnnxExportable`)."""
+    return isinstance(tower, OnnxExportable) and bool(tower.onnx_exportable)
 
 
 def _cache_fingerprint(tower, backend: str, device: torch.device) -> str:
     """The tower's fingerprint, plus what changes its numbers: int8 quantisation, or the half-precision
     dtype of the autocast policy on CUDA (bf16/fp16 features never share entries with fp32 ones)."""
     fp = tower.fingerprint()
-    if backend == "onnx-int8" and _is_cliplab_tower(tower):
+    if backend == "onnx-int8" and _exportable(tower):
         fp = sha256_text(fp, "int8")
     dtype = autocast_dtype(device)
     return sha256_text(fp, f"autocast-{dtype}") if dtype is not None else fp
@@ -87,11 +86,12 @@ def _cache_fingerprint(tower, backend: str, device: torch.device) -> str:
 class _LazyEncoder:
     """Builds the backend's encoder on first use, so a fully cached run never exports or loads anything."""
 
-    def __init__(self, tower, backend: str, device: torch.device, cache: FeatureCache, onnx_cls) -> None:
+    def __init__(self, tower, backend: str, device: torch.device, cache: FeatureCache, onnx_cls,
+                 channels_last: bool = False) -> None:
         self.tower, self.device, self.cache, self.onnx_cls = tower, device, cache, onnx_cls
+        self.channels_last = channels_last  # image towers on CPU: NHWC convolutions
         chosen = resolve_backend(backend, device)
-        exportable = _is_cliplab_tower(tower) or getattr(tower, "onnx_exportable", False)
-        self.use_onnx = chosen.startswith("onnx") and device.type == "cpu" and exportable
+        self.use_onnx = chosen.startswith("onnx") and device.type == "cpu" and _exportable(tower)
         self.quantize = chosen == "onnx-int8"
         self._encoder = None
 
@@ -104,7 +104,7 @@ class _LazyEncoder:
                 # could never be trained afterwards (inference tensors refuse requires_grad)
                 with torch.inference_mode(False):
                     self._encoder = self.tower.eval().to(self.device)
-                    if self.device.type == "cpu" and hasattr(self._encoder, "image_size"):
+                    if self.device.type == "cpu" and self.channels_last:
                         self._encoder = self._encoder.to(memory_format=torch.channels_last)
         return self._encoder
 
@@ -117,7 +117,7 @@ class ImageChunkEncoder:
                  num_workers: int | None = None, device: str | torch.device = "cpu", on_error: str = "raise",
                  backend: str = "auto") -> None:
         self.device = torch.device(device)
-        self.encoder = _LazyEncoder(tower, backend, self.device, cache, OnnxImageTower)
+        self.encoder = _LazyEncoder(tower, backend, self.device, cache, OnnxImageTower, channels_last=True)
         self.transform, self.size = tower.transform(), tower.image_size
         if isinstance(images, ImageFiles) and images.draft_size is None:
             images = images.with_draft(self.size)  # decode big JPEGs at reduced scale; same cache key
@@ -183,12 +183,9 @@ def embed_images(tower: torch.nn.Module, images: Sequence[Path] | ImageSet, *, c
 
 
 def text_lengths(tower, texts: Sequence[str]) -> list[int]:
-    """Token counts when the tower has a tokenizer (exact padding), else character counts."""
-    tokenizer = getattr(tower, "tokenizer", None) or getattr(getattr(tower, "tower", None), "tokenizer", None)
-    if tokenizer is None or not callable(tokenizer) or not hasattr(tokenizer, "model_max_length"):
-        return [len(t) for t in texts]
-    max_length = getattr(getattr(tower, "config", None), "max_length", None) or 512
-    return [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+    """Token counts when the tower counts tokens (:class:`~cliplab.models.base.TokenCounting`: exact padding),
+    else character counts."""
+    return tower.token_lengths(list(texts)) if isinstance(tower, TokenCounting) else [len(t) for t in texts]
 
 
 def encode_texts_sorted(encode, texts: Sequence[str], batch_size: int, lengths: Sequence[int] | None = None,
@@ -227,7 +224,7 @@ def embed_texts(tower: torch.nn.Module, texts: Sequence[str], *, cache: FeatureC
         with autocast(device):
             chunk = list(texts[start:stop])
             out = encode_texts_sorted(model.encode, chunk, batch_size, text_lengths(tower, chunk),
-                                      getattr(model, "encode_batches", None))
+                                      model.encode_batches if isinstance(model, BatchStreamEncoder) else None)
         return out, np.ones(stop - start, dtype=bool), []
 
     return cache.get_or_compute("text", key, len(texts), compute, desc=desc, progress=progress,

@@ -13,7 +13,7 @@ from cliplab.data.images import ImageFiles, ImageSet, MirroredImages, preprocess
 from cliplab.embed.cache import FeatureCache
 from cliplab.embed.extract import embed_images, embed_texts
 from cliplab.errors import CliplabError, ConfigError
-from cliplab.models.base import EmbeddingModel, TowerModel
+from cliplab.models.base import EmbeddingModel, FlipTTAModel, TowerModel
 from cliplab.models.ensemble import ScoreEnsemble, TowerScoreEnsemble
 from cliplab.utils import sha256_text
 
@@ -192,7 +192,9 @@ def encode_dataset(model: nn.Module, dataset: CaptionDataset, *, cache: FeatureC
 
 def flip_tta_of(model: nn.Module, flip_tta: bool | None) -> bool:
     """The flip test-time augmentation setting in force: the caller's, else the model's own (ensembles record one)."""
-    return bool(getattr(model, "flip_tta", False)) if flip_tta is None else bool(flip_tta)
+    if flip_tta is not None:
+        return bool(flip_tta)
+    return isinstance(model, FlipTTAModel) and bool(model.flip_tta)
 
 
 def _mirrored_embeddings(model: nn.Module, images: ImageSet, *, cache, device, progress: bool, desc: str,

@@ -7,12 +7,26 @@
   datasets are embedded from cached tower features, only the heads run per evaluation.
 - :class:`TrainableModel`: models the trainer fits (TwoTower, CLIP): stages per side, what trains, and
   strict save / reload of the trained tensors.
+- :class:`InterpolableModel`: models whose weights WiSE-FT mixes (TwoTower, CLIP).
+- :class:`FlipTTAModel`: models that carry their own flip test-time augmentation setting (ensembles, a model
+  loaded from a one-member ensemble folder).
+
+What the embedding pipeline (:mod:`cliplab.embed`) runs and caches is a tower:
+
+- :class:`Tower`: ``fingerprint()`` (the feature-cache key part);
+- :class:`ImageFeatureTower`: preprocessed images ``[N, 3, S, S]`` -> features ``[N, D]`` (called), its eval
+  ``transform()`` and input size ``image_size`` (``ImageTower``, a caption grid, a model's final embeddings);
+- :class:`TextFeatureTower`: ``encode(texts)`` -> features ``[N, D]`` (``TextTower``, a model's final
+  embeddings);
+- optional capabilities: :class:`OnnxExportable` (``onnx_exportable = True``: the ONNX backends may export
+  it), :class:`TokenCounting` (``token_lengths(texts)``, for length-sorted batches with least padding),
+  :class:`BatchStreamEncoder` (``encode_batches(batches)``, an encoder that pipelines batches).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 import torch
 
@@ -57,6 +71,54 @@ class TrainableModel(EmbeddingModel, Protocol):
     def save(self, directory: str | Path) -> Path: ...
 
     def load_trained(self, directory: str | Path) -> None: ...
+
+
+@runtime_checkable
+class InterpolableModel(EmbeddingModel, Protocol):
+    def interpolation_state(self) -> dict[str, torch.Tensor]: ...  # the state the keys name
+
+    def interpolation_keys(self) -> list[str]: ...  # what WiSE-FT mixes (of the fine-tuned model)
+
+    def load_interpolated(self, state: dict[str, torch.Tensor], alpha: float) -> None: ...
+
+
+@runtime_checkable
+class FlipTTAModel(Protocol):
+    flip_tta: bool
+
+
+@runtime_checkable
+class Tower(Protocol):
+    def fingerprint(self) -> str: ...
+
+
+@runtime_checkable
+class ImageFeatureTower(Tower, Protocol):
+    image_size: int
+
+    def transform(self) -> Callable: ...
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class TextFeatureTower(Tower, Protocol):
+    def encode(self, texts: list[str]) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class OnnxExportable(Protocol):
+    onnx_exportable: bool
+
+
+@runtime_checkable
+class TokenCounting(Protocol):
+    def token_lengths(self, texts: list[str]) -> list[int]: ...
+
+
+@runtime_checkable
+class BatchStreamEncoder(Protocol):
+    def encode_batches(self, batches: Iterable[list[str]]) -> Iterator[torch.Tensor]: ...
 
 
 def logit_scale_value(model: object, default: float = 100.0) -> float:

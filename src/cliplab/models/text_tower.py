@@ -33,7 +33,10 @@ class TextTowerConfig:
 
 
 class TextTower(nn.Module):
-    """Sentence features ``[N, hidden]`` from token embeddings."""
+    """Sentence features ``[N, hidden]`` from token embeddings. A
+    :class:`~cliplab.models.base.TextFeatureTower` the ONNX backends can export."""
+
+    onnx_exportable = True
 
     def __init__(self, config: TextTowerConfig | None = None) -> None:
         super().__init__()
@@ -67,6 +70,11 @@ class TextTower(nn.Module):
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.max_length,
                                return_tensors="pt")
         return {k: v.to(device) for k, v in batch.items()}
+
+    def token_lengths(self, texts: list[str]) -> list[int]:
+        """Token counts (truncated at ``max_length``): batches of similar lengths need the least padding."""
+        return [len(ids) for ids in self.tokenizer(list(texts), truncation=True,
+                                                   max_length=self.config.max_length)["input_ids"]]
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return (cls_pool if self.config.pooling == "cls" else mean_pool)(hidden, attention_mask)
