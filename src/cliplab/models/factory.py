@@ -1,7 +1,8 @@
 """One place where models are created and loaded (open_clip's ``factory.py`` / timm's ``create_model``).
 
 ``create_model(config)`` builds a fresh two-tower model; ``create_conse()`` the zero-shot baseline;
-``load_model(spec)`` resolves every way a user names a model:
+``load_model(spec)`` resolves every way a user names a model, through the registered model kinds
+(:mod:`cliplab.models.registry`; the built-in ones are registered at the end of this module, one call each):
 
 - ``conse``: ConSE over the default offline towers; ``conse:ARCH`` over another packaged image tower
   (``conse:efficientnet_lite2``), e.g. to probe that tower's features; ``conse:ARCH@SIZE`` feeds that tower
@@ -14,7 +15,8 @@
   (:mod:`cliplab.models.ensemble`), e.g. ``ensemble:0.6*conse+0.4*runs/demo``; or a folder written by
   ``cliplab ensemble`` (its ``ensemble.json`` names the members and their dev-chosen weights).
 
-Every model returned satisfies :class:`~cliplab.models.base.EmbeddingModel`.
+Every model returned satisfies :class:`~cliplab.models.base.EmbeddingModel`. A new kind of model (another
+prefix, another saved-folder layout, another trainable model) is one ``register_model_kind`` call.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ import torch
 
 from cliplab.errors import ConfigError
 from cliplab.models.base import EmbeddingModel
-from cliplab.models.clip import CLIP_TUNED_CONFIG, load_clip
+from cliplab.models.clip import CLIP_TUNED_CONFIG, CLIPModelWrapper, CLIPSource, load_clip
 from cliplab.models.conse import ConSE
 from cliplab.models.image_tower import ImageTower, ImageTowerConfig
+from cliplab.models.registry import (ModelKind, folder_markers, kind_for_folder, kind_for_spec, register_model_kind,
+                                     spec_usage)
 from cliplab.models.text_tower import TextTower, TextTowerConfig
 from cliplab.models.two_tower import CONFIG_NAME, TwoTower, TwoTowerConfig
 from cliplab.rundir import BEST, ENSEMBLE
@@ -82,19 +86,15 @@ def create_conse(image_tower: ImageTower | None = None, text_tower: TextTower | 
 
 
 def model_folder_kind(path: Path) -> str | None:
-    if (path / CONFIG_NAME).is_file():
-        return "twotower"
-    if (path / CLIP_TUNED_CONFIG).is_file():
-        return "clip"
-    if (path / ENSEMBLE).is_file():
-        return "ensemble"
-    return None
+    """The name of the registered kind that recognises the model folder ``path``, or None."""
+    kind = kind_for_folder(Path(path))
+    return kind.name if kind is not None else None
 
 
 def is_ensemble_spec(spec: str | Path) -> bool:
     """Whether a model spec names an ensemble (``ensemble:...`` or a folder written by ``cliplab ensemble``)."""
-    path = Path(spec)
-    return str(spec).startswith("ensemble:") or (path.is_dir() and model_folder_kind(path) == "ensemble")
+    kind = kind_for_spec(str(spec)) or kind_for_folder(Path(spec))
+    return kind is not None and kind.name == "ensemble"
 
 
 def _load_ensemble(spec: str, members: list[str], weights: list[float], flip_tta: bool = False) -> EmbeddingModel:
@@ -110,6 +110,15 @@ def _load_ensemble(spec: str, members: list[str], weights: list[float], flip_tta
     return score_ensemble([load_model(m) for m in members], weights, flip_tta=flip_tta)
 
 
+def load_ensemble(spec: str) -> EmbeddingModel:
+    """``ensemble:W*A+W*B`` or an ensemble folder (``ensemble.json``)."""
+    from cliplab.models.ensemble import parse_ensemble_spec, read_ensemble_folder
+
+    if spec.startswith("ensemble:"):
+        return _load_ensemble(spec, *parse_ensemble_spec(spec[len("ensemble:"):]))
+    return _load_ensemble(spec, *read_ensemble_folder(spec))
+
+
 def conse_tower_config(spec: str) -> ImageTowerConfig:
     """The image tower named by ``conse:ARCH`` or ``conse:ARCH@SIZE``."""
     arch, at, size = spec[len("conse:"):].partition("@")
@@ -123,37 +132,53 @@ def conse_tower_config(spec: str) -> ImageTowerConfig:
     return ImageTowerConfig(arch=arch, image_size=int(size))
 
 
-def load_model(spec: str | Path, device: str | torch.device = "cpu") -> EmbeddingModel:
-    """Resolve a model name or folder (see the module docstring)."""
+def resolve_model_spec(spec: str | Path) -> tuple[ModelKind, str]:
+    """The registered kind a spec names (by prefix, or by the model folder it is: a run folder stands for its
+    dev-selected ``best/``) and what that kind's ``load`` takes."""
     spec = str(spec)
-    if spec == "conse":
-        model: EmbeddingModel = create_conse()
-    elif spec.startswith("conse:"):
-        model = create_conse(pretrained_tower(conse_tower_config(spec)))
-    elif spec.startswith("clip:"):
-        model = load_clip(spec[5:])
-    elif spec.startswith("ensemble:"):
-        from cliplab.models.ensemble import parse_ensemble_spec
+    kind = kind_for_spec(spec)
+    if kind is not None:
+        return kind, spec
+    path = Path(spec)
+    if (path / BEST).is_dir():
+        path = path / BEST
+    kind = kind_for_folder(path)
+    if kind is not None:
+        return kind, str(path)
+    if not path.exists():
+        raise ConfigError(f"model not found: {spec} (give {spec_usage()}, a run folder or a model folder)")
+    raise ConfigError(f"{spec}: not a cliplab model or run folder (no {folder_markers()})")
 
-        model = _load_ensemble(spec, *parse_ensemble_spec(spec[len("ensemble:"):]))
-    else:
-        path = Path(spec)
-        if (path / BEST).is_dir():
-            path = path / BEST
-        kind = model_folder_kind(path) if path.is_dir() else None
-        if kind == "twotower":
-            model = TwoTower.load(path, build_tower=pretrained_tower)
-        elif kind == "clip":
-            model = load_clip(str(path))
-        elif kind == "ensemble":
-            from cliplab.models.ensemble import read_ensemble_folder
 
-            model = _load_ensemble(spec, *read_ensemble_folder(path))
-        elif not path.exists():
-            raise ConfigError(f"model not found: {spec} (give 'conse', 'clip:SPEC', 'ensemble:W*A+W*B', a run folder "
-                              "or a model folder)")
-        else:
-            raise ConfigError(f"{spec}: not a cliplab model or run folder (no {CONFIG_NAME} or {CLIP_TUNED_CONFIG})")
+def load_model(spec: str | Path, device: str | torch.device = "cpu") -> EmbeddingModel:
+    """Resolve a model name or folder through the registered model kinds (see the module docstring)."""
+    kind, resolved = resolve_model_spec(spec)
+    model = kind.load(resolved)
     if not isinstance(model, EmbeddingModel):  # every model kind must offer the whole interface
-        raise TypeError(f"{type(model).__name__} does not implement EmbeddingModel")
+        raise TypeError(f"{type(model).__name__} (model kind {kind.name!r}) does not implement EmbeddingModel")
     return model.eval().to(device)
+
+
+def load_conse(spec: str) -> ConSE:
+    """``conse`` (the offline default towers) or ``conse:ARCH[@SIZE]``."""
+    return create_conse() if spec == "conse" else create_conse(pretrained_tower(conse_tower_config(spec)))
+
+
+def _conse_baseline(model: TwoTower) -> tuple[str, ConSE]:
+    return "conse", create_conse(model.image_tower, model.text_tower)
+
+
+def _clip_baseline(model: CLIPModelWrapper) -> tuple[str, CLIPModelWrapper]:
+    return "zero-shot CLIP", model  # the CLIP before tuning: its cached embeddings, compared directly
+
+
+# -- the built-in model kinds, one registration each (folder detection in this order)
+register_model_kind("twotower", detect_folder=CONFIG_NAME, config=TwoTowerConfig, baseline=_conse_baseline,
+                    load=lambda path: TwoTower.load(path, build_tower=pretrained_tower),
+                    create=lambda config, seed: create_model(config, seed=seed))
+register_model_kind("conse", prefix="conse", load=load_conse)
+register_model_kind("clip", prefix="clip:", detect_folder=CLIP_TUNED_CONFIG, config=CLIPSource,
+                    baseline=_clip_baseline, load=lambda spec: load_clip(spec.removeprefix("clip:")),
+                    create=lambda config, seed: load_clip(config.source))
+register_model_kind("ensemble", prefix="ensemble:", detect_folder=ENSEMBLE, load=load_ensemble,
+                    usage="'ensemble:W*A+W*B'")
