@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
+from typing import Any
 
 from cliplab.errors import ConfigError, check_minimums
 from cliplab.rundir import config_changes, flatten  # noqa: F401 - re-exported for callers
@@ -121,20 +121,38 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    model: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    """A training run. ``model`` holds the settings of the registered model kind ``model_kind`` (the config
+    file's ``model.kind``, default ``twotower``: a :class:`TwoTowerConfig`; ``clip``: the CLIP to fine-tune,
+    ``model.source``). Configs written before ``model.kind`` name a CLIP with a top-level ``clip: SPEC``."""
+
+    model: Any = field(default_factory=TwoTowerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    baseline: bool = True  # also evaluate the zero-shot baseline (ConSE, or the CLIP before tuning)
-    clip: str | None = None  # fine-tune this CLIP (a load_clip name or folder) instead of building `model`
+    baseline: bool = True  # also evaluate the model kind's zero-shot baseline (ConSE, or the CLIP before tuning)
+    model_kind: str = "twotower"
+
+    def kind(self):
+        """The registered model kind (:mod:`cliplab.models.registry`) this run trains."""
+        from cliplab.models.registry import model_kind
+
+        return model_kind(self.model_kind)
 
     def to_dict(self) -> dict:
-        return {"model": self.model.to_dict(), "train": asdict(self.train), "data": asdict(self.data),
-                "baseline": self.baseline, "clip": self.clip}
+        return {"model": {"kind": self.model_kind, **_settings_dict(self.model)}, "train": asdict(self.train),
+                "data": asdict(self.data), "baseline": self.baseline}
 
     def training_record(self) -> dict:
         """The settings that decide what training computes, flattened (``train.lr`` -> value); stored in
-        checkpoints so that resuming with another config is refused (see :func:`config_changes`)."""
-        flat = flatten(self.to_dict())
+        checkpoints so that resuming with another config is refused (see :func:`config_changes`). The built-in
+        kinds keep the record's shape from before ``model.kind`` (a two-tower ``model``, a top-level ``clip``),
+        so that runs started then still resume."""
+        d = self.to_dict()
+        if self.model_kind in _LEGACY_KINDS:
+            d.pop("model")
+            clip = self.model_kind == "clip"
+            d.update(model=TwoTowerConfig().to_dict() if clip else self.model.to_dict(),
+                     clip=self.model.source if clip else None)
+        flat = flatten(d)
         return {k: v for k, v in flat.items() if k not in NOT_TRAINING_RELEVANT}
 
     @classmethod
@@ -142,10 +160,14 @@ class RunConfig:
         unknown = set(d) - {"model", "train", "data", "baseline", "clip"}
         if unknown:
             raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
-        return cls(model=TwoTowerConfig.from_dict(d.get("model") or {}),
+        section = _model_section(d.get("model"), d.get("clip"))
+        name = section.pop("kind", "twotower")
+        from cliplab.models.registry import model_kind
+
+        return cls(model=model_kind(name).settings(section), model_kind=name,
                    train=_build(TrainConfig, d.get("train") or {}, "train"),
                    data=_build(DataConfig, d.get("data") or {}, "data"),
-                   baseline=bool(d.get("baseline", True)), clip=d.get("clip"))
+                   baseline=bool(d.get("baseline", True)))
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
@@ -155,10 +177,53 @@ class RunConfig:
         return cls.from_dict(read_yaml_config(path))
 
     def with_overrides(self, overrides: list[str]) -> "RunConfig":
-        """Apply ``section.key=value`` overrides (values parsed as YAML)."""
+        """Apply ``section.key=value`` overrides (values parsed as YAML). ``model.kind=NAME`` starts the model
+        section from that kind's defaults (then ``model.KEY=...`` sets its keys); ``clip=SPEC`` is the older
+        spelling of ``model.kind=clip model.source=SPEC``."""
+        import yaml
+
         from cliplab.configs import apply_overrides
 
-        return RunConfig.from_dict(apply_overrides(self.to_dict(), overrides))
+        d = {**self.to_dict(), "clip": None}
+        kinds = [o.partition("=")[2] for o in overrides if o.partition("=")[0].strip() == "model.kind"]
+        if kinds and yaml.safe_load(kinds[-1]) != self.model_kind:
+            name = str(yaml.safe_load(kinds[-1]))
+            d["model"] = {"kind": name, **_default_settings(name)}
+        return RunConfig.from_dict(apply_overrides(d, overrides))
+
+
+_LEGACY_KINDS = ("twotower", "clip")
+
+
+def _settings_dict(settings) -> dict:
+    return settings.to_dict() if hasattr(settings, "to_dict") else dict(settings)
+
+
+def _default_settings(name: str) -> dict:
+    """The ``model`` keys of kind ``name`` with their defaults (None for a setting without one)."""
+    from cliplab.models.registry import model_kind
+
+    config = model_kind(name).config
+    if config is None:
+        return {}
+    try:
+        return _settings_dict(config())
+    except TypeError:  # required settings: named, to be given by the overrides
+        return {f.name: None for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else {}
+
+
+def _model_section(model, clip) -> dict:
+    """The ``model`` section as a dict with its ``kind``: ``model: clip:SPEC`` and the older top-level
+    ``clip: SPEC`` (whose run configs also carried an unused two-tower ``model`` section) name kind ``clip``."""
+    if isinstance(model, str) and model.startswith("clip:"):
+        model, clip = None, clip or model
+    if clip:
+        if isinstance(model, dict) and model.get("kind", "clip") not in ("clip", "twotower"):
+            raise ConfigError(f"config gives both clip: {clip} and model.kind: {model['kind']}; give one")
+        return {"kind": "clip", "source": str(clip)}
+    if model is not None and not isinstance(model, dict):
+        raise ConfigError(f"the model section must be a mapping (model.kind and its settings), not {model!r}")
+    return dict(model or {})
 
 
 def _build(cls, values: dict, section: str):

@@ -11,23 +11,18 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from cliplab import rundir
 from cliplab.data.captions import check_disjoint_splits, load_caption_dataset
 from cliplab.data.images import ImageFiles, MirroredImages
 from cliplab.embed.cache import FeatureCache
 from cliplab.embed.extract import embed_images
-from cliplab.embed.pipeline import (evaluate_retrieval, feature_towers, normalized_features, project_features,
-                                    tower_features)
+from cliplab.embed.pipeline import encode_dataset, feature_towers, tower_features
 from cliplab.errors import ConfigError
 from cliplab.eval.retrieval import retrieval_metrics
 from cliplab.eval.tables import retrieval_markdown
 from cliplab.models.base import TowerModel, TrainableModel
-from cliplab.models.checkpoint import check_base_weights, load_checked, load_checkpoint
-from cliplab.models.clip import load_clip
-from cliplab.models.factory import create_conse, create_model
-from cliplab.models.two_tower import CONFIG_NAME, WEIGHTS_NAME, TwoTower
+from cliplab.models.checkpoint import load_checkpoint
 from cliplab.rundir import BEST, CHECKPOINT
 from cliplab.train.config import RunConfig
 from cliplab.train.distributed import init_distributed
@@ -47,30 +42,18 @@ def environment() -> dict:
 
 
 def build_model(config: RunConfig):
-    """The model a run trains, with ``train.trainable`` and the tower tunings applied."""
-    model: TrainableModel = (load_clip(config.clip) if config.clip
-                             else create_model(config.model, seed=config.train.seed))
+    """The model a run trains (created by its registered model kind), with ``train.trainable`` and the tower
+    tunings applied."""
+    model: TrainableModel = config.kind().create(config.model, config.train.seed)
     fingerprints = model.side_fingerprints()  # before adapters change them: the frozen prefixes are untouched
     model.set_trainable(config.train.trainable)
     counts = model.tune_towers(*config.train.tunings())
     if config.train.init_from:  # after tuning, so that LoRA adapters exist to receive saved ones
-        if config.clip:
-            raise ConfigError("train.init_from applies to two-tower models; for a CLIP give the tuned folder as `clip`")
-        _init_from(model, Path(config.train.init_from))
+        if not callable(getattr(model, "init_from", None)):
+            raise ConfigError(f"train.init_from applies to two-tower models, not model.kind {config.model_kind}; "
+                              "for a CLIP give the tuned folder as model.source")
+        model.init_from(Path(config.train.init_from))
     return model, fingerprints, counts
-
-
-def _init_from(model: TwoTower, path: Path) -> None:
-    """Copy a saved two-tower model's tensors (heads, temperature, any tuned tower tensors) into ``model``:
-    every saved tensor must exist here, the heads must be there, and the base weights must be the same."""
-    path = rundir.model_dir(path)
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file() or not (path / CONFIG_NAME).is_file():
-        raise ConfigError(f"train.init_from: {path} is not a two-tower model folder (no {WEIGHTS_NAME})")
-    check_base_weights(rundir.read_json(path / CONFIG_NAME).get("base_weights"), model.base_weights(),
-                       f"train.init_from {path}")
-    heads = [k for k in model.state_dict() if k.startswith(("image_head.", "text_head.", "logit_scale"))]
-    load_checked(model, load_file(str(weights)), where=f"train.init_from {weights}", required=heads)
 
 
 def frozen_features(model, config: RunConfig, split: str, cache: FeatureCache, device, progress: bool):
@@ -130,11 +113,7 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     only); the dev metrics of the selected checkpoint are always in ``results["dev"]``.
     """
     run_dir = Path(run_dir)
-    device = resolve_device(config.train.device)
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist = init_distributed(device)
+    device, dist = _device_and_processes(config)
     progress = progress and dist.is_main
     log = log if dist.is_main else (lambda *a, **k: None)
     record = config.training_record()
@@ -150,20 +129,9 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     t0 = time.time()
     model, fingerprints, counts = build_model(config)
     model.to(device)
-    baseline = None
-    if config.baseline and config.clip:  # the CLIP before tuning is the zero-shot baseline
-        baseline = "zero-shot CLIP"
     if not dist.is_main:
         dist.barrier()  # process 0 fills the caches first
-    splits, inputs = {}, {}
-    check_splits(config)
-    for name, split in (("train", config.data.train_split), ("dev", config.data.dev_split),
-                        ("test", config.data.test_split)):
-        splits[name] = frozen_features(model, config, split, cache, device, progress)
-        inputs[name] = split_inputs(model, fingerprints, splits[name], config, cache, device, progress, name == "train")
-        ds = splits[name].dataset
-        skipped = f"; {ds.skipped.summary()}" if len(ds.skipped) else ""
-        log(f"{name}: {ds.name} {ds.num_images} images, {ds.num_captions} captions{skipped}")
+    splits, inputs = _split_features(model, fingerprints, config, cache, device, progress, log)
     if dist.is_main:
         dist.barrier()
     t_features = time.time() - t0
@@ -172,18 +140,10 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
 
     seed_everything(config.train.seed)
     trainer = Trainer(model, config.train, run_dir, progress=progress, dist=dist, device=device)
-    test, spaces = {}, {}
     if not evaluate_test:
-        baseline, track_test, plots = None, False, False
-    if baseline:  # before training: tuning changes the towers the baseline is built from
-        test[baseline] = _clip_zero_shot(splits["test"], device)
-        spaces["zero-shot CLIP (before)"] = normalized_features(splits["test"])
-    if config.baseline and not config.clip and evaluate_test:
-        conse = create_conse(model.image_tower, model.text_tower).to(device)
-        test["conse"] = evaluate_retrieval(conse, splits["test"], device)
-        spaces["conse (before)"] = (project_features(conse.project_image, splits["test"].image, device),
-                                    project_features(conse.project_text, splits["test"].text, device))
-        del conse
+        track_test, plots = False, False
+    # before training: tuning changes the towers the baseline is built from
+    test, spaces = _zero_shot_baseline(config, model, splits["test"], device) if evaluate_test else ({}, {})
     t1 = time.time()
     fit = trainer.fit(inputs["train"], inputs["dev"], resume=resume,
                       also_evaluate={"test": inputs["test"]} if track_test else None, config_record=record)
@@ -216,21 +176,59 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
         "provenance": rundir.provenance(),
     }
     if dist.is_main:
-        write_json(run_dir / rundir.RESULTS, results)
-        write_text(run_dir / rundir.RESULTS_MD,
-                   retrieval_markdown(test or {"trained (dev)": dev_metrics},
-                                      f"Test retrieval: {splits['test'].dataset.name}" if test else
-                                      f"Dev retrieval: {splits['dev'].dataset.name} (test not evaluated)")
-                   + f"\nProtocol: {results['protocol']}.\n")
         if plots:
-            from cliplab.viz.runs import plot_retrieval, plot_training
-
             spaces["trained (after)"] = trained_space
-            plot_training(run_dir)
-            plot_retrieval(run_dir, splits["test"].dataset, spaces, seed=config.train.seed)
+        _write_results(run_dir, results, splits, spaces if plots else None, seed=config.train.seed)
     return results
 
 
-def _clip_zero_shot(feats, device) -> dict:
-    """Retrieval of the untuned CLIP: its cached embeddings, compared directly."""
-    return retrieval_metrics(*normalized_features(feats), feats.caption_image, device=device).metrics
+def _device_and_processes(config: RunConfig):
+    """The device of this process (its ``LOCAL_RANK``'s GPU under torchrun) and the process group."""
+    device = resolve_device(config.train.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device, init_distributed(device)
+
+
+def _split_features(model, fingerprints, config: RunConfig, cache: FeatureCache, device, progress: bool, log):
+    """Cached features and training inputs of the train, dev and test splits (checked disjoint first)."""
+    splits, inputs = {}, {}
+    check_splits(config)
+    for name, split in (("train", config.data.train_split), ("dev", config.data.dev_split),
+                        ("test", config.data.test_split)):
+        splits[name] = frozen_features(model, config, split, cache, device, progress)
+        inputs[name] = split_inputs(model, fingerprints, splits[name], config, cache, device, progress, name == "train")
+        ds = splits[name].dataset
+        skipped = f"; {ds.skipped.summary()}" if len(ds.skipped) else ""
+        log(f"{name}: {ds.name} {ds.num_images} images, {ds.num_captions} captions{skipped}")
+    return splits, inputs
+
+
+def _write_results(run_dir: Path, results: dict, splits: dict, spaces: dict | None, seed: int) -> None:
+    """results.json, results.md and, given the embedding ``spaces``, the run's figures."""
+    test = results["test"]
+    write_json(run_dir / rundir.RESULTS, results)
+    write_text(run_dir / rundir.RESULTS_MD,
+               retrieval_markdown(test or {"trained (dev)": results["dev"]["trained"]},
+                                  f"Test retrieval: {splits['test'].dataset.name}" if test else
+                                  f"Dev retrieval: {splits['dev'].dataset.name} (test not evaluated)")
+               + f"\nProtocol: {results['protocol']}.\n")
+    if spaces is not None:
+        from cliplab.viz.runs import plot_retrieval, plot_training
+
+        plot_training(run_dir)
+        plot_retrieval(run_dir, splits["test"].dataset, spaces, seed=seed)
+
+
+def _zero_shot_baseline(config: RunConfig, model, feats, device) -> tuple[dict, dict]:
+    """Test retrieval (``{name: metrics}``) and embeddings (``{"name (before)": (img, txt)}``) of the model
+    kind's zero-shot baseline (none when it declares none or ``baseline: false``), from the run's cached features
+    of the untrained model (heads over its frozen towers, or a CLIP's own embeddings compared directly)."""
+    baseline = config.kind().baseline if config.baseline else None
+    if baseline is None:
+        return {}, {}
+    name, zero_shot = baseline(model)
+    img, txt, _ = encode_dataset(zero_shot.to(device), feats.dataset, features=feats, device=device, progress=False)
+    return ({name: retrieval_metrics(img, txt, feats.caption_image, device=device).metrics},
+            {f"{name} (before)": (img, txt)})

@@ -28,36 +28,30 @@ from cliplab.errors import ConfigError
 from cliplab.eval.classification import classification_metrics
 from cliplab.eval.retrieval import retrieval_metrics
 from cliplab.eval.zeroshot import ZeroShotClassifier
-from cliplab.models.clip import CLIPModelWrapper
+from cliplab.models.base import InterpolableModel
 from cliplab.models.ensemble import score_ensemble
 from cliplab.models.factory import load_model
-from cliplab.models.two_tower import TwoTower
-from cliplab.utils import sha256_state, write_json, write_text
+from cliplab.utils import write_json, write_text
 
 WISE = rundir.WISE
 
 
-def _inner(model) -> torch.nn.Module:
-    return model.model if isinstance(model, CLIPModelWrapper) else model
-
-
 def mixed_keys(initial, finetuned) -> list[str]:
-    """The tensors that differ between the two models' definitions (see the module docstring)."""
+    """The tensors that differ between the two models' definitions (see the module docstring): what the
+    fine-tuned model declares (:class:`~cliplab.models.base.InterpolableModel`)."""
     if type(initial) is not type(finetuned):
         raise ConfigError(f"cannot interpolate a {type(initial).__name__} with a {type(finetuned).__name__}")
-    if not isinstance(finetuned, (TwoTower, CLIPModelWrapper)):
+    if not isinstance(finetuned, InterpolableModel):
         raise ConfigError(f"{type(finetuned).__name__} has no trained weights to interpolate (give two-tower or "
                           "CLIP models, e.g. the initial and the fine-tuned run)")
-    if isinstance(finetuned, TwoTower):
-        heads = [k for k in finetuned.state_dict() if not k.startswith(("image_tower.", "text_tower."))]
-        return sorted(set(heads) | set(finetuned.tuned_tower_keys))
-    return sorted(k for k, v in _inner(finetuned).state_dict().items() if v.is_floating_point())
+    return finetuned.interpolation_keys()
 
 
 def interpolate_state(initial, finetuned, alpha: float) -> dict[str, torch.Tensor]:
-    a_state, b_state = _inner(initial).state_dict(), _inner(finetuned).state_dict()
+    keys = mixed_keys(initial, finetuned)
+    a_state, b_state = initial.interpolation_state(), finetuned.interpolation_state()
     out = {}
-    for k in mixed_keys(initial, finetuned):
+    for k in keys:
         b = b_state[k]
         if k in a_state:
             a = a_state[k]
@@ -74,14 +68,7 @@ def interpolate_state(initial, finetuned, alpha: float) -> dict[str, torch.Tenso
 def model_at(initial, finetuned, alpha: float):
     """A copy of the fine-tuned model with the interpolated tensors (cache keys follow the mix)."""
     model = copy.deepcopy(finetuned)
-    state = interpolate_state(initial, finetuned, alpha)
-    _inner(model).load_state_dict(state, strict=False)
-    if isinstance(model, TwoTower):
-        for prefix, tower in (("image_tower.", model.image_tower), ("text_tower.", model.text_tower)):
-            keys = {k: v for k, v in state.items() if k.startswith(prefix)}
-            tower.weights_delta = sha256_state(keys) if keys else ""
-    else:
-        model.weights_delta = sha256_state(state) if alpha != 0 else ""
+    model.load_interpolated(interpolate_state(initial, finetuned, alpha), alpha)
     return model.eval()
 
 
