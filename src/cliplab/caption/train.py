@@ -9,7 +9,6 @@ result as an uninterrupted run; a changed config is refused), per-epoch metrics 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,9 +25,10 @@ from cliplab.caption.visual import caption_image_tower, tower_weights_id, visual
 from cliplab.data.captions import CaptionDataset, load_caption_dataset
 from cliplab.data.images import ImageFiles
 from cliplab.embed.cache import FeatureCache
-from cliplab.errors import ConfigError, NumericError, check_minimums
-from cliplab.models.checkpoint import load_checked, load_checkpoint
-from cliplab.rundir import BEST, CAPTIONS, CHECKPOINT, append_metrics, check_resume_config, flatten, truncate_metrics
+from cliplab.errors import ConfigError, check_minimums
+from cliplab.models.checkpoint import load_checked
+from cliplab.rundir import BEST, CAPTIONS, flatten
+from cliplab.train.loop import LoopSettings, TrainLoop, TrainTask, refuse_changed_config, warmup_cosine
 from cliplab.utils import atomic_write, autocast, resolve_device, seed_everything, write_json, write_text
 
 
@@ -328,9 +328,8 @@ def train_captioner(config: CaptionRunConfig, run_dir: str | Path, *, resume: bo
     """Train (resuming ``run_dir`` when it holds a checkpoint of the same config); returns the fit summary."""
     run_dir = Path(run_dir)
     record = config.training_record()
-    ckpt_path = run_dir / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        check_resume_config(run_dir, load_checkpoint(ckpt_path, "cpu", mmap=True).get("config"), record)
+    if resume:  # refuse before anything is overwritten or computed
+        refuse_changed_config(run_dir, record)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / rundir.CONFIG, {**config.to_dict(), "kind": "caption", "provenance": rundir.provenance()})
     cfg = config.train
@@ -351,96 +350,11 @@ def train_captioner(config: CaptionRunConfig, run_dir: str | Path, *, resume: bo
     log(f"captioner: {config.model.lm}, tuning {config.model.tuning}, {counts['trainable']:,} trainable of "
         f"{counts['total']:,} parameters; {train.dataset.num_images} training images, "
         f"{train.dataset.num_captions} captions; dev subset {dev.dataset.num_images} images")
-    targets = [clean_caption(c) for c in train.dataset.captions]
-    lengths = np.array([len(x) for x in model.caption_ids(targets)])
-    sampler = LengthBucketSampler(train.dataset.caption_image, lengths, cfg.batch_size, cfg.sampling, cfg.seed)
-    steps_per_epoch = len(sampler.epoch(0))
-    lm_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("lm.")]
-    head_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("lm.")]
-    groups = [{"params": head_params, "lr": cfg.lr}] + ([{"params": lm_params, "lr": cfg.lm_lr or cfg.lr}]
-                                                         if lm_params else [])
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / max(1, cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    state = {"best_cider": -1.0, "best_epoch": -1, "bad_epochs": 0, "stopped_early": False}
-    start = 0
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path, device)
-        load_checked(model, ckpt["model"], where=str(ckpt_path), required=model.trainable_keys())
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"])
-        state = {k: ckpt[k] for k in state}
-        start = ckpt["epoch"] + 1
-        truncate_metrics(run_dir, ckpt["epoch"])
-        log(f"resuming after epoch {ckpt['epoch']}")
-    elif (run_dir / rundir.METRICS).exists():
-        (run_dir / rundir.METRICS).unlink()
-    writer = _writer(run_dir)
-    refs = {k: [clean_caption(r) for r in v] for k, v in dev.references.items()}
     t1 = time.time()
-    for epoch in range(start, cfg.epochs):
-        if state["stopped_early"]:
-            break
-        model.train()
-        te, losses = time.time(), []
-        batches = sampler.epoch(epoch)
-        bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, dynamic_ncols=True, leave=False)
-        for step, idx in enumerate(bar):
-            images = train.dataset.caption_image[idx]
-            with autocast(device, enabled=cfg.amp):
-                loss = model.loss(_to(train.grid[images], device), _to(train.pooled[images], device),
-                                  [targets[i] for i in idx])
-            value = float(loss.item())
-            if not math.isfinite(value):
-                raise NumericError(f"caption loss is {value} at epoch {epoch}, batch {step}; lower train.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            losses.append(value)
-            bar.set_postfix(loss=f"{value:.3f}")
-        train_seconds = time.time() - te
-        generated = generate_captions(model, dev, config.decode, device, beam=1)
-        dev_cider, _ = cider_d(refs, generated, tokenizer="simple")
-        record_row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
-                      "dev": {"cider": dev_cider, "example": next(iter(generated.values()))},
-                      "epoch_seconds": time.time() - te, "train_seconds": train_seconds,
-                      "sequences_per_s": len(np.concatenate(batches)) / max(train_seconds, 1e-9)}
-        if dev_cider > state["best_cider"]:
-            state.update(best_cider=dev_cider, best_epoch=epoch, bad_epochs=0)
-            model.save(run_dir / BEST)
-        else:
-            state["bad_epochs"] += 1
-            if cfg.patience and state["bad_epochs"] >= cfg.patience:
-                state["stopped_early"] = True
-        append_metrics(run_dir, record_row)
-        if writer is not None:
-            writer.add_scalar("train_loss", record_row["train_loss"], epoch)
-            writer.add_scalar("dev/cider", dev_cider, epoch)
-            writer.flush()
-        log(f"epoch {epoch}: loss {record_row['train_loss']:.3f}, dev CIDEr-D {dev_cider:.1f} "
-            f"({record_row['sequences_per_s']:.0f} captions/s) e.g. {record_row['dev']['example']!r}")
-        ckpt = {"epoch": epoch, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()
-                                          if k in set(model.trainable_keys())},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                "config": record, **state}
-        atomic_write(ckpt_path, lambda p: torch.save(ckpt, p))
-    if writer is not None:
-        writer.close()
-    fit = {"best_epoch": state["best_epoch"], "best_dev_cider": state["best_cider"],
+    state = TrainLoop(CaptionTask(config, model, train, dev, device, log),
+                      LoopSettings(cfg.epochs, cfg.patience, select_metric="cider", grad_clip=cfg.grad_clip), run_dir,
+                      device=device, config_record=record, resume=resume, progress=progress, log=log).run()
+    fit = {"best_epoch": state["best_epoch"], "best_dev_cider": state["best_metric"],
            "stopped_early": state["stopped_early"], "parameters": counts,
            "seconds": {"features": t_features, "train": rundir.training_seconds(run_dir),
                        "train_this_process": time.time() - t1},
@@ -450,14 +364,63 @@ def train_captioner(config: CaptionRunConfig, run_dir: str | Path, *, resume: bo
     return fit
 
 
-def _writer(run_dir: Path):
-    from cliplab.extras import available
+class CaptionTask(TrainTask):
+    """Captioner training on the engine (:mod:`cliplab.train.loop`): teacher-forced cross-entropy on
+    length-bucketed batches, AdamW (LM parameters at ``lm_lr``), linear warmup + cosine decay per step, dev
+    CIDEr-D of greedy captions, a line logged per epoch."""
 
-    if not available("torch.utils.tensorboard"):
-        return None
-    from torch.utils.tensorboard import SummaryWriter
+    loss_name, nan_advice, epoch_bar = "caption", "Lower train.lr", False
 
-    return SummaryWriter(str(run_dir / rundir.TENSORBOARD))
+    def __init__(self, config: CaptionRunConfig, model: Captioner, train: CaptionSplit, dev: CaptionSplit, device,
+                 log) -> None:
+        cfg = config.train
+        self.model, self.train, self.dev, self.device, self.cfg, self.log = model, train, dev, device, cfg, log
+        self.decode = config.decode
+        self.targets = [clean_caption(c) for c in train.dataset.captions]
+        lengths = np.array([len(x) for x in model.caption_ids(self.targets)])
+        self.sampler = LengthBucketSampler(train.dataset.caption_image, lengths, cfg.batch_size, cfg.sampling,
+                                           cfg.seed)
+        lm = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("lm.")]
+        head = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("lm.")]
+        groups = [{"params": head, "lr": cfg.lr}] + ([{"params": lm, "lr": cfg.lm_lr or cfg.lr}] if lm else [])
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.params = head + lm
+        total = cfg.epochs * len(self.sampler.epoch(0))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.warmup_steps, total))
+        self.refs = {k: [clean_caption(r) for r in v] for k, v in dev.references.items()}
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        return self.sampler.epoch(epoch)
+
+    def loss(self, idx: np.ndarray, epoch: int, step: int) -> torch.Tensor:
+        images = self.train.dataset.caption_image[idx]
+        with autocast(self.device, enabled=self.cfg.amp):
+            return self.model.loss(_to(self.train.grid[images], self.device),
+                                   _to(self.train.pooled[images], self.device), [self.targets[i] for i in idx])
+
+    def train_record(self, batches: list[np.ndarray], seconds: float) -> dict:
+        return {"train_seconds": seconds, "sequences_per_s": len(np.concatenate(batches)) / max(seconds, 1e-9)}
+
+    def evaluate(self) -> dict[str, dict]:
+        generated = generate_captions(self.model, self.dev, self.decode, self.device, beam=1)
+        cider, _ = cider_d(self.refs, generated, tokenizer="simple")
+        return {"dev": {"cider": cider, "example": next(iter(generated.values()))}}
+
+    def report(self, record: dict, bar) -> None:
+        self.log(f"epoch {record['epoch']}: loss {record['train_loss']:.3f}, dev CIDEr-D {record['dev']['cider']:.1f} "
+                 f"({record['sequences_per_s']:.0f} captions/s) e.g. {record['dev']['example']!r}")
+
+    def state(self) -> dict:
+        keys = set(self.model.trainable_keys())
+        return {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items() if k in keys}}
+
+    def restore(self, ckpt: dict, where: str) -> None:
+        load_checked(self.model, ckpt["model"], where=where, required=self.model.trainable_keys())
+        if "best_metric" not in ckpt and "best_cider" in ckpt:  # written before the shared engine
+            ckpt["best_metric"] = ckpt["best_cider"]
+
+    def save_checkpoint(self, epoch: int, path: Path, ckpt: dict) -> None:
+        atomic_write(path, lambda p: torch.save(ckpt, p))  # this module's name: tests interrupt a run here
 
 
 def nearest_neighbour_captions(train: CaptionSplit, test: CaptionSplit) -> dict[str, str]:

@@ -1,17 +1,17 @@
 """Train projection heads, temperature and (optionally) tower blocks or adapters on cached activations.
 
-Dev evaluation every epoch, early stopping on a dev retrieval metric (higher or lower is better, by
-the metric), ``best/`` and ``last.pt`` checkpoints, per-epoch metrics + TensorBoard logs (file names in
-:mod:`cliplab.rundir`). A killed run resumes from ``last.pt``; epoch shuffles are a function of (seed,
-epoch), so a resumed run ends where an uninterrupted one does. The checkpoint records the training
-config: resuming with a changed one is refused, naming the changed keys. A NaN/inf loss or dev metric
-stops training with a clear error and is never saved as best.
+:class:`Trainer` is contrastive training as a task (:class:`ContrastiveTask`) on the training engine
+(:mod:`cliplab.train.loop`), which does the rest: dev evaluation every epoch, early stopping on a dev
+retrieval metric (higher or lower is better, by the metric), ``best/`` and ``last.pt`` checkpoints,
+per-epoch metrics + TensorBoard logs (file names in :mod:`cliplab.rundir`). A killed run resumes from
+``last.pt``; epoch shuffles are a function of (seed, epoch), so a resumed run ends where an uninterrupted
+one does. The checkpoint records the training config: resuming with a changed one is refused, naming the
+changed keys. A NaN/inf loss or dev metric stops training with a clear error and is never saved as best.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,17 +19,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from cliplab import rundir
 from cliplab.embed.pipeline import DatasetFeatures
-from cliplab.errors import ConfigError, NumericError
-from cliplab.models.checkpoint import load_checked, load_checkpoint
-from cliplab.rundir import (BEST, CHECKPOINT, METRICS, append_metrics, check_resume_config, flatten,
-                            truncate_metrics)
+from cliplab.errors import ConfigError
+from cliplab.models.checkpoint import load_checked
+from cliplab.rundir import append_metrics, flatten
 from cliplab.train.config import TrainConfig
 from cliplab.train.distributed import DistContext
 from cliplab.train.inputs import SplitInputs, embed_side, inputs_from_features
+from cliplab.train.loop import LoopSettings, TrainLoop, TrainTask, warmup_cosine
 from cliplab.train.losses import create_loss
 from cliplab.utils import atomic_write, autocast, resolve_device, seed_everything
 
@@ -58,20 +56,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
                                                    pct_start=max(warmup / total, 0.01))
-    if cfg.schedule == "plateau":  # stepped once per epoch on the dev metric (see Trainer.fit)
+    if cfg.schedule == "plateau":  # stepped once per epoch on the dev metric (see cliplab.train.loop)
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=cfg.select_direction, factor=0.5, patience=2)
     if cfg.schedule not in ("cosine", "constant"):
         raise ConfigError(f"schedule must be cosine, onecycle, plateau or constant, not {cfg.schedule!r}")
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, cfg.schedule == "constant"))
 
 
 class PairSampler:
@@ -196,14 +185,9 @@ class Trainer:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
                 if k in names or k.startswith(("image_head.", "text_head."))}
 
-    def _save_checkpoint(self, epoch: int, optimizer, scheduler, scaler, state: dict) -> None:
-        if not self.dist.is_main:
-            return
-        ckpt = {"epoch": epoch, "model": self._trainable_state(), "loss": self.loss_fn.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "torch_rng": torch.get_rng_state(), "config": self.config_record, **state}
-        atomic_write(self.run_dir / CHECKPOINT, lambda p: torch.save(ckpt, p))
+    def _save_checkpoint(self, epoch: int, path: Path, ckpt: dict) -> None:
+        """Write the checkpoint made after ``epoch`` (the engine calls it; tests stop a run right after it)."""
+        atomic_write(path, lambda p: torch.save(ckpt, p))
 
     @property
     def config_record(self) -> dict:
@@ -240,151 +224,81 @@ class Trainer:
         cfg = self.cfg
         if config_record is not None:
             self._config_record = dict(config_record)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
-        model = self.model.to(self.device)
+        self.model.to(self.device)
         train = self._inputs(train)
-        dev = self._inputs(dev) if dev is not None else None
-        also_evaluate = {k: self._inputs(v) for k, v in (also_evaluate or {}).items()}
         self._check_boundaries(train)
         if len(train.dataset.image_paths()) < 2:
             raise ConfigError("training needs at least 2 images")
-        frozen = train.features.image if (train.features is not None and cfg.sampling == "hard") else None
-        sampler = PairSampler(train.caption_image, len(train.image), cfg.sampling, cfg.batch_size, cfg.seed,
-                              image_features=frozen)
-        self.loss_fn = self.loss_fn.to(self.device)
-        optimizer = self.make_optimizer()
-        if cfg.grad_accum_steps < 1:
-            raise ConfigError("grad_accum_steps must be >= 1")
-        scheduler = make_scheduler(optimizer, cfg, -(-len(sampler) // cfg.grad_accum_steps))
-        scaler = (torch.amp.GradScaler("cuda") if self.device.type == "cuda" and cfg.amp
-                  and not torch.cuda.is_bf16_supported() else None)
-        per_epoch = cfg.schedule == "plateau"
-        trainable = [p for p in model.parameters() if p.requires_grad] + \
-            [p for p in self.loss_fn.parameters() if p.requires_grad]
-        worst = -float("inf") if cfg.select_direction == "max" else float("inf")
-        state = {"best_metric": worst, "best_epoch": -1, "bad_epochs": 0, "stopped_early": False}
-        start_epoch = 0
-        ckpt_path = self.run_dir / CHECKPOINT
-        if resume and ckpt_path.is_file():
-            ckpt = load_checkpoint(ckpt_path, self.device)
-            check_resume_config(self.run_dir, ckpt.get("config"), self.config_record)
-            load_checked(model, ckpt["model"], where=str(ckpt_path), required=self._trainable_state())
-            self.loss_fn.load_state_dict(ckpt.get("loss", {}))
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            torch.set_rng_state(ckpt["torch_rng"])
-            state = {k: ckpt[k] for k in state}
-            start_epoch = ckpt["epoch"] + 1
-            if self.dist.is_main:
-                truncate_metrics(self.run_dir, ckpt["epoch"])
-        elif (self.run_dir / METRICS).exists() and self.dist.is_main:
-            (self.run_dir / METRICS).unlink()
-        self.dist.barrier()
-        writer = self._writer()
-        log_scale_max = math.log(cfg.max_logit_scale)
-        augment = cfg.augment != "none"
-        epochs = range(start_epoch, cfg.epochs)
-        bar = tqdm(epochs, desc="train", unit="epoch", disable=not self.progress, dynamic_ncols=True)
-        for epoch in bar:
-            if state["stopped_early"]:
-                break
-            model.train()
-            t0, losses = time.time(), []
-            optimizer.zero_grad(set_to_none=True)
-            n_batches = len(sampler)
-            steps = tqdm(sampler.epoch(epoch), total=n_batches, desc=f"epoch {epoch}", unit="batch", leave=False,
-                         disable=not self.progress or n_batches < 20, dynamic_ncols=True)
-            for step, (images, captions) in enumerate(steps, 1):
-                rng = np.random.default_rng([cfg.seed, epoch, step, self.dist.rank]) if augment else None
-                loss = self.batch_loss(train, images, captions, rng)
-                value = loss.item()
-                if not math.isfinite(value):
-                    last = f"{CHECKPOINT} holds epoch {epoch - 1}" if epoch > 0 else "no epoch finished"
-                    raise NumericError(f"training loss is {value} at epoch {epoch}, batch {step} (lr "
-                                       f"{optimizer.param_groups[0]['lr']:.3g}); stopped, {last}. Lower train.lr, "
-                                       "set train.grad_clip, or check the inputs for NaN")
-                # accumulation averages gradients of micro-batches; each keeps its own in-batch negatives
-                scaled = loss / cfg.grad_accum_steps
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                losses.append(value)
-                if step % cfg.grad_accum_steps and step != n_batches:
-                    continue
-                self.dist.average_gradients(trainable)
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if not per_epoch:
-                    scheduler.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, log_scale_max)
-            record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
-                      "temperature": float(1.0 / model.logit_scale.exp().item()), "step_seconds": time.time() - t0}
-            for name, split in also_evaluate.items():
-                record[name] = self.evaluate(split)
-            if dev is not None:
-                dev_metrics = self.evaluate(dev)
-                record["dev"] = dev_metrics
-                score = dev_metrics[cfg.select_metric]
-                if not math.isfinite(score):
-                    raise NumericError(f"dev {cfg.select_metric} is {score} at epoch {epoch}; not saved as best")
-                if per_epoch:
-                    scheduler.step(score)
-                if self._better(score, state["best_metric"]):
-                    state.update(best_metric=score, best_epoch=epoch, bad_epochs=0)
-                    if self.dist.is_main:
-                        model.save(self.run_dir / BEST)
-                else:
-                    state["bad_epochs"] += 1
-                    if cfg.patience and state["bad_epochs"] >= cfg.patience:
-                        state["stopped_early"] = True
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev_r1=f"{dev_metrics['t2i_r1']:.1f}/"
-                                f"{dev_metrics['i2t_r1']:.1f}")
-            record["epoch_seconds"] = time.time() - t0  # optimisation + dev evaluation (training time across resumes)
-            if self.dist.is_main:
-                self._log(writer, record)
-            self._save_checkpoint(epoch, optimizer, scheduler, scaler, state)
-            self.dist.barrier()
-        bar.close()
-        if (dev is None or state["best_epoch"] < 0) and self.dist.is_main:
-            model.save(self.run_dir / BEST)
-        if writer is not None:
-            writer.close()
+        settings = LoopSettings(cfg.epochs, cfg.patience, cfg.select_metric, cfg.select_direction,
+                                cfg.grad_accum_steps, cfg.grad_clip)
+        task = ContrastiveTask(self, train, self._inputs(dev) if dev is not None else None,
+                               {k: self._inputs(v) for k, v in (also_evaluate or {}).items()})
+        state = TrainLoop(task, settings, self.run_dir, device=self.device, config_record=self.config_record,
+                          resume=resume, progress=self.progress, tensorboard=self.tensorboard, dist=self.dist).run()
         return {"best_epoch": state["best_epoch"], f"best_dev_{cfg.select_metric}": state["best_metric"],
                 "stopped_early": state["stopped_early"], "config": asdict(cfg)}
 
-    def _writer(self):
-        if not self.tensorboard:
-            return None
-        from cliplab.extras import available
 
-        if not available("torch.utils.tensorboard"):  # optional: every value is in metrics.jsonl as well
-            import sys
+class ContrastiveTask(TrainTask):
+    """Contrastive training of a :class:`Trainer`'s model on the engine (:mod:`cliplab.train.loop`): batches
+    from a :class:`PairSampler`, the in-batch contrastive loss, dev retrieval metrics."""
 
-            print('note: tensorboard is not installed (pip install "cliplab[tensorboard]"); per-epoch metrics '
-                  f"are in {rundir.METRICS}", file=sys.stderr)
-            return None
-        from torch.utils.tensorboard import SummaryWriter
+    loss_name, nan_advice = "training", "Lower train.lr, set train.grad_clip, or check the inputs for NaN"
 
-        return SummaryWriter(str(self.run_dir / rundir.TENSORBOARD))
+    def __init__(self, trainer: Trainer, train: SplitInputs, dev: SplitInputs | None,
+                 also_evaluate: dict[str, SplitInputs]) -> None:
+        cfg = trainer.cfg
+        self.trainer, self.cfg, self.train, self.dev, self.also_evaluate = trainer, cfg, train, dev, also_evaluate
+        self.model = trainer.model
+        frozen = train.features.image if (train.features is not None and cfg.sampling == "hard") else None
+        self.sampler = PairSampler(train.caption_image, len(train.image), cfg.sampling, cfg.batch_size, cfg.seed,
+                                   image_features=frozen)
+        trainer.loss_fn = trainer.loss_fn.to(trainer.device)
+        self.optimizer = trainer.make_optimizer()
+        self.scheduler = make_scheduler(self.optimizer, cfg, -(-len(self.sampler) // cfg.grad_accum_steps))
+        self.scaler = (torch.amp.GradScaler("cuda") if trainer.device.type == "cuda" and cfg.amp
+                       and not torch.cuda.is_bf16_supported() else None)
+        self.params = [p for p in self.model.parameters() if p.requires_grad] + \
+            [p for p in trainer.loss_fn.parameters() if p.requires_grad]
+        self.log_scale_max = math.log(cfg.max_logit_scale)
 
-    def _log(self, writer, record: dict) -> None:
-        append_metrics(self.run_dir, record)
-        if writer is not None:
-            step = record["epoch"]
-            for key in ("train_loss", "lr", "temperature"):
-                writer.add_scalar(key, record[key], step)
-            for split, metrics in record.items():  # dev and any also_evaluate splits
-                if isinstance(metrics, dict):
-                    for key, value in metrics.items():
-                        writer.add_scalar(f"{split}/{key}", value, step)
-            writer.flush()
+    def batches(self, epoch: int) -> list:
+        return list(self.sampler.epoch(epoch))
+
+    def loss(self, batch, epoch: int, step: int) -> torch.Tensor:
+        images, captions = batch
+        augment = self.cfg.augment != "none"
+        rng = np.random.default_rng([self.cfg.seed, epoch, step, self.trainer.dist.rank]) if augment else None
+        return self.trainer.batch_loss(self.train, images, captions, rng)
+
+    def after_update(self) -> None:
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, self.log_scale_max)
+
+    def train_record(self, batches, seconds: float) -> dict:
+        return {"temperature": float(1.0 / self.model.logit_scale.exp().item()), "step_seconds": seconds}
+
+    def evaluate(self) -> dict[str, dict]:
+        out = {name: self.trainer.evaluate(split) for name, split in self.also_evaluate.items()}
+        if self.dev is not None:
+            out["dev"] = self.trainer.evaluate(self.dev)
+        return out
+
+    def report(self, record: dict, bar) -> None:
+        if "dev" in record:
+            dev = record["dev"]
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev_r1=f"{dev['t2i_r1']:.1f}/{dev['i2t_r1']:.1f}")
+
+    def state(self) -> dict:
+        return {"model": self.trainer._trainable_state(), "loss": self.trainer.loss_fn.state_dict()}
+
+    def restore(self, ckpt: dict, where: str) -> None:
+        load_checked(self.model, ckpt["model"], where=where, required=self.trainer._trainable_state())
+        self.trainer.loss_fn.load_state_dict(ckpt.get("loss", {}))
+
+    def save_checkpoint(self, epoch: int, path: Path, ckpt: dict) -> None:
+        self.trainer._save_checkpoint(epoch, path, ckpt)
+
+    def append_record(self, run_dir: Path, record: dict) -> None:
+        append_metrics(run_dir, record)  # looked up here, where tests interrupt a run mid-write
