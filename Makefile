@@ -9,7 +9,7 @@ DATA   ?= ../shared/data/flickr8k
 RUN    ?= runs/demo
 WHEEL_VENV ?= build/wheel-venv
 
-.PHONY: install demo test test-unit wheel-test dist bench clean report
+.PHONY: install demo test test-fast test-unit wheel-test dist bench clean report
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ $(JAVA):
 	$(call APT_INSTALL,default-jre-headless)
 
 test: test-unit wheel-test
+
+# the quick tier (no slow, subprocess or browser tests): about a minute on 2 cores; `make test` runs everything
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not subprocess and not browser"
 
 test-unit: $(STAMP) $(CHROMIUM) $(JAVA)
 	CLIPLAB_REQUIRE_BROWSER=1 CLIPLAB_REQUIRE_JAVA=1 $(PY) -m pytest

@@ -56,12 +56,14 @@ OPERATIONS = [("GET", "/healthz"), ("GET", "/api/info"), ("GET", "/api/search"),
               ("POST", "/knn-service"), ("POST", "/metadata")]
 
 
+@pytest.mark.slow
 def test_every_operation_is_fuzzed(api_schema):
     found = {(r.ok().method.upper(), r.ok().path) for r in api_schema.get_all_operations()}
     assert found == set(OPERATIONS)
 
 
 @pytest.mark.parametrize("method,path", OPERATIONS)
+@pytest.mark.slow
 def test_generated_requests_never_fail_the_server(api_schema, fuzz_env, method, path):
     """Valid and invalid requests (schemathesis' positive and negative modes), 40 per operation."""
     from hypothesis import given

@@ -1,6 +1,7 @@
 """Every inference backend matches torch eager (cosine >= 0.9999); int8 is separate and reports its cost."""
 
 import numpy as np
+import pytest
 import torch
 
 from cliplab.data import read_pairs
@@ -13,6 +14,7 @@ def cosine(a, b):
     return torch.nn.functional.cosine_similarity(a, b, dim=-1)
 
 
+@pytest.mark.slow
 def test_onnx_image_and_text_parity(towers, tmp_path):
     image_tower, text_tower = towers
     x = torch.randn(5, 3, 224, 224)
@@ -40,6 +42,7 @@ def test_onnx_image_and_text_parity(towers, tmp_path):
         assert torch.allclose(text_tower.encode(texts), ref_t)
 
 
+@pytest.mark.slow
 def test_cached_features_match_across_backends(towers, caption_dir, tmp_path):
     image_tower, text_tower = towers
     ds = read_pairs(caption_dir / "captions.csv")
@@ -58,6 +61,7 @@ def test_cached_features_match_across_backends(towers, caption_dir, tmp_path):
     assert cosine(t1.features, half.features.astype(np.float32)).min() >= 0.9999
 
 
+@pytest.mark.slow
 def test_int8_is_opt_in_and_keyed_separately(towers, caption_dir, tmp_path):
     image_tower, _ = towers
     assert resolve_backend("auto", torch.device("cpu")) == "onnx"

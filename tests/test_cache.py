@@ -31,6 +31,7 @@ def test_cache_resumes_after_interruption(tmp_path):
     assert not list(out.path.glob("chunk-*"))  # merged
 
 
+@pytest.mark.slow
 def test_tower_features_cached_and_keyed(caption_dir, tmp_path, fresh_towers):
     ds = read_pairs(caption_dir / "captions.csv")
     it, tt = fresh_towers

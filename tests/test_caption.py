@@ -36,6 +36,7 @@ def caption_config(caption_dir, lm, cache, tuning="prefix", **train):
 
 
 @pytest.mark.parametrize("tuning", ["prefix", "lora", "adapter", "full"])
+@pytest.mark.slow
 def test_each_tuning_mode_trains_only_its_tensors(caption_dir, tiny_lm, tmp_path, tuning):
     from cliplab.caption.train import build_captioner, clean_caption, load_split
     from cliplab.embed import FeatureCache
@@ -68,6 +69,7 @@ def test_each_tuning_mode_trains_only_its_tensors(caption_dir, tiny_lm, tmp_path
         assert torch.equal(p, before[n]) != (n in trainable), n  # exactly the trainable tensors moved
 
 
+@pytest.mark.slow
 def test_train_generate_reload_and_resume(caption_dir, tiny_lm, tmp_path, monkeypatch):
     from cliplab.caption.model import Captioner
     from cliplab.caption.train import (evaluate_captioner, generate_captions, load_split,
@@ -135,6 +137,7 @@ def test_train_generate_reload_and_resume(caption_dir, tiny_lm, tmp_path, monkey
     assert again["model"]["cider"] == pytest.approx(res["model"]["cider"])
 
 
+@pytest.mark.slow
 def test_attention_maps_cover_the_grid(caption_dir, tiny_lm, tmp_path):
     from PIL import Image
 
@@ -172,6 +175,7 @@ def test_attention_maps_cover_the_grid(caption_dir, tiny_lm, tmp_path):
 
 
 @NEEDS_JAVA
+@pytest.mark.slow
 def test_metric_wrappers_match_pycocoevalcap_on_a_toy_set():
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -243,6 +247,7 @@ def test_nearest_neighbour_baseline_takes_the_consensus_caption():
     assert got["q0"] == "a cat sleeps on a sofa"  # t1's caption closest to its others (never the outlier)
 
 
+@pytest.mark.slow
 def test_caption_cli_train_eval_generate(caption_dir, tiny_lm, tmp_path, cli):
     import yaml
 
@@ -276,6 +281,7 @@ def test_caption_cli_train_eval_generate(caption_dir, tiny_lm, tmp_path, cli):
     assert res.returncode == 2 and "--rerank-k must be >= 0" in res.stdout
 
 
+@pytest.mark.slow
 def test_features_bundle_trains_and_scores_like_the_images(caption_dir, tiny_lm, tmp_path):
     """A run trained from an exported bundle finds the images again for CLIPScore and figures; where the
     images are absent, an evaluation that needs them is refused before decoding (never a silent 0)."""
@@ -331,6 +337,7 @@ def test_consensus_rerank_and_nearest_training_images():
         consensus_rerank({"q0": ["x"]}, consensus)
 
 
+@pytest.mark.slow
 def test_reranked_decoding_picks_a_beam_candidate(caption_dir, tiny_lm, tmp_path):
     from cliplab.caption.train import (build_captioner, consensus_captions, generate_candidates, generate_captions,
                                        load_split)
@@ -356,6 +363,7 @@ def test_reranked_decoding_picks_a_beam_candidate(caption_dir, tiny_lm, tmp_path
         model.generate(torch.from_numpy(test.grid[:1]), torch.from_numpy(test.pooled[:1]), beam=2, num_return=3)
 
 
+@pytest.mark.slow
 def test_visual_tokens_from_a_tuned_two_tower_model(caption_dir, tiny_lm, tmp_path):
     """``model.image_model``: the visual tokens come from a cliplab model's (tuned) image tower, cached apart
     from the pretrained tower's and recorded as other weights."""

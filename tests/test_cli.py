@@ -35,6 +35,7 @@ def broken_dir(caption_dir, tmp_path):
     return root
 
 
+@pytest.mark.subprocess
 def test_bad_inputs_give_one_line_errors(broken_dir, tmp_path, cli):
     cache = tmp_path / "cache"
     data = str(broken_dir / "captions.csv")
@@ -63,6 +64,7 @@ def test_bad_inputs_give_one_line_errors(broken_dir, tmp_path, cli):
     assert len([ln for ln in res.stdout.splitlines() if ln.startswith("error:")]) == 1
 
 
+@pytest.mark.slow
 def test_skip_completes_and_counts(broken_dir, tmp_path, cli):
     run = tmp_path / "embed-run"
     res = cli("embed", broken_dir / "captions.csv", "--on-error", "skip", "--run-dir", run)
@@ -73,6 +75,7 @@ def test_skip_completes_and_counts(broken_dir, tmp_path, cli):
     assert summary["counts"] == {"corrupt image": 1, "missing image": 1, "empty caption": 1}
 
 
+@pytest.mark.slow
 def test_train_and_eval_commands(caption_dir, tmp_path, cli):
     run = tmp_path / "train-run"
     res = cli("train", caption_dir / "captions.csv", "--run-dir", run, "-s", "train.epochs=3",
@@ -106,6 +109,7 @@ def test_train_and_eval_commands(caption_dir, tmp_path, cli):
     assert res.returncode == 2 and "unknown key 'nope'" in res.stdout
 
 
+@pytest.mark.slow
 def test_zeroshot_and_probe_commands(labelled_splits, tmp_path, cli):
     zs = tmp_path / "zs"
     res = cli("zeroshot", labelled_splits, "-m", "conse", "-v", "photo", "-v", "negated",
@@ -157,6 +161,7 @@ def test_zeroshot_and_probe_commands(labelled_splits, tmp_path, cli):
     assert res.returncode == 2 and "no split 'val'" in res.stdout and "test, train" in res.stdout
 
 
+@pytest.mark.slow
 def test_probe_on_a_folder_without_splits_holds_out_a_stratified_test_set(labelled_splits, tmp_path, cli):
     """A class-per-folder tree with no split used to be fitted and scored on the same images."""
     flat = labelled_splits / "train"  # 4 classes x 5 images, no split sub-folders
@@ -186,6 +191,7 @@ def small_sweep(caption_dir: Path, tmp_path: Path, grid: str) -> Path:
     return sweep
 
 
+@pytest.mark.slow
 def test_sweep_runs_grid_and_writes_tables(caption_dir, tmp_path, cli):
     sweep = small_sweep(caption_dir, tmp_path, "  train.lr: [1.0e-3, 1.0e-4]\n  train.trainable: [heads, text_head]\n")
     out = tmp_path / "sweep"
@@ -214,6 +220,7 @@ def test_sweep_runs_grid_and_writes_tables(caption_dir, tmp_path, cli):
     assert len((out / rows[0]["run"] / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_sweep_test_selected_evaluates_test_once_for_the_dev_choice(caption_dir, tmp_path, cli):
     sweep = small_sweep(caption_dir, tmp_path, "  train.lr: [1.0e-2, 1.0e-5]\n")
     out = tmp_path / "sweep"

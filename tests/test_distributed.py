@@ -54,6 +54,7 @@ def worker(rank: int, world: int, tmp: str, loss: str) -> None:
 
 
 @pytest.mark.parametrize("loss", ["infonce", "triplet"])
+@pytest.mark.subprocess
 def test_two_process_loss_gradients_and_training_equal_single_process(tmp_path, loss):
     mp.spawn(worker, args=(2, str(tmp_path), loss), nprocs=2, join=True)
     train, dev = synthetic_split(0), synthetic_split(1)
@@ -71,6 +72,7 @@ def test_two_process_loss_gradients_and_training_equal_single_process(tmp_path, 
     assert [r["train_loss"] for r in ddp] == pytest.approx([r["train_loss"] for r in single], rel=1e-4)
 
 
+@pytest.mark.subprocess
 def test_torchrun_cli_two_processes(caption_dir, tmp_path, cli):
     """The real entry point: ``torchrun --nproc_per_node 2 -m cliplab train`` (gloo on CPU) trains like one
     process on the same global batches: same losses per epoch, same test metrics."""

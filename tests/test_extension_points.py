@@ -142,6 +142,7 @@ class AlignLoss(nn.Module):
         return align + self.weight * self.infonce(image_emb, text_emb, logit_scale, image_ids=image_ids)
 
 
+@pytest.mark.slow
 def test_a_new_loss_trains_through_the_cli(caption_dir, tmp_path, cli, monkeypatch):
     monkeypatch.setitem(losses.LOSSES, "align", AlignLoss)  # undone after the test
     AlignLoss.calls = 0
@@ -197,6 +198,7 @@ def test_a_new_caption_format_through_the_api_and_the_cli(pipe_format, toy_kind,
 
 
 # -- registered weights: a text tower under a new name, loaded by it and listed by `cliplab models`
+@pytest.mark.slow
 def test_registered_weights_load_by_name_and_are_listed(cli, monkeypatch):
     from cliplab.models import pretrained
 

@@ -144,6 +144,7 @@ def test_an_index_written_before_the_marker_is_still_updated(tmp_path, model):
     assert index_folder_state(index) == "index"
 
 
+@pytest.mark.subprocess
 def test_a_second_build_at_once_is_refused_and_the_lock_dies_with_its_process(tmp_path, model):
     """A build holding the lock (another process, later killed with SIGKILL): a second build is refused with
     one clear line while it runs, and succeeds once the holder is gone (flock is released by the kernel)."""

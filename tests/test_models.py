@@ -34,6 +34,7 @@ def test_text_tower_mean_pooling_semantics(towers):
     assert e[0] @ e[1] > e[0] @ e[2] + 0.3
 
 
+@pytest.mark.slow
 def test_two_tower_save_load_identical(fresh_towers, tmp_path):
     cfg = TwoTowerConfig(head=HeadConfig(kind="mlp", embed_dim=64, hidden_dim=128))
     model = TwoTower(cfg, image_tower=fresh_towers[0], text_tower=fresh_towers[1]).freeze_towers().eval()
@@ -58,6 +59,7 @@ def test_two_tower_save_load_identical(fresh_towers, tmp_path):
         TwoTower.load(tmp_path)
 
 
+@pytest.mark.slow
 def test_conse_embeds_images_in_text_space(towers):
     image_tower, text_tower = towers
     conse = ConSE(image_tower, text_tower, top_t=5)

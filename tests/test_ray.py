@@ -16,6 +16,7 @@ def local_cluster():
     ray.shutdown()
 
 
+@pytest.mark.subprocess
 def test_ray_engine_equals_single_process_and_survives_a_killed_worker(caption_dir, tmp_path, towers, local_cluster,
                                                                        monkeypatch):
     from cliplab.data import read_pairs

@@ -59,6 +59,7 @@ def indexed(tmp_path_factory):
     return tmp, photos, index, report
 
 
+@pytest.mark.slow
 def test_index_walks_recursively_and_skips_bad_files(indexed):
     from cliplab.serve.index import PhotoIndex
 
@@ -90,6 +91,7 @@ def test_index_walks_recursively_and_skips_bad_files(indexed):
     assert [h["id"] for h in idx.search(q, 5)] == [int(idx.row_to_id[r]) for r in brute]
 
 
+@pytest.mark.slow
 def test_incremental_update_embeds_only_new_and_changed_files(indexed, tmp_path, monkeypatch):
     from cliplab.serve.index import IndexBuilder, PhotoIndex
 
@@ -158,6 +160,7 @@ def _index_cmd(index: Path, photos: Path, model: str, crash_at: str):
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "CLIPLAB_CACHE": str(index.parent / "cache")})
 
 
+@pytest.mark.subprocess
 def test_kill_9_at_any_point_leaves_the_previous_index_usable(tmp_path, towers):
     """Real indexing subprocesses killed with SIGKILL at several points; the previous generation stays whole
     and searchable, and the next run completes the work (equal to an uninterrupted build)."""
@@ -428,6 +431,7 @@ def live(server):
     thread.join(10)
 
 
+@pytest.mark.slow
 def test_many_concurrent_clients_get_correct_answers(live, client):
     import httpx
 
@@ -459,6 +463,7 @@ def test_many_concurrent_clients_get_correct_answers(live, client):
     assert errors == [] and len(answers) >= 16
 
 
+@pytest.mark.browser
 def test_web_page_in_headless_chromium(live, indexed):
     from playwright.sync_api import expect, sync_playwright
 

@@ -184,6 +184,7 @@ def test_token_becomes_an_http_only_cookie(tiny):
     assert "token=" not in page.text  # the page never puts the token in a URL
 
 
+@pytest.mark.browser
 def test_web_page_with_a_token_in_chromium(tiny):
     """The page opened with ?token= (a shared link): thumbnails load through the cookie, and no request the
     browser makes after the first carries the token."""
@@ -351,6 +352,7 @@ def test_query_images_are_reduced_while_decoding():
     assert decode_image_bytes(png((300, 200)), max_pixels=25_000_000).size == (300, 200)  # small: untouched
 
 
+@pytest.mark.slow
 def test_healthz_answers_while_uploads_decode(tiny, monkeypatch):
     """Four parallel uploads of a large-pixel PNG; the decoder is held (a threading.Event) until /healthz has
     answered, so /healthz must be served WHILE uploads are in progress; at most image_workers decode at once."""

@@ -111,6 +111,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path):
     train, dev = synthetic_split(0), synthetic_split(1)
     full = make_trainer(tmp_path, "full")

