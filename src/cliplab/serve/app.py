@@ -37,6 +37,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from cliplab.errors import CliplabError, ConfigError
 from cliplab.extras import require
@@ -201,86 +202,311 @@ def create_app(settings: ServerSettings):
     """The FastAPI application for one index."""
     require("fastapi")
     require("multipart", "image uploads")
-    import anyio
-    from fastapi import FastAPI, Query, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
-    from pydantic import BaseModel, Field
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.requests import ClientDisconnect
+    from fastapi import FastAPI
 
-    service = SearchService(settings)
-    gate = _ImageGate(settings.image_workers, settings.max_waiting_images)
-    allowed = settings.allowed_hosts
-    session = _session_value(settings.token) if settings.token else None
+    ctx = SearchContext(settings)
     app = FastAPI(title="cliplab search", version=_version(),
                   description="Search a photo folder by text or image with a cliplab model.")
-    metrics = _Metrics()
+    _add_error_handlers(app)
+    _add_guard(app, ctx)
+    _add_page_routes(app, ctx)
+    _add_search_routes(app, ctx)
+    _add_file_routes(app, ctx)
+    _add_clip_retrieval_routes(app, ctx)
+    _add_metrics_route(app, ctx)
+    return app
 
-    class ApiError(Exception):
-        def __init__(self, status: int, message: str, headers: dict | None = None) -> None:
-            self.status, self.message, self.headers = status, message, headers
 
-    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
+class ApiError(Exception):
+    """A refusal answered as ``{"error": message}`` with ``status`` (and ``headers``)."""
 
-    # -- errors: always JSON, never a traceback
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return error(exc.status, exc.message, exc.headers)
+    def __init__(self, status: int, message: str, headers: dict | None = None) -> None:
+        self.status, self.message, self.headers = status, message, headers
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", []) if x not in ("body", "query", "path"))
-        return error(422, f"invalid request: {where or 'input'}: {first.get('msg', 'invalid')}")
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+def _error(status: int, message: str, headers: dict | None = None):
+    from fastapi.responses import JSONResponse
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):  # logged by uvicorn; the client gets no traceback
-        return error(500, "internal error")
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
-    # -- Host, limits and auth, before any handler runs
-    async def admit(request: Request) -> tuple[Response | None, bool]:
+
+def _busy(exc: QueryBusy) -> ApiError:
+    return ApiError(429, str(exc), {"Retry-After": "1"})
+
+
+class SearchContext:
+    """What one app's routes share: the settings, the search service, the image gate, the request admission and
+    metrics, the OpenAPI models, and the checks and searches the routes are made of."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.service = SearchService(settings)
+        self.gate = _ImageGate(settings.image_workers, settings.max_waiting_images)
+        self.admission = _Admission(settings)
+        self.metrics = _Metrics()
+        self.models = _api_models(settings)
+
+    def errors(self, *codes: int) -> dict:
+        """The OpenAPI ``responses`` of an operation: JSON errors with these codes and the ones any may give."""
+        return {c: {"model": self.models.ErrorBody} for c in (400, 401, 422, 431, *codes)}
+
+    def check_k(self, k: int) -> int:
+        if k < 1:
+            raise ApiError(422, "k must be >= 1")
+        return min(k, self.settings.max_k)
+
+    def check_text(self, q: str) -> str:
+        if not q.strip():
+            raise ApiError(422, "empty query")
+        if len(q) > self.settings.max_query_chars:
+            raise ApiError(422, f"query longer than {self.settings.max_query_chars} characters")
+        return q
+
+    def check_id(self, item_id: int) -> int:
+        if not 0 <= item_id <= MAX_ID:
+            raise ApiError(404, f"no image with id {item_id}")
+        return item_id
+
+    def run_search(self, terms: list[QueryTerm], k: int) -> dict:
+        index = self.service.current()
+        t0 = time.perf_counter()
+        try:
+            vector, used = self.service.encoder.compose(terms, index)
+        except QueryBusy as exc:
+            raise _busy(exc) from None
+        except CliplabError as exc:
+            raise ApiError(404 if "no indexed image" in str(exc) else 422, str(exc)) from None
+        results = index.search(vector, k, exclude=used)
+        took = (time.perf_counter() - t0) * 1000
+        return {"k": k, "took_ms": round(took, 2), "count": len(index),
+                "results": [_public_hit(h) for h in results]}
+
+    def load_upload(self, data: bytes):
+        if len(data) > self.settings.max_upload_bytes:
+            raise ApiError(413, f"image larger than {self.settings.max_upload_bytes} bytes")
+        try:
+            return decode_image_bytes(data, self.settings.max_pixels)
+        except CliplabError as exc:
+            raise ApiError(413 if "too large" in str(exc) else 415, str(exc)) from None
+
+    def image_search(self, data: bytes, extra: list[QueryTerm], k: int) -> dict:
+        """Decode + embed + search an uploaded image (in a worker thread, through the gate)."""
+        try:
+            return self.gate(lambda: self.run_search([QueryTerm(1.0, "image", self.load_upload(data)), *extra], k))
+        except QueryBusy as exc:
+            raise _busy(exc) from None
+
+    async def read_upload_form(self, request) -> tuple[bytes, list[QueryTerm], int]:
+        """A multipart search (image, text, k): the image's bytes, the extra text term and k."""
+        form = await request.form(max_files=1, max_fields=10)
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(422, "multipart search needs an 'image' file field")
+        data = await upload.read(self.settings.max_upload_bytes + 1)
+        text = form.get("text")
+        extra = [QueryTerm(1.0, "text", self.check_text(text))] if isinstance(text, str) and text.strip() else []
+        try:
+            k = self.check_k(int(form.get("k") or 10))
+        except ValueError:
+            raise ApiError(422, "k must be an integer") from None
+        return data, extra, k
+
+    def json_terms(self, body) -> list[QueryTerm]:
+        """The query terms of a JSON search (text, id for "more like this", minus_text)."""
+        terms = []
+        if body.text:
+            terms.append(QueryTerm(1.0, "text", self.check_text(body.text)))
+        if body.id is not None:
+            if not 0 <= body.id <= MAX_ID:
+                raise ApiError(404, f"no indexed image with id {body.id}")
+            terms.append(QueryTerm(1.0, "item", body.id))
+        if body.minus_text:
+            terms.append(QueryTerm(-1.0, "text", self.check_text(body.minus_text)))
+        if not terms:
+            raise ApiError(422, "give text, id (more like this) or an uploaded image")
+        return terms
+
+    def item_file(self, item_id: int) -> Path:
+        path = self.service.current().file_path(self.check_id(item_id))
+        if path is None:
+            raise ApiError(404, f"no image with id {item_id}")
+        return path
+
+    def thumbnail(self, item_id: int) -> Path:
+        """The cached thumbnail of an indexed image (made in a worker thread, through the gate)."""
+        index = self.service.current()
+        item = index.item(self.check_id(item_id))
+        if item is None:
+            raise ApiError(404, f"no image with id {item_id}")
+        path = self.item_file(item_id)
+        settings = self.settings
+        try:
+            return self.gate(_thumbnail, path, item["sha256"], settings.thumb_dir, settings.thumb_size, index.info)
+        except QueryBusy as exc:
+            raise _busy(exc) from None
+        except CliplabError:  # replaced since indexing by something unreadable, too large or of another format
+            raise ApiError(404, f"image {item_id} can no longer be read") from None
+
+    def knn(self, body) -> list[dict]:
+        """clip-retrieval's ``/knn-service``: one of text, image (base64), image_url or embedding_input."""
+        self._check_knn(body)
+        k = self.check_k(body.num_result_ids or body.num_images)
+        index = self.service.current()
+        if body.embedding_input is not None:
+            hits = self._embedding_hits(body.embedding_input, index, k)
+        elif body.text is not None:
+            hits = self.run_search([QueryTerm(1.0, "text", self.check_text(body.text))], k)["results"]
+        else:
+            hits = self.image_search(self._knn_image(body), [], k)["results"]
+        return [{"id": h["id"], "similarity": h["score"], "url": f"/image/{h['id']}",
+                 "caption": (h.get("captions") or [""])[0], "image_path": h["path"]} for h in hits[: body.num_images]]
+
+    def _check_knn(self, body) -> None:
+        if body.indice_name not in (None, "", self.settings.index_name):
+            raise ApiError(404, f"unknown indice_name {body.indice_name!r}; see /indices-list")
+        if body.modality != "image":
+            raise ApiError(422, "only the image modality is indexed (modality must be 'image')")
+        given = [x is not None for x in (body.text, body.image, body.image_url, body.embedding_input)]
+        if sum(given) != 1:
+            raise ApiError(422, "give exactly one of text, image (base64), image_url or embedding_input")
+        if body.num_images < 1:
+            raise ApiError(422, "num_images must be >= 1")
+
+    @staticmethod
+    def _embedding_hits(embedding: list[float], index: PhotoIndex, k: int) -> list[dict]:
+        import numpy as np
+
+        v = np.asarray(embedding, dtype=np.float64)
+        norm = float(np.linalg.norm(v)) if np.isfinite(v).all() else 0.0
+        if v.shape != (index.info["dim"],) or not np.isfinite(norm) or norm == 0:
+            raise ApiError(422, f"embedding_input must be {index.info['dim']} finite numbers, not all zero")
+        return [_public_hit(h) for h in index.search((v / norm).astype(np.float32), k)]
+
+    def _knn_image(self, body) -> bytes:
+        """The image of a knn query: decoded from base64, or fetched from image_url (only with allow_urls)."""
+        if body.image is not None:
+            try:
+                return base64.b64decode(body.image, validate=True)
+            except ValueError:
+                raise ApiError(422, "image is not valid base64") from None
+        if not self.settings.allow_urls:
+            raise ApiError(403, "image_url queries are disabled on this server (start it with --allow-urls)")
+        try:
+            return fetch_image(body.image_url, self.settings.max_upload_bytes, self.settings.url_timeout)
+        except FetchError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+
+    def metadata(self, ids: list[int]) -> list[dict]:
+        ids = [i for i in ids if 0 <= i <= MAX_ID]  # others are not found
+        found = self.service.current().items(ids)
+        return [{"id": i, "metadata": {"url": f"/image/{i}", "caption": (found[i]["captions"] or [""])[0],
+                                       "image_path": found[i]["path"], "width": found[i]["width"],
+                                       "height": found[i]["height"]}} for i in ids if i in found]
+
+
+class _Admission:
+    """Host, limits and auth, checked before any handler runs."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.allowed = settings.allowed_hosts
+        self.session = _session_value(settings.token) if settings.token else None
+
+    async def __call__(self, request):
         """An early answer (or None), and whether to set the session cookie on the handler's answer."""
-        if not host_allowed(request.headers.get("host"), allowed):
-            return error(400, "invalid Host header (start the server with --allowed-host NAME to accept it)"), False
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal, False
+        early, set_cookie = self._authenticate(request)
+        if early is not None:
+            return early, set_cookie
+        early = await self._read_body(request)
+        return (early, False) if early is not None else (None, set_cookie)
+
+    def _refusal(self, request):
+        """A wrong Host, or headers or a body over the limits."""
+        limit = self.settings.max_upload_bytes
+        if not host_allowed(request.headers.get("host"), self.allowed):
+            return _error(400, "invalid Host header (start the server with --allowed-host NAME to accept it)")
         if sum(len(k) + len(v) for k, v in request.headers.raw) > MAX_HEADER_BYTES:
-            return error(431, f"request headers larger than {MAX_HEADER_BYTES} bytes"), False
+            return _error(431, f"request headers larger than {MAX_HEADER_BYTES} bytes")
         length = request.headers.get("content-length")
-        if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > settings.max_upload_bytes):
-            return error(413, f"request body too large (limit {settings.max_upload_bytes} bytes)"), False
+        if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > limit):
+            return _error(413, f"request body too large (limit {limit} bytes)")
         if request.method in ("POST", "PUT", "PATCH") and length is None and request.headers.get("transfer-encoding"):
-            return error(411, "send a Content-Length (chunked uploads are not accepted)"), False
+            return _error(411, "send a Content-Length (chunked uploads are not accepted)")
+        return None
+
+    def _authenticate(self, request):
+        """The token (bearer header or session cookie) on everything but the public paths; a page link's
+        ``?token=`` swapped for the cookie. An early answer (or None) and whether to set the cookie."""
+        from fastapi.responses import RedirectResponse
+
+        session, token = self.session, self.settings.token
         set_cookie = False
         path = request.scope["path"]  # never request.url (rebuilt with the Host header)
         if session and path not in PUBLIC_PATHS and not path.startswith("/static/"):
             bearer = request.headers.get("authorization", "")
             bearer = bearer[7:].strip() if bearer[:7].lower() == "bearer " else ""
             cookie_ok = hmac.compare_digest(request.cookies.get(COOKIE, "").encode(), session.encode())
-            if bearer and not hmac.compare_digest(bearer.encode(), settings.token.encode()) or \
-                    not bearer and not cookie_ok:
-                return error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}), False
+            if bearer and not hmac.compare_digest(bearer.encode(), token.encode()) or not bearer and not cookie_ok:
+                return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}), False
             set_cookie = not cookie_ok
         if session and path == "/" and "token" in request.query_params:  # a shared link: swap it for a cookie
             given = request.query_params["token"]
-            if not hmac.compare_digest(given.encode(), settings.token.encode()):
-                return error(401, "wrong token in the link", {"WWW-Authenticate": "Bearer"}), False
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                return _error(401, "wrong token in the link", {"WWW-Authenticate": "Bearer"}), False
             rest = "&".join(f"{k}={v}" for k, v in _query_pairs(request.url.query) if k != "token")
             return RedirectResponse("/" + (f"?{rest}" if rest else ""), status_code=303), True
+        return None, set_cookie
+
+    async def _read_body(self, request):
+        """A body read within the time limit (cached for the handler; a stalled sender is cut off)."""
+        import anyio
+        from starlette.requests import ClientDisconnect
+
+        length = request.headers.get("content-length")
         if request.method in ("POST", "PUT", "PATCH") and length is not None and int(length) > 0:
             try:
-                with anyio.fail_after(settings.body_timeout):
-                    await request.body()  # cached for the handler; a stalled sender is cut off
+                with anyio.fail_after(self.settings.body_timeout):
+                    await request.body()
             except TimeoutError:
-                return error(408, f"request body not received within {settings.body_timeout:g} s"), False
+                return _error(408, f"request body not received within {self.settings.body_timeout:g} s")
             except ClientDisconnect:
-                return error(400, "the request body ended early"), False
-        return None, set_cookie
+                return _error(400, "the request body ended early")
+        return None
+
+
+def _add_error_handlers(app) -> None:
+    """Errors are always JSON, never a traceback."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", []) if x not in ("body", "query", "path"))
+        return _error(422, f"invalid request: {where or 'input'}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # logged by uvicorn; the client gets no traceback
+        return _error(500, "internal error")
+
+
+def _add_guard(app, ctx: SearchContext) -> None:
+    """The middleware: admission before any handler, the session cookie, nosniff and no-referrer, metrics."""
+    from fastapi import Request
+
+    admit, session, metrics = ctx.admission, ctx.admission.session, ctx.metrics
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
@@ -296,58 +522,17 @@ def create_app(settings: ServerSettings):
         metrics.observe(request.url.path, response.status_code, time.perf_counter() - t0)
         return response
 
-    def check_k(k: int) -> int:
-        if k < 1:
-            raise ApiError(422, "k must be >= 1")
-        return min(k, settings.max_k)
 
-    def check_text(q: str) -> str:
-        if not q.strip():
-            raise ApiError(422, "empty query")
-        if len(q) > settings.max_query_chars:
-            raise ApiError(422, f"query longer than {settings.max_query_chars} characters")
-        return q
+def _api_models(settings: ServerSettings) -> SimpleNamespace:
+    """The OpenAPI description of requests and answers (schemathesis checks every answer against it)."""
+    return SimpleNamespace(**_answer_models(), **_knn_models(settings))
 
-    def check_id(item_id: int) -> int:
-        if not 0 <= item_id <= MAX_ID:
-            raise ApiError(404, f"no image with id {item_id}")
-        return item_id
 
-    def run_search(terms: list[QueryTerm], k: int) -> dict:
-        index = service.current()
-        t0 = time.perf_counter()
-        try:
-            vector, used = service.encoder.compose(terms, index)
-        except QueryBusy as exc:
-            raise ApiError(429, str(exc), {"Retry-After": "1"}) from None
-        except CliplabError as exc:
-            raise ApiError(404 if "no indexed image" in str(exc) else 422, str(exc)) from None
-        results = index.search(vector, k, exclude=used)
-        took = (time.perf_counter() - t0) * 1000
-        return {"k": k, "took_ms": round(took, 2), "count": len(index),
-                "results": [_public_hit(h) for h in results]}
+def _answer_models() -> dict:
+    from pydantic import BaseModel, Field
 
-    def load_upload(data: bytes):
-        if len(data) > settings.max_upload_bytes:
-            raise ApiError(413, f"image larger than {settings.max_upload_bytes} bytes")
-        try:
-            return decode_image_bytes(data, settings.max_pixels)
-        except CliplabError as exc:
-            raise ApiError(413 if "too large" in str(exc) else 415, str(exc)) from None
-
-    def image_search(data: bytes, extra: list[QueryTerm], k: int) -> dict:
-        """Decode + embed + search an uploaded image (in a worker thread, through the gate)."""
-        try:
-            return gate(lambda: run_search([QueryTerm(1.0, "image", load_upload(data)), *extra], k))
-        except QueryBusy as exc:
-            raise ApiError(429, str(exc), {"Retry-After": "1"}) from None
-
-    # -- the OpenAPI description of answers (schemathesis checks every answer against it)
     class ErrorBody(BaseModel):
         error: str
-
-    def errors(*codes: int) -> dict:
-        return {c: {"model": ErrorBody} for c in (400, 401, 422, 431, *codes)}
 
     class Hit(BaseModel):
         id: int
@@ -370,121 +555,18 @@ def create_app(settings: ServerSettings):
         images: int
         reason: str | None = None
 
-    image_content = {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
-                     "description": "the image file"}
-
-    # -- pages and health
-    @app.get("/", include_in_schema=False)
-    def page():
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"),
-                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
-
-    @app.get("/static/{name}", include_in_schema=False)
-    def static(name: str):
-        files = {p.name: p for p in STATIC.iterdir() if p.is_file()}  # served by name from a fixed list
-        if name not in files:
-            raise ApiError(404, "not found")
-        return FileResponse(files[name])
-
-    @app.get("/healthz", response_model=Health, response_model_exclude_none=True, responses=errors())
-    def healthz():
-        """``ok``; or ``degraded`` (still 200: the previous generation is served) with the reason."""
-        index = service.current()
-        out = {"status": "ok", "images": len(index)}
-        return out if service.problem is None else {**out, "status": "degraded", "reason": service.problem}
-
-    @app.get("/api/info", responses=errors())
-    def info():
-        index = service.current()
-        return {**index.summary(), "name": settings.index_name, "max_k": settings.max_k,
-                "max_upload_bytes": settings.max_upload_bytes, "version": _version()}
-
-    # -- search
-    @app.get("/api/search", response_model=SearchResult, responses=errors(404, 429))
-    def search_get(q: str = Query(..., description="text query"), k: int = Query(10)):
-        return run_search([QueryTerm(1.0, "text", check_text(q))], check_k(k))
-
     class SearchBody(BaseModel):
         text: str | None = Field(None, description="text query")
         id: int | None = Field(None, description="an indexed image: 'more like this'")
         minus_text: str | None = Field(None, description="text to subtract from the query")
         k: int = 10
 
-    form_schema = {"type": "object", "required": ["image"], "properties": {
-        "image": {"type": "string", "format": "binary"}, "text": {"type": "string"}, "k": {"type": "integer"}}}
-    post_body = {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": SearchBody.model_json_schema()},
-        "multipart/form-data": {"schema": form_schema}}}}
+    return {"ErrorBody": ErrorBody, "SearchResult": SearchResult, "Health": Health, "SearchBody": SearchBody}
 
-    @app.post("/api/search", response_model=SearchResult, openapi_extra=post_body,
-              responses=errors(404, 408, 411, 413, 415, 429))
-    async def search_post(request: Request):
-        """JSON (text, id, minus_text, k) or a multipart upload (image, text, k). The body is read here; the
-        decoding, embedding and search run in worker threads."""
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            form = await request.form(max_files=1, max_fields=10)
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise ApiError(422, "multipart search needs an 'image' file field")
-            data = await upload.read(settings.max_upload_bytes + 1)
-            text = form.get("text")
-            extra = [QueryTerm(1.0, "text", check_text(text))] if isinstance(text, str) and text.strip() else []
-            try:
-                k = check_k(int(form.get("k") or 10))
-            except ValueError:
-                raise ApiError(422, "k must be an integer") from None
-            return await run_in_threadpool(image_search, data, extra, k)
-        try:
-            body = SearchBody.model_validate(await request.json())
-        except (ValueError, RecursionError) as exc:
-            raise ApiError(422, f"invalid JSON body: {str(exc).splitlines()[0]}") from None
-        terms = []
-        if body.text:
-            terms.append(QueryTerm(1.0, "text", check_text(body.text)))
-        if body.id is not None:
-            if not 0 <= body.id <= MAX_ID:
-                raise ApiError(404, f"no indexed image with id {body.id}")
-            terms.append(QueryTerm(1.0, "item", body.id))
-        if body.minus_text:
-            terms.append(QueryTerm(-1.0, "text", check_text(body.minus_text)))
-        if not terms:
-            raise ApiError(422, "give text, id (more like this) or an uploaded image")
-        return await run_in_threadpool(run_search, terms, check_k(body.k))
 
-    # -- files by id only
-    def item_file(item_id: int) -> Path:
-        path = service.current().file_path(check_id(item_id))
-        if path is None:
-            raise ApiError(404, f"no image with id {item_id}")
-        return path
-
-    file_headers = {"Content-Security-Policy": "default-src 'none'; sandbox"}
-
-    @app.get("/image/{item_id}", response_class=Response, responses={200: image_content, **errors(404)})
-    def image(item_id: int):
-        return FileResponse(item_file(item_id), headers={"Cache-Control": "private, max-age=3600", **file_headers})
-
-    @app.get("/thumb/{item_id}", response_class=Response, responses={200: image_content, **errors(404, 429)})
-    def thumb(item_id: int):
-        index = service.current()
-        item = index.item(check_id(item_id))
-        if item is None:
-            raise ApiError(404, f"no image with id {item_id}")
-        path = item_file(item_id)
-        try:
-            cached = gate(_thumbnail, path, item["sha256"], settings.thumb_dir, settings.thumb_size, index.info)
-        except QueryBusy as exc:
-            raise ApiError(429, str(exc), {"Retry-After": "1"}) from None
-        except CliplabError:  # replaced since indexing by something unreadable, too large or of another format
-            raise ApiError(404, f"image {item_id} can no longer be read") from None
-        return FileResponse(cached, media_type="image/jpeg",
-                            headers={"Cache-Control": "private, max-age=86400", **file_headers})
-
-    # -- clip-retrieval compatible API
-    @app.get("/indices-list", response_model=list[str], responses=errors())
-    def indices_list():
-        return [settings.index_name]
+def _knn_models(settings: ServerSettings) -> dict:
+    """clip-retrieval's request and answer shapes (same field names), bounded by this server's limits."""
+    from pydantic import BaseModel, Field
 
     max_b64 = (settings.max_upload_bytes + 2) // 3 * 4 + 4
 
@@ -511,63 +593,117 @@ def create_app(settings: ServerSettings):
         caption: str
         image_path: str
 
-    @app.post("/knn-service", response_model=list[KnnHit], responses=errors(403, 404, 408, 411, 413, 415, 429, 502))
-    def knn_service(body: KnnBody):
-        if body.indice_name not in (None, "", settings.index_name):
-            raise ApiError(404, f"unknown indice_name {body.indice_name!r}; see /indices-list")
-        if body.modality != "image":
-            raise ApiError(422, "only the image modality is indexed (modality must be 'image')")
-        given = [x is not None for x in (body.text, body.image, body.image_url, body.embedding_input)]
-        if sum(given) != 1:
-            raise ApiError(422, "give exactly one of text, image (base64), image_url or embedding_input")
-        if body.num_images < 1:
-            raise ApiError(422, "num_images must be >= 1")
-        k = check_k(body.num_result_ids or body.num_images)
-        index = service.current()
-        if body.embedding_input is not None:
-            import numpy as np
-
-            v = np.asarray(body.embedding_input, dtype=np.float64)
-            norm = float(np.linalg.norm(v)) if np.isfinite(v).all() else 0.0
-            if v.shape != (index.info["dim"],) or not np.isfinite(norm) or norm == 0:
-                raise ApiError(422, f"embedding_input must be {index.info['dim']} finite numbers, not all zero")
-            hits = [_public_hit(h) for h in index.search((v / norm).astype(np.float32), k)]
-        elif body.text is not None:
-            hits = run_search([QueryTerm(1.0, "text", check_text(body.text))], k)["results"]
-        else:
-            if body.image is not None:
-                try:
-                    data = base64.b64decode(body.image, validate=True)
-                except ValueError:
-                    raise ApiError(422, "image is not valid base64") from None
-            elif not settings.allow_urls:
-                raise ApiError(403, "image_url queries are disabled on this server (start it with --allow-urls)")
-            else:
-                try:
-                    data = fetch_image(body.image_url, settings.max_upload_bytes, settings.url_timeout)
-                except FetchError as exc:
-                    raise ApiError(exc.status, str(exc)) from None
-            hits = image_search(data, [], k)["results"]
-        return [{"id": h["id"], "similarity": h["score"], "url": f"/image/{h['id']}",
-                 "caption": (h.get("captions") or [""])[0], "image_path": h["path"]} for h in hits[: body.num_images]]
-
     class MetadataBody(BaseModel):
         ids: list[int] = Field(max_length=settings.max_k)
         indice_name: str | None = None
 
-    @app.post("/metadata", responses=errors(408, 411, 413))
+    return {"KnnBody": KnnBody, "KnnHit": KnnHit, "MetadataBody": MetadataBody}
+
+
+def _add_page_routes(app, ctx: SearchContext) -> None:
+    """The web page, its static files, ``/healthz`` and ``/api/info``."""
+    from fastapi.responses import FileResponse, HTMLResponse
+
+    settings, service = ctx.settings, ctx.service
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"),
+                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str):
+        files = {p.name: p for p in STATIC.iterdir() if p.is_file()}  # served by name from a fixed list
+        if name not in files:
+            raise ApiError(404, "not found")
+        return FileResponse(files[name])
+
+    @app.get("/healthz", response_model=ctx.models.Health, response_model_exclude_none=True, responses=ctx.errors())
+    def healthz():
+        """``ok``; or ``degraded`` (still 200: the previous generation is served) with the reason."""
+        index = service.current()
+        out = {"status": "ok", "images": len(index)}
+        return out if service.problem is None else {**out, "status": "degraded", "reason": service.problem}
+
+    @app.get("/api/info", responses=ctx.errors())
+    def info():
+        index = service.current()
+        return {**index.summary(), "name": settings.index_name, "max_k": settings.max_k,
+                "max_upload_bytes": settings.max_upload_bytes, "version": _version()}
+
+
+def _add_search_routes(app, ctx: SearchContext) -> None:
+    """``/api/search``: GET with a text query; POST with JSON or a multipart image upload."""
+    from fastapi import Query, Request
+    from starlette.concurrency import run_in_threadpool
+
+    SearchResult, SearchBody = ctx.models.SearchResult, ctx.models.SearchBody
+    form_schema = {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "format": "binary"}, "text": {"type": "string"}, "k": {"type": "integer"}}}
+    post_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": SearchBody.model_json_schema()},
+        "multipart/form-data": {"schema": form_schema}}}}
+
+    @app.get("/api/search", response_model=SearchResult, responses=ctx.errors(404, 429))
+    def search_get(q: str = Query(..., description="text query"), k: int = Query(10)):
+        return ctx.run_search([QueryTerm(1.0, "text", ctx.check_text(q))], ctx.check_k(k))
+
+    @app.post("/api/search", response_model=SearchResult, openapi_extra=post_body,
+              responses=ctx.errors(404, 408, 411, 413, 415, 429))
+    async def search_post(request: Request):
+        """JSON (text, id, minus_text, k) or a multipart upload (image, text, k). The body is read here; the
+        decoding, embedding and search run in worker threads."""
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            data, extra, k = await ctx.read_upload_form(request)
+            return await run_in_threadpool(ctx.image_search, data, extra, k)
+        try:
+            body = SearchBody.model_validate(await request.json())
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(422, f"invalid JSON body: {str(exc).splitlines()[0]}") from None
+        return await run_in_threadpool(ctx.run_search, ctx.json_terms(body), ctx.check_k(body.k))
+
+
+def _add_file_routes(app, ctx: SearchContext) -> None:
+    """``/image/{id}`` and ``/thumb/{id}``: files by index id only."""
+    from fastapi.responses import FileResponse, Response
+
+    image_content = {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+                     "description": "the image file"}
+    file_headers = {"Content-Security-Policy": "default-src 'none'; sandbox"}
+
+    @app.get("/image/{item_id}", response_class=Response, responses={200: image_content, **ctx.errors(404)})
+    def image(item_id: int):
+        return FileResponse(ctx.item_file(item_id), headers={"Cache-Control": "private, max-age=3600", **file_headers})
+
+    @app.get("/thumb/{item_id}", response_class=Response, responses={200: image_content, **ctx.errors(404, 429)})
+    def thumb(item_id: int):
+        return FileResponse(ctx.thumbnail(item_id), media_type="image/jpeg",
+                            headers={"Cache-Control": "private, max-age=86400", **file_headers})
+
+
+def _add_clip_retrieval_routes(app, ctx: SearchContext) -> None:
+    """clip-retrieval's ``/indices-list``, ``/knn-service`` and ``/metadata`` (its front end can point here)."""
+    KnnBody, KnnHit, MetadataBody = ctx.models.KnnBody, ctx.models.KnnHit, ctx.models.MetadataBody
+
+    @app.get("/indices-list", response_model=list[str], responses=ctx.errors())
+    def indices_list():
+        return [ctx.settings.index_name]
+
+    @app.post("/knn-service", response_model=list[KnnHit], responses=ctx.errors(403, 404, 408, 411, 413, 415, 429, 502))
+    def knn_service(body: KnnBody):
+        return ctx.knn(body)
+
+    @app.post("/metadata", responses=ctx.errors(408, 411, 413))
     def metadata(body: MetadataBody):
-        ids = [i for i in body.ids if 0 <= i <= MAX_ID]  # others are not found
-        found = service.current().items(ids)
-        return [{"id": i, "metadata": {"url": f"/image/{i}", "caption": (found[i]["captions"] or [""])[0],
-                                       "image_path": found[i]["path"], "width": found[i]["width"],
-                                       "height": found[i]["height"]}} for i in ids if i in found]
+        return ctx.metadata(body.ids)
+
+
+def _add_metrics_route(app, ctx: SearchContext) -> None:
+    from fastapi.responses import Response
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus():
-        return Response(metrics.render(len(service.current())), media_type="text/plain; version=0.0.4")
-
-    return app
+        return Response(ctx.metrics.render(len(ctx.service.current())), media_type="text/plain; version=0.0.4")
 
 
 def _query_pairs(query: str) -> list[tuple[str, str]]:
@@ -641,7 +777,24 @@ def fetch_image(url: str, limit: int, timeout: float = 10.0) -> bytes:
     to the checked address (TLS still verified against the host name), no redirects, at most ``limit``
     bytes, ``image/*`` only, everything within ``timeout`` seconds in total."""
     import http.client
-    import ssl
+
+    parts, port = _checked_url(url)
+    deadline = time.monotonic() + timeout
+    ip = _resolve(parts.hostname, port, timeout)
+    link = _PinnedLink(parts, port, ip, deadline)
+    try:
+        return link.get(limit)
+    except FetchError:
+        raise
+    except (OSError, TimeoutError, http.client.HTTPException, ValueError):
+        raise FetchError(502, "image_url could not be fetched (connection failed, timed out or was "
+                              "malformed)") from None
+    finally:
+        link.close()
+
+
+def _checked_url(url: str):
+    """The parts of an http(s) URL with a host and no credentials, and its port."""
     from urllib.parse import urlsplit
 
     try:
@@ -651,73 +804,85 @@ def fetch_image(url: str, limit: int, timeout: float = 10.0) -> bytes:
         raise FetchError(400, "image_url is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
         raise FetchError(400, "image_url must be an http(s) URL with a host and no credentials")
-    deadline = time.monotonic() + timeout
-    ip = _resolve(parts.hostname, port, timeout)
+    return parts, port
 
-    def remaining() -> float:
-        left = deadline - time.monotonic()
+
+class _PinnedLink:
+    """One GET over a connection to the checked address ``ip``, within a total ``deadline``: a watchdog
+    disconnects a server trickling bytes, whatever the phase."""
+
+    def __init__(self, parts, port: int, ip: str, deadline: float) -> None:
+        self.parts, self.deadline = parts, deadline
+        self.sockets: list[socket.socket] = []  # the connection's socket (http.client may drop its own reference)
+        self.expired = threading.Event()
+        self.conn = _pinned_connection(ip, self)(parts.hostname, port, timeout=self.remaining())
+        self.watchdog = threading.Timer(self.remaining(), self.cut_off)
+        self.watchdog.daemon = True
+        self.watchdog.start()
+
+    def remaining(self) -> float:
+        left = self.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError
         return left
 
-    sockets: list[socket.socket] = []  # the connection's socket (http.client may drop its own reference)
-
-    class Pinned(http.client.HTTPConnection):
-        def connect(self):
-            self.sock = socket.create_connection((ip, self.port), remaining())
-            sockets.append(self.sock)
-
-    class PinnedTLS(http.client.HTTPSConnection):
-        def connect(self):
-            raw = socket.create_connection((ip, self.port), remaining())
-            self.sock = ssl.create_default_context().wrap_socket(raw, server_hostname=parts.hostname)
-            sockets.append(self.sock)
-
-    expired = threading.Event()
-
-    def cut_off():  # the total deadline: a server trickling bytes is disconnected, whatever the phase
-        expired.set()
-        for s in sockets:
+    def cut_off(self) -> None:
+        self.expired.set()
+        for s in self.sockets:
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
-    cls = PinnedTLS if parts.scheme == "https" else Pinned
-    conn = cls(parts.hostname, port, timeout=remaining())
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    watchdog = threading.Timer(remaining(), cut_off)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        conn.request("GET", target, headers={"User-Agent": "cliplab-search", "Accept": "image/*"})
-        response = conn.getresponse()
+    def close(self) -> None:
+        self.watchdog.cancel()
+        self.conn.close()
+
+    def get(self, limit: int) -> bytes:
+        parts = self.parts
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.conn.request("GET", target, headers={"User-Agent": "cliplab-search", "Accept": "image/*"})
+        response = self.conn.getresponse()
         if 300 <= response.status < 400:
             raise FetchError(502, "image_url answered with a redirect (redirects are not followed)")
         if response.status != 200:
             raise FetchError(502, f"image_url answered HTTP {response.status}")
         if not (response.getheader("content-type") or "").lower().startswith("image/"):
             raise FetchError(502, "image_url did not answer with an image content type")
+        return self._read(response, limit)
+
+    def _read(self, response, limit: int) -> bytes:
         data = bytearray()
         while len(data) <= limit:
-            sockets[0].settimeout(remaining())
+            self.sockets[0].settimeout(self.remaining())
             chunk = response.read1(min(65536, limit + 1 - len(data)))
             if not chunk:
                 break
             data += chunk
-        if expired.is_set():
+        if self.expired.is_set():
             raise TimeoutError
         if len(data) > limit:
             raise FetchError(502, f"image_url: the image is larger than {limit} bytes")
         return bytes(data)
-    except FetchError:
-        raise
-    except (OSError, TimeoutError, http.client.HTTPException, ValueError):
-        raise FetchError(502, "image_url could not be fetched (connection failed, timed out or was "
-                              "malformed)") from None
-    finally:
-        watchdog.cancel()
-        conn.close()
+
+
+def _pinned_connection(ip: str, link: _PinnedLink) -> type:
+    """An http.client connection class that connects to ``ip`` (TLS verified against the URL's host name)."""
+    import http.client
+    import ssl
+
+    class Pinned(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.create_connection((ip, self.port), link.remaining())
+            link.sockets.append(self.sock)
+
+    class PinnedTLS(http.client.HTTPSConnection):
+        def connect(self):
+            raw = socket.create_connection((ip, self.port), link.remaining())
+            self.sock = ssl.create_default_context().wrap_socket(raw, server_hostname=link.parts.hostname)
+            link.sockets.append(self.sock)
+
+    return PinnedTLS if link.parts.scheme == "https" else Pinned
 
 
 def _version() -> str:
