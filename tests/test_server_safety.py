@@ -559,6 +559,23 @@ def test_image_url_fetch_when_the_target_is_public(tiny, upstream, monkeypatch):
     assert_json_error(r, 502, "could not be fetched")
 
 
+def test_image_url_whose_lookup_uses_up_the_deadline_is_a_502(tiny, upstream, monkeypatch):
+    """A resolver slow enough to leave no time for the connection: a 502, never a 500."""
+    from cliplab.serve import app as app_module
+
+    real_resolve = app_module._resolve
+
+    def slow_resolve(host, port, timeout):
+        time.sleep(timeout + 0.05)  # the lookup itself used the whole deadline
+        return real_resolve(host, port, timeout)
+
+    monkeypatch.setattr(app_module, "is_public_address", lambda ip: True)
+    monkeypatch.setattr(app_module, "_resolve", slow_resolve)
+    c = make_client(tiny, allow_urls=True, url_timeout=0.2)
+    r = c.post("/knn-service", json={"image_url": f"http://localhost:{upstream}/ok.png"})
+    assert_json_error(r, 502, "could not be fetched")
+
+
 def test_public_address_rule():
     import ipaddress
 

@@ -781,8 +781,9 @@ def fetch_image(url: str, limit: int, timeout: float = 10.0) -> bytes:
     parts, port = _checked_url(url)
     deadline = time.monotonic() + timeout
     ip = _resolve(parts.hostname, port, timeout)
-    link = _PinnedLink(parts, port, ip, deadline)
+    link = None
     try:
+        link = _PinnedLink(parts, port, ip, deadline)  # inside: a lookup that used up the deadline is a 502 too
         return link.get(limit)
     except FetchError:
         raise
@@ -790,7 +791,8 @@ def fetch_image(url: str, limit: int, timeout: float = 10.0) -> bytes:
         raise FetchError(502, "image_url could not be fetched (connection failed, timed out or was "
                               "malformed)") from None
     finally:
-        link.close()
+        if link is not None:
+            link.close()
 
 
 def _checked_url(url: str):
