@@ -114,17 +114,25 @@ def efficientnet_pytorch_to_timm(state: dict, model) -> dict:
     and a block is an inverted residual (with ``_expand_conv``) or a depthwise-separable one."""
     flat = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
     expanded = {int(k.split(".")[1]) for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
+
+    def rename(parts: list[str]) -> str:
+        if parts[0] == "_blocks":
+            b = int(parts[1])
+            stage, index = flat[b]
+            table = _EFFNET_IR_BLOCK if b in expanded else _EFFNET_DS_BLOCK
+            return ".".join([f"blocks.{stage}.{index}", table[parts[2]], *parts[3:]])
+        return ".".join([_EFFNET_TOP[parts[0]], *parts[1:]])
+
+    return _renamed(state, model, rename)
+
+
+def _renamed(state: dict, model, rename) -> dict:
+    """``state`` with every tensor under ``rename(name.split("."))``; a name without a counterpart, or two
+    onto one, is a ConfigError (the explicit maps never guess)."""
     out = {}
     for key, tensor in state.items():
-        parts = key.split(".")
         try:
-            if parts[0] == "_blocks":
-                b = int(parts[1])
-                stage, index = flat[b]
-                table = _EFFNET_IR_BLOCK if b in expanded else _EFFNET_DS_BLOCK
-                new = ".".join([f"blocks.{stage}.{index}", table[parts[2]], *parts[3:]])
-            else:
-                new = ".".join([_EFFNET_TOP[parts[0]], *parts[1:]])
+            new = rename(key.split("."))
         except (KeyError, IndexError, ValueError):
             raise ConfigError(f"tensor {key!r} has no counterpart in timm's {type(model).__name__}") from None
         if new in out:
@@ -146,28 +154,21 @@ def torchvision_mobilenet_v2_to_timm(state: dict, model) -> dict:
     head conv."""
     flat = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
     last = len(flat) + 1  # the head conv's index among features
-    out = {}
-    for key, tensor in state.items():
-        parts = key.split(".")
-        try:
-            if parts[0] == "features" and parts[1] == str(last):
-                new = ".".join([{"0": "conv_head", "1": "bn2"}[parts[2]], *parts[3:]])
-            elif parts[0] == "features" and parts[1] != "0":
-                k = int(parts[1])
-                stage, index = flat[k - 1]
-                table = _TV_IR_BLOCK if f"features.{k}.conv.3.weight" in state else _TV_DS_BLOCK
-                inner = ".".join(parts[2:5]) if ".".join(parts[2:5]) in table else ".".join(parts[2:4])
-                rest = parts[2 + len(inner.split(".")):]
-                new = ".".join([f"blocks.{stage}.{index}", table[inner], *rest])
-            else:
-                new = ".".join([_TV_TOP[".".join(parts[:2]) if parts[0] == "classifier" else ".".join(parts[:3])],
-                                *(parts[2:] if parts[0] == "classifier" else parts[3:])])
-        except (KeyError, IndexError, ValueError):
-            raise ConfigError(f"tensor {key!r} has no counterpart in timm's {type(model).__name__}") from None
-        if new in out:
-            raise ConfigError(f"tensors map twice onto {new!r}")
-        out[new] = tensor
-    return out
+
+    def rename(parts: list[str]) -> str:
+        if parts[0] == "features" and parts[1] == str(last):
+            return ".".join([{"0": "conv_head", "1": "bn2"}[parts[2]], *parts[3:]])
+        if parts[0] == "features" and parts[1] != "0":
+            k = int(parts[1])
+            stage, index = flat[k - 1]
+            table = _TV_IR_BLOCK if f"features.{k}.conv.3.weight" in state else _TV_DS_BLOCK
+            inner = ".".join(parts[2:5]) if ".".join(parts[2:5]) in table else ".".join(parts[2:4])
+            rest = parts[2 + len(inner.split(".")):]
+            return ".".join([f"blocks.{stage}.{index}", table[inner], *rest])
+        return ".".join([_TV_TOP[".".join(parts[:2]) if parts[0] == "classifier" else ".".join(parts[:3])],
+                         *(parts[2:] if parts[0] == "classifier" else parts[3:])])
+
+    return _renamed(state, model, rename)
 
 
 KEY_MAPS = {"efficientnet_pytorch": efficientnet_pytorch_to_timm, "torchvision_mobilenet_v2": torchvision_mobilenet_v2_to_timm}

@@ -46,6 +46,13 @@ def pick_examples(scores: np.ndarray, correct: np.ndarray, n: int) -> tuple[list
     return successes, failures
 
 
+def _gallery_queries(scores: np.ndarray, correct: np.ndarray, n: int) -> tuple[list[tuple[str, int]], np.ndarray]:
+    """The gallery rows, ``("success" | "failure", query)`` (best successes first), and every query's rank."""
+    successes, failures = pick_examples(scores, correct, n)
+    queries = [("success", i) for i in successes] + [("failure", i) for i in failures]
+    return queries, ranks_of(scores, correct)
+
+
 def image_to_text_gallery(dataset: CaptionDataset, image_emb: torch.Tensor, text_emb: torch.Tensor,
                           out: str | Path, n: int = 3, title: str = "image → text") -> Path:
     """Rows: queries (best successes, then worst failures); each an image and its top-3 captions,
@@ -54,9 +61,7 @@ def image_to_text_gallery(dataset: CaptionDataset, image_emb: torch.Tensor, text
     scores = (torch.as_tensor(image_emb).float() @ torch.as_tensor(text_emb).float().T).numpy()
     owner = np.asarray(dataset.caption_image)
     correct = owner[None, :] == np.arange(len(scores))[:, None]
-    successes, failures = pick_examples(scores, correct, n)
-    ranks = ranks_of(scores, correct)
-    queries = [("success", i) for i in successes] + [("failure", i) for i in failures]
+    queries, ranks = _gallery_queries(scores, correct, n)
     paths = dataset.image_paths()
     rows_n = max(1, len(queries))
     fig = new_figure(1100, 180 * rows_n + 50)
@@ -95,9 +100,7 @@ def text_to_image_gallery(dataset: CaptionDataset, image_emb: torch.Tensor, text
     scores = (torch.as_tensor(text_emb).float() @ torch.as_tensor(image_emb).float().T).numpy()
     owner = np.asarray(dataset.caption_image)
     correct = np.arange(scores.shape[1])[None, :] == owner[:, None]
-    successes, failures = pick_examples(scores, correct, n)
-    ranks = ranks_of(scores, correct)
-    queries = [("success", i) for i in successes] + [("failure", i) for i in failures]
+    queries, ranks = _gallery_queries(scores, correct, n)
     paths = dataset.image_paths()
     rows_n = max(1, len(queries))
     fig = new_figure(1000, 200 * rows_n + 50)
