@@ -183,6 +183,53 @@ def test_probe_on_a_folder_without_splits_holds_out_a_stratified_test_set(labell
     assert res.returncode == 2 and "--method must be one of logistic, torch" in res.stdout
 
 
+def _json(obj):
+    from cliplab.utils import _json_default
+
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+@pytest.mark.slow
+def test_run_zeroshot_and_run_probe_from_python_match_the_commands(labelled_splits, tmp_path, cli):
+    """The library calls behind ``cliplab zeroshot`` / ``probe``, given loaded datasets instead of a path and
+    splits, give the commands' numbers; only the recorded split names differ."""
+    from cliplab.data.labelled import load_labelled
+    from cliplab.errors import CliplabError
+    from cliplab.experiments import ProbeRun, ZeroShotRun, run_probe, run_zeroshot
+
+    cache = tmp_path / "cache"
+    train, test = (load_labelled(labelled_splits, split=s) for s in ("train", "test"))
+    res = cli("zeroshot", labelled_splits, "-v", "photo", "--similarity", "cosine", "--top5", "3", "--self-train",
+              "train", "--self-train-fractions", "0.5,1", "--run-dir", tmp_path / "zs", cache=cache)
+    assert res.returncode == 0, res.stdout + res.stderr
+    logged = []
+    zs = run_zeroshot(test, "conse", variants=["photo"], similarity="cosine", top5=3, self_train=train,
+                      self_train_fractions=(0.5, 1), cache=cache, log=logged.append)
+    assert isinstance(zs, ZeroShotRun) and zs.run_dir is None and len(logged) == 2
+    assert all(line in res.stdout for line in logged)
+    cli_zs, lib_zs = json.loads((tmp_path / "zs" / "zeroshot.json").read_text()), _json(zs.to_dict())
+    assert list(lib_zs) == list(cli_zs) and set(zs.results) == {"photo|cosine", "self-trained photo|cosine"}
+    assert cli_zs["self_training"].pop("pool_split") == "train" and lib_zs["self_training"].pop("pool_split") == \
+        "shapes/train"
+    for rec in (cli_zs, lib_zs):
+        del rec["seconds"]
+    assert lib_zs == cli_zs
+
+    res = cli("probe", labelled_splits, "--method", "logistic", "--variant", "photo", "--few-shot", "3",
+              "--run-dir", tmp_path / "pr", cache=cache)
+    assert res.returncode == 0, res.stdout + res.stderr
+    pr = run_probe((train, test), "conse", methods=["logistic"], variant="photo", few_shot=3, cache=cache,
+                   run_dir=tmp_path / "pr-lib")
+    assert isinstance(pr, ProbeRun) and pr.run_dir == tmp_path / "pr-lib"
+    cli_pr = json.loads((tmp_path / "pr" / "probe.json").read_text())
+    assert json.loads((tmp_path / "pr-lib" / "probe.json").read_text()) == _json(pr.to_dict())
+    assert _json(pr.results) == cli_pr["results"] and pr.dataset == cli_pr["dataset"] and pr.feature_dim == 1280
+    assert (pr.protocol["train_split"], cli_pr["protocol"]["train_split"]) == ("shapes/train", "train")
+    assert pr.protocol_line().replace("shapes/", "") in res.stdout
+    with pytest.raises(CliplabError, match="run_dir|pip install"):  # figures need a folder (and the viz extra)
+        run_probe((train, test), "conse", plots=True)
+
+
 def small_sweep(caption_dir: Path, tmp_path: Path, grid: str) -> Path:
     """A sweep file over the test captions: 2 epochs of tiny heads, the given ``grid:`` lines."""
     sweep = tmp_path / "sweep.yaml"

@@ -211,18 +211,6 @@ def eval_retrieval(
     console.print(f"run directory: {out}", soft_wrap=True)
 
 
-def _labelled(data: str, split: Optional[str], classes: Optional[Path], rename: List[str]):
-    from cliplab.data.labelled import load_labelled, read_class_names
-
-    ds = load_labelled(data, split=split, class_names=read_class_names(classes) if classes else None)
-    if rename:
-        pairs = [r.split("=", 1) for r in rename]
-        if any(len(p) != 2 for p in pairs):
-            raise CliplabError("--rename takes OLD=NEW, e.g. --rename automobile=car")
-        ds = ds.renamed(dict(pairs))
-    return ds
-
-
 def _check_plots_extra(plots: bool) -> None:
     """``--plots`` needs the ``viz`` extra: say so before any work, not after training."""
     if plots:
@@ -237,18 +225,17 @@ def _check_choices(option: str, values, choices) -> None:
             raise CliplabError(f"{option} must be one of {', '.join(choices)}, not {v!r}")
 
 
-def _classification_table(results: dict[str, dict], title: str, key_label: str = "variant") -> tuple[str, Table]:
-    from cliplab.eval.tables import markdown_table
+def _classification_table(run) -> Table:
+    """A zero-shot or probe run's results as the printed table (the rows of its results.md)."""
+    from cliplab.experiments import classification_rows
 
-    header = [key_label, "accuracy", "top-5", "macro-F1", "macro-P", "macro-R"]
-    rows = [[name, f"{r['accuracy']:.2f}", f"{r.get('top5', float('nan')):.2f}", f"{r['macro_f1']:.2f}",
-             f"{r['macro_precision']:.2f}", f"{r['macro_recall']:.2f}"] for name, r in results.items()]
-    table = Table(title=title)
+    header, rows = classification_rows(run.results, run.key_label)
+    table = Table(title=run.title)
     for h in header:
-        table.add_column(h, justify="left" if h == key_label else "right")
+        table.add_column(h, justify="left" if h == run.key_label else "right")
     for row in rows:
         table.add_row(*row)
-    return f"### {title}\n\n" + markdown_table(header, rows), table
+    return table
 
 
 ClassesOpt = typer.Option(None, "--classes", help="file with one class name per line (fixes names and order)")
@@ -292,114 +279,23 @@ def zeroshot(
 ) -> None:
     """Zero-shot accuracy/F1 for prompt variants side by side, cosine vs dot product; optionally refined by
     self-training on unlabelled images (--self-train)."""
-    _check_plots_extra(plots)
-    import numpy as np
+    from cliplab.experiments import run_zeroshot
 
-    from cliplab.embed.cache import FeatureCache
-    from cliplab.embed.pipeline import encode_images
-    from cliplab.data.labelled import available_splits
-    from cliplab.eval.zeroshot import DEFAULT_VARIANTS, resolve_templates, similarities_for, zeroshot_experiment
-    from cliplab.models.factory import load_model
-    from cliplab.utils import resolve_device, write_json, write_text
-
-    _check_choices("--similarity", [similarity], ("cosine", "dot", "both"))
-    for v in variant:
-        resolve_templates(v)  # an unknown variant fails before any embedding
-    out = _run_dir(run_dir, "zeroshot")
-    dev = resolve_device(device)
-    if split is None and available_splits(data):
-        split = "test"
-    ds = _labelled(data, split, classes, rename)
-    st_config, pool = None, None
-    if self_train is not None:  # everything checked before any image is embedded
-        from cliplab.data.labelled import assert_disjoint
-        from cliplab.eval.self_training import SelfTrainingConfig
-
-        if self_train == (split or "all"):
-            raise CliplabError(f"--self-train {self_train}: the unlabelled pool must be another split than the one "
-                               "scored (--split)")
-        try:
-            fractions = tuple(float(f) for f in self_train_fractions.split(",") if f.strip())
-        except ValueError:
-            raise CliplabError(f"--self-train-fractions takes comma-separated numbers, not "
-                               f"{self_train_fractions!r}") from None
-        st_config = SelfTrainingConfig(fractions=fractions, c=self_train_c, seed=seed, selection=self_train_selection)
-        pool = _labelled(data, self_train, classes, rename)
-        if pool.class_names != ds.class_names:
-            raise CliplabError(f"--self-train {self_train}: its classes {pool.class_names} differ from the scored "
-                               f"split's {ds.class_names}")
-        assert_disjoint(pool, ds)
-    m = load_model(model)
-    sims = similarities_for(m, similarity)  # an ensemble defines cosine only
-    fm = load_model(features_model) if features_model else m
-    cache = FeatureCache(cache_dir)
-    t0 = time.time()
-    emb = encode_images(m, ds.images, cache=cache, device=dev, desc=f"{ds.name} images")
-    t_embed = time.time() - t0
-    picks = sorted(np.random.default_rng(seed).choice(len(ds), size=min(top5, len(ds)), replace=False).tolist())
-    result = zeroshot_experiment(m, emb, ds.labels, ds.class_names, variants=tuple(variant) or DEFAULT_VARIANTS,
-                                 similarities=sims, top_images=picks)
-    result.update({"dataset": ds.name, "model": model, "n_images": len(ds), "class_names": ds.class_names,
-                   "seconds": {"embed": t_embed, "classify": time.time() - t0 - t_embed}})
-    if pool is not None:
-        t1 = time.time()
-        result.update(_self_trained_zeroshot(m, fm, ds, pool, variant=variant[0] if variant else "clip80",
-                                             similarity=sims[0], config=st_config, cache=cache, device=dev,
-                                             flip_tta=features_flip, results=result["results"]))
-        result["self_training"].update({"pool_split": self_train, "features_model": features_model or model})
-        result["seconds"]["self_training"] = time.time() - t1
-    write_json(out / rundir.CONFIG, {"data": data, "split": split or "all", "model": model, "variants": variant,
-                                     "similarity": similarity, "rename": rename, "seed": seed,
-                                     "self_train": self_train, "features_model": features_model,
-                                     "features_flip": features_flip, "self_train_fractions": self_train_fractions,
-                                     "self_train_c": self_train_c, "self_train_selection": self_train_selection,
-                                     "provenance": rundir.provenance()})
-    write_json(out / rundir.ZEROSHOT, result)
-    md, table = _classification_table(result["results"], f"zero-shot: {ds.name} ({model})")
-    if "cosine_vs_dot" in result:
-        md += "\n" + result["cosine_vs_dot"]["explanation"] + "\n"
-    write_text(out / rundir.RESULTS_MD, md)
-    if plots:
-        from cliplab.viz.runs import plot_zeroshot
-
-        plot_zeroshot(out, result, ds.images, ds.labels)
-    console.print(table)
-    if "cosine_vs_dot" in result:
-        console.print(result["cosine_vs_dot"]["explanation"], highlight=False)
-    console.print(f"embedding: {t_embed:.1f}s, classification of all variants: {result['seconds']['classify']:.1f}s")
-    if "self_training" in result:
-        console.print(f"self-training: {result['self_training']['protocol']}", highlight=False)
-    console.print(f"run directory: {out}", soft_wrap=True)
-
-
-def _self_trained_zeroshot(model, features_model, ds, pool, *, variant: str, similarity: str, config, cache, device,
-                           flip_tta: bool, results: dict) -> dict:
-    """Self-train on ``pool`` (labels unread) from ``model``'s zero-shot probabilities; add the row scoring ``ds``."""
-    from cliplab.embed.pipeline import encode_images, image_tower_features
-    from cliplab.eval.classification import classification_metrics
-    from cliplab.eval.self_training import self_train
-    from cliplab.eval.zeroshot import ZeroShotClassifier
-
-    clf = ZeroShotClassifier(model, ds.class_names, variant, similarity)
-    pool_emb = encode_images(model, pool.images, cache=cache, device=device, desc=f"{pool.name} images (unlabelled)")
-    probs = clf.predict_proba(pool_emb).cpu().numpy()
-    x_pool = image_tower_features(features_model, pool.images, cache=cache, device=device, flip_tta=flip_tta,
-                                  desc=f"{pool.name} features")
-    x_test = image_tower_features(features_model, ds.images, cache=cache, device=device, flip_tta=flip_tta,
-                                  desc=f"{ds.name} features")
-    fitted = self_train(x_pool, probs, config, log=lambda msg: console.print(msg, highlight=False))
-    key = f"self-trained {variant}|{similarity}"
-    results[key] = {"variant": key, "similarity": similarity, "n_templates": len(clf.templates),
-                    "example": clf.templates[0].format(ds.class_names[0]),
-                    **classification_metrics(ds.labels, fitted.scores(x_test), ds.class_names)}
-    protocol = (f"zero-shot ({variant}, {similarity}) labels {len(pool)} unlabelled images of {pool.name} (their "
-                f"labels never read; disjoint from the scored images, checked); a logistic classifier on "
-                f"{x_pool.shape[1]}-d image features{' (flip-averaged)' if flip_tta else ''} is trained on the "
-                f"surest pseudo-labels ({config.selection} per class) over {len(config.fractions)} rounds, then scores "
-                f"{len(ds)} images of {ds.name} once: {results[key]['accuracy']:.2f}% "
-                f"(plain zero-shot {results[f'{variant}|{similarity}']['accuracy']:.2f}%)")
-    return {"self_training": {"key": key, "n_pool": len(pool), "feature_dim": int(x_pool.shape[1]),
-                              "flip_tta": flip_tta, "protocol": protocol, **fitted.summary()}}
+    run = run_zeroshot(data, model, split=split, variants=variant, similarity=similarity, classes=classes,
+                       rename=rename, top5=top5, self_train=self_train, features_model=features_model,
+                       features_flip=features_flip, self_train_fractions=self_train_fractions,
+                       self_train_c=self_train_c, self_train_selection=self_train_selection,
+                       run_dir=_run_dir(run_dir, "zeroshot"),
+                       cache=cache_dir, device=device, seed=seed, plots=plots,
+                       log=lambda msg: console.print(msg, highlight=False))
+    console.print(_classification_table(run))
+    if run.cosine_vs_dot:
+        console.print(run.cosine_vs_dot["explanation"], highlight=False)
+    console.print(f"embedding: {run.seconds['embed']:.1f}s, classification of all variants: "
+                  f"{run.seconds['classify']:.1f}s")
+    if run.self_training:
+        console.print(f"self-training: {run.self_training['protocol']}", highlight=False)
+    console.print(f"run directory: {run.run_dir}", soft_wrap=True)
 
 
 @app.command()
@@ -430,99 +326,19 @@ def probe(
     plots: bool = PlotsOpt,
 ) -> None:
     """Linear probe(s) on frozen image features vs zero-shot, on the same held-out test images."""
-    _check_plots_extra(plots)
-    from cliplab.data.labelled import assert_disjoint, available_splits
-    from cliplab.embed.cache import FeatureCache
-    from cliplab.embed.pipeline import encode_images, image_tower_features
-    from cliplab.eval.probe import VAL_FRACTION, check_probe_training_set, probe_vs_zeroshot
-    from cliplab.eval.zeroshot import ZeroShotClassifier, resolve_templates
-    from cliplab.models.factory import load_model
-    from cliplab.utils import resolve_device, write_json, write_text
+    from cliplab.experiments import run_probe
 
-    _check_choices("--method", method, ("logistic", "torch"))
-    resolve_templates(variant)
-    if flip_train and (not flip_tta or "torch" in method):
-        raise CliplabError("--flip-train needs --flip-tta (test images get the averaged features) and --method "
-                           "logistic only")
-    if few_shot < 0 or few_shot == 1:
-        raise CliplabError(f"--few-shot {few_shot}: needs 0 (all) or k >= 2 (one image per class is held out "
-                           "to choose the regularisation)")
-    out = _run_dir(run_dir, "probe")
-    dev = resolve_device(device)
-    cache = FeatureCache(cache_dir)
-    splits = available_splits(data)
-    if splits:
-        train_ds = _labelled(data, train_split or "train", classes, rename)
-        test_ds = _labelled(data, test_split or "test", classes, rename)
-        protocol = {"split": "dataset", "train_split": train_split or "train", "test_split": test_split or "test"}
-    else:
-        if train_split or test_split:
-            raise CliplabError(f"{data} has no splits (no train/ or test/ sub-folder, no split column): drop "
-                               "--train-split/--test-split, and --test-fraction holds out a test split")
-        train_ds, test_ds = _labelled(data, None, classes, rename).stratified_split(test_fraction, seed)
-        protocol = {"split": "held-out", "test_fraction": test_fraction, "seed": seed,
-                    "note": "stratified: the given fraction of each class, drawn at random with the seed"}
-    if train_ds.class_names != test_ds.class_names:
-        raise CliplabError(f"train and test classes differ: {train_ds.class_names} vs {test_ds.class_names}")
-    if few_shot:
-        train_ds = train_ds.few_shot(few_shot, seed)
-    assert_disjoint(train_ds, test_ds)  # never score a probe on images it was fitted on
-    check_probe_training_set(train_ds.labels, train_ds.class_names)  # before any feature is computed
-    protocol.update({"n_train": len(train_ds), "n_test": len(test_ds), "few_shot": few_shot, "flip_train": flip_train,
-                     "validation": f"{VAL_FRACTION:.0%} of each class of the training set picks the "
-                                   "hyperparameters, then the probe is refit on all training images"})
-    m = load_model(model)
-    t0 = time.time()
-    views = None
-    if flip_train:  # each view on its own; their mean is the flip-averaged feature
-        from cliplab.data.images import MirroredImages
-
-        views = [image_tower_features(m, imgs, cache=cache, device=dev, desc=f"{train_ds.name} images{tag}")
-                 for imgs, tag in ((train_ds.images, ""), (MirroredImages(train_ds.images), " (mirrored)"))]
-        xtr = (views[0] + views[1]) / 2
-    else:
-        xtr = image_tower_features(m, train_ds.images, cache=cache, device=dev, desc=f"{train_ds.name} images",
-                                   flip_tta=flip_tta)
-    xte = image_tower_features(m, test_ds.images, cache=cache, device=dev, desc=f"{test_ds.name} images",
-                               flip_tta=flip_tta)
-    emb = encode_images(m, test_ds.images, cache=cache, device=dev, progress=False)
-    zs = ZeroShotClassifier(m, test_ds.class_names, variant).scores(emb).cpu().numpy()
-    t1 = time.time()
-    results = probe_vs_zeroshot(xtr, train_ds.labels, xte, test_ds.labels, test_ds.class_names, methods=tuple(method),
-                                zeroshot_scores=zs, seed=seed, power_norm=power_norm, train_views=views)
-    summary = {"dataset": {"train": train_ds.name, "test": test_ds.name, "n_train": len(train_ds),
-                           "n_test": len(test_ds)}, "protocol": protocol, "model": model,
-               "feature_dim": int(xtr.shape[1]), "zeroshot_variant": variant, "results": results,
-               "seconds": {"features": t1 - t0, "fit": time.time() - t1}}
-    write_json(out / rundir.CONFIG, {"data": data, "model": model, "train_split": train_split,
-                                     "test_split": test_split, "test_fraction": test_fraction, "methods": method,
-                                     "few_shot": few_shot, "variant": variant, "seed": seed, "flip_tta": flip_tta,
-                                     "flip_train": flip_train, "power_norm": power_norm,
-                                     "provenance": rundir.provenance()})
-    write_json(out / rundir.PROBE, summary)
-    title = f"linear probe vs zero-shot: {test_ds.name} ({model})"
-    md, table = _classification_table(results, title, "method")
-    md += f"\nProtocol: {_probe_protocol_line(protocol)}\n"
-    write_text(out / rundir.RESULTS_MD, md)
-    if plots:
-        from cliplab.viz.runs import plot_probe
-
-        plot_probe(out, summary, xte, test_ds.labels, seed=seed)
-    console.print(table)
-    console.print(f"protocol: {_probe_protocol_line(protocol)}", highlight=False)
-    for name, r in results.items():
+    run = run_probe(data, model, train_split=train_split, test_split=test_split, test_fraction=test_fraction,
+                    methods=method, few_shot=few_shot, variant=variant, flip_tta=flip_tta, power_norm=power_norm,
+                    flip_train=flip_train, classes=classes, rename=rename, run_dir=_run_dir(run_dir, "probe"),
+                    cache=cache_dir, device=device, seed=seed, plots=plots)
+    console.print(_classification_table(run))
+    console.print(f"protocol: {run.protocol_line()}", highlight=False)
+    for name, r in run.results.items():
         if "fit" in r:
             console.print(f"{name}: {r['fit']['hyperparameters']} (validation accuracy {r['fit']['val_accuracy']:.2f})",
                           highlight=False)
-    console.print(f"run directory: {out}", soft_wrap=True)
-
-
-def _probe_protocol_line(p: dict) -> str:
-    where = (f"dataset splits {p['train_split']} -> {p['test_split']}" if p["split"] == "dataset" else
-             f"held-out stratified split, {p['test_fraction']:.0%} of each class for test (seed {p['seed']})")
-    shots = f", {p['few_shot']}-shot" if p.get("few_shot") else ""
-    views = "; fitted on each training image and its mirror" if p.get("flip_train") else ""
-    return f"{where}; {p['n_train']} train / {p['n_test']} test images{shots}, disjoint (checked){views}"
+    console.print(f"run directory: {run.run_dir}", soft_wrap=True)
 
 
 @app.command()
