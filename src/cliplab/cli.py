@@ -63,6 +63,9 @@ OnErrorOpt = typer.Option(None, "--on-error", help="raise (default) or skip bad 
 CacheOpt = typer.Option(None, "--cache-dir", help="feature cache folder (default $CLIPLAB_CACHE or ~/.cache/cliplab)")
 SetOpt = typer.Option([], "--set", "-s", help="config override KEY=VALUE, e.g. train.lr=3e-4 (repeatable)")
 PlotsOpt = typer.Option(False, "--plots", help="also write the figures (PNG + data) to RUN_DIR/plots/")
+RunDirOpt = typer.Option(None, "--run-dir", help="run folder to write (default runs/KIND-TIMESTAMP)")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda")
+SeedOpt = typer.Option(0, "--seed")
 BackendOpt = typer.Option("auto", help="frozen-tower inference: auto (ONNX Runtime on CPU, torch on CUDA), "
                                        "torch, onnx or onnx-int8 (quantised, changes results)")
 
@@ -78,7 +81,7 @@ def embed(
     on_error: Optional[str] = OnErrorOpt,
     cache_dir: Optional[Path] = CacheOpt,
     batch_size: int = typer.Option(64, help="images per forward pass"),
-    device: str = typer.Option("auto"),
+    device: str = DeviceOpt,
     backend: str = BackendOpt,
     engine: str = typer.Option("local", help="local, or ray: image chunks computed by a pool of Ray actors"),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else a "
@@ -169,10 +172,10 @@ def eval_retrieval(
                                     help="trained model dir, 'conse', or 'clip:SPEC' (see load_clip); repeatable"),
     split: str = typer.Option("test"),
     image_root: Optional[Path] = typer.Option(None),
-    run_dir: Optional[Path] = typer.Option(None),
+    run_dir: Optional[Path] = RunDirOpt,
     on_error: Optional[str] = OnErrorOpt,
     cache_dir: Optional[Path] = CacheOpt,
-    device: str = typer.Option("auto"),
+    device: str = DeviceOpt,
     plots: bool = PlotsOpt,
     flip_tta: Optional[bool] = typer.Option(None, "--flip-tta/--no-flip-tta", help="average each image's embedding "
                                             "with its mirror's (default: the model's setting; off for single models)"),
@@ -271,10 +274,10 @@ def zeroshot(
                                                               "pseudo-labels per class: for roughly balanced "
                                                               "classes) or proportional (a share of each class's "
                                                               "predictions: for unbalanced pools)"),
-    run_dir: Optional[Path] = typer.Option(None),
+    run_dir: Optional[Path] = RunDirOpt,
     cache_dir: Optional[Path] = CacheOpt,
-    device: str = typer.Option("auto"),
-    seed: int = typer.Option(0),
+    device: str = DeviceOpt,
+    seed: int = SeedOpt,
     plots: bool = PlotsOpt,
 ) -> None:
     """Zero-shot accuracy/F1 for prompt variants side by side, cosine vs dot product; optionally refined by
@@ -319,10 +322,10 @@ def probe(
                                          "(with --flip-tta; validation and test images keep the averaged features)"),
     classes: Optional[Path] = ClassesOpt,
     rename: List[str] = RenameOpt,
-    run_dir: Optional[Path] = typer.Option(None),
+    run_dir: Optional[Path] = RunDirOpt,
     cache_dir: Optional[Path] = CacheOpt,
-    device: str = typer.Option("auto"),
-    seed: int = typer.Option(0),
+    device: str = DeviceOpt,
+    seed: int = SeedOpt,
     plots: bool = PlotsOpt,
 ) -> None:
     """Linear probe(s) on frozen image features vs zero-shot, on the same held-out test images."""
@@ -431,7 +434,7 @@ def index(
                                              "at most one; chunks are keyed by their files)"),
     formats: str = typer.Option("jpeg,png,webp,bmp,gif", help="image formats to decode (comma-separated Pillow "
                                                               "names; tiff possible)"),
-    device: str = typer.Option("auto"),
+    device: str = DeviceOpt,
     engine: str = typer.Option("local", help="local, or ray (image chunks embedded by Ray actors)"),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)"),
     ray_actors: int = typer.Option(2),
@@ -586,7 +589,7 @@ def caption_features(
     out: Path = typer.Option(..., "--out", "-o", help="bundle file (.npz) to write"),
     config: str = typer.Option("flickr8k_caption", "--config", "-c"),
     overrides: List[str] = SetOpt,
-    device: str = typer.Option("auto"),
+    device: str = DeviceOpt,
 ) -> None:
     """Export the visual tokens + captions of train/dev/test to one file (train elsewhere with data.features)."""
     from cliplab.caption.train import CaptionRunConfig, export_bundle
@@ -610,7 +613,7 @@ def caption_eval(
     rerank_k: Optional[int] = typer.Option(None, help="consensus re-ranking against the captions of the K most "
                                                       "similar training images (0: off; default: the run's "
                                                       "decode.rerank_k)"),
-    device: str = typer.Option("auto"),
+    device: str = DeviceOpt,
     plots: bool = PlotsOpt,
 ) -> None:
     """Score a trained captioner (BLEU, METEOR, ROUGE-L, CIDEr-D, CLIPScore) beside the nearest-neighbour baseline."""
@@ -638,7 +641,7 @@ def caption_generate(
     rerank_k: int = typer.Option(0, help="consensus re-ranking of the beam's candidates against the captions of "
                                          "the K most similar training images (0: the beam's best)"),
     json_out: bool = typer.Option(False, "--json"),
-    device: str = typer.Option("auto"),
+    device: str = DeviceOpt,
 ) -> None:
     """Caption image files with a trained captioner."""
     import json as _json
@@ -739,9 +742,9 @@ def interpolate(
     captions2: Optional[str] = typer.Option(None, help="out-of-domain caption set (all its images)"),
     space: str = typer.Option("weights", help="weights: WiSE-FT weight mixes (one architecture); outputs: "
                                               "score ensembles (1-alpha)*A + alpha*B of any two models"),
-    run_dir: Optional[Path] = typer.Option(None),
+    run_dir: Optional[Path] = RunDirOpt,
     cache_dir: Optional[Path] = CacheOpt,
-    device: str = typer.Option("auto"),
+    device: str = DeviceOpt,
     plots: bool = PlotsOpt,
 ) -> None:
     """WiSE-FT: evaluate weight interpolations (or score ensembles) of two models in and out of domain."""
@@ -783,7 +786,7 @@ def ensemble(
     image_root: Optional[Path] = typer.Option(None),
     run_dir: Optional[Path] = typer.Option(None, help="the ensemble folder to write (a loadable model)"),
     cache_dir: Optional[Path] = CacheOpt,
-    device: str = typer.Option("auto"),
+    device: str = DeviceOpt,
 ) -> None:
     """Choose score-ensemble weights of several models on dev data; writes a model folder (ensemble.json)."""
     from cliplab.train.ensemble import choose_ensemble
