@@ -80,8 +80,9 @@ def test_train_generate_reload_and_resume(caption_dir, tiny_lm, tmp_path, monkey
 
     cfg = caption_config(caption_dir, tiny_lm, tmp_path / "cache", "lora", epochs=2)
     ref = train_captioner(cfg, tmp_path / "full", progress=False, log=lambda m: None)
-    assert ref["best_epoch"] >= 0 and (tmp_path / "full" / "best" / "captioner.safetensors").is_file()
     rows = read_metrics(tmp_path / "full")
+    assert ref["best_epoch"] == int(np.argmax([r["dev"]["cider"] for r in rows]))
+    assert (tmp_path / "full" / "best" / "captioner.safetensors").is_file()
     assert [r["epoch"] for r in rows] == [0, 1] and all(np.isfinite(r["train_loss"]) for r in rows)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
 

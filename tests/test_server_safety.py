@@ -453,6 +453,25 @@ def test_text_queue_is_bounded(tiny):
     assert len(busy) >= 2 and len(answered) == 5 - len(busy) and enc.pending.maxsize == 2
 
 
+def _read_answer(s: socket.socket) -> str:
+    """One whole HTTP answer from a raw socket (headers and body may arrive in separate segments)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            return data.decode("latin-1")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode("latin-1")
+
+
 def test_a_stalled_body_is_cut_off(tiny):
     from cliplab.serve.app import ServerSettings, create_app
 
@@ -462,11 +481,11 @@ def test_a_stalled_body_is_cut_off(tiny):
         with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
             s.sendall(b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                       b"Content-Length: 1000\r\n\r\n{\"text\": ")
-            answer = s.recv(4096).decode("latin-1")
+            answer = _read_answer(s)
         assert answer.startswith("HTTP/1.1 408") and "not received within" in answer
         with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
             s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
-            answer = s.recv(4096).decode("latin-1")
+            answer = _read_answer(s)
         assert answer.startswith("HTTP/1.1 431")
 
 
