@@ -96,6 +96,9 @@ def embed(
     from cliplab.utils import resolve_device, write_json
 
     cfg = _load_config(config, data, on_error, cache_dir, [])
+    if cfg.model_kind != "twotower":
+        raise CliplabError(f"--config: `cliplab embed` caches the frozen towers of a two-tower config; this one's "
+                           f"model.kind is {cfg.model_kind!r} (its embeddings are computed by `eval retrieval -m`)")
     out = _run_dir(run_dir, "embed")
     t0 = time.time()
     ds = load_caption_dataset(data, split, image_root=image_root, on_error=cfg.data.on_error)
