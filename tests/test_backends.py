@@ -106,3 +106,24 @@ def test_draft_mode_decodes_large_jpeg_smaller(tmp_path):
     assert load_rgb(tmp_path / "big.jpg").size == (2000, 1600)
     small = load_rgb(tmp_path / "big.jpg", draft_size=224)
     assert min(small.size) >= 224 and small.size[0] < 2000 and small.size == (500, 400)
+
+
+def test_search_queries_encode_text_through_onnx_with_the_same_embeddings(towers):
+    """The server's query text path (ONNX Runtime text tower + the model's projection) gives encode_text's
+    embeddings; a model it cannot export keeps encode_text."""
+    from cliplab.models.factory import create_conse
+    from cliplab.serve import query
+
+    model = create_conse(*towers).eval()
+    encode = query.query_text_encoder(model)
+    texts = ["a dog running on the beach", "two children playing football in a park"]
+    with torch.inference_mode():
+        got, ref = encode(texts), model.encode_text(texts, normalize=True)
+    assert cosine(ref, got).min() >= 0.9999
+    runs_onnx = lambda f: any(isinstance(c.cell_contents, OnnxTextTower) for c in f.__closure__ or ())  # noqa: E731
+    assert runs_onnx(encode)
+    model.text_tower.onnx_exportable = False  # an instance attribute over the class's True
+    try:
+        assert not runs_onnx(query.query_text_encoder(model))
+    finally:
+        del model.text_tower.onnx_exportable

@@ -92,6 +92,22 @@ def decode_image_bytes(data: bytes, max_pixels: int, side: int = QUERY_SIDE) -> 
     return rgb.reduce(factor) if factor >= 2 else rgb
 
 
+def query_text_encoder(model):
+    """``texts -> unit embeddings`` for queries: a model over an exportable cliplab text tower on the CPU runs
+    that tower in ONNX Runtime (one query in ~8 ms instead of ~18 ms on 2 cores; the same embedding, as the
+    ONNX backend's parity tests check), then its own projection; anything else through ``encode_text``."""
+    from cliplab.embed.backends import OnnxTextTower, resolve_backend
+    from cliplab.embed.extract import _exportable
+    from cliplab.models.base import TowerModel
+
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if not (isinstance(model, TowerModel) and on_cpu and _exportable(model.text_tower)
+            and resolve_backend("auto", torch.device("cpu")) == "onnx"):
+        return lambda texts: model.encode_text(texts, normalize=True)
+    onnx = OnnxTextTower(model.text_tower)  # single-threaded session: the other core serves HTTP meanwhile
+    return lambda texts: model.project_text(onnx.encode(list(texts)).float(), normalize=True)
+
+
 class QueryEncoder:
     """Embeds query terms with the index's model; thread-safe. Text queries that arrive together are encoded
     in one batch (a worker thread takes every query waiting while the previous batch ran: no added wait
@@ -100,6 +116,7 @@ class QueryEncoder:
 
     def __init__(self, model, cache_size: int = 1024, max_batch: int = 64, max_pending: int = 512) -> None:
         self.model = model.eval()
+        self.encode_text = query_text_encoder(self.model)
         self.flip_tta = flip_tta_of(model, None)  # as the index was built
         self.lock = threading.Lock()  # one model call at a time (fast tokenizers are not re-entrant)
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -120,7 +137,7 @@ class QueryEncoder:
             texts = list(dict.fromkeys(t for t, _ in items))
             try:
                 with self.lock, torch.inference_mode():
-                    z = self.model.encode_text(texts, normalize=True).float().cpu().numpy()
+                    z = self.encode_text(texts).float().cpu().numpy()
                 self.batches.append(len(texts))
                 by_text = dict(zip(texts, z))
                 for t, fut in items:
