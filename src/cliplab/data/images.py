@@ -23,6 +23,13 @@ def check_formats(formats: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return out
 
 
+def draft_short_side(im: Image.Image, side: int) -> None:
+    """Let a JPEG decode at 1/2-1/8 scale (PIL draft mode) while its short side stays >= ``side``."""
+    w, h = im.size
+    short = max(1, min(w, h))
+    im.draft("RGB", (-(-side * w // short), -(-side * h // short)))
+
+
 def load_rgb(path: str | Path, draft_size: int | None = None, max_pixels: int | None = None,
              formats: tuple[str, ...] | None = None) -> Image.Image:
     """Open an image as RGB, fully decoded; raise :class:`DataError` naming the file when it is missing or corrupt.
@@ -39,9 +46,7 @@ def load_rgb(path: str | Path, draft_size: int | None = None, max_pixels: int | 
             if max_pixels is not None and w * h > max_pixels:
                 raise DataError(f"image too large: {path} ({w}x{h} pixels, limit {max_pixels})")
             if draft_size and im.format == "JPEG":
-                w, h = im.size
-                short = max(1, min(w, h))  # ask for a size whose short side stays >= draft_size
-                im.draft("RGB", (-(-draft_size * w // short), -(-draft_size * h // short)))
+                draft_short_side(im, draft_size)
             im.load()
             return im.convert("RGB")
     except FileNotFoundError:

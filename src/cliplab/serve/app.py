@@ -139,7 +139,7 @@ class SearchService:
         if self.fingerprint != self.index.info["model_fingerprint"]:
             raise ConfigError(f"the model {self.index.info['model']!r} no longer matches the one that built "
                               f"{settings.index_dir} (its weights changed); rebuild the index")
-        self.encoder = QueryEncoder(self.model)
+        self.encoder = QueryEncoder(self.model, onnx_text=True)
         self.problem: str | None = None
 
     def _pointer(self) -> tuple | None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cliplab.data.images import SAFE_IMAGE_FORMATS
+from cliplab.data.images import SAFE_IMAGE_FORMATS, draft_short_side
 from cliplab.embed.pipeline import flip_tta_of
 from cliplab.errors import CliplabError, DataError
 from cliplab.models.ensemble import image_inputs
@@ -78,8 +78,7 @@ def decode_image_bytes(data: bytes, max_pixels: int, side: int = QUERY_SIDE) -> 
             if w * h > (4 * max_pixels if jpeg else max_pixels):
                 raise DataError(f"image too large: {w}x{h} pixels (limit {max_pixels})")
             if jpeg:
-                short = max(1, min(w, h))
-                im.draft("RGB", (-(-side * w // short), -(-side * h // short)))  # short side stays >= side
+                draft_short_side(im, side)
                 if im.size[0] * im.size[1] > max_pixels:
                     raise DataError(f"image too large: {w}x{h} pixels (limit {max_pixels})")
             im.load()
@@ -112,11 +111,14 @@ class QueryEncoder:
     """Embeds query terms with the index's model; thread-safe. Text queries that arrive together are encoded
     in one batch (a worker thread takes every query waiting while the previous batch ran: no added wait
     for a lone query, several times the throughput under load); at most ``max_pending`` texts wait (then
-    :class:`QueryBusy`); recent texts are kept in an LRU cache."""
+    :class:`QueryBusy`); recent texts are kept in an LRU cache. ``onnx_text``: encode texts through
+    :func:`query_text_encoder` (worth its session start in a long-lived server, not for one CLI query)."""
 
-    def __init__(self, model, cache_size: int = 1024, max_batch: int = 64, max_pending: int = 512) -> None:
+    def __init__(self, model, cache_size: int = 1024, max_batch: int = 64, max_pending: int = 512,
+                 onnx_text: bool = False) -> None:
         self.model = model.eval()
-        self.encode_text = query_text_encoder(self.model)
+        self.encode_text = (query_text_encoder(self.model) if onnx_text else
+                            lambda texts: self.model.encode_text(texts, normalize=True))
         self.flip_tta = flip_tta_of(model, None)  # as the index was built
         self.lock = threading.Lock()  # one model call at a time (fast tokenizers are not re-entrant)
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
