@@ -504,23 +504,71 @@ def _add_error_handlers(app) -> None:
 
 def _add_guard(app, ctx: SearchContext) -> None:
     """The middleware: admission before any handler, the session cookie, nosniff and no-referrer, metrics."""
-    from fastapi import Request
+    app.add_middleware(_Guard, ctx=ctx)
 
-    admit, session, metrics = ctx.admission, ctx.admission.session, ctx.metrics
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        t0 = time.perf_counter()
-        response, set_cookie = await admit(request)
-        if response is None:
-            response = await call_next(request)
-        if set_cookie and response.status_code < 400:
-            response.set_cookie(COOKIE, session, httponly=True, samesite="strict", path="/",
-                                secure=request.url.scheme == "https")
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        metrics.observe(request.url.path, response.status_code, time.perf_counter() - t0)
-        return response
+class _Guard:
+    """A pure ASGI middleware (Starlette's ``BaseHTTPMiddleware`` costs a task and a stream per request)."""
+
+    def __init__(self, app, ctx: SearchContext) -> None:
+        self.app, self.admit, self.metrics = app, ctx.admission, ctx.metrics
+        self.cookie = self._cookie_header(ctx.admission.session) if ctx.admission.session else None
+
+    @staticmethod
+    def _cookie_header(session: str) -> tuple[str, str]:
+        from starlette.responses import Response
+
+        response = Response()
+        response.set_cookie(COOKIE, session, httponly=True, samesite="strict", path="/")
+        return "set-cookie", response.headers["set-cookie"]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.datastructures import MutableHeaders
+        from starlette.requests import Request
+
+        t0, status = time.perf_counter(), [500]
+        request = Request(scope, receive)
+        early, set_cookie = await self.admit(request)
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers["X-Content-Type-Options"] = "nosniff"
+                headers["Referrer-Policy"] = "no-referrer"
+                if set_cookie and self.cookie and message["status"] < 400:
+                    headers.append(*self._secure(self.cookie, scope))
+            await send(message)
+
+        try:
+            if early is not None:
+                await early(scope, receive, send_with_headers)
+            else:
+                await self.app(scope, _replay(request, receive), send_with_headers)
+        finally:
+            self.metrics.observe(scope["path"], status[0], time.perf_counter() - t0)
+
+    @staticmethod
+    def _secure(cookie: tuple[str, str], scope) -> tuple[str, str]:
+        return (cookie[0], cookie[1] + "; secure") if scope.get("scheme") == "https" else cookie
+
+
+def _replay(request, receive):
+    """The ASGI ``receive`` for the handler: the body admission already read, then the real channel."""
+    body = getattr(request, "_body", None)
+    if body is None:
+        return receive
+    sent = [False]
+
+    async def replay():
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _api_models(settings: ServerSettings) -> SimpleNamespace:
