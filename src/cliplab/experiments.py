@@ -1,4 +1,4 @@
-"""Zero-shot classification and linear probes as library calls: what ``cliplab zeroshot`` and ``cliplab probe`` do.
+"""Evaluation protocols as library calls: what ``cliplab eval zeroshot | probe | retrieval`` and ``cliplab embed`` do.
 
 :func:`run_zeroshot` and :func:`run_probe` check every setting before any image is embedded, run the protocol
 (splits, self-training on an unlabelled pool, few-shot subsets, mirrored views) and return a result object,
@@ -401,3 +401,115 @@ def _probe_features(model, train_ds: LabelledImages, test_ds: LabelledImages, *,
     xte = image_tower_features(model, test_ds.images, cache=cache, device=device, desc=f"{test_ds.name} images",
                                flip_tta=flip_tta)
     return xtr, views, xte
+
+
+@dataclass(kw_only=True)
+class RetrievalRun(_Run):
+    """:func:`run_retrieval`'s result: Recall@K, MRR and ranks both ways per model (``metrics.json``)."""
+
+    record_file: ClassVar[str] = rundir.EVAL_METRICS
+    key_label: ClassVar[str] = "model"
+    results: dict  # model spec -> retrieval metrics
+    dataset: str
+    split: str
+    skipped: dict = field(default_factory=dict)  # model spec -> the dataset's skip report (``on_error="skip"``)
+
+    @property
+    def title(self) -> str:
+        return f"retrieval: {self.dataset}"
+
+    def to_dict(self) -> dict:
+        return dict(self.results)  # ``metrics.json`` holds model -> metrics, as it always has
+
+    def markdown(self) -> str:
+        from cliplab.eval.tables import retrieval_markdown
+
+        return retrieval_markdown(self.results, self.dataset)
+
+
+def run_retrieval(data, models: Sequence, *, split: str = "test", image_root: Optional[str | Path] = None,
+                  on_error: str = "raise", cache: FeatureCache | str | Path | None = None, device="auto",
+                  flip_tta: Optional[bool] = None, run_dir: Optional[str | Path] = None,
+                  plots: bool = False) -> RetrievalRun:
+    """Recall@1/5/10 both ways, MRR and ranks of each model (specs or loaded models) on one split of a caption
+    dataset (a path or a :class:`~cliplab.data.captions.CaptionDataset`); written to ``run_dir`` when given."""
+    from cliplab.data.captions import CaptionDataset, load_caption_dataset
+    from cliplab.embed.pipeline import encode_dataset
+    from cliplab.eval.retrieval import retrieval_metrics
+
+    _check_plots(plots, run_dir)
+    _check_choices("--on-error", [on_error], ("raise", "skip"))
+    dev = resolve_device(device)
+    ds = data if isinstance(data, CaptionDataset) else load_caption_dataset(data, split, image_root=image_root,
+                                                                              on_error=on_error)
+    cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    run = RetrievalRun(results={}, dataset=ds.name, split=split)
+    spaces, used = {}, ds
+    for spec in models:
+        name = str(_describe(spec))
+        img, txt, used = encode_dataset(_model(spec), ds, cache=cache, on_error=on_error, device=dev,
+                                        flip_tta=flip_tta)
+        run.results[name] = retrieval_metrics(img, txt, used.caption_image, device=dev).metrics
+        run.skipped[name] = used.skipped
+        spaces[name] = (img, txt)
+    run.config = {"data": _describe(data), "split": split, "models": [_describe(m) for m in models],
+                  "on_error": on_error, "flip_tta": flip_tta}
+    if run_dir is not None:
+        run.write(run_dir)
+        if plots:
+            from cliplab.viz.runs import plot_retrieval
+
+            plot_retrieval(run.run_dir, used, spaces)
+    return run
+
+
+@dataclass(kw_only=True)
+class EmbedRun(_Run):
+    """:func:`run_embed`'s result: what was computed or reused (``embed.json``)."""
+
+    record_file: ClassVar[str] = rundir.EMBED
+    key_label: ClassVar[str] = "field"
+    summary: dict  # dataset, images, captions, image_dim, text_dim, reused_cache, seconds, skip counts
+    skipped: Any = None  # the dataset's skip report
+
+    @property
+    def title(self) -> str:
+        return f"features: {self.summary['dataset']}"
+
+    def to_dict(self) -> dict:
+        return dict(self.summary)
+
+    def markdown(self) -> str:
+        return f"### {self.title}\n\n" + markdown_table(["field", "value"],
+                                                         [[k, str(v)] for k, v in self.summary.items()])
+
+
+def run_embed(data, image_tower, text_tower, *, split: str = "all",
+              image_root: Optional[str | Path] = None, on_error: str = "raise",
+              cache: FeatureCache | str | Path | None = None, device="auto", batch_size: int = 64,
+              backend: str = "auto", engine: str = "local", ray_address: Optional[str] = None, ray_actors: int = 2,
+              run_dir: Optional[str | Path] = None) -> EmbedRun:
+    """Compute (or reuse from the feature cache) the frozen image- and text-tower features of a caption dataset;
+    ``image_tower`` / ``text_tower`` are tower configs (a run config's ``model.image`` / ``model.text``)."""
+    from cliplab.data.captions import load_caption_dataset
+    from cliplab.embed.pipeline import tower_features
+    from cliplab.models.factory import pretrained_tower
+
+    _check_choices("--on-error", [on_error], ("raise", "skip"))
+    t0 = time.time()
+    ds = load_caption_dataset(data, split, image_root=image_root, on_error=on_error)
+    feats = tower_features(pretrained_tower(image_tower), pretrained_tower(text_tower), ds,
+                           cache=cache if isinstance(cache, FeatureCache) else FeatureCache(cache),
+                           on_error=on_error, device=resolve_device(device), image_batch_size=batch_size,
+                           backend=backend, engine=engine, ray_address=ray_address, ray_actors=ray_actors)
+    summary = {"dataset": feats.dataset.name, "images": feats.dataset.num_images,
+               "captions": feats.dataset.num_captions, "image_dim": int(feats.image.shape[1]),
+               "text_dim": int(feats.text.shape[1]), "reused_cache": feats.reused,
+               "seconds": round(time.time() - t0, 2), **feats.dataset.skipped.to_dict()}
+    run = EmbedRun(summary=summary, skipped=feats.dataset.skipped)
+    record = {side: t.to_dict() if hasattr(t, "to_dict") else t for side, t in (("image", image_tower),
+                                                                                ("text", text_tower))}
+    run.config = {"data": _describe(data), "split": split, "model": record}
+    if run_dir is not None:
+        run.write(run_dir)
+    return run

@@ -198,3 +198,9 @@ def provenance() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return out
+
+
+def caption_results(split: str) -> str:
+    """The file ``cliplab caption eval`` writes for a split: ``captions.json`` (test) or ``captions_SPLIT.json``
+    (scoring dev never replaces the test captions)."""
+    return CAPTIONS if split == "test" else f"captions_{split}.json"

@@ -197,3 +197,23 @@ class QueryEncoder:
         if not np.isfinite(norm) or norm < 1e-6:
             raise DataError("the query terms cancel out (their sum is zero)")
         return (total / norm).astype(np.float32), used
+
+
+def search_index(index_dir: str | Path, query: list[str], k: int = 10, *, device: str = "cpu") -> list[dict]:
+    """The ``k`` best images of an index for an rclip-style query (texts, image files and ``id:N`` combined with
+    ``+`` and ``-``), each a dict with rank, id, score, path, file, width, height and captions."""
+    from cliplab.models.factory import load_model
+    from cliplab.serve.index import PhotoIndex
+
+    if k < 1:
+        raise CliplabError("-k must be >= 1")
+    index = PhotoIndex(index_dir)
+    terms = parse_cli_query(list(query))
+    model = load_model(index.info["model"], device=device)
+    if model.fingerprint() != index.info["model_fingerprint"]:
+        raise CliplabError(f"{index.info['model']!r} is not the model {index_dir} was built with; rebuild the index")
+    vector, used = QueryEncoder(model).compose(terms, index)
+    hits = index.search(vector, k, exclude=used)
+    return [{"rank": r, "id": h["id"], "score": h["score"], "path": h["path"],
+             "file": str(index.roots[h["root"]] / h["path"]), "width": h["width"], "height": h["height"],
+             "captions": h["captions"]} for r, h in enumerate(hits, 1)]

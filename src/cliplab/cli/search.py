@@ -1,0 +1,122 @@
+"""Photo search commands: ``index``, ``search`` and ``serve``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from cliplab.cli.common import DeviceOpt, app, console, log_line, print_table
+
+
+@app.command()
+def index(
+    paths: List[Path] = typer.Argument(..., help="photo folders (searched recursively) or caption datasets "
+                                                 "(Flickr8k folder, COCO/Karpathy JSON, CSV/JSONL)"),
+    out: Path = typer.Option(..., "--out", "-o", help="index folder: new, empty or an existing index (anything "
+                                                      "else is refused; one inside a photo folder is not indexed)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="run/model folder, 'conse' or 'clip:SPEC' "
+                                                                    "(default: the index's model, else conse)"),
+    rebuild: bool = typer.Option(False, help="re-embed everything (needed to change the model)"),
+    faiss_kind: str = typer.Option("auto", "--faiss", help="auto (exact below 50k images, HNSW above), flat, "
+                                                           "hnsw or ivf"),
+    dtype: str = typer.Option("float32", help="stored vectors: float32 or float16"),
+    max_pixels: int = typer.Option(100_000_000, help="skip images declaring more pixels than this"),
+    batch_size: int = typer.Option(64),
+    chunk_size: int = typer.Option(256, help="images per resumable work chunk, on average (a killed run loses "
+                                             "at most one; chunks are keyed by their files)"),
+    formats: str = typer.Option("jpeg,png,webp,bmp,gif", help="image formats to decode (comma-separated Pillow "
+                                                              "names; tiff possible)"),
+    device: str = DeviceOpt,
+    engine: str = typer.Option("local", help="local, or ray (image chunks embedded by Ray actors)"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)"),
+    ray_actors: int = typer.Option(2),
+    json_out: bool = typer.Option(False, "--json", help="print the build report as JSON"),
+) -> None:
+    """Index photos for search: embeddings + FAISS + SQLite metadata; re-runs embed only new/changed files."""
+    from cliplab.serve.index import IndexBuilder
+    from cliplab.utils import resolve_device
+
+    builder = IndexBuilder(out, model, rebuild=rebuild, faiss_kind=faiss_kind, dtype=dtype,
+                           device=str(resolve_device(device)), batch_size=batch_size, max_pixels=max_pixels,
+                           chunk_size=chunk_size, engine=engine, ray_address=ray_address, ray_actors=ray_actors,
+                           formats=[f.strip() for f in formats.split(",") if f.strip()], log=log_line,
+                           progress=not json_out)
+    report = builder.build(paths)
+    if json_out:
+        print(json.dumps(report.to_dict()))
+        return
+    _print_build_report(report, out)
+
+
+def _print_build_report(report, out: Path) -> None:
+    table = Table(title=f"index {out} (generation {report.generation})", show_header=False, title_justify="left")
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    for key in ("total", "new", "changed", "unchanged", "removed", "embedded", "faiss", "recall_at_10"):
+        value = getattr(report, key)
+        table.add_row(key, "" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value)))
+    table.add_row("skipped", str(len(report.skipped)))
+    table.add_row("seconds", f"{report.seconds:.1f}")
+    console.print(table)
+    for rel, reason in report.skipped[:20]:
+        console.print(f"  skipped {rel}: {reason}", highlight=False, markup=False)
+    if len(report.skipped) > 20:
+        console.print(f"  ... {len(report.skipped) - 20} more (listed in the index's skipped table)")
+
+
+@app.command()
+def search(
+    index_dir: Path = typer.Argument(..., metavar="INDEX", help="index folder made by `cliplab index`"),
+    query: List[str] = typer.Argument(None, help='text and/or image files, combined with + and -, e.g. '
+                                                 '"beach" + me.jpg - "people"; id:N is an indexed image'),
+    k: int = typer.Option(10, "-k", help="number of results"),
+    image: List[Path] = typer.Option([], "--image", help="an image query (added to the text)"),
+    json_out: bool = typer.Option(False, "--json", help="print results as JSON"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Search an index by text, image or both (rclip-style + and - combinations)."""
+    from cliplab.errors import CliplabError
+    from cliplab.serve.query import search_index
+
+    for p in image:
+        if not p.is_file():
+            raise CliplabError(f"image not found: {p}")
+    hits = search_index(index_dir, list(query or []) + [str(p) for p in image], k, device=device)
+    if json_out:
+        print(json.dumps(hits))
+        return
+    print_table(["rank", "score", "path"], [[h["rank"], f"{h['score']:.4f}", h["file"]] for h in hits],
+                f"{' '.join(query or [])}", left=["path"])
+
+
+@app.command()
+def serve(
+    index_dir: Path = typer.Argument(..., metavar="INDEX", help="index folder made by `cliplab index`"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default; any other needs --token)"),
+    port: int = typer.Option(8000),
+    token: Optional[str] = typer.Option(None, envvar="CLIPLAB_TOKEN",
+                                        help="require this bearer token (16+ characters; a session cookie after)"),
+    no_auth: bool = typer.Option(False, "--no-auth", help="serve off loopback without a token (anyone who can "
+                                                          "reach the address can search and download the images)"),
+    allowed_host: List[str] = typer.Option([], "--allowed-host", help="another Host name clients use "
+                                           "(repeatable; *.example.org patterns); loopback and --host always count"),
+    max_upload_mb: float = typer.Option(10.0, help="largest accepted upload"),
+    max_upload_mp: float = typer.Option(25.0, help="most megapixels decoded from a query image (JPEGs decode "
+                                                   "reduced, so they may declare 4x this)"),
+    max_k: int = typer.Option(200, help="largest number of results per query"),
+    allow_urls: bool = typer.Option(False, help="let /knn-service fetch image_url from public addresses "
+                                                "(off: the server fetches nothing)"),
+    thumb_dir: Optional[Path] = typer.Option(None, help="thumbnail cache (default $CLIPLAB_CACHE/thumbs)"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Serve an index: web page at /, JSON API (/api/search, clip-retrieval's /knn-service), /docs, /metrics."""
+    from cliplab.serve.app import ServerSettings, serve as run_server
+
+    settings = ServerSettings(index_dir, token=token, host=host, allowed_hosts=allowed_host,
+                              max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_upload_mp * 1e6),
+                              max_k=max_k, allow_urls=allow_urls, thumb_dir=thumb_dir, device=device)
+    run_server(settings, port=port, no_auth=no_auth, log=log_line)
