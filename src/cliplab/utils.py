@@ -8,6 +8,7 @@ import os
 import random
 import re
 import secrets
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -168,3 +169,17 @@ def default_cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
     return Path(base) / "cliplab"
+
+
+def make_module_callable(name: str, target: Callable[[], Callable]) -> None:
+    """Let ``module(...)`` run ``target()(...)``: the notebook API's verbs that are also package names
+    (``cliplab.train(...)``, ``cliplab.caption.train(...)``); ``target`` is looked up on each call (no cycles)."""
+    import types
+
+    module = sys.modules[name]
+
+    class CallableModule(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return target()(*args, **kwargs)
+
+    module.__class__ = CallableModule

@@ -1,0 +1,214 @@
+"""The notebook API: the CLI's operations as Python calls with the same defaults and run folders.
+
+``import cliplab`` exposes these (loaded on first use, so importing cliplab stays cheap)::
+
+    import cliplab
+    model = cliplab.load_model("conse")
+    zs = cliplab.zeroshot(model, "../shared/data/cifar10", prompts=["clip80"], similarity="cosine")
+    zs.table()                      # a pandas DataFrame (rows without pandas)
+    pr = cliplab.probe(model, "../shared/data/cifar10")
+    run = cliplab.train("flickr8k_heads", overrides={"train.epochs": 5}, run_dir="runs/heads")
+    cliplab.evaluate([model, run.run_dir], "../shared/data/flickr8k", split="test").table()
+    cliplab.Index("runs/photos-index").search("a dog on the beach")
+
+Each call runs the same library function as its command (``cliplab eval zeroshot`` -> :func:`zeroshot`, see
+``docs/python_api.md``), so a notebook and a command give identical numbers and folders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+__all__ = ["load_model", "zeroshot", "probe", "evaluate", "train", "sweep", "report", "Index", "Table", "TrainRun"]
+
+
+def load_model(spec, *, device: str = "cpu"):
+    """A model by spec: a run or model folder, ``conse``, ``clip:ARCH[@TAG]`` / ``clip:PATH``, an ensemble folder."""
+    from cliplab.models.factory import load_model as factory_load
+
+    return factory_load(spec, device=device)
+
+
+def zeroshot(model, data, *, prompts: Sequence[str] = (), similarity: str = "both", split: Optional[str] = None,
+             run_dir: Optional[str | Path] = None, **options):
+    """``cliplab eval zeroshot``: accuracy / macro-F1 per prompt variant and similarity (a
+    :class:`~cliplab.experiments.ZeroShotRun`); ``prompts``: named sets or templates with ``{}``."""
+    from cliplab.experiments import run_zeroshot
+
+    return run_zeroshot(data, model, split=split, variants=list(prompts), similarity=similarity, run_dir=run_dir,
+                        **options)
+
+
+def probe(model, train, test=None, *, run_dir: Optional[str | Path] = None, **options):
+    """``cliplab eval probe``: linear probe(s) on frozen image features vs zero-shot on the same test images.
+    ``train`` is a labelled path (its train/test splits are used) or a dataset; ``test`` a second dataset."""
+    from cliplab.experiments import run_probe
+
+    data = train if test is None else (train, test)
+    return run_probe(data, model, run_dir=run_dir, **options)
+
+
+def evaluate(models, data, *, split: str = "test", run_dir: Optional[str | Path] = None, **options):
+    """``cliplab eval retrieval``: Recall@1/5/10, MRR and ranks both ways for one model or several."""
+    from cliplab.experiments import run_retrieval
+
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    return run_retrieval(data, models, split=split, run_dir=run_dir, **options)
+
+
+def train(config="flickr8k_heads", *, overrides: Mapping[str, Any] | Sequence[str] = (), data: Optional[str] = None,
+          run_dir: Optional[str | Path] = None, resume: bool = True, track_test: bool = False,
+          plots: bool = False, log=print) -> "TrainRun":
+    """``cliplab train``: a packaged config name, a YAML path or a :class:`~cliplab.train.config.RunConfig`,
+    with ``overrides`` (``{"train.lr": 1e-4}`` or ``["train.lr=1e-4"]``); resumes ``run_dir`` by default."""
+    import time
+
+    from cliplab.train.config import RunConfig
+    from cliplab.train.run import train_run
+
+    cfg = config if isinstance(config, RunConfig) else RunConfig.load(config)
+    extra = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, Mapping) else list(overrides)
+    extra += [f"data.path={data}"] if data else []
+    cfg = cfg.with_overrides(extra) if extra else cfg
+    out = Path(run_dir) if run_dir else Path("runs") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    results = train_run(cfg, out, resume=resume, log=log, track_test=track_test, plots=plots)
+    return TrainRun(out, results)
+
+
+def sweep(sweep_file, out_dir, *, fresh: bool = False, test: str = "all", log=print) -> "Table":
+    """``cliplab sweep``: every setting of a sweep YAML, one row each."""
+    from cliplab.train.sweep import run_sweep
+
+    return Table(run_sweep(sweep_file, out_dir, fresh=fresh, test=test, log=log), title=f"sweep: {sweep_file}")
+
+
+def report(runs: Sequence[str | Path], out: str | Path = "report.html", *, title: str = "cliplab report") -> Path:
+    """``cliplab report``: one self-contained HTML page for the runs."""
+    from cliplab.viz.report import build_report
+
+    return build_report(list(runs), out, title=title)
+
+
+class Table:
+    """Rows of results: ``.table()`` is a pandas DataFrame when pandas is installed; renders in Jupyter."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], title: str = "") -> None:
+        self.rows, self.title = [dict(r) for r in rows], title
+
+    def table(self):
+        try:
+            import pandas as pd
+        except ImportError:
+            return self.rows
+        return pd.DataFrame(self.rows)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        columns = list(dict.fromkeys(k for r in self.rows for k in r))
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>" for c in columns) + "</tr>"
+                       for r in self.rows)
+        caption = f"<caption>{html.escape(self.title)}</caption>" if self.title else ""
+        return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.title!r}, {len(self.rows)} rows)"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+class TrainRun(Table):
+    """A finished training run: test retrieval per model, the per-epoch records and the run folder."""
+
+    def __init__(self, run_dir: Path, results: dict) -> None:
+        self.run_dir, self.results = Path(run_dir), results
+        super().__init__([{"model": name, **metrics} for name, metrics in results["test"].items()],
+                         title=f"test retrieval: {run_dir}")
+
+    @property
+    def best_epoch(self) -> int:
+        return self.results["fit"]["best_epoch"]
+
+    def epochs(self) -> Table:
+        """One row per epoch: training loss and the dev (and tracked test) metrics."""
+        from cliplab import rundir
+
+        return Table([_flat_record(r) for r in rundir.read_metrics(self.run_dir)], title=f"epochs: {self.run_dir}")
+
+
+def _flat_record(record: dict) -> dict:
+    out = {k: v for k, v in record.items() if not isinstance(v, dict)}
+    for part in ("dev", "test"):
+        out.update({f"{part}_{k}": v for k, v in record.get(part, {}).items() if isinstance(v, (int, float))})
+    return out
+
+
+class Index:
+    """A photo index folder (``cliplab index``): ``Index(folder).search("a dog on the beach", k=10)``."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    @classmethod
+    def build(cls, photos: Sequence[str | Path], out: str | Path, *, model: Optional[str] = None,
+              **options) -> "Index":
+        """``cliplab index PHOTOS --out OUT``: build or update the index (only new and changed files embedded)."""
+        from cliplab.serve.index import IndexBuilder
+
+        IndexBuilder(out, model, **options).build([Path(p) for p in photos])
+        return cls(out)
+
+    def search(self, *query: str, k: int = 10, device: str = "cpu") -> Table:
+        """``cliplab search``: texts, image paths and ``id:N`` combined with ``"+"`` / ``"-"``."""
+        from cliplab.serve.query import search_index
+
+        return Table(search_index(self.folder, list(query), k, device=device), title=" ".join(query))
+
+
+def caption_train(config="flickr8k_caption", *, overrides: Mapping[str, Any] | Sequence[str] = (),
+                  run_dir: Optional[str | Path] = None, resume: bool = True, evaluate: bool = True,
+                  plots: bool = False, log=print) -> dict:
+    """``cliplab caption train``: train a captioner (selected on dev CIDEr-D), then score the test split once;
+    returns ``{"fit": ..., "test": ...}`` (``test`` is None with ``evaluate=False``)."""
+    import time
+
+    from cliplab.caption.train import CaptionRunConfig, evaluate_captioner, train_captioner
+
+    extra = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, Mapping) else list(overrides)
+    cfg = config if isinstance(config, CaptionRunConfig) else CaptionRunConfig.load(config)
+    cfg = cfg.with_overrides(extra) if extra else cfg
+    out = Path(run_dir) if run_dir else Path("runs") / f"caption-{time.strftime('%Y%m%d-%H%M%S')}"
+    fit = train_captioner(cfg, out, resume=resume, log=log)
+    return {"run_dir": out, "fit": fit, "test": evaluate_captioner(out, plots=plots, log=log) if evaluate else None}
+
+
+def caption_evaluate(run, *, split: str = "test", **options) -> dict:
+    """``cliplab caption eval``: BLEU, METEOR, ROUGE-L, CIDEr-D, CLIPScore beside the nearest-neighbour baseline."""
+    from cliplab import rundir
+    from cliplab.caption.train import evaluate_captioner
+
+    return evaluate_captioner(run, split=split, out_name=rundir.caption_results(split), **options)
+
+
+class _Datasets:
+    """``cliplab.datasets``: ``captions(path, split)`` (Flickr8k, COCO/Karpathy, CSV/JSONL) and
+    ``labelled(path, split)`` (class folders, CIFAR, CSV)."""
+
+    @staticmethod
+    def captions(path, split: str = "test", **options):
+        from cliplab.data.captions import load_caption_dataset
+
+        return load_caption_dataset(path, split, **options)
+
+    @staticmethod
+    def labelled(path, split: Optional[str] = None, **options):
+        from cliplab.data.labelled import load_labelled
+
+        return load_labelled(path, split=split, **options)
+
+
+datasets = _Datasets()
