@@ -20,6 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from cliplab.results import ResultTable
+
 __all__ = ["load_model", "zeroshot", "probe", "evaluate", "train", "sweep", "report", "Index", "Table", "TrainRun"]
 
 
@@ -57,17 +59,17 @@ def evaluate(models, data, *, split: str = "test", run_dir: Optional[str | Path]
     return run_retrieval(data, models, split=split, run_dir=run_dir, **options)
 
 
-def train(config="flickr8k_heads", *, overrides: Mapping[str, Any] | Sequence[str] = (), data: Optional[str] = None,
+def train(config=None, *, overrides: Mapping[str, Any] | Sequence[str] = (), data: Optional[str] = None,
           run_dir: Optional[str | Path] = None, resume: bool = True, track_test: bool = False,
           plots: bool = False, log=print) -> "TrainRun":
-    """``cliplab train``: a packaged config name, a YAML path or a :class:`~cliplab.train.config.RunConfig`,
-    with ``overrides`` (``{"train.lr": 1e-4}`` or ``["train.lr=1e-4"]``); resumes ``run_dir`` by default."""
+    """``cliplab train``: a packaged config name, a YAML path or a :class:`~cliplab.train.config.RunConfig`
+    (default: the defaults, as the command without ``-c``), with ``overrides`` (``{"train.lr": 1e-4}`` or ``["train.lr=1e-4"]``); resumes ``run_dir`` by default."""
     import time
 
     from cliplab.train.config import RunConfig
     from cliplab.train.run import train_run
 
-    cfg = config if isinstance(config, RunConfig) else RunConfig.load(config)
+    cfg = config if isinstance(config, RunConfig) else RunConfig.load(config) if config else RunConfig()
     extra = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, Mapping) else list(overrides)
     extra += [f"data.path={data}"] if data else []
     cfg = cfg.with_overrides(extra) if extra else cfg
@@ -90,35 +92,21 @@ def report(runs: Sequence[str | Path], out: str | Path = "report.html", *, title
     return build_report(list(runs), out, title=title)
 
 
-class Table:
+class Table(ResultTable):
     """Rows of results: ``.table()`` is a pandas DataFrame when pandas is installed; renders in Jupyter."""
 
     def __init__(self, rows: Sequence[Mapping[str, Any]], title: str = "") -> None:
-        self.rows, self.title = [dict(r) for r in rows], title
+        self._rows, self.title = [dict(r) for r in rows], title
 
-    def table(self):
-        try:
-            import pandas as pd
-        except ImportError:
-            return self.rows
-        return pd.DataFrame(self.rows)
+    @property
+    def rows(self) -> list[dict]:
+        return self._rows
 
-    def _repr_html_(self) -> str:
-        import html
-
-        columns = list(dict.fromkeys(k for r in self.rows for k in r))
-        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>" for c in columns) + "</tr>"
-                       for r in self.rows)
-        caption = f"<caption>{html.escape(self.title)}</caption>" if self.title else ""
-        return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    def table_rows(self) -> list[dict]:
+        return self._rows
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.title!r}, {len(self.rows)} rows)"
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+        return f"{type(self).__name__}({self.title!r}, {len(self._rows)} rows)"
 
 
 class TrainRun(Table):

@@ -44,6 +44,7 @@ from cliplab.eval.tables import markdown_table
 from cliplab.eval.zeroshot import (DEFAULT_VARIANTS, ZeroShotClassifier, resolve_templates, similarities_for,
                                    zeroshot_experiment)
 from cliplab.models.factory import load_model
+from cliplab.results import ResultTable
 from cliplab.utils import resolve_device, write_json, write_text
 
 DataLike = Union[str, Path, LabelledImages]
@@ -60,8 +61,9 @@ def classification_rows(results: Mapping[str, dict], key_label: str = "variant")
 
 
 @dataclass(kw_only=True)
-class _Run:
-    """A finished run: its record fields (the subclass's), the settings and the folder it was written to."""
+class _Run(ResultTable):
+    """A finished run: its record fields (the subclass's), the settings and the folder it was written to; in a
+    notebook ``.table()`` / the HTML view show its results, one row per variant, method or model."""
 
     record_file: ClassVar[str]
     key_label: ClassVar[str]
@@ -77,6 +79,10 @@ class _Run:
         skip = {f.name for f in fields(_Run)}
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name not in skip and getattr(self, f.name) is not None}
+
+    def table_rows(self) -> list[dict]:
+        return [{self.key_label: name, **{k: v for k, v in r.items() if isinstance(v, (int, float))}}
+                for name, r in getattr(self, "results", {}).items()]
 
     def markdown(self) -> str:
         """``results.md``: the results table under the run's title."""
@@ -478,6 +484,9 @@ class EmbedRun(_Run):
 
     def to_dict(self) -> dict:
         return dict(self.summary)
+
+    def table_rows(self) -> list[dict]:
+        return [{k: v for k, v in self.summary.items() if not isinstance(v, (dict, list))}]
 
     def markdown(self) -> str:
         return f"### {self.title}\n\n" + markdown_table(["field", "value"],
