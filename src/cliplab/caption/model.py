@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cliplab.errors import ConfigError, check_minimums
+from cliplab.config import check_section, setting
+from cliplab.errors import ConfigError
 from cliplab.models.checkpoint import check_base_weights, load_checked
 from cliplab.models.image_tower import ImageTowerConfig
 from cliplab.models.pretrained import DEFAULT_LANGUAGE_MODEL, resolve_language_model
@@ -37,26 +38,22 @@ class CaptionerConfig:
     image: dict = field(default_factory=lambda: ImageTowerConfig().to_dict())
     image_model: str | None = None  # a cliplab model (run/model folder) whose image tower, as tuned there, gives
     #                                 the visual tokens instead of the pretrained tower ``image`` describes
-    grid: int = 4  # visual tokens: grid x grid cells + 1 pooled token
-    mapper: str = "mlp"  # mlp (per token, as ClipCap's MLP) | transformer (MLP then a small transformer)
-    mapper_hidden: int = 1024
-    mapper_layers: int = 2  # transformer mapper depth
+    grid: int = setting(4, min=1)  # visual tokens: grid x grid cells + 1 pooled token
+    # mlp (per token, as ClipCap's MLP) | transformer (MLP then a small transformer)
+    mapper: str = setting("mlp", choices=MAPPERS)
+    mapper_hidden: int = setting(1024, min=1)
+    mapper_layers: int = setting(2, min=1)  # transformer mapper depth
     prompt: str = ""  # text after the visual prefix, e.g. "A picture of"
-    tuning: str = "prefix"  # prefix | lora | adapter | full
-    lora_r: int = 8
+    tuning: str = setting("prefix", choices=TUNINGS)  # prefix | lora | adapter | full
+    lora_r: int = setting(8, min=1)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: list[str] | None = None
-    adapter_dim: int = 64
-    max_caption_tokens: int = 40
+    adapter_dim: int = setting(64, min=1)
+    max_caption_tokens: int = setting(40, min=4)
 
     def __post_init__(self) -> None:
-        if self.tuning not in TUNINGS:
-            raise ConfigError(f"model.tuning must be one of {', '.join(TUNINGS)}, not {self.tuning!r}")
-        if self.mapper not in MAPPERS:
-            raise ConfigError(f"model.mapper must be one of {', '.join(MAPPERS)}, not {self.mapper!r}")
-        check_minimums(self, "model", (("grid", 1), ("mapper_hidden", 1), ("mapper_layers", 1), ("lora_r", 1),
-                                       ("adapter_dim", 1), ("max_caption_tokens", 4)))
+        check_section(self, "model")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,25 +7,22 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from cliplab.config import check_section, setting
 from cliplab.errors import ConfigError
 
 
 @dataclass
 class HeadConfig:
-    kind: str = "mlp"  # linear | mlp
-    embed_dim: int = 512
-    hidden_dim: int = 1024
+    kind: str = setting("mlp", choices=("linear", "mlp"))
+    embed_dim: int = setting(512, min=1)
+    hidden_dim: int = setting(1024, min=1)
     dropout: float = 0.1
     input_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("linear", "mlp"):
-            raise ConfigError(f"model.head.kind must be 'linear' or 'mlp', not {self.kind!r}")
-        for name in ("embed_dim", "hidden_dim"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"model.head.{name} must be >= 1, not {getattr(self, name)!r}")
+        check_section(self, "model.head")
         for name in ("dropout", "input_dropout"):
-            if not 0 <= float(getattr(self, name)) < 1:
+            if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"model.head.{name} must be in [0, 1), not {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:

@@ -10,6 +10,7 @@ import torch
 import torchvision.transforms as T
 from torch import nn
 
+from cliplab.config import check_section, load_section
 from cliplab.errors import ConfigError
 from cliplab.models.pretrained import DEFAULT_IMAGE_TOWER, map_state_dict, packaged_image_weights
 from cliplab.models.stages import Stage, timm_image_stages
@@ -31,17 +32,16 @@ class ImageTowerConfig:
     extra: dict = field(default_factory=dict)  # passed to timm.create_model
     lora: dict | None = None  # LoRA adapters (set by fine-tuning; rebuilt on load)
 
+    def __post_init__(self) -> None:
+        check_section(self, "model.image")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ImageTowerConfig":
-        """The inverse of :meth:`to_dict` (JSON and YAML give lists where the config holds tuples)."""
-        d = dict(d)
-        for key in ("mean", "std"):
-            if d.get(key) is not None:
-                d[key] = tuple(d[key])
-        return cls(**d)
+    def from_dict(cls, d: dict, section: str = "model.image") -> "ImageTowerConfig":
+        """The inverse of :meth:`to_dict` (JSON and YAML lists become the config's tuples)."""
+        return load_section(cls, d, section)
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:

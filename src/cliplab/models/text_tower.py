@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cliplab.config import check_section, setting
 from cliplab.errors import ConfigError
 from cliplab.models.pretrained import DEFAULT_TEXT_TOWER, resolve_text_model
 from cliplab.models.stages import Stage, cls_pool, hf_text_stages, mean_pool
@@ -18,15 +19,12 @@ from cliplab.utils import sha256_file, sha256_text
 @dataclass
 class TextTowerConfig:
     name: str = DEFAULT_TEXT_TOWER  # packaged alias, HF folder or hub id
-    pooling: str = "mean"  # mean | cls
-    max_length: int = 64
+    pooling: str = setting("mean", choices=("mean", "cls"))
+    max_length: int = setting(64, min=1)
     lora: dict | None = None  # LoRA adapters (set by fine-tuning; rebuilt on load)
 
     def __post_init__(self) -> None:
-        if self.pooling not in ("mean", "cls"):
-            raise ConfigError(f"model.text.pooling must be 'mean' or 'cls', not {self.pooling!r}")
-        if int(self.max_length) < 1:
-            raise ConfigError(f"model.text.max_length must be >= 1, not {self.max_length!r}")
+        check_section(self, "model.text")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from cliplab.config import load_section, setting
 from cliplab.errors import ConfigError
 from cliplab.models.stages import Stages
 
@@ -32,8 +33,8 @@ class TowerTuning:
     """``mode``: frozen | last_n | full | lora. ``last_n``: blocks that train (last_n mode) or receive
     adapters (lora; 0 = every block)."""
 
-    mode: str = "frozen"
-    last_n: int = 0
+    mode: str = setting("frozen", choices=TUNING_MODES)
+    last_n: int = setting(0, min=0)
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
@@ -55,11 +56,8 @@ class TowerTuning:
         if value is None:
             return cls()
         if isinstance(value, str):
-            return cls(mode=value)
-        try:
-            return cls(**value)
-        except TypeError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            return load_section(cls, {"mode": value}, where)
+        return load_section(cls, value, where)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cliplab.config import check_section, load_section, setting
 from cliplab.errors import ConfigError
 from cliplab.models.checkpoint import check_base_weights, load_checked
 from cliplab.models.heads import HeadConfig, ProjectionHead
@@ -30,29 +31,20 @@ class TwoTowerConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    init_temperature: float = 0.07
+    init_temperature: float = setting(0.07, above=0)
     learn_temperature: bool = True
 
     def to_dict(self) -> dict:
         return {"image": self.image.to_dict(), "text": self.text.to_dict(), "head": self.head.to_dict(),
                 "init_temperature": self.init_temperature, "learn_temperature": self.learn_temperature}
 
+    def __post_init__(self) -> None:
+        check_section(self, "model")
+
     @classmethod
     def from_dict(cls, d: dict) -> "TwoTowerConfig":
-        known = {"image", "text", "head", "init_temperature", "learn_temperature"}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown model config keys: {', '.join(sorted(unknown))}")
-        try:
-            return cls(
-                image=ImageTowerConfig.from_dict(d.get("image", {})),
-                text=TextTowerConfig(**d.get("text", {})),
-                head=HeadConfig(**d.get("head", {})),
-                init_temperature=float(d.get("init_temperature", 0.07)),
-                learn_temperature=bool(d.get("learn_temperature", True)),
-            )
-        except TypeError as exc:
-            raise ConfigError(f"bad model config: {exc}") from None
+        """A run config's ``model`` section (or a saved model's config) through the one config loader."""
+        return load_section(cls, d, "model")
 
 
 class TwoTower(nn.Module):
