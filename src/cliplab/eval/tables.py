@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-TABLE_COLUMNS = (("t2i_r1", "T→I R@1"), ("t2i_r5", "R@5"), ("t2i_r10", "R@10"), ("i2t_r1", "I→T R@1"),
-                 ("i2t_r5", "R@5"), ("i2t_r10", "R@10"), ("t2i_mrr", "T→I MRR"), ("i2t_mrr", "I→T MRR"),
-                 ("t2i_median_rank", "T→I med"), ("i2t_median_rank", "I→T med"))
+from cliplab.eval.evaluators import RetrievalEvaluator
+
+TABLE_COLUMNS = RetrievalEvaluator.columns  # the retrieval evaluator's columns
 
 
 def _fmt(key: str, value: float) -> str:
