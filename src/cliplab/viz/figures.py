@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cliplab.extras import require
 
 matplotlib = require("matplotlib")
 
-matplotlib.use("Agg")  # headless: servers, CI, notebooks without a display
+if "ipykernel" not in sys.modules:  # a notebook keeps its inline backend; everything else is headless
+    matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -26,12 +30,29 @@ def new_figure(width_px: int, height_px: int, **kwargs):
     return plt.figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, **kwargs)
 
 
+_captured = threading.local()
+
+
+@contextlib.contextmanager
+def capture_figures() -> Iterator[list]:
+    """Collect the figures saved inside the block (the notebook API returns them; the files are written too).
+    They are closed for pyplot, so a notebook shows each once, where it is returned."""
+    previous = getattr(_captured, "figures", None)
+    _captured.figures = figures = []
+    try:
+        yield figures
+    finally:
+        _captured.figures = previous
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Write a PNG atomically (fixed size: no tight bounding box) and close the figure."""
     path = Path(path)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     plt.close(fig)
+    if getattr(_captured, "figures", None) is not None:
+        _captured.figures.append(fig)
     atomic_write(path, lambda p: p.write_bytes(buf.getvalue()))
     return path
 
