@@ -1,6 +1,7 @@
 """The extension points, each used from this file alone through the public API and the CLI (in-process):
 a new model kind (``register_model_kind``), a new loss (the loss registry), a new caption-dataset format
-(``register_caption_format``). Every registration is undone after its test."""
+(``register_caption_format``), a new evaluator (``register_evaluator``). Every registration is undone after its
+test."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from cliplab.data.captions import CAPTION_FORMATS, CaptionDataset, load_caption_
 from cliplab.embed.cache import FeatureCache
 from cliplab.embed.pipeline import encode_dataset, encode_images
 from cliplab.errors import ConfigError
+from cliplab.eval.evaluators import RetrievalEvaluator, get_evaluator, register_evaluator, unregister_evaluator
 from cliplab.eval.retrieval import retrieval_metrics
 from cliplab.eval.zeroshot import ZeroShotClassifier
 from cliplab.models.base import EmbeddingModel
@@ -213,4 +215,75 @@ def test_registered_weights_load_by_name_and_are_listed(cli, monkeypatch):
     assert row["kind"] == "text" and row["installed"] and row["output_dim"] == 384
 
 
-# -- a 4th extension point, evaluators, is planned (issue #25): its test belongs here.
+# -- a new evaluator: retrieval plus a lower-is-better metric of its own, selecting training runs
+class MisalignmentEvaluator(RetrievalEvaluator):
+    """Retrieval, plus ``misalignment``: 1 - the mean cosine of each caption with its image (lower is better),
+    which selects."""
+
+    name = "misalignment"
+    primary_metric = "misalignment"
+    greater_is_better = False
+    metrics = RetrievalEvaluator.metrics + ("misalignment",)
+    columns = RetrievalEvaluator.columns + (("misalignment", "1 - cos"),)
+    calls = 0
+
+    def score(self, image_emb, text_emb, caption_image) -> dict:
+        MisalignmentEvaluator.calls += 1
+        img = nn.functional.normalize(torch.as_tensor(image_emb).float(), dim=-1)
+        txt = nn.functional.normalize(torch.as_tensor(text_emb).float(), dim=-1)
+        owner = torch.as_tensor(np.asarray(caption_image, dtype=np.int64))
+        cos = (img[owner] * txt).sum(-1)
+        return {**super().score(image_emb, text_emb, caption_image), "misalignment": float(1 - cos.mean())}
+
+
+@pytest.fixture()
+def misalignment():
+    register_evaluator("misalignment", MisalignmentEvaluator)
+    MisalignmentEvaluator.calls = 0
+    yield MisalignmentEvaluator
+    unregister_evaluator("misalignment")
+
+
+def _dev_values(run: Path, metric: str) -> list[float]:
+    return [json.loads(line)["dev"][metric] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_new_evaluator_selects_training_through_the_api(misalignment, tmp_path):
+    from tests.test_train import make_trainer, synthetic_split
+
+    assert get_evaluator("misalignment").direction() == "min" and misalignment.direction("rsum") == "max"
+    assert misalignment.label("misalignment") == "1 - cos"
+    cfg = RunConfig().with_overrides(["train.evaluator=misalignment"])
+    assert (cfg.train.select_metric, cfg.train.select_direction) == ("misalignment", "min")
+    assert cfg.training_record()["train.evaluator"] == "misalignment"  # a different run: resume refuses a change
+    with pytest.raises(ConfigError, match="unknown retrieval metric 'accuracy'"):
+        RunConfig().with_overrides(["train.evaluator=misalignment", "train.select_metric=accuracy"])
+
+    trainer = make_trainer(tmp_path, "run", epochs=6, evaluator="misalignment")
+    info = trainer.fit(synthetic_split(0), synthetic_split(1))
+    values = _dev_values(tmp_path / "run", "misalignment")
+    assert misalignment.calls >= 6 and len(set(values)) > 1
+    assert info["best_epoch"] == int(np.argmin(values)) != int(np.argmax(values))  # lower is better: followed
+    assert info["best_dev_misalignment"] == min(values) and info["select_direction"] == "min"
+
+    unregister_evaluator("misalignment")  # unregistered, the name is refused before any work
+    with pytest.raises(ConfigError, match="train.evaluator must be one of"):
+        RunConfig().with_overrides(["train.evaluator=misalignment"])
+
+
+@pytest.mark.slow
+def test_a_new_evaluator_selects_training_through_the_cli(misalignment, caption_dir, tmp_path, cli):
+    run = tmp_path / "run"
+    res = cli("train", caption_dir / "captions.csv", "--run-dir", run, "-s", "train.evaluator=misalignment",
+              "-s", "train.epochs=4", "-s", "train.batch_size=4", "-s", "train.lr=1e-2", "-s", "train.patience=0",
+              "-s", "model.head.embed_dim=32", "-s", "baseline=false")
+    assert res.returncode == 0, res.stdout + res.stderr
+    fit = json.loads((run / "results.json").read_text())["fit"]
+    values = _dev_values(run, "misalignment")
+    assert misalignment.calls > 0 and len(set(values)) > 1
+    assert (fit["select_metric"], fit["select_direction"]) == ("misalignment", "min")
+    assert fit["best_epoch"] == int(np.argmin(values)) and fit["best_dev_misalignment"] == min(values)
+    assert json.loads((run / "config.json").read_text())["train"]["evaluator"] == "misalignment"
+    res = cli("train", caption_dir / "captions.csv", "-s", "train.evaluator=misalignment",
+              "-s", "train.select_metric=accuracy")
+    assert res.returncode == 2 and "unknown retrieval metric 'accuracy'" in res.stdout

@@ -18,69 +18,64 @@ import torch
 from tqdm.auto import tqdm
 
 from cliplab import rundir
+from cliplab.caption.evaluator import CaptionerEvaluator
 from cliplab.caption.metrics import caption_metrics, cider_d
 from cliplab.caption.model import Captioner, CaptionerConfig
 from cliplab.caption.rerank import consensus_rerank, nearest_training_images
 from cliplab.caption.visual import caption_image_tower, tower_weights_id, visual_features
+from cliplab.config import check_section, load_section, setting
 from cliplab.data.captions import CaptionDataset, load_caption_dataset
 from cliplab.data.images import ImageFiles
 from cliplab.embed.cache import FeatureCache
-from cliplab.errors import ConfigError, check_minimums
+from cliplab.errors import ConfigError
 from cliplab.models.checkpoint import load_checked
 from cliplab.rundir import BEST, CAPTIONS, flatten
+from cliplab.train.config import DatasetConfig
 from cliplab.train.loop import LoopSettings, TrainLoop, TrainTask, refuse_changed_config, warmup_cosine
 from cliplab.utils import atomic_write, autocast, resolve_device, seed_everything, write_json, write_text
 
 
-
-
 @dataclass
 class CaptionTrainConfig:
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    lm_lr: float | None = None  # learning rate of LM parameters (LoRA, adapters, full); None = lr
-    weight_decay: float = 0.01
-    warmup_steps: int = 200
-    sampling: str = "all_captions"  # all_captions (every reference once per epoch) | random_caption (one per image)
+    epochs: int = setting(10, min=1)
+    batch_size: int = setting(64, min=1)
+    lr: float = setting(1e-3, above=0)
+    lm_lr: float | None = setting(None, above=0)  # learning rate of LM parameters (LoRA, adapters, full); None = lr
+    weight_decay: float = setting(0.01, min=0)
+    warmup_steps: int = setting(200, min=0)
+    # all_captions (every reference once per epoch) | random_caption (one per image)
+    sampling: str = setting("all_captions", choices=("all_captions", "random_caption"))
     max_train_images: int | None = None  # a quick demo on part of the training split
-    dev_images: int = 250  # dev subset decoded each epoch (CIDEr-D picks the best epoch)
-    patience: int = 3
-    grad_clip: float = 1.0
+    dev_images: int = setting(250, min=1)  # dev subset decoded each epoch (its CIDEr-D picks the best epoch)
+    patience: int = setting(3, min=0)
+    grad_clip: float = setting(1.0, min=0)
     amp: bool = True
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.sampling not in ("all_captions", "random_caption"):
-            raise ConfigError(f"train.sampling must be all_captions or random_caption, not {self.sampling!r}")
-        check_minimums(self, "train", (("epochs", 1), ("batch_size", 1), ("dev_images", 1), ("patience", 0)))
-        if not float(self.lr) > 0:
-            raise ConfigError(f"train.lr must be > 0, not {self.lr!r}")
+        check_section(self, "train")
 
 
 @dataclass
 class DecodeConfig:
-    beam: int = 3
-    max_new_tokens: int = 30
+    beam: int = setting(3, min=1)
+    max_new_tokens: int = setting(30, min=1)
     length_penalty: float = 1.0
-    no_repeat_ngram: int = 3
-    rerank_k: int = 0  # > 0: consensus re-ranking of the beam's candidates against the captions of the k most
-    #                    similar training images (cliplab.caption.rerank); 0: the beam's best
+    no_repeat_ngram: int = setting(3, min=0)
+    # > 0: consensus re-ranking of the beam's candidates against the captions of the k most similar training
+    # images (cliplab.caption.rerank); 0: the beam's best
+    rerank_k: int = setting(0, min=0)
 
     def __post_init__(self) -> None:
-        check_minimums(self, "decode", (("beam", 1), ("max_new_tokens", 1), ("no_repeat_ngram", 0), ("rerank_k", 0)))
+        check_section(self, "decode")
 
 
 @dataclass
-class CaptionDataConfig:
-    path: str = "../shared/data/flickr8k"
-    image_root: str | None = None
-    train_split: str = "train"
-    dev_split: str = "dev"
-    test_split: str = "test"
-    cache_dir: str | None = None
-    backend: str = "auto"
+class CaptionDataConfig(DatasetConfig):
+    """The ``data`` section of a caption run: the dataset and its splits (shared with contrastive runs), or a
+    bundle of visual tokens computed elsewhere."""
+
     features: str | None = None  # a bundle from `cliplab caption features` (visual tokens computed elsewhere)
 
 
@@ -98,23 +93,8 @@ class CaptionRunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CaptionRunConfig":
-        unknown = set(d) - {"model", "train", "decode", "data", "clipscore_model"}
-        if unknown:
-            raise ConfigError(f"unknown caption config sections: {', '.join(sorted(unknown))}")
-
-        def build(kind, values, where):
-            names = {f.name: f for f in dataclasses.fields(kind)}
-            bad = set(values or {}) - set(names)
-            if bad:
-                raise ConfigError(f"unknown {where} keys: {', '.join(sorted(bad))}")
-            return kind(**{k: (float(v) if isinstance(v, str) and names[k].type.startswith("float") else v)
-                           for k, v in (values or {}).items()})
-
-        return cls(model=build(CaptionerConfig, d.get("model"), "model"),
-                   train=build(CaptionTrainConfig, d.get("train"), "train"),
-                   decode=build(DecodeConfig, d.get("decode"), "decode"),
-                   data=build(CaptionDataConfig, d.get("data"), "data"),
-                   clipscore_model=d.get("clipscore_model", "conse"))
+        """A caption config file's mapping through the one config loader (sections model, train, decode, data)."""
+        return load_section(cls, d, "")
 
     @classmethod
     def from_run(cls, run_dir: str | Path) -> "CaptionRunConfig":
@@ -351,15 +331,18 @@ def train_captioner(config: CaptionRunConfig, run_dir: str | Path, *, resume: bo
         f"{counts['total']:,} parameters; {train.dataset.num_images} training images, "
         f"{train.dataset.num_captions} captions; dev subset {dev.dataset.num_images} images")
     t1 = time.time()
-    state = TrainLoop(CaptionTask(config, model, train, dev, device, log),
-                      LoopSettings(cfg.epochs, cfg.patience, select_metric="cider", grad_clip=cfg.grad_clip), run_dir,
-                      device=device, config_record=record, resume=resume, progress=progress, log=log).run()
-    fit = {"best_epoch": state["best_epoch"], "best_dev_cider": state["best_metric"],
+    task = CaptionTask(config, model, train, dev, device, log)
+    settings = LoopSettings(cfg.epochs, cfg.patience, grad_clip=cfg.grad_clip, evaluator=type(task.evaluator))
+    state = TrainLoop(task, settings, run_dir, device=device, config_record=record, resume=resume,
+                      progress=progress, log=log).run()
+    metric = settings.select_metric
+    fit = {"best_epoch": state["best_epoch"], f"best_dev_{metric}": state["best_metric"],
            "stopped_early": state["stopped_early"], "parameters": counts,
            "seconds": {"features": t_features, "train": rundir.training_seconds(run_dir),
                        "train_this_process": time.time() - t1},
-           "selection": f"greedy captions of the first {dev.dataset.num_images} dev images, CIDEr-D "
-                        "(simple tokenizer), best epoch kept", "device": str(device)}
+           "selection": f"greedy captions of the first {dev.dataset.num_images} dev images, "
+                        f"{task.evaluator.label(metric)} (simple tokenizer), best epoch kept", "device": str(device),
+           "select_metric": metric, "select_direction": settings.select_direction}
     write_json(run_dir / "fit.json", fit)
     return fit
 
@@ -387,7 +370,8 @@ class CaptionTask(TrainTask):
         self.params = head + lm
         total = cfg.epochs * len(self.sampler.epoch(0))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.warmup_steps, total))
-        self.refs = {k: [clean_caption(r) for r in v] for k, v in dev.references.items()}
+        refs = {k: [clean_caption(r) for r in v] for k, v in dev.references.items()}
+        self.evaluator = CaptionerEvaluator(dev, self.decode, device, references=refs, beam=1)  # greedy, CIDEr-D
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         return self.sampler.epoch(epoch)
@@ -402,13 +386,12 @@ class CaptionTask(TrainTask):
         return {"train_seconds": seconds, "sequences_per_s": len(np.concatenate(batches)) / max(seconds, 1e-9)}
 
     def evaluate(self) -> dict[str, dict]:
-        generated = generate_captions(self.model, self.dev, self.decode, self.device, beam=1)
-        cider, _ = cider_d(self.refs, generated, tokenizer="simple")
-        return {"dev": {"cider": cider, "example": next(iter(generated.values()))}}
+        return {"dev": self.evaluator(self.model)}
 
     def report(self, record: dict, bar) -> None:
-        self.log(f"epoch {record['epoch']}: loss {record['train_loss']:.3f}, dev CIDEr-D {record['dev']['cider']:.1f} "
-                 f"({record['sequences_per_s']:.0f} captions/s) e.g. {record['dev']['example']!r}")
+        metric, dev = self.evaluator.primary_metric, record["dev"]
+        self.log(f"epoch {record['epoch']}: loss {record['train_loss']:.3f}, dev {self.evaluator.label(metric)} "
+                 f"{dev[metric]:.1f} ({record['sequences_per_s']:.0f} captions/s) e.g. {dev['example']!r}")
 
     def state(self) -> dict:
         keys = set(self.model.trainable_keys())
@@ -543,8 +526,7 @@ def _clipscores(spec: str, split: CaptionSplit, generated: dict, baseline: dict,
 
 
 def caption_markdown(result: dict) -> str:
-    keys = [("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"), ("bleu4", "BLEU-4"), ("meteor", "METEOR"),
-            ("rouge_l", "ROUGE-L"), ("cider", "CIDEr-D"), ("clipscore", "CLIPScore*"), ("refclipscore", "RefCLIPScore*")]
+    keys = CaptionerEvaluator.columns
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     k = result.get("decode", {}).get("rerank_k", 0)
     how = f"beam {result['beam']}" + (f", consensus re-ranking against {k} nearest training images" if k else "")

@@ -63,20 +63,6 @@ def _stats(ranks: np.ndarray, prefix: str, ks) -> dict[str, float]:
     return out
 
 
-def metric_direction(name: str, ks=DEFAULT_KS) -> str:
-    """``max`` (higher is better) or ``min`` for a retrieval metric name; unknown names are a ConfigError
-    listing the valid ones (used to validate ``train.select_metric`` before any work)."""
-    from cliplab.errors import ConfigError
-
-    higher = [f"{d}_r{k}" for d in ("t2i", "i2t") for k in ks] + ["t2i_mrr", "i2t_mrr", "rsum"]
-    lower = [f"{d}_{s}" for d in ("t2i", "i2t") for s in ("median_rank", "mean_rank")]
-    if name in higher:
-        return "max"
-    if name in lower:
-        return "min"
-    raise ConfigError(f"unknown retrieval metric {name!r}; choose one of {', '.join(higher + lower)}")
-
-
 def summarize_ranks(t2i_ranks: np.ndarray, i2t_ranks: np.ndarray, ks=DEFAULT_KS) -> dict[str, float]:
     metrics = {**_stats(t2i_ranks, "t2i", ks), **_stats(i2t_ranks, "i2t", ks)}
     metrics["rsum"] = float(sum(metrics[f"t2i_r{k}"] + metrics[f"i2t_r{k}"] for k in ks))

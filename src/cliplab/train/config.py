@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cliplab.errors import ConfigError, check_minimums
+from cliplab.config import check_section, coerce, load_section, setting
+from cliplab.errors import ConfigError
 from cliplab.rundir import config_changes, flatten  # noqa: F401 - re-exported for callers
 from cliplab.models.two_tower import TwoTowerConfig
 
@@ -16,13 +17,9 @@ AUGMENTS = ("none", "flip", "full")
 SCHEDULES = ("cosine", "onecycle", "plateau", "constant")
 SAMPLINGS = ("random_caption", "all_pairs", "hard")
 TRAINABLE = ("heads", "image_head", "text_head", "none")
+DEFAULT_EVALUATOR = "retrieval"
 # settings that never change what a run computes: a resumed run may differ in these
 NOT_TRAINING_RELEVANT = ("train.device", "data.cache_dir", "data.num_workers", "data.backend", "baseline")
-
-
-def _choice(where: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}, not {value!r}")
 
 
 def _check_device(device: str, where: str) -> None:
@@ -32,64 +29,81 @@ def _check_device(device: str, where: str) -> None:
         raise ConfigError(f"{where} must be auto, cpu, cuda or cuda:N, not {device!r}")
 
 
+def _evaluator_names() -> tuple[str, ...]:
+    from cliplab.eval.evaluators import EVALUATORS
+
+    return tuple(EVALUATORS)
+
+
+def _backends() -> tuple[str, ...]:
+    from cliplab.embed.backends import BACKENDS
+
+    return tuple(BACKENDS)
+
+
 @dataclass
 class TrainConfig:
-    epochs: int = 60
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_epochs: float = 2.0
-    schedule: str = "cosine"  # cosine | onecycle | plateau (ReduceLROnPlateau on the dev metric) | constant
-    sampling: str = "random_caption"  # random_caption (each image once) | all_pairs | hard (k-means grouped)
-    loss: str = "infonce"  # infonce | triplet | ntxent | sigmoid
+    epochs: int = setting(60, min=1)
+    batch_size: int = setting(256, min=2)
+    lr: float = setting(1e-3, above=0)
+    weight_decay: float = setting(0.1, min=0)
+    warmup_epochs: float = setting(2.0, min=0)
+    # cosine | onecycle | plateau (ReduceLROnPlateau on the dev metric) | constant
+    schedule: str = setting("cosine", choices=SCHEDULES)
+    # random_caption (each image once) | all_pairs | hard (k-means grouped)
+    sampling: str = setting("random_caption", choices=SAMPLINGS)
+    loss: str = "infonce"  # a name in cliplab.train.losses.LOSSES: infonce | triplet | ntxent | sigmoid | ...
     loss_args: dict = field(default_factory=dict)  # e.g. {margin: 0.2, mining: semihard} for triplet
-    trainable: str = "heads"  # heads | image_head | text_head | none (for a CLIP: its projections)
+    # heads | image_head | text_head | none (for a CLIP: its projections)
+    trainable: str = setting("heads", choices=TRAINABLE)
     # tower tuning: {mode: frozen | last_n | full | lora, last_n: N, lora_r, lora_alpha, lora_dropout, lora_targets}
-    image_tower: dict = field(default_factory=lambda: {"mode": "frozen"})
-    text_tower: dict = field(default_factory=lambda: {"mode": "frozen"})
-    tower_lr: float | None = None  # learning rate of tower parameters (None = lr)
+    image_tower: dict | str = field(default_factory=lambda: {"mode": "frozen"})
+    text_tower: dict | str = field(default_factory=lambda: {"mode": "frozen"})
+    tower_lr: float | None = setting(None, above=0)  # learning rate of tower parameters (None = lr)
     init_from: str | None = None  # start from a saved cliplab model (heads, temperature, tuned tensors)
-    augment: str = "none"  # none | flip (also on cached prefixes) | full (crop/flip/jitter; image tower from pixels)
+    # none | flip (also on cached prefixes) | full (crop/flip/jitter; image tower from pixels)
+    augment: str = setting("none", choices=AUGMENTS)
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)
-    grad_clip: float = 0.0  # 0 = off
-    grad_accum_steps: int = 1  # optimiser step every N batches (each batch keeps its own negatives)
-    patience: int = 10  # epochs without dev improvement before stopping (0 = never stop early)
-    select_metric: str = "rsum"  # dev metric that picks the best checkpoint
-    max_logit_scale: float = 100.0
+    grad_clip: float = setting(0.0, min=0)  # 0 = off
+    grad_accum_steps: int = setting(1, min=1)  # optimiser step every N batches (each batch keeps its negatives)
+    patience: int = setting(10, min=0)  # epochs without dev improvement before stopping (0 = never stop early)
+    # the registered evaluator (cliplab.eval.evaluators) scoring the dev split after every epoch
+    evaluator: str = setting(DEFAULT_EVALUATOR, choices=_evaluator_names)
+    select_metric: str | None = None  # its dev metric that picks the best checkpoint (None: its primary metric)
+    max_logit_scale: float = setting(100.0, above=0)
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self) -> None:
         """Every setting is checked here, before any data is read or model built."""
-        from cliplab.eval.retrieval import metric_direction
         from cliplab.models.tuning import TowerTuning
         from cliplab.train.losses import create_loss
 
-        _choice("train.augment", self.augment, AUGMENTS)
-        _choice("train.schedule", self.schedule, SCHEDULES)
-        _choice("train.sampling", self.sampling, SAMPLINGS)
-        _choice("train.trainable", self.trainable, TRAINABLE)
-        metric_direction(self.select_metric)  # unknown names fail now, not after an epoch
+        check_section(self, "train")
+        evaluator = self.evaluator_class
+        evaluator.check_trains("train.evaluator")  # it can score the dev split of a contrastive run
+        self.select_metric = self.select_metric or evaluator.primary_metric
+        try:  # unknown names fail now, not after an epoch
+            evaluator.direction(self.select_metric)
+        except ConfigError as exc:
+            raise ConfigError(f"train.select_metric: {exc}") from None
         create_loss(self.loss, **self.loss_args)  # unknown loss or bad loss_args
-        check_minimums(self, "train", (("epochs", 1), ("batch_size", 2), ("grad_accum_steps", 1), ("patience", 0)))
-        for name in ("lr", "max_logit_scale"):
-            if not float(getattr(self, name)) > 0:
-                raise ConfigError(f"train.{name} must be > 0, not {getattr(self, name)!r}")
-        for name in ("weight_decay", "warmup_epochs", "grad_clip"):
-            if float(getattr(self, name)) < 0:
-                raise ConfigError(f"train.{name} must be >= 0, not {getattr(self, name)!r}")
-        if self.tower_lr is not None and not float(self.tower_lr) > 0:
-            raise ConfigError(f"train.tower_lr must be > 0, not {self.tower_lr!r}")
         _check_device(self.device, "train.device")
         self.image_tower = TowerTuning.from_any(self.image_tower, "train.image_tower").to_dict()
         self.text_tower = TowerTuning.from_any(self.text_tower, "train.text_tower").to_dict()
 
     @property
-    def select_direction(self) -> str:
-        """``max`` or ``min``: whether a higher dev ``select_metric`` is better (median rank: lower)."""
-        from cliplab.eval.retrieval import metric_direction
+    def evaluator_class(self):
+        """The registered :class:`~cliplab.eval.evaluators.Evaluator` class named by ``evaluator``."""
+        from cliplab.eval.evaluators import evaluator_class
 
-        return metric_direction(self.select_metric)
+        return evaluator_class(self.evaluator)
+
+    @property
+    def select_direction(self) -> str:
+        """``max`` or ``min``: whether a higher dev ``select_metric`` is better, as the evaluator says (a
+        retrieval median rank: lower)."""
+        return self.evaluator_class.direction(self.select_metric)
 
     def tunings(self):
         from cliplab.models.tuning import TowerTuning
@@ -98,25 +112,38 @@ class TrainConfig:
 
 
 @dataclass
-class DataConfig:
+class DatasetConfig:
+    """A caption dataset and its train / dev / test split names: the ``data`` settings that contrastive runs
+    (:class:`DataConfig`) and caption runs (``CaptionDataConfig``) share."""
+
     path: str = "../shared/data/flickr8k"
     image_root: str | None = None
     train_split: str = "train"
     dev_split: str = "dev"
     test_split: str = "test"
-    on_error: str = "raise"  # raise | skip
     cache_dir: str | None = None
-    num_workers: int | None = None
-    backend: str = "auto"  # frozen-tower inference: auto | torch | onnx | onnx-int8
+    # frozen-tower inference: auto | torch | onnx | onnx-int8
+    backend: str = setting("auto", choices=_backends)
 
     def __post_init__(self) -> None:
-        from cliplab.embed.backends import BACKENDS
-
-        _choice("data.on_error", self.on_error, ("raise", "skip"))
-        _choice("data.backend", self.backend, BACKENDS)
+        check_section(self, "data")
         for name in ("train_split", "dev_split", "test_split"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+            if not getattr(self, name):
                 raise ConfigError(f"data.{name} must be a split name, not {getattr(self, name)!r}")
+
+
+@dataclass
+class DataConfig(DatasetConfig):
+    """The ``data`` section of a contrastive training run."""
+
+    on_error: str = setting("raise", choices=("raise", "skip"))  # an unreadable image: raise | skip it
+    num_workers: int | None = setting(None, min=0)
+
+
+def without_default_evaluator(record: dict) -> dict:
+    """A flat training record without ``train.evaluator`` when it is the default: runs started before the
+    setting existed record none, and still resume."""
+    return {k: v for k, v in record.items() if not (k == "train.evaluator" and v == DEFAULT_EVALUATOR)}
 
 
 @dataclass
@@ -145,14 +172,14 @@ class RunConfig:
         """The settings that decide what training computes, flattened (``train.lr`` -> value); stored in
         checkpoints so that resuming with another config is refused (see :func:`config_changes`). The built-in
         kinds keep the record's shape from before ``model.kind`` (a two-tower ``model``, a top-level ``clip``),
-        so that runs started then still resume."""
+        so that runs started then still resume; so does ``train.evaluator``, recorded only when not the default."""
         d = self.to_dict()
         if self.model_kind in _LEGACY_KINDS:
             d.pop("model")
             clip = self.model_kind == "clip"
             d.update(model=TwoTowerConfig().to_dict() if clip else self.model.to_dict(),
                      clip=self.model.source if clip else None)
-        flat = flatten(d)
+        flat = without_default_evaluator(flatten(d))
         return {k: v for k, v in flat.items() if k not in NOT_TRAINING_RELEVANT}
 
     @classmethod
@@ -165,9 +192,9 @@ class RunConfig:
         from cliplab.models.registry import model_kind
 
         return cls(model=model_kind(name).settings(section), model_kind=name,
-                   train=_build(TrainConfig, d.get("train") or {}, "train"),
-                   data=_build(DataConfig, d.get("data") or {}, "data"),
-                   baseline=bool(d.get("baseline", True)))
+                   train=load_section(TrainConfig, d.get("train"), "train"),
+                   data=load_section(DataConfig, d.get("data"), "data"),
+                   baseline=coerce(d.get("baseline", True), bool, "baseline"))
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
@@ -179,7 +206,8 @@ class RunConfig:
     def with_overrides(self, overrides: list[str]) -> "RunConfig":
         """Apply ``section.key=value`` overrides (values parsed as YAML). ``model.kind=NAME`` starts the model
         section from that kind's defaults (then ``model.KEY=...`` sets its keys); ``clip=SPEC`` is the older
-        spelling of ``model.kind=clip model.source=SPEC``."""
+        spelling of ``model.kind=clip model.source=SPEC``. ``train.evaluator=NAME`` without ``train.select_metric``
+        selects on that evaluator's primary metric."""
         import yaml
 
         from cliplab.configs import apply_overrides
@@ -189,6 +217,9 @@ class RunConfig:
         if kinds and yaml.safe_load(kinds[-1]) != self.model_kind:
             name = str(yaml.safe_load(kinds[-1]))
             d["model"] = {"kind": name, **_default_settings(name)}
+        keys = {o.partition("=")[0].strip() for o in overrides}
+        if "train.evaluator" in keys and "train.select_metric" not in keys:
+            d["train"]["select_metric"] = None
         return RunConfig.from_dict(apply_overrides(d, overrides))
 
 
@@ -224,25 +255,3 @@ def _model_section(model, clip) -> dict:
     if model is not None and not isinstance(model, dict):
         raise ConfigError(f"the model section must be a mapping (model.kind and its settings), not {model!r}")
     return dict(model or {})
-
-
-def _build(cls, values: dict, section: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise ConfigError(f"unknown {section} config keys: {', '.join(sorted(unknown))}")
-    return cls(**{k: _coerce(v, fields[k].type, f"{section}.{k}") for k, v in values.items()})
-
-
-def _coerce(value, annotation, where: str):
-    """YAML 1.1 reads ``1e-5`` (no dot) as a string: turn numeric strings into the field's number type."""
-    kind = str(annotation)
-    if isinstance(value, str) and (kind.startswith("float") or kind.startswith("int")):
-        try:
-            return int(value) if kind.startswith("int") else float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if isinstance(value, int) and not isinstance(value, bool) and kind.startswith("float"):
-        return float(value)
-    return value
-

@@ -25,7 +25,8 @@ from cliplab.embed.cache import FeatureCache
 from cliplab.embed.pipeline import encode_dataset, encode_images
 from cliplab.errors import ConfigError
 from cliplab.eval.classification import classification_metrics
-from cliplab.eval.retrieval import metric_direction, retrieval_metrics
+from cliplab.eval.evaluators import RetrievalEvaluator, ZeroShotEvaluator
+from cliplab.eval.retrieval import retrieval_metrics
 from cliplab.eval.zeroshot import ZeroShotClassifier, resolve_templates, template_mean_embeddings
 from cliplab.models.ensemble import ensemble_member_spec, join_embeddings
 from cliplab.models.factory import is_ensemble_spec, load_model
@@ -88,9 +89,8 @@ def search_weights(score: Callable[[tuple[float, ...]], float], n: int, grid: Se
 
 
 def _markdown(result: dict) -> str:
-    metric = result["select_metric"]
-    cols = [("t2i_r1", "T→I R@1"), ("i2t_r1", "I→T R@1")] if result["task"] == "retrieval" else [("top5", "top-5")]
-    cols = [(k, h) for k, h in cols if k != metric and k in result["dev"]] + [(metric, metric)]
+    metric, evaluator = result["select_metric"], _OBJECTIVES[result["task"]].evaluator
+    cols = [(k, h) for k, h in evaluator.brief_columns() if k != metric and k in result["dev"]] + [(metric, metric)]
     what = "retrieval" if result["task"] == "retrieval" else f"zero-shot classification ({result['templates']} prompts)"
     lines = [f"# Score ensemble for {what}, chosen on {result['data']} ({result['split']})", "",
              "Images embedded with flip test-time augmentation (each averaged with its mirror)."
@@ -114,7 +114,7 @@ def _markdown(result: dict) -> str:
 class _Retrieval:
     """Caption retrieval on a split: members' unit embeddings once, any weighting's metrics from them."""
 
-    task, default_metric = "retrieval", "rsum"
+    task, evaluator = "retrieval", RetrievalEvaluator
 
     def __init__(self, data: str, split: str, test_split: str, image_root: str | None) -> None:
         self.data, self.split, self.test_split, self.image_root = data, split, test_split, image_root
@@ -146,7 +146,7 @@ class _ZeroShot:
     joined prompt embeddings, so its cosine score is ``sum_i w_i <x_i, m_i> / sqrt(sum_i w_i |m_i|^2)`` per class
     (what :class:`ZeroShotClassifier` computes for the ensemble model, tested)."""
 
-    task, default_metric = "zeroshot", "accuracy"
+    task, evaluator = "zeroshot", ZeroShotEvaluator
 
     def __init__(self, data: str, split: str, test_split: str, templates: str) -> None:
         self.data, self.split, self.test_split, self.templates = data, split, test_split, templates
@@ -176,6 +176,9 @@ class _ZeroShot:
         return classification_metrics(self.test_ds.labels, scores, self.test_ds.class_names)
 
 
+_OBJECTIVES = {"retrieval": _Retrieval, "zeroshot": _ZeroShot}
+
+
 def choose_ensemble(member_specs: Sequence[str], *, data: str, run_dir: str | Path, split: str = "dev",
                     test_split: str = "test", test: bool = False, grid: Sequence[float] = DEFAULT_GRID,
                     metric: str | None = None, flip_tta: bool = False, task: str = "retrieval",
@@ -193,21 +196,15 @@ def choose_ensemble(member_specs: Sequence[str], *, data: str, run_dir: str | Pa
     for spec in member_specs:
         if is_ensemble_spec(spec):
             raise ConfigError(f"{spec} is an ensemble; ensembles do not nest: list its members instead")
-    if task not in ("retrieval", "zeroshot"):
+    if task not in _OBJECTIVES:
         raise ConfigError(f"ensemble task must be retrieval or zeroshot, not {task!r}")
     if test and split == test_split:
         raise ConfigError(f"split {split!r} chooses the weights, so the test evaluation must report another split "
                           "(selection on dev only)")
+    metric = metric or _OBJECTIVES[task].evaluator.primary_metric
+    direction = _OBJECTIVES[task].evaluator.direction(metric)  # an unknown metric: refused, naming the valid ones
     objective = _Retrieval(data, split, test_split, image_root) if task == "retrieval" else \
         _ZeroShot(data, split, test_split, templates)
-    metric = metric or objective.default_metric
-    if task == "retrieval":
-        direction = metric_direction(metric)
-    elif metric in ("accuracy", "top5", "macro_f1", "macro_precision", "macro_recall"):
-        direction = "max"
-    else:
-        raise ConfigError(f"unknown classification metric {metric!r}; choose accuracy, top5, macro_f1, "
-                          "macro_precision or macro_recall")
     objective.check(test)
     models = [load_model(s, device=device) for s in member_specs]  # every member loads before any long work
     cache = FeatureCache(cache_dir)

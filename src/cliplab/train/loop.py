@@ -49,7 +49,9 @@ from cliplab.utils import atomic_write
 
 @dataclass
 class LoopSettings:
-    """How the engine runs a task (the task's own config supplies the values)."""
+    """How the engine runs a task (the task's own config supplies the values). Given an ``evaluator`` (the
+    :class:`~cliplab.eval.evaluators.Evaluator` class scoring the task's dev split), the selection metric
+    defaults to its primary metric and the direction is the one it gives for that metric."""
 
     epochs: int
     patience: int = 0  # stop after this many epochs without a better dev score; 0: never
@@ -57,8 +59,12 @@ class LoopSettings:
     select_direction: str = "max"  # "max": higher is better, "min": lower is better
     grad_accum_steps: int = 1
     grad_clip: float = 0.0  # max gradient norm; 0: no clipping
+    evaluator: Any = None  # an Evaluator class: select_metric's default and its direction
 
     def __post_init__(self) -> None:
+        if self.evaluator is not None:
+            self.select_metric = self.select_metric or self.evaluator.primary_metric
+            self.select_direction = self.evaluator.direction(self.select_metric)
         if self.select_direction not in ("max", "min"):
             raise ConfigError(f"select_direction must be max or min, not {self.select_direction!r}")
         if self.grad_accum_steps < 1:

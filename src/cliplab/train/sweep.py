@@ -24,11 +24,11 @@ import csv
 import io
 import itertools
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from cliplab import rundir
+from cliplab.config import check_section, load_section
 from cliplab.errors import ConfigError
 from cliplab.eval.tables import markdown_table
 from cliplab.rundir import CURVES, SWEEP, SWEEP_RESULTS, read_metrics
@@ -37,30 +37,48 @@ from cliplab.train.run import train_run
 from cliplab.utils import write_json, write_text
 
 
+@dataclass
+class SweepConfig:
+    """A sweep file: a ``base`` run config (a path relative to the sweep file, or a packaged name), ``set``
+    overrides for every run, and exactly one of ``grid`` (every combination) or ``vary`` (one factor at a
+    time), each mapping config keys to lists of values."""
+
+    base: str | None = None
+    set: dict = field(default_factory=dict)
+    grid: dict | None = None
+    vary: dict | None = None
+
+    def __post_init__(self) -> None:
+        check_section(self, "sweep")
+        if (self.grid is None) == (self.vary is None):
+            raise ConfigError("give exactly one of 'grid' (all combinations) or 'vary' (one factor at a time)")
+        values = getattr(self, self.kind)
+        if not values or not all(isinstance(v, list) and v for v in values.values()):
+            raise ConfigError(f"sweep.{self.kind} must map config keys to non-empty lists")
+
+    @property
+    def kind(self) -> str:
+        return "grid" if self.grid is not None else "vary"
+
+
 def load_sweep(path: str | Path) -> tuple[RunConfig, dict[str, list], list[str], str]:
-    """A sweep file (path or packaged name); its ``base`` is a path (relative to the sweep file) or a
-    packaged config name."""
-    from cliplab.configs import resolve_config
+    """A sweep file (path or packaged name) through the one config loader; returns the base run config, the
+    grid (or vary) mapping, the ``set`` overrides and the kind (``grid`` or ``vary``)."""
+    from cliplab.configs import read_yaml_config, resolve_config
 
     path = resolve_config(path)
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    unknown = set(raw) - {"base", "set", "grid", "vary"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown sweep keys {', '.join(sorted(unknown))} (use base, set, grid, vary)")
-    if ("grid" in raw) == ("vary" in raw):
-        raise ConfigError(f"{path}: give exactly one of 'grid' (all combinations) or 'vary' (one factor at a time)")
-    kind = "grid" if "grid" in raw else "vary"
+    try:
+        sweep = load_section(SweepConfig, read_yaml_config(path), "sweep")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     base = RunConfig()
-    if raw.get("base"):
-        base_path = Path(raw["base"])
+    if sweep.base:
+        base_path = Path(sweep.base)
         if not base_path.is_absolute() and (path.parent / base_path).is_file():
             base_path = path.parent / base_path
         base = RunConfig.load(base_path)
-    fixed = [f"{k}={json.dumps(v)}" for k, v in (raw.get("set") or {}).items()]
-    grid = raw.get(kind) or {}
-    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ConfigError(f"{path}: '{kind}' must map config keys to non-empty lists")
-    return base, grid, fixed, kind
+    fixed = [f"{k}={json.dumps(v)}" for k, v in sweep.set.items()]
+    return base, getattr(sweep, sweep.kind), fixed, sweep.kind
 
 
 def _get(d: dict, dotted: str):
@@ -106,34 +124,35 @@ def run_sweep(sweep_file: str | Path, out_dir: str | Path, *, progress: bool = T
     combos = sweep_settings(base, grid, kind)
     configs = [(s, base.with_overrides([f"{k}={json.dumps(v)}" for k, v in s.items()])) for s in combos]
     names = [run_name(s) if kind == "grid" else _vary_name(s, combos[0]) for s in combos]
-    metric, direction = base.train.select_metric, base.train.select_direction
+    evaluator, metric = base.train.evaluator_class, base.train.select_metric
+    direction = evaluator.direction(metric)
     write_json(out_dir / SWEEP, {"base": base.to_dict(), kind: grid, "runs": names, "select_metric": metric})
     rows, curves = [], []
     for i, ((settings, cfg), name) in enumerate(zip(configs, names), 1):
         run_dir = out_dir / name
         log(f"[{i}/{len(configs)}] {name}")
         done = run_dir / rundir.RESULTS
-        if (not fresh and done.is_file() and (run_dir / rundir.CONFIG).is_file()
-                and rundir.read_json(run_dir / rundir.CONFIG) == cfg.to_dict()
+        if (not fresh and done.is_file() and _same_config(run_dir, cfg)
                 and (test == "selected" or rundir.read_json(done)["test"])):
             results = rundir.read_json(done)
         else:
             results = train_run(cfg, run_dir, resume=not fresh, progress=progress, log=log,
                                 track_test=test == "all", evaluate_test=test == "all")
-        rows.append(_row(name, settings, results, metric))
+        rows.append(_row(name, settings, results, metric, evaluator))
         for rec in read_metrics(run_dir):
             curves.append({"run": name, "epoch": rec["epoch"], "train_loss": rec["train_loss"],
                            "dev_t2i_r1": rec.get("dev", {}).get("t2i_r1"), "dev_i2t_r1": rec.get("dev", {}).get("i2t_r1"),
                            "test_t2i_r1": rec.get("test", {}).get("t2i_r1"),
                            "test_i2t_r1": rec.get("test", {}).get("i2t_r1")})
         _write_tables(out_dir, rows, curves)
-    i = rows.index((max if direction == "max" else min)(rows, key=lambda r: r[f"dev_{metric}"]))
+    i = evaluator.best([r[f"dev_{metric}"] for r in rows], metric)  # the first of equals
     pick, (settings, cfg) = rows[i], configs[i]
     log(f"selected by dev {metric}: {pick['run']} ({pick[f'dev_{metric}']})")
     results = rundir.read_json(out_dir / pick["run"] / rundir.RESULTS)
     if not results["test"]:  # the one test evaluation of the study
         results = train_run(cfg, out_dir / pick["run"], resume=True, progress=progress, log=log)
-        rows[i] = {**_row(pick["run"], settings, results, metric), "train_seconds": pick["train_seconds"]}
+        rows[i] = {**_row(pick["run"], settings, results, metric, evaluator),
+                   "train_seconds": pick["train_seconds"]}
         _write_tables(out_dir, rows, curves)
     write_json(out_dir / "selected.json", {
         "run": pick["run"], "settings": settings, "select_metric": metric, "direction": direction,
@@ -144,12 +163,25 @@ def run_sweep(sweep_file: str | Path, out_dir: str | Path, *, progress: bool = T
     return rows
 
 
-def _row(name: str, settings: dict, results: dict, metric: str) -> dict:
+def _same_config(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether ``run_dir`` was trained with ``cfg`` (a config written before a setting existed reads with
+    its default)."""
+    if not (run_dir / rundir.CONFIG).is_file():
+        return False
+    saved = rundir.read_json(run_dir / rundir.CONFIG)
+    try:
+        return saved == cfg.to_dict() or RunConfig.from_dict(saved).to_dict() == cfg.to_dict()
+    except ConfigError:
+        return False
+
+
+def _row(name: str, settings: dict, results: dict, metric: str, evaluator) -> dict:
+    """A results row: the settings, the selection, the evaluator's brief dev columns and test retrieval."""
     row = {"run": name, **settings, "best_epoch": results["fit"]["best_epoch"],
            f"dev_{metric}": round(results["fit"][f"best_dev_{metric}"], 2)}
     dev = results.get("dev", {}).get("trained")
     if dev:
-        row.update({"dev_t2i_r1": round(dev["t2i_r1"], 2), "dev_i2t_r1": round(dev["i2t_r1"], 2)})
+        row.update({f"dev_{k}": round(dev[k], 2) for k in evaluator.brief if k in dev})
     test = results["test"].get("trained")
     if test:
         row.update({"test_t2i_r1": round(test["t2i_r1"], 2), "test_i2t_r1": round(test["i2t_r1"], 2),

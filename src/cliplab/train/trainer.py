@@ -1,8 +1,9 @@
 """Train projection heads, temperature and (optionally) tower blocks or adapters on cached activations.
 
 :class:`Trainer` is contrastive training as a task (:class:`ContrastiveTask`) on the training engine
-(:mod:`cliplab.train.loop`), which does the rest: dev evaluation every epoch, early stopping on a dev
-retrieval metric (higher or lower is better, by the metric), ``best/`` and ``last.pt`` checkpoints,
+(:mod:`cliplab.train.loop`), which does the rest: dev evaluation every epoch by the run's evaluator
+(``train.evaluator``, default retrieval), early stopping on one of its metrics (higher or lower is better, as
+the evaluator says), ``best/`` and ``last.pt`` checkpoints,
 per-epoch metrics + TensorBoard logs (file names in :mod:`cliplab.rundir`). A killed run resumes from
 ``last.pt``; epoch shuffles are a function of (seed, epoch), so a resumed run ends where an uninterrupted
 one does. The checkpoint records the training config: resuming with a changed one is refused, naming the
@@ -24,7 +25,7 @@ from cliplab.embed.pipeline import DatasetFeatures
 from cliplab.errors import ConfigError
 from cliplab.models.checkpoint import load_checked
 from cliplab.rundir import append_metrics, flatten
-from cliplab.train.config import TrainConfig
+from cliplab.train.config import TrainConfig, without_default_evaluator
 from cliplab.train.distributed import DistContext
 from cliplab.train.inputs import SplitInputs, embed_side, inputs_from_features
 from cliplab.train.loop import LoopSettings, TrainLoop, TrainTask, warmup_cosine
@@ -156,11 +157,10 @@ class Trainer:
         return img.float(), txt.float()
 
     def evaluate(self, split: SplitInputs | DatasetFeatures) -> dict[str, float]:
-        from cliplab.eval.retrieval import retrieval_metrics
+        """The metrics of ``train.evaluator`` (default: retrieval) on a split under the current model."""
+        from cliplab.eval.evaluators import get_evaluator
 
-        split = self._inputs(split)
-        img, txt = self.embed(split)
-        return retrieval_metrics(img, txt, split.caption_image, device=self.device).metrics
+        return get_evaluator(self.cfg.evaluator, data=self._inputs(split), device=self.device)(self)
 
     def _autocast(self):
         return autocast(self.device, enabled=self.cfg.amp)
@@ -194,10 +194,8 @@ class Trainer:
         """What a checkpoint must have been trained with to be resumed (see ``RunConfig.training_record``)."""
         if self._config_record is not None:
             return self._config_record
-        return {k: v for k, v in flatten({"train": asdict(self.cfg)}).items() if k != "train.device"}
-
-    def _better(self, score: float, best: float) -> bool:
-        return score > best if self.cfg.select_direction == "max" else score < best
+        record = without_default_evaluator(flatten({"train": asdict(self.cfg)}))
+        return {k: v for k, v in record.items() if k != "train.device"}
 
     def _check_boundaries(self, split: SplitInputs) -> None:
         for side, stages, b in (("image", self.image_stages, split.image_boundary),
@@ -230,14 +228,15 @@ class Trainer:
         self._check_boundaries(train)
         if len(train.dataset.image_paths()) < 2:
             raise ConfigError("training needs at least 2 images")
-        settings = LoopSettings(cfg.epochs, cfg.patience, cfg.select_metric, cfg.select_direction,
-                                cfg.grad_accum_steps, cfg.grad_clip)
+        settings = LoopSettings(cfg.epochs, cfg.patience, cfg.select_metric, grad_accum_steps=cfg.grad_accum_steps,
+                                grad_clip=cfg.grad_clip, evaluator=cfg.evaluator_class)
         task = ContrastiveTask(self, train, self._inputs(dev) if dev is not None else None,
                                {k: self._inputs(v) for k, v in (also_evaluate or {}).items()})
         state = TrainLoop(task, settings, self.run_dir, device=self.device, config_record=self.config_record,
                           resume=resume, progress=self.progress, tensorboard=self.tensorboard, dist=self.dist).run()
         return {"best_epoch": state["best_epoch"], f"best_dev_{cfg.select_metric}": state["best_metric"],
-                "stopped_early": state["stopped_early"], "config": asdict(cfg)}
+                "stopped_early": state["stopped_early"], "select_metric": cfg.select_metric,
+                "select_direction": settings.select_direction, "evaluator": cfg.evaluator, "config": asdict(cfg)}
 
 
 class ContrastiveTask(TrainTask):
@@ -287,8 +286,10 @@ class ContrastiveTask(TrainTask):
 
     def report(self, record: dict, bar) -> None:
         if "dev" in record:
-            dev = record["dev"]
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev_r1=f"{dev['t2i_r1']:.1f}/{dev['i2t_r1']:.1f}")
+            dev, metric = record["dev"], self.cfg.select_metric
+            shown = {"dev_r1": f"{dev['t2i_r1']:.1f}/{dev['i2t_r1']:.1f}"} if "t2i_r1" in dev and "i2t_r1" in dev \
+                else {f"dev_{metric}": f"{dev[metric]:.3g}"}
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", **shown)
 
     def state(self) -> dict:
         return {"model": self.trainer._trainable_state(), "loss": self.trainer.loss_fn.state_dict()}

@@ -9,9 +9,11 @@ import numpy as np
 from cliplab.viz.figures import new_figure, save_figure, save_rows
 
 
-def training_curves(rows: list[dict], out: str | Path, title: str = "training", best_epoch: int | None = None) -> Path:
+def training_curves(rows: list[dict], out: str | Path, title: str = "training", best_epoch: int | None = None,
+                    select_metric: str = "rsum", direction: str = "max") -> Path:
     """Train loss (left axis) and dev/test R@1 both ways (right axis) per epoch; the best dev epoch marked
-    (``best_epoch``, else the epoch of highest dev R-sum).
+    (``best_epoch``, else the epoch of the best dev ``select_metric``: the highest, or the lowest for
+    ``direction="min"``, as the run's evaluator says).
 
     ``rows`` are the records of ``metrics.jsonl``. Writes ``out`` (PNG) and ``out`` with ``.csv``.
     """
@@ -40,8 +42,9 @@ def training_curves(rows: list[dict], out: str | Path, title: str = "training", 
             if all(key in row for row in data) and data:
                 ax2.plot(epochs, [row[key] for row in data], styles[split], color=colours[d], marker=".",
                          label=f"{split} {'T→I' if d == 't2i' else 'I→T'} R@1")
-    if best_epoch is None and rows and all(isinstance(r.get("dev"), dict) and "rsum" in r["dev"] for r in rows):
-        best_epoch = epochs[int(np.argmax([r["dev"]["rsum"] for r in rows]))]
+    if best_epoch is None and rows and all(isinstance(r.get("dev"), dict) and select_metric in r["dev"] for r in rows):
+        pick = np.argmax if direction == "max" else np.argmin
+        best_epoch = epochs[int(pick([r["dev"][select_metric] for r in rows]))]
     if best_epoch is not None and best_epoch >= 0:
         ax2.axvline(best_epoch, color="grey", ls="--", lw=1)
         ax2.annotate(f"best dev epoch {best_epoch}", (best_epoch, ax2.get_ylim()[0]), xytext=(4, 6),

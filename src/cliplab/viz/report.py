@@ -15,11 +15,11 @@ from pathlib import Path
 
 from cliplab import rundir
 from cliplab.errors import ConfigError
+from cliplab.eval.evaluators import CaptionEvaluator, ClassificationEvaluator, RetrievalEvaluator
 from cliplab.utils import write_text
 
-RETRIEVAL_COLUMNS = [("t2i_r1", "T→I R@1"), ("t2i_r5", "T→I R@5"), ("t2i_r10", "T→I R@10"), ("i2t_r1", "I→T R@1"),
-                     ("i2t_r5", "I→T R@5"), ("i2t_r10", "I→T R@10"), ("t2i_mrr", "T→I MRR"), ("i2t_mrr", "I→T MRR")]
-CLASS_COLUMNS = [("accuracy", "accuracy"), ("top5", "top-5"), ("macro_f1", "macro-F1")]
+RETRIEVAL_COLUMNS = list(RetrievalEvaluator.columns)  # the evaluators' columns
+CLASS_COLUMNS = ClassificationEvaluator.brief_columns()
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222;background:#fafafa}
@@ -152,8 +152,8 @@ def _run_section(run_dir: Path, info: dict, anchor: str) -> str:
     if info["kind"] == "ensemble":
         res = info["results"]
         metric = res["select_metric"]
-        cols = ["t2i_r1", "i2t_r1"] if res.get("task", "retrieval") == "retrieval" else ["top5"]
-        cols = [c for c in cols if c != metric] + [metric]
+        evaluator = RetrievalEvaluator if res.get("task", "retrieval") == "retrieval" else ClassificationEvaluator
+        cols = [c for c in evaluator.brief if c != metric] + [metric]
         rows = [[spec, _fmt(res["all_weights"][spec])] + [_fmt(m.get(c, "")) for c in cols]
                 for spec, m in res["members_dev"].items()]
         rows.append(["ensemble (chosen)", ""] + [_fmt(res["dev"].get(c, "")) for c in cols])
@@ -161,11 +161,11 @@ def _run_section(run_dir: Path, info: dict, anchor: str) -> str:
                      + _table(["member", "weight"] + cols, rows))
     if info["kind"] == "caption":
         res = info["results"]
-        keys = ["bleu1", "bleu4", "meteor", "rouge_l", "cider", "clipscore", "refclipscore"]
-        rows = [[name] + [_fmt(res[name].get(k)) if res[name].get(k) is not None else "n/a" for k in keys]
+        cols = CaptionEvaluator.brief_columns()
+        rows = [[name] + [_fmt(res[name].get(k)) if res[name].get(k) is not None else "n/a" for k, _ in cols]
                 for name in ("model", "nearest_neighbour")]
         parts.append(f"<h3>Captioning ({html.escape(res['split'])}, {res['n_images']} images, beam {res['beam']})</h3>"
-                     + _table(["model"] + keys, rows)
+                     + _table(["model"] + [h for _, h in cols], rows)
                      + f"<p>{html.escape(res['protocol'])}. {html.escape(res['clipscore_note'])}.</p>")
     parts.append("<h3>Figures</h3>" + _figures(run_dir) + "</section>")
     return "".join(parts)

@@ -8,21 +8,40 @@ import numpy as np
 import torch
 
 from cliplab.data.captions import CaptionDataset
-from cliplab.rundir import CURVES, PLOTS, best_epoch, read_csv_rows, read_metrics
+from cliplab.rundir import CONFIG, CURVES, PLOTS, best_epoch, read_csv_rows, read_json, read_metrics
 from cliplab.viz.classification import confusion_matrix_plot, top5_bars
 from cliplab.viz.curves import recall_at_k, sweep_overlay, training_curves
 from cliplab.viz.galleries import image_to_text_gallery, text_to_image_gallery
 from cliplab.viz.maps import class_map, modality_map
 
 
+def run_selection(run_dir: str | Path) -> tuple[str, str] | None:
+    """The dev metric that selects a training run's best epoch and its direction (``max`` / ``min``), from the
+    run's recorded config and its evaluator; None when the evaluator is not registered in this process."""
+    from cliplab.errors import ConfigError
+    from cliplab.eval.evaluators import CaptionEvaluator, evaluator_class
+
+    path = Path(run_dir) / CONFIG
+    config = read_json(path) if path.is_file() else {}
+    train = config.get("train", {})
+    try:
+        evaluator = CaptionEvaluator if config.get("kind") == "caption" else \
+            evaluator_class(train.get("evaluator", "retrieval"))
+        metric = train.get("select_metric") or evaluator.primary_metric
+        return metric, evaluator.direction(metric)
+    except ConfigError:
+        return None
+
+
 def plot_training(run_dir: str | Path) -> list[Path]:
-    """Loss and dev/test R@1 per epoch from the run's metrics."""
+    """Loss and dev/test R@1 per epoch from the run's metrics; the dev-selected epoch marked."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     if not rows:
         return []
+    metric, direction = run_selection(run_dir) or ("", "max")
     return [training_curves(rows, run_dir / PLOTS / "curves.png", title=f"training: {run_dir.name}",
-                            best_epoch=best_epoch(run_dir))]
+                            best_epoch=best_epoch(run_dir), select_metric=metric, direction=direction)]
 
 
 def plot_retrieval(out_dir: str | Path, dataset: CaptionDataset, spaces: dict[str, tuple[torch.Tensor, torch.Tensor]],
