@@ -38,6 +38,10 @@ def test_zeroshot_and_probe_match_the_commands(labelled_splits, tmp_path, cli):
     assert json.loads(json.dumps(zs.results)) == cli_zs["results"]
     assert set(zs.results) == {"photo|cosine", "photo|dot"}
     assert "<table" in zs._repr_html_() and len(zs.table()) == 2
+    from matplotlib.figure import Figure
+
+    assert isinstance(zs.confusion(), Figure) and isinstance(zs.top5(), Figure)
+    assert zs.confusion().axes[0].get_title().startswith(f"zero-shot, {zs.best_variant()}")
 
     res = cli("eval", "probe", labelled_splits, "--method", "logistic", "--variant", "photo", "--run-dir",
               tmp_path / "pr", cache=cache)
@@ -69,3 +73,9 @@ def test_train_and_evaluate_match_the_commands(caption_dir, tmp_path, cli):
     cli_metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert ev.results[str(tmp_path / "api-run")] == cli_metrics[str(tmp_path / "cli-run")]
     assert ev.results[str(tmp_path / "api-run")]["t2i_r1"] == cli_results["test"]["trained"]["t2i_r1"]
+    from matplotlib.figure import Figure
+
+    for figure in (ev.recall_at_k(), ev.map("pca"), ev.gallery("t2i"), ev.gallery("i2t")):
+        assert isinstance(figure, Figure) and figure.axes
+    lines = ev.recall_at_k(max_k=3).axes[0].get_lines()
+    assert lines[0].get_ydata()[0] == pytest.approx(cli_metrics[str(tmp_path / "cli-run")]["t2i_r1"])

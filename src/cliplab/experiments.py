@@ -43,8 +43,9 @@ from cliplab.eval.self_training import SelfTrainingConfig, self_train as fit_sel
 from cliplab.eval.tables import markdown_table
 from cliplab.eval.zeroshot import (DEFAULT_VARIANTS, ZeroShotClassifier, resolve_templates, similarities_for,
                                    zeroshot_experiment)
-from cliplab.models.factory import load_model
-from cliplab.results import ResultTable
+from cliplab.models.factory import feature_stack, load_model
+from cliplab.models.wrappers import with_flip_tta
+from cliplab.results import ResultTable, figure_of
 from cliplab.utils import resolve_device, write_json, write_text
 
 DataLike = Union[str, Path, LabelledImages]
@@ -69,6 +70,7 @@ class _Run(ResultTable):
     key_label: ClassVar[str]
     config: dict = field(default_factory=dict, repr=False)  # config.json, less the provenance added on writing
     run_dir: Optional[Path] = None
+    data: Any = field(default=None, repr=False)  # what the figures draw from (datasets, embeddings); not recorded
 
     @property
     def title(self) -> str:
@@ -105,7 +107,7 @@ class ZeroShotRun(_Run):
     key_label: ClassVar[str] = "variant"
     results: dict  # "variant|similarity" (and "self-trained ...") -> classification metrics
     cosine_vs_dot: Optional[dict] = None  # why the two similarities agree or differ (when both ran)
-    top5: Optional[dict] = None  # top-5 classes of a few random images
+    top5_images: Optional[dict] = None  # top-5 classes of a few random images (``top5`` in zeroshot.json)
     dataset: str
     model: Any
     n_images: int
@@ -121,6 +123,31 @@ class ZeroShotRun(_Run):
         md = super().markdown()
         return md + "\n" + self.cosine_vs_dot["explanation"] + "\n" if self.cosine_vs_dot else md
 
+    def to_dict(self) -> dict:
+        return {("top5" if k == "top5_images" else k): v for k, v in super().to_dict().items()}
+
+    def best_variant(self) -> str:
+        """The variant|similarity with the highest accuracy (on the evaluated split: a description, not a
+        selection; choose prompts on other data)."""
+        return max(self.results, key=lambda k: self.results[k]["accuracy"])
+
+    def confusion(self, variant: Optional[str] = None):
+        """The confusion matrix of ``variant`` (default: the most accurate), as ``--plots`` draws it."""
+        from cliplab.viz.classification import confusion_matrix_plot
+
+        key = variant or self.best_variant()
+        r = self.results[key]
+        return figure_of(lambda d: confusion_matrix_plot(np.array(r["confusion"]), r["class_names"], d / "c.png",
+                                                         title=f"zero-shot, {key}"))
+
+    def top5(self):
+        """Top-5 class probabilities of the sampled images (``top5=`` of :func:`run_zeroshot`)."""
+        from cliplab.viz.runs import plot_zeroshot
+
+        if not self.top5_images or self.data is None:
+            raise ConfigError("no top-5 images in this run (top5=0, or a run read back from its folder)")
+        return figure_of(lambda d: plot_zeroshot(d, self.to_dict(), self.data.images, self.data.labels))[-1]
+
 
 @dataclass(kw_only=True)
 class ProbeRun(_Run):
@@ -133,6 +160,7 @@ class ProbeRun(_Run):
     model: Any
     feature_dim: int
     zeroshot_variant: str
+    features: Optional[list] = None  # the image towers whose features the probe used (default: the model's)
     results: dict  # "probe:logistic", "probe:torch", "zeroshot" -> classification metrics (and the fit)
     seconds: dict
 
@@ -146,10 +174,19 @@ class ProbeRun(_Run):
                  f"held-out stratified split, {p['test_fraction']:.0%} of each class for test (seed {p['seed']})")
         shots = f", {p['few_shot']}-shot" if p.get("few_shot") else ""
         views = "; fitted on each training image and its mirror" if p.get("flip_train") else ""
-        return f"{where}; {p['n_train']} train / {p['n_test']} test images{shots}, disjoint (checked){views}"
+        stack = f"; features of {' + '.join(self.features)} side by side" if self.features else ""
+        return f"{where}; {p['n_train']} train / {p['n_test']} test images{shots}, disjoint (checked){views}{stack}"
 
     def markdown(self) -> str:
         return super().markdown() + f"\nProtocol: {self.protocol_line()}\n"
+
+    def confusion(self, method: str = "probe:logistic"):
+        """The confusion matrix of a probe (or ``zeroshot``) on the test images."""
+        from cliplab.viz.classification import confusion_matrix_plot
+
+        r = self.results[method]
+        return figure_of(lambda d: confusion_matrix_plot(np.array(r["confusion"]), r["class_names"], d / "c.png",
+                                                         title=method))
 
 
 def labelled(data: DataLike, split: Optional[str] = None, classes: Optional[str | Path] = None,
@@ -230,7 +267,7 @@ def run_zeroshot(data: DataLike, model, *, split: Optional[str] = None, variants
                                               selection=self_train_selection)
     m = _model(model)
     sims = similarities_for(m, similarity)  # an ensemble defines cosine only
-    fm = _model(features_model) if features_model is not None else m
+    fm = with_flip_tta(_model(features_model) if features_model is not None else m, features_flip)
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     t0 = time.time()
     emb = encode_images(m, ds.images, cache=cache, device=dev, desc=f"{ds.name} images")
@@ -238,8 +275,10 @@ def run_zeroshot(data: DataLike, model, *, split: Optional[str] = None, variants
     picks = sorted(np.random.default_rng(seed).choice(len(ds), size=min(top5, len(ds)), replace=False).tolist())
     result = zeroshot_experiment(m, emb, ds.labels, ds.class_names, variants=tuple(variants) or DEFAULT_VARIANTS,
                                  similarities=sims, top_images=picks)
+    result["top5_images"] = result.pop("top5", None)
     run = ZeroShotRun(**result, dataset=ds.name, model=_describe(model), n_images=len(ds),
-                      class_names=ds.class_names, seconds={"embed": t_embed, "classify": time.time() - t0 - t_embed})
+                      class_names=ds.class_names, seconds={"embed": t_embed, "classify": time.time() - t0 - t_embed},
+                      data=ds)
     if pool is not None:
         _self_trained_zeroshot(run, m, fm, ds, pool, variant=variants[0] if variants else "clip80",
                                similarity=sims[0], config=st_config, cache=cache, device=dev, flip_tta=features_flip,
@@ -291,10 +330,9 @@ def _self_trained_zeroshot(run: ZeroShotRun, model, features_model, ds: Labelled
     clf = ZeroShotClassifier(model, ds.class_names, variant, similarity)
     pool_emb = encode_images(model, pool.images, cache=cache, device=device, desc=f"{pool.name} images (unlabelled)")
     probs = clf.predict_proba(pool_emb).cpu().numpy()
-    x_pool = image_tower_features(features_model, pool.images, cache=cache, device=device, flip_tta=flip_tta,
+    x_pool = image_tower_features(features_model, pool.images, cache=cache, device=device,
                                   desc=f"{pool.name} features")
-    x_test = image_tower_features(features_model, ds.images, cache=cache, device=device, flip_tta=flip_tta,
-                                  desc=f"{ds.name} features")
+    x_test = image_tower_features(features_model, ds.images, cache=cache, device=device, desc=f"{ds.name} features")
     fitted = fit_self_training(x_pool, probs, config, log=log)
     key = f"self-trained {variant}|{similarity}"
     results[key] = {"variant": key, "similarity": similarity, "n_templates": len(clf.templates),
@@ -314,7 +352,8 @@ def _self_trained_zeroshot(run: ZeroShotRun, model, features_model, ds: Labelled
 def run_probe(data: DataLike | tuple[LabelledImages, LabelledImages], model, *, train_split: Optional[str] = None,
               test_split: Optional[str] = None, test_fraction: float = 0.2, methods: Sequence[str] = PROBE_METHODS,
               few_shot: int = 0, variant: str = "clip80", flip_tta: bool = True, power_norm: bool = True,
-              flip_train: bool = False, classes: Optional[str | Path] = None,
+              flip_train: bool = False, features: Optional[Sequence[str]] = None,
+              classes: Optional[str | Path] = None,
               rename: Sequence[str] | Mapping[str, str] = (), run_dir: Optional[str | Path] = None,
               cache: FeatureCache | str | Path | None = None, device="auto", seed: int = 0,
               plots: bool = False) -> ProbeRun:
@@ -323,7 +362,10 @@ def run_probe(data: DataLike | tuple[LabelledImages, LabelledImages], model, *, 
     train / test), a ``(train, test)`` pair of datasets, or, for data without splits, a stratified held-out
     ``test_fraction`` of each class. ``few_shot``: k >= 2 training images per class (0: all); ``flip_tta``:
     each image's features averaged with its mirror's; ``flip_train``: the logistic probe fits each training
-    image and its mirror as two samples. Every setting is checked before any feature is computed."""
+    image and its mirror as two samples; ``features``: the probe's image features, named image towers side by
+    side (``["lite0", "efficientnet_lite2@224"]``: ``ARCH[@SIZE]``, see
+    :func:`~cliplab.models.factory.image_tower_config`) instead of ``model``'s own (``model`` still gives the
+    zero-shot comparison). Every setting is checked before any feature is computed."""
     _check_plots(plots, run_dir)
     _check_choices("--method", methods, PROBE_METHODS)
     resolve_templates(variant)
@@ -337,10 +379,11 @@ def run_probe(data: DataLike | tuple[LabelledImages, LabelledImages], model, *, 
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     train_ds, test_ds, protocol = _probe_datasets(data, train_split, test_split, test_fraction, classes, rename,
                                                   seed=seed, few_shot=few_shot, flip_train=flip_train)
+    source = feature_stack(features) if features else None
     m = _model(model)
     t0 = time.time()
-    xtr, views, xte = _probe_features(m, train_ds, test_ds, flip_tta=flip_tta, flip_train=flip_train, cache=cache,
-                                      device=dev)
+    xtr, views, xte = _probe_features(source or m, train_ds, test_ds, flip_tta=flip_tta, flip_train=flip_train,
+                                      cache=cache, device=dev)
     emb = encode_images(m, test_ds.images, cache=cache, device=dev, progress=False)
     zs = ZeroShotClassifier(m, test_ds.class_names, variant).scores(emb).cpu().numpy()
     t1 = time.time()
@@ -348,12 +391,14 @@ def run_probe(data: DataLike | tuple[LabelledImages, LabelledImages], model, *, 
                                 zeroshot_scores=zs, seed=seed, power_norm=power_norm, train_views=views)
     run = ProbeRun(dataset={"train": train_ds.name, "test": test_ds.name, "n_train": len(train_ds),
                             "n_test": len(test_ds)}, protocol=protocol, model=_describe(model),
-                   feature_dim=int(xtr.shape[1]), zeroshot_variant=variant, results=results,
+                   feature_dim=int(xtr.shape[1]), features=list(features) if features else None,
+                   zeroshot_variant=variant, results=results,
                    seconds={"features": t1 - t0, "fit": time.time() - t1},
                    config={"data": _describe(data), "model": _describe(model), "train_split": train_split,
                            "test_split": test_split, "test_fraction": test_fraction, "methods": methods,
                            "few_shot": few_shot, "variant": variant, "seed": seed, "flip_tta": flip_tta,
-                           "flip_train": flip_train, "power_norm": power_norm})
+                           "flip_train": flip_train, "power_norm": power_norm,
+                           "features": list(features) if features else None})
     if run_dir is not None:
         run.write(run_dir)
         if plots:
@@ -395,17 +440,18 @@ def _probe_datasets(data, train_split: Optional[str], test_split: Optional[str],
 
 def _probe_features(model, train_ds: LabelledImages, test_ds: LabelledImages, *, flip_tta: bool, flip_train: bool,
                     cache, device) -> tuple[np.ndarray, Optional[list[np.ndarray]], np.ndarray]:
-    """Training features (with ``flip_train`` also the two views they average) and test features."""
-    views = None
+    """Training features (with ``flip_train`` also the two views they average) and test features of ``model``
+    (any model, or a :class:`~cliplab.models.wrappers.FeatureStack`), flip-averaged with ``flip_tta``."""
+    views, source = None, with_flip_tta(model, flip_tta)
     if flip_train:  # each view on its own; their mean is the flip-averaged feature
-        views = [image_tower_features(model, imgs, cache=cache, device=device, desc=f"{train_ds.name} images{tag}")
+        plain = with_flip_tta(model, False)
+        views = [image_tower_features(plain, imgs, cache=cache, device=device, desc=f"{train_ds.name} images{tag}")
                  for imgs, tag in ((train_ds.images, ""), (MirroredImages(train_ds.images), " (mirrored)"))]
         xtr = (views[0] + views[1]) / 2
     else:
-        xtr = image_tower_features(model, train_ds.images, cache=cache, device=device,
-                                   desc=f"{train_ds.name} images", flip_tta=flip_tta)
-    xte = image_tower_features(model, test_ds.images, cache=cache, device=device, desc=f"{test_ds.name} images",
-                               flip_tta=flip_tta)
+        xtr = image_tower_features(source, train_ds.images, cache=cache, device=device,
+                                   desc=f"{train_ds.name} images")
+    xte = image_tower_features(source, test_ds.images, cache=cache, device=device, desc=f"{test_ds.name} images")
     return xtr, views, xte
 
 
@@ -432,6 +478,40 @@ class RetrievalRun(_Run):
 
         return retrieval_markdown(self.results, self.dataset)
 
+    def _drawn(self) -> tuple:
+        if self.data is None:
+            raise ConfigError("this run holds no embeddings (read back from its folder): evaluate again")
+        return self.data
+
+    def recall_at_k(self, max_k: int = 50):
+        """Recall@K for K = 1..max_k both ways, one line per model."""
+        from cliplab.eval.retrieval import retrieval_ranks
+        from cliplab.viz.curves import recall_at_k
+
+        dataset, spaces = self._drawn()
+        ranks = {n: retrieval_ranks(i, t, dataset.caption_image) for n, (i, t) in spaces.items()}
+        return figure_of(lambda d: recall_at_k(ranks, d / "r.png", max_k=max_k, title=f"Recall@K: {dataset.name}"))
+
+    def map(self, method: str = "tsne", max_images: int = 200, seed: int = 0):
+        """Images and captions of every model's space in 2-D (``tsne`` or ``pca``), pairs joined."""
+        from cliplab.viz.maps import modality_map
+
+        dataset, spaces = self._drawn()
+        arrays = {n: (np.asarray(i, dtype=np.float32), np.asarray(t, dtype=np.float32)) for n, (i, t) in spaces.items()}
+        return figure_of(lambda d: modality_map(arrays, dataset.caption_image, d / "m.png", method=method,
+                                                max_images=max_images, seed=seed))
+
+    def gallery(self, direction: str = "t2i", model: Optional[str] = None):
+        """Best successes and worst failures of ``model`` (default: the last), text→image or image→text."""
+        from cliplab.viz.galleries import image_to_text_gallery, text_to_image_gallery
+
+        _check_choices("direction", [direction], ("t2i", "i2t"))
+        dataset, spaces = self._drawn()
+        name = model or list(spaces)[-1]
+        draw = text_to_image_gallery if direction == "t2i" else image_to_text_gallery
+        label = "text → image" if direction == "t2i" else "image → text"
+        return figure_of(lambda d: draw(dataset, *spaces[name], d / "g.png", title=f"{label} ({name})"))
+
 
 def run_retrieval(data, models: Sequence, *, split: str = "test", image_root: Optional[str | Path] = None,
                   on_error: str = "raise", cache: FeatureCache | str | Path | None = None, device="auto",
@@ -453,11 +533,12 @@ def run_retrieval(data, models: Sequence, *, split: str = "test", image_root: Op
     spaces, used = {}, ds
     for spec in models:
         name = str(_describe(spec))
-        img, txt, used = encode_dataset(_model(spec), ds, cache=cache, on_error=on_error, device=dev,
-                                        flip_tta=flip_tta)
+        img, txt, used = encode_dataset(with_flip_tta(_model(spec), flip_tta), ds, cache=cache, on_error=on_error,
+                                        device=dev)
         run.results[name] = retrieval_metrics(img, txt, used.caption_image, device=dev).metrics
         run.skipped[name] = used.skipped
         spaces[name] = (img, txt)
+    run.data = (used, spaces)
     run.config = {"data": _describe(data), "split": split, "models": [_describe(m) for m in models],
                   "on_error": on_error, "flip_tta": flip_tta}
     if run_dir is not None:

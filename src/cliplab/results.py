@@ -39,3 +39,16 @@ class ResultTable:
 
 def _cell(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def figure_of(draw):
+    """The matplotlib figure(s) ``draw(folder)`` saves, drawn into a temporary folder: the notebook API's plots
+    are the very figures the CLI writes with ``--plots``."""
+    import tempfile
+    from pathlib import Path
+
+    from cliplab.viz.figures import capture_figures
+
+    with tempfile.TemporaryDirectory() as tmp, capture_figures() as figures:
+        draw(Path(tmp))
+    return figures[0] if len(figures) == 1 else figures
