@@ -79,3 +79,25 @@ def test_train_and_evaluate_match_the_commands(caption_dir, tmp_path, cli):
         assert isinstance(figure, Figure) and figure.axes
     lines = ev.recall_at_k(max_k=3).axes[0].get_lines()
     assert lines[0].get_ydata()[0] == pytest.approx(cli_metrics[str(tmp_path / "cli-run")]["t2i_r1"])
+
+
+def test_dataset_subsets_for_quick_notebooks(caption_dir, labelled_splits, tmp_path):
+    import cliplab
+
+    out = cliplab.datasets.caption_subset(caption_dir / "captions.csv", tmp_path / "small.csv", train=3, test=2)
+    full = {s: cliplab.datasets.captions(caption_dir / "captions.csv", s) for s in ("train", "dev", "test")}
+    small = {s: cliplab.datasets.captions(out, s) for s in ("train", "dev", "test")}
+    assert (small["train"].num_images, small["dev"].num_images, small["test"].num_images) == (3, 4, 2)
+    for s in small:  # the first images with every caption of theirs, nothing else
+        n = small[s].num_images
+        assert [p.name for p in small[s].image_paths()] == [p.name for p in full[s].image_paths()[:n]]
+        assert small[s].captions == [c for c, i in zip(full[s].captions, full[s].caption_image) if i < n]
+    labelled = cliplab.datasets.labelled(labelled_splits, "train")
+    sample = labelled.subset(len(labelled.class_names) * 2, seed=1)
+    assert len(sample) == 2 * len(labelled.class_names)
+    assert sorted(set(sample.labels.tolist())) == list(range(len(labelled.class_names)))
+    assert labelled.subset(len(labelled.class_names) * 2, seed=1).images.paths == sample.images.paths
+    from cliplab.errors import DataError
+
+    with pytest.raises(DataError, match="at least one image"):
+        small["train"].subset(0)

@@ -121,6 +121,14 @@ class TrainRun(Table):
     def best_epoch(self) -> int:
         return self.results["fit"]["best_epoch"]
 
+    def curves(self):
+        """Training loss and dev (and tracked test) metrics over epochs, the selected epoch marked: the figure
+        ``--plots`` writes to ``plots/curves.png``."""
+        from cliplab.results import figure_of
+        from cliplab.viz.runs import plot_training
+
+        return figure_of(lambda _: plot_training(self.run_dir))
+
     def epochs(self) -> Table:
         """One row per epoch: training loss and the dev (and tracked test) metrics."""
         from cliplab import rundir
@@ -197,6 +205,17 @@ class _Datasets:
         from cliplab.data.labelled import load_labelled
 
         return load_labelled(path, split=split, **options)
+
+    @staticmethod
+    def caption_subset(path, out, *, train: Optional[int] = None, dev: Optional[int] = None,
+                       test: Optional[int] = None, **options) -> Path:
+        """A CSV of the first N images (with all their captions) of each split of a caption dataset, e.g. a
+        quick Flickr8k for a notebook; None keeps a split whole. Train it with ``data.path=OUT``."""
+        from cliplab.data.captions import load_caption_dataset, write_caption_csv
+
+        sizes = {"train": train, "dev": dev, "test": test}
+        splits = {s: load_caption_dataset(path, s, **options) for s in sizes}
+        return write_caption_csv(out, {s: ds.subset(sizes[s]) if sizes[s] else ds for s, ds in splits.items()})
 
 
 datasets = _Datasets()

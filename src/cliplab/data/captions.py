@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Literal
 import numpy as np
 
 from cliplab.errors import ConfigError, DataError
-from cliplab.utils import sha256_text
+from cliplab.utils import sha256_text, write_text
 
 OnError = Literal["raise", "skip"]
 SPLITS = ("train", "dev", "test", "all")
@@ -124,6 +124,18 @@ class CaptionDataset:
             image_sources=[s for s, k in zip(self.image_sources, keep) if k],
             skipped=report,
         )
+
+    def subset(self, n: int) -> "CaptionDataset":
+        """The first ``n`` images (in the dataset's order) with all their captions; ``name`` says so."""
+        if n < 1:
+            raise DataError(f"{self.name}: a subset needs at least one image, not {n}")
+        if n >= self.num_images:
+            return self
+        keep = np.arange(n)
+        caps = np.isin(self.caption_image, keep)
+        return CaptionDataset(self.image_root, self.images[:n], [c for c, k in zip(self.captions, caps) if k],
+                              self.caption_image[caps], name=f"{self.name}[:{n}]",
+                              image_sources=self.image_sources[:n], skipped=SkipReport(list(self.skipped.items)))
 
     @classmethod
     def from_records(
@@ -440,3 +452,17 @@ def check_disjoint_splits(path: str | Path, splits: dict[str, str], *, image_roo
             if shared:
                 raise ConfigError(f"{path}: the {a} split ({splits[a]!r}) and the {b} split ({splits[b]!r}) share "
                                   f"{len(shared)} image(s), e.g. {sorted(shared)[0]}; they must be disjoint")
+
+
+def write_caption_csv(path: str | Path, splits: dict[str, CaptionDataset]) -> Path:
+    """One ``image,caption,split`` CSV (absolute image paths) holding the given splits: a subset of a dataset
+    that training configs, ``eval`` and the notebook API read like any other (``data.path``)."""
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["image", "caption", "split"])
+    for split, ds in splits.items():
+        paths = ds.image_paths()
+        writer.writerows((str(paths[i].resolve()), caption, split) for caption, i in zip(ds.captions, ds.caption_image))
+    return write_text(Path(path), buf.getvalue())

@@ -57,7 +57,15 @@ class LabelledImages:
                                        for c in range(len(self.class_names))]))
         return self.subset(keep, f"{self.name}/{k}-shot")
 
-    def subset(self, index: np.ndarray, name: str | None = None) -> "LabelledImages":
+    def subset(self, index: np.ndarray | int, name: str | None = None, seed: int = 0) -> "LabelledImages":
+        """The images at ``index``; an int ``n`` takes a reproducible random sample of n images stratified by
+        class (``round(n / classes)`` each, at most all of a class), in dataset order."""
+        if isinstance(index, (int, np.integer)):
+            per_class = max(1, round(int(index) / len(self.class_names)))
+            rng = np.random.default_rng(seed)
+            index = np.sort(np.concatenate([rng.permutation(np.flatnonzero(self.labels == c))[:per_class]
+                                            for c in range(len(self.class_names))]))
+            name = name or f"{self.name}[{len(index)}]"
         index = np.asarray(index, dtype=np.int64)
         if isinstance(self.images, ImageFiles):
             images: ImageSet = ImageFiles([self.images.paths[i] for i in index])
