@@ -131,6 +131,21 @@ def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled_split
     assert "Self-training: zero-shot (photo, cosine)" in page and "labels never read" in page
     assert page.count("<img ") == sum(len(s) for s in expected.values())
 
+    pdf = tmp_path / "report.pdf"  # the same page printed: its first page shows the comparison's metrics
+    res = cli("report", *runs.values(), "--out", tmp_path / "report2.html", "--pdf", pdf)
+    assert res.returncode == 0, res.stdout + res.stderr
+    import pypdfium2
+
+    document = pypdfium2.PdfDocument(str(pdf))
+    assert len(document) > 1
+    first = document[0]
+    text = first.get_textpage().get_text_range()
+    trained = json.loads((runs["train"] / "results.json").read_text())["test"]["trained"]
+    assert "cliplab report" in text and "R@1" in text and f"{trained['t2i_r1']:.2f}" in text
+    picture = np.asarray(first.render(scale=1).to_pil().convert("L"))
+    assert picture.std() > 10  # a rendered page, not a blank one
+    document.close()
+
     from playwright.sync_api import sync_playwright
 
     errors = []

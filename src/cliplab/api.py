@@ -85,11 +85,15 @@ def sweep(sweep_file, out_dir, *, fresh: bool = False, test: str = "all", log=pr
     return Table(run_sweep(sweep_file, out_dir, fresh=fresh, test=test, log=log), title=f"sweep: {sweep_file}")
 
 
-def report(runs: Sequence[str | Path], out: str | Path = "report.html", *, title: str = "cliplab report") -> Path:
-    """``cliplab report``: one self-contained HTML page for the runs."""
-    from cliplab.viz.report import build_report
+def report(runs: Sequence[str | Path], out: str | Path = "report.html", *, title: str = "cliplab report",
+           pdf: Optional[str | Path] = None) -> Path:
+    """``cliplab report``: one self-contained HTML page for the runs (and the same page as a PDF with ``pdf``)."""
+    from cliplab.viz.report import build_report, report_pdf
 
-    return build_report(list(runs), out, title=title)
+    path = build_report(list(runs), out, title=title)
+    if pdf is not None:
+        report_pdf(path, pdf)
+    return path
 
 
 class Table(ResultTable):

@@ -19,12 +19,19 @@ def report(
     title: str = typer.Option("cliplab report"),
     screenshots: Optional[Path] = typer.Option(None, help="also save a PNG of each report section here "
                                                           "(headless Chromium via Playwright)"),
+    pdf: Optional[Path] = typer.Option(None, "--pdf", help="also print the page to this PDF (headless Chromium)"),
 ) -> None:
     """One self-contained HTML page (metrics, comparisons, figures, galleries) for one or more runs."""
-    from cliplab.viz.report import build_report, screenshot_sections
+    from cliplab.viz.report import build_report, report_pdf, screenshot_sections
 
+    if pdf is not None:
+        from cliplab.viz.report import chromium_executable
+
+        chromium_executable()  # no browser: say so before the page is built
     path = build_report(run_dirs, out, title=title)
     console.print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline)", soft_wrap=True)
+    if pdf is not None:
+        console.print(f"pdf: {report_pdf(path, pdf)}", soft_wrap=True)
     if screenshots:
         for shot in screenshot_sections(path, screenshots):
             console.print(f"screenshot: {shot}", soft_wrap=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from cliplab import rundir
 from cliplab.errors import ConfigError
 from cliplab.eval.evaluators import CaptionEvaluator, ClassificationEvaluator, RetrievalEvaluator
-from cliplab.utils import write_text
+from cliplab.utils import atomic_write, write_text
 
 RETRIEVAL_COLUMNS = list(RetrievalEvaluator.columns)  # the evaluators' columns
 CLASS_COLUMNS = ClassificationEvaluator.brief_columns()
@@ -217,19 +217,43 @@ def chromium_executable() -> str:
     return path
 
 
-def screenshot_sections(report: str | Path, out_dir: str | Path, width: int = 1400) -> list[Path]:
-    """PNG screenshots of the report's header + summary + comparison, and of each run section."""
+def _browser(p):
+    """Headless Chromium without network chatter (the report is one offline file)."""
+    return p.chromium.launch(executable_path=chromium_executable(),
+                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                   "--disable-component-update", "--disable-sync"])
+
+
+def _playwright():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        raise ConfigError("screenshots need playwright (pip install playwright)") from None
+        raise ConfigError("screenshots and PDFs need playwright (pip install playwright)") from None
+    return sync_playwright()
+
+
+def report_pdf(report: str | Path, pdf: str | Path) -> Path:
+    """The report page printed to PDF by headless Chromium (A4, backgrounds kept): the same page as the HTML."""
+    pdf = Path(pdf)
+    with _playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(Path(report).resolve().as_uri())
+        page.wait_for_load_state("load")
+        page.emulate_media(media="print")
+        data = page.pdf(format="A4", landscape=True, print_background=True,
+                        margin={"top": "12mm", "bottom": "12mm", "left": "10mm", "right": "10mm"})
+        browser.close()
+    return atomic_write(pdf, lambda path: path.write_bytes(data))
+
+
+def screenshot_sections(report: str | Path, out_dir: str | Path, width: int = 1400) -> list[Path]:
+    """PNG screenshots of the report's header + summary + comparison, and of each run section."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shots = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_executable(),
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                          "--disable-component-update", "--disable-sync"])
+    with _playwright() as p:
+        browser = _browser(p)
         page = browser.new_page(viewport={"width": width, "height": 900})
         page.goto(Path(report).resolve().as_uri())
         page.wait_for_load_state("load")
