@@ -259,10 +259,10 @@ def test_a_new_evaluator_selects_training_through_the_api(misalignment, tmp_path
     with pytest.raises(ConfigError, match="unknown retrieval metric 'accuracy'"):
         RunConfig().with_overrides(["train.evaluator=misalignment", "train.select_metric=accuracy"])
 
-    trainer = make_trainer(tmp_path, "run", epochs=6, evaluator="misalignment")
+    trainer = make_trainer(tmp_path, "run", epochs=4, evaluator="misalignment")
     info = trainer.fit(synthetic_split(0), synthetic_split(1))
     values = _dev_values(tmp_path / "run", "misalignment")
-    assert misalignment.calls >= 6 and len(set(values)) > 1
+    assert misalignment.calls >= 4 and len(set(values)) > 1
     assert info["best_epoch"] == int(np.argmin(values)) != int(np.argmax(values))  # lower is better: followed
     assert info["best_dev_misalignment"] == min(values) and info["select_direction"] == "min"
 
