@@ -36,21 +36,23 @@ def caption_train(
     cfg = CaptionRunConfig.load(config).with_overrides(extra)
     out = run_dir_for(run_dir, "caption")
     fit = train_captioner(cfg, out, resume=not fresh, log=log_line)
-    console.print(f"best dev epoch {fit['best_epoch']} (dev CIDEr-D {fit['best_dev_cider']:.1f}); training "
-                  f"{fit['seconds']['train'] / 60:.1f} min", highlight=False)
+    from cliplab.eval.evaluators import CaptionEvaluator
+
+    metric = fit.get("select_metric", "cider")
+    console.print(f"best dev epoch {fit['best_epoch']} (dev {CaptionEvaluator.label(metric)} "
+                  f"{fit[f'best_dev_{metric}']:.1f}); training {fit['seconds']['train'] / 60:.1f} min", highlight=False)
     if evaluate:
         print_caption_result(evaluate_captioner(out, plots=plots, log=console.print))
     print_run_dir(out)
 
 
-CAPTION_COLUMNS = [("bleu1", "B-1"), ("bleu4", "B-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"),
-                   ("cider", "CIDEr-D"), ("clipscore", "CLIP-S*"), ("refclipscore", "RefCLIP-S*")]
-
-
 def print_caption_result(result: dict) -> None:
-    rows = [[label, *["n/a" if result[name].get(k) is None else f"{result[name][k]:.2f}" for k, _ in CAPTION_COLUMNS]]
+    from cliplab.eval.evaluators import CaptionEvaluator
+
+    columns = CaptionEvaluator.brief_columns()
+    rows = [[label, *["n/a" if result[name].get(k) is None else f"{result[name][k]:.2f}" for k, _ in columns]]
             for name, label in (("model", "captioner"), ("nearest_neighbour", "nearest neighbour"))]
-    print_table(["model", *[h for _, h in CAPTION_COLUMNS]], rows,
+    print_table(["model", *[h for _, h in columns]], rows,
                 f"captioning: {result['split']} ({result['n_images']} images, beam {result['beam']})")
     console.print(f"* {result['clipscore_note']}. SPICE: {result['model']['spice_status']}.", highlight=False,
                   markup=False)
