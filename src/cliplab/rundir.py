@@ -1,23 +1,11 @@
-"""The run-directory layout: file names, what each kind of run writes, and reading it back.
+"""The run-directory layout: file names, the kinds of run folder, and reading them back.
 
 Bottom layer (imports only ``utils`` and ``errors``): train, sweep, eval, the CLI, viz and the report all
-name run files through this module, so a file name or JSON field lives in one place.
-
-Kinds of run folder and the file that identifies each:
-
-=========  ==========================================  =========================================
-kind       written by                                  identifying files
-=========  ==========================================  =========================================
-train      ``cliplab train`` / ``demo``                ``results.json`` + ``metrics.jsonl``
-eval       ``cliplab eval retrieval``                  ``metrics.json``
-zeroshot   ``cliplab zeroshot``                        ``zeroshot.json``
-probe      ``cliplab probe``                           ``probe.json``
-sweep      ``cliplab sweep``                           ``results.csv`` + ``curves.csv``
-embed      ``cliplab embed``                           ``embed.json``
-wise       ``cliplab interpolate``                     ``wise.json``
-caption    ``cliplab caption eval``                    ``captions.json``
-ensemble   ``cliplab ensemble``                        ``ensemble.json`` (also a model folder)
-=========  ==========================================  =========================================
+name run files through this module, so a file name or JSON field lives in one place. Each kind of run folder
+is one :class:`RunKind` record in :data:`RUN_KINDS` (its identifying files, its JSON record, the command that
+writes it); :func:`run_kind` recognises a folder by them and the report draws any kind from its record (a kind
+with a figure or table of its own registers a section in ``viz.report``). A new kind of run is one
+:func:`register_run_kind` call beside the code that writes it.
 """
 
 from __future__ import annotations
@@ -26,6 +14,7 @@ import csv
 import json
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +35,90 @@ PROBE = "probe.json"
 EMBED = "embed.json"
 SWEEP = "sweep.json"  # the expanded sweep definition
 SWEEP_RESULTS = "results.csv"  # one row per sweep run
+SWEEP_SELECTED = "selected.json"  # the sweep run the dev split selects (and its test numbers, once)
 CURVES = "curves.csv"  # per sweep run and epoch
 WISE = "wise.json"  # ``cliplab interpolate``: metrics per interpolation weight
-CAPTIONS = "captions.json"  # ``cliplab caption eval``: generated captions and their metrics
+CAPTIONS = "captions.json"  # ``cliplab caption eval``: generated captions and their metrics (test split)
+CAPTION_FIT = "fit.json"  # ``cliplab caption train``: the fit summary (best epoch, dev score, seconds)
 ENSEMBLE = "ensemble.json"  # ``cliplab ensemble``: member models, dev-chosen weights (a loadable model folder)
+
+# files of a model folder (a run's best/, an exported model)
+MODEL_WEIGHTS = "model.safetensors"  # two-tower and tuned-CLIP weights
+TWO_TOWER_CONFIG = "cliplab_config.json"
+CLIP_CONFIG = "cliplab_clip.json"  # a tuned CLIP: its source and tuning
+CAPTIONER_CONFIG = "cliplab_captioner.json"
+CAPTIONER_WEIGHTS = "captioner.safetensors"
+
+# figures in plots/: a name (the file's stem; ``{}`` filled in by plot_file) -> what it shows
+PLOT_NAMES = {
+    "curves": "training loss and dev (and tracked test) metrics per epoch, the selected epoch marked",
+    "recall_at_k": "Recall@K for K = 1..50 both ways, one line per model",
+    "map_{}": "images and captions of every model's space in 2-D (t-SNE or PCA)",
+    "gallery_i2t": "image -> text: best successes and worst failures",
+    "gallery_t2i": "text -> image: best successes and worst failures",
+    "confusion_{}": "a confusion matrix (zero-shot, or a probe)",
+    "zeroshot_top5": "top-5 class probabilities of sampled images",
+    "map_classes_tsne": "test features by class, t-SNE",
+    "overlay_{}": "a sweep's runs overlaid, one metric",
+    "wise_tradeoff": "WiSE-FT: in- vs out-of-domain score per interpolation weight",
+    "caption_gallery": "best and worst generated captions with their references",
+    "attention_{}": "a caption's per-word attention over the image grid",
+}
+
+
+def plot_file(run_dir: str | Path, name: str, *fill: str) -> Path:
+    """``run_dir/plots/NAME.png`` for a registered figure name (``map_{}`` filled with ``fill``)."""
+    if name not in PLOT_NAMES:
+        raise ValueError(f"unknown figure {name!r}; known: {', '.join(PLOT_NAMES)}")
+    return Path(run_dir) / PLOTS / (name.format(*fill) + ".png")
+
+
+def caption_results(split: str) -> str:
+    """The file ``cliplab caption eval`` writes for a split: ``captions.json`` (test) or ``captions_SPLIT.json``
+    (scoring dev never replaces the test captions)."""
+    return CAPTIONS if split == "test" else f"captions_{split}.json"
+
+
+@dataclass(frozen=True)
+class RunKind:
+    """A kind of run folder: the files that identify it (all present), the first of which is its JSON (or CSV)
+    record, and the command that writes it."""
+
+    name: str
+    files: tuple[str, ...]
+    written_by: str
+
+    @property
+    def record(self) -> str:
+        return self.files[0]
+
+    def holds(self, run_dir: Path) -> bool:
+        return all((run_dir / f).is_file() for f in self.files)
+
+    def read(self, run_dir: str | Path) -> Any:
+        """The folder's record: JSON as a dict, CSV as rows."""
+        path = Path(run_dir) / self.record
+        return read_csv_rows(path) if path.suffix == ".csv" else read_json(path)
+
+
+RUN_KINDS: dict[str, RunKind] = {}  # recognised in this order
+
+
+def register_run_kind(kind: RunKind) -> RunKind:
+    RUN_KINDS[kind.name] = kind
+    return kind
+
+
+for _kind in (RunKind("train", (RESULTS, METRICS), "cliplab train / demo"),
+              RunKind("caption", (CAPTIONS,), "cliplab caption eval"),
+              RunKind("eval", (EVAL_METRICS,), "cliplab eval retrieval"),
+              RunKind("zeroshot", (ZEROSHOT,), "cliplab eval zeroshot"),
+              RunKind("probe", (PROBE,), "cliplab eval probe"),
+              RunKind("wise", (WISE,), "cliplab interpolate"),
+              RunKind("ensemble", (ENSEMBLE,), "cliplab ensemble (also a model folder)"),
+              RunKind("sweep", (SWEEP_RESULTS, CURVES), "cliplab sweep"),
+              RunKind("embed", (EMBED,), "cliplab embed")):
+    register_run_kind(_kind)
 
 
 def read_json(path: str | Path) -> Any:
@@ -64,22 +133,13 @@ def read_json(path: str | Path) -> Any:
 
 
 def run_kind(run_dir: str | Path) -> str:
-    """Which kind of run a folder holds (see the module docstring)."""
+    """Which kind of run a folder holds (the first of :data:`RUN_KINDS` whose files are all there)."""
     d = Path(run_dir)
-    if (d / RESULTS).is_file() and (d / METRICS).is_file():
-        return "train"
-    if (d / CAPTIONS).is_file():
-        return "caption"
-    for name, kind in ((EVAL_METRICS, "eval"), (ZEROSHOT, "zeroshot"), (PROBE, "probe"), (WISE, "wise"),
-                       (ENSEMBLE, "ensemble")):
-        if (d / name).is_file():
-            return kind
-    if (d / SWEEP_RESULTS).is_file() and (d / CURVES).is_file():
-        return "sweep"
-    if (d / EMBED).is_file():
-        return "embed"
-    raise ConfigError(f"{d}: not a cliplab run folder (no {RESULTS}, {EVAL_METRICS}, {ZEROSHOT}, {PROBE}, "
-                      f"{ENSEMBLE} or sweep {SWEEP_RESULTS})")
+    for kind in RUN_KINDS.values():
+        if kind.holds(d):
+            return kind.name
+    known = "; ".join(f"{k.name}: {' + '.join(k.files)}" for k in RUN_KINDS.values())
+    raise ConfigError(f"{d}: not a cliplab run folder (none of the run records: {known})")
 
 
 # -- training runs
@@ -198,9 +258,3 @@ def provenance() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return out
-
-
-def caption_results(split: str) -> str:
-    """The file ``cliplab caption eval`` writes for a split: ``captions.json`` (test) or ``captions_SPLIT.json``
-    (scoring dev never replaces the test captions)."""
-    return CAPTIONS if split == "test" else f"captions_{split}.json"

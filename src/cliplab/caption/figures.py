@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from cliplab.data.images import load_rgb
-from cliplab.rundir import PLOTS
+from cliplab.rundir import plot_file
 
 
 def layer_scores(per_layer: np.ndarray, mask_sink: bool = True) -> np.ndarray:
@@ -68,19 +68,18 @@ def caption_figures(run_dir: Path, model, split, result: dict, device, n_attenti
                     n_gallery: int = 4) -> list[Path]:
     from cliplab.viz.captions import attention_figure, caption_gallery
 
-    plots = Path(run_dir) / PLOTS
     entries = result["captions"]
     order = sorted(range(len(entries)), key=lambda i: -entries[i]["cider"])
     best = [dict(entries[i], kind="best") for i in order[:n_gallery]]
     worst = [dict(entries[i], kind="worst") for i in order[::-1][:n_gallery]]
     root = split.dataset.image_root
-    out = [caption_gallery(best + worst, lambda name: load_rgb(root / name), plots / "caption_gallery.png",
+    out = [caption_gallery(best + worst, lambda name: load_rgb(root / name), plot_file(run_dir, "caption_gallery"),
                            title=f"best and worst captions by CIDEr-D ({result['split']})")]
     index = {name: i for i, name in enumerate(split.dataset.images)}
     for k, e in enumerate(best[: n_attention // 2] + worst[: n_attention - n_attention // 2]):
         i = index[e["image"]]
         words, maps, layers = words_and_maps(model, split.grid[i], split.pooled[i], e["generated"], device)
-        out.append(attention_figure(load_rgb(root / e["image"]), words, maps, plots / f"attention_{k}.png",
+        out.append(attention_figure(load_rgb(root / e["image"]), words, maps, plot_file(run_dir, "attention_{}", str(k)),
                                     title=f"{e['image']}: {e['generated']}\nLM layers {', '.join(map(str, layers))} "
                                           "(most word-specific attention on the grid), heads averaged; grey: the first prefix "
                                           "position, the LM's attention sink, masked"))

@@ -19,14 +19,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cliplab.config import check_section, setting
+from cliplab import rundir
 from cliplab.errors import ConfigError
 from cliplab.models.checkpoint import check_base_weights, load_checked
 from cliplab.models.image_tower import ImageTowerConfig
 from cliplab.models.pretrained import DEFAULT_LANGUAGE_MODEL, resolve_language_model
 from cliplab.utils import atomic_write, sha256_file, sha256_text, write_json
 
-CONFIG_NAME = "cliplab_captioner.json"
-WEIGHTS_NAME = "captioner.safetensors"
+CONFIG_NAME = rundir.CAPTIONER_CONFIG
+WEIGHTS_NAME = rundir.CAPTIONER_WEIGHTS
 TUNINGS = ("prefix", "lora", "adapter", "full")
 MAPPERS = ("mlp", "transformer")
 DEFAULT_LORA_TARGETS = (("q_proj", "v_proj"), ("c_attn",))  # Llama/Gemma/OPT-style, GPT-2
@@ -220,7 +221,7 @@ class Captioner(nn.Module):
     @classmethod
     def load(cls, directory: str | Path) -> "Captioner":
         directory = Path(directory)
-        path = directory / "best" if (directory / "best" / CONFIG_NAME).is_file() else directory
+        path = directory / rundir.BEST if (directory / rundir.BEST / CONFIG_NAME).is_file() else directory
         if not (path / CONFIG_NAME).is_file():
             raise ConfigError(f"{directory}: not a captioner (no {CONFIG_NAME})")
         raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))

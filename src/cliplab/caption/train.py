@@ -343,7 +343,7 @@ def train_captioner(config: CaptionRunConfig, run_dir: str | Path, *, resume: bo
            "selection": f"greedy captions of the first {dev.dataset.num_images} dev images, "
                         f"{task.evaluator.label(metric)} (simple tokenizer), best epoch kept", "device": str(device),
            "select_metric": metric, "select_direction": settings.select_direction}
-    write_json(run_dir / "fit.json", fit)
+    write_json(run_dir / rundir.CAPTION_FIT, fit)
     return fit
 
 
@@ -487,7 +487,7 @@ def evaluate_captioner(run_dir: str | Path, *, split: str = "test", beam: int | 
               "clipscore_model": clip_model,
               "clipscore_note": f"CLIPScore with the cliplab model {clip_model!r} (w = 2.5); not comparable to "
                                 "CLIP ViT-B/32 CLIPScores",
-              "fit": rundir.read_json(run_dir / "fit.json") if (run_dir / "fit.json").is_file() else {},
+              "fit": rundir.read_json(run_dir / rundir.CAPTION_FIT) if (run_dir / rundir.CAPTION_FIT).is_file() else {},
               "protocol": f"best epoch chosen on dev CIDEr-D; {split_name} split evaluated with "
                           f"{len(next(iter(refs.values())))} references per image, {tokenizer} tokenizer",
               "seconds": {"decode": decode_seconds},

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cliplab import rundir
 from cliplab.config import check_section, load_section, setting
 from cliplab.errors import ConfigError
 from cliplab.models.checkpoint import check_base_weights, load_checked
@@ -22,8 +23,8 @@ from cliplab.models.stages import Stage, Stages
 from cliplab.models.tuning import TowerTuning, apply_tower_tuning, count_parameters
 from cliplab.utils import atomic_write, sha256_state, sha256_text, write_json
 
-CONFIG_NAME = "cliplab_config.json"
-WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = rundir.TWO_TOWER_CONFIG
+WEIGHTS_NAME = rundir.MODEL_WEIGHTS
 
 
 @dataclass
@@ -189,8 +190,6 @@ class TwoTower(nn.Module):
         """Copy a saved two-tower model's tensors (heads, temperature, any tuned tower tensors) into this model
         (``train.init_from``; call after tuning, so that LoRA adapters exist to receive saved ones): every saved
         tensor must exist here, the heads must be there, and the base weights must be the same."""
-        from cliplab import rundir
-
         path = rundir.model_dir(Path(path))
         weights = path / WEIGHTS_NAME
         if not weights.is_file() or not (path / CONFIG_NAME).is_file():

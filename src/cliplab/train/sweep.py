@@ -154,7 +154,7 @@ def run_sweep(sweep_file: str | Path, out_dir: str | Path, *, progress: bool = T
         rows[i] = {**_row(pick["run"], settings, results, metric, evaluator),
                    "train_seconds": pick["train_seconds"]}
         _write_tables(out_dir, rows, curves)
-    write_json(out_dir / "selected.json", {
+    write_json(out_dir / rundir.SWEEP_SELECTED, {
         "run": pick["run"], "settings": settings, "select_metric": metric, "direction": direction,
         f"dev_{metric}": pick[f"dev_{metric}"], "test": results["test"].get("trained"),
         "baselines": {k: v for k, v in results["test"].items() if k != "trained"},

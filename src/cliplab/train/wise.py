@@ -125,7 +125,7 @@ def interpolate_run(initial_spec: str, finetuned_spec: str, alphas: list[float],
     if plots:
         from cliplab.viz.curves import tradeoff_curve
 
-        tradeoff_curve(rows, run_dir / rundir.PLOTS / "wise_tradeoff.png",
+        tradeoff_curve(rows, rundir.plot_file(run_dir, "wise_tradeoff"),
                        title=f"{_title(space)}: {Path(initial_spec).name} → {Path(finetuned_spec).name}")
     return result
 

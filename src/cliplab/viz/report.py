@@ -83,29 +83,34 @@ def _figures(run_dir: Path) -> str:
                    for p in pngs)
 
 
+def _describe_train(run_dir: Path, res: dict) -> dict:
+    config = rundir.read_json(run_dir / rundir.CONFIG) if (run_dir / rundir.CONFIG).is_file() else {}
+    return {"retrieval": res["test"], "results": res, "config": config}
+
+
+def _describe_ensemble(run_dir: Path, res: dict) -> dict:
+    key = "classification" if res.get("task") == "zeroshot" else "retrieval"
+    return {"results": res, **({key: {"ensemble": res["test"]}} if res.get("test") else {})}
+
+
+# how a kind's record becomes the report's headline numbers ("retrieval" / "classification" join the comparison
+# tables); a kind without an entry is shown from its record as it is
+DESCRIBE = {
+    "train": _describe_train,
+    "eval": lambda run_dir, res: {"retrieval": res},
+    "zeroshot": lambda run_dir, res: {"classification": res["results"], "results": res},
+    "probe": lambda run_dir, res: {"classification": res["results"], "results": res},
+    "sweep": lambda run_dir, rows: {"rows": rows},
+    "ensemble": _describe_ensemble,
+}
+
+
 def describe_run(run_dir: Path) -> dict:
-    """What kind of run a folder holds and its headline numbers."""
+    """What kind of run a folder holds (:data:`cliplab.rundir.RUN_KINDS`) and its headline numbers."""
     kind = rundir.run_kind(run_dir)
-    if kind == "train":
-        res = rundir.read_json(run_dir / rundir.RESULTS)
-        config = rundir.read_json(run_dir / rundir.CONFIG) if (run_dir / rundir.CONFIG).is_file() else {}
-        return {"kind": "train", "retrieval": res["test"], "results": res, "config": config}
-    if kind == "eval":
-        return {"kind": "eval", "retrieval": rundir.read_json(run_dir / rundir.EVAL_METRICS)}
-    if kind in ("zeroshot", "probe"):
-        res = rundir.read_json(run_dir / (rundir.ZEROSHOT if kind == "zeroshot" else rundir.PROBE))
-        return {"kind": kind, "classification": res["results"], "results": res}
-    if kind == "sweep":
-        return {"kind": "sweep", "rows": rundir.read_csv_rows(run_dir / rundir.SWEEP_RESULTS)}
-    if kind == "wise":
-        return {"kind": "wise", "results": rundir.read_json(run_dir / rundir.WISE)}
-    if kind == "caption":
-        return {"kind": "caption", "results": rundir.read_json(run_dir / rundir.CAPTIONS)}
-    if kind == "ensemble":
-        res = rundir.read_json(run_dir / rundir.ENSEMBLE)
-        key = "classification" if res.get("task") == "zeroshot" else "retrieval"
-        return {"kind": "ensemble", "results": res, **({key: {"ensemble": res["test"]}} if res.get("test") else {})}
-    raise ConfigError(f"{run_dir}: a {kind} run has nothing to report")
+    record = rundir.RUN_KINDS[kind].read(run_dir)
+    describe = DESCRIBE.get(kind, lambda run_dir, res: {"results": res})
+    return {"kind": kind, **describe(run_dir, record)}
 
 
 def _retrieval_rows(label: str, metrics: dict[str, dict]) -> list[list]:
@@ -167,8 +172,15 @@ def _run_section(run_dir: Path, info: dict, anchor: str) -> str:
         parts.append(f"<h3>Captioning ({html.escape(res['split'])}, {res['n_images']} images, beam {res['beam']})</h3>"
                      + _table(["model"] + [h for _, h in cols], rows)
                      + f"<p>{html.escape(res['protocol'])}. {html.escape(res['clipscore_note'])}.</p>")
+    if info["kind"] not in SPECIFIC_SECTIONS and isinstance(info.get("results"), dict):
+        facts = [[k, _fmt(v)] for k, v in info["results"].items() if not isinstance(v, (dict, list))]
+        parts.append(f"<h3>Record ({html.escape(rundir.RUN_KINDS[info['kind']].record)})</h3>"
+                     + _table(["field", "value"], facts, sortable=False))
     parts.append("<h3>Figures</h3>" + _figures(run_dir) + "</section>")
     return "".join(parts)
+
+
+SPECIFIC_SECTIONS = ("train", "eval", "zeroshot", "probe", "sweep", "wise", "ensemble", "caption")
 
 
 def build_report(run_dirs: list[str | Path], out: str | Path, title: str = "cliplab report") -> Path:
@@ -181,9 +193,9 @@ def build_report(run_dirs: list[str | Path], out: str | Path, title: str = "clip
         if not d.is_dir():
             raise ConfigError(f"run folder not found: {d}")
         info = describe_run(d)
-        if info["kind"] == "train" and not (d / rundir.PLOTS / "curves.png").is_file():
+        if info["kind"] == "train" and not rundir.plot_file(d, "curves").is_file():
             plot_training(d)
-        if info["kind"] == "sweep" and not list((d / rundir.PLOTS).glob("overlay_*.png")):
+        if info["kind"] == "sweep" and not list((d / rundir.PLOTS).glob(rundir.plot_file(d, "overlay_{}", "*").name)):
             plot_sweep(d)
         runs.append((d, info))
     anchors = [f"run-{i}-{_slug(d.name)}" for i, (d, _) in enumerate(runs)]

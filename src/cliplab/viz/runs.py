@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from cliplab.data.captions import CaptionDataset
-from cliplab.rundir import CONFIG, CURVES, PLOTS, best_epoch, read_csv_rows, read_json, read_metrics
+from cliplab.rundir import CONFIG, CURVES, best_epoch, plot_file, read_csv_rows, read_json, read_metrics
 from cliplab.viz.classification import confusion_matrix_plot, top5_bars
 from cliplab.viz.curves import recall_at_k, sweep_overlay, training_curves
 from cliplab.viz.galleries import image_to_text_gallery, text_to_image_gallery
@@ -40,7 +40,7 @@ def plot_training(run_dir: str | Path) -> list[Path]:
     if not rows:
         return []
     metric, direction = run_selection(run_dir) or ("", "max")
-    return [training_curves(rows, run_dir / PLOTS / "curves.png", title=f"training: {run_dir.name}",
+    return [training_curves(rows, plot_file(run_dir, "curves"), title=f"training: {run_dir.name}",
                             best_epoch=best_epoch(run_dir), select_metric=metric, direction=direction)]
 
 
@@ -51,27 +51,25 @@ def plot_retrieval(out_dir: str | Path, dataset: CaptionDataset, spaces: dict[st
     training); galleries (best successes, worst failures) of the last model."""
     from cliplab.eval.retrieval import retrieval_ranks
 
-    plots = Path(out_dir) / PLOTS
     ranks = {name: retrieval_ranks(img, txt, dataset.caption_image) for name, (img, txt) in spaces.items()}
-    out = [recall_at_k(ranks, plots / "recall_at_k.png", title=f"Recall@K: {dataset.name}")]
+    out = [recall_at_k(ranks, plot_file(out_dir, "recall_at_k"), title=f"Recall@K: {dataset.name}")]
     np_spaces = {name: (np.asarray(img, dtype=np.float32), np.asarray(txt, dtype=np.float32))
                  for name, (img, txt) in spaces.items()}
     for method in map_methods:
-        out.append(modality_map(np_spaces, dataset.caption_image, plots / f"map_{method}.png", method=method,
+        out.append(modality_map(np_spaces, dataset.caption_image, plot_file(out_dir, "map_{}", method), method=method,
                                 max_images=max_map_images, seed=seed))
     name = list(spaces)[-1]
     img, txt = spaces[name]
-    out.append(image_to_text_gallery(dataset, img, txt, plots / "gallery_i2t.png", title=f"image → text ({name})"))
-    out.append(text_to_image_gallery(dataset, img, txt, plots / "gallery_t2i.png", title=f"text → image ({name})"))
+    out.append(image_to_text_gallery(dataset, img, txt, plot_file(out_dir, "gallery_i2t"), title=f"image → text ({name})"))
+    out.append(text_to_image_gallery(dataset, img, txt, plot_file(out_dir, "gallery_t2i"), title=f"text → image ({name})"))
     return out
 
 
 def plot_zeroshot(out_dir: str | Path, result: dict, images=None, labels=None) -> list[Path]:
     """Confusion matrix of the best prompt variant and top-5 bars of the chosen images."""
-    plots = Path(out_dir) / PLOTS
     best_key = max(result["results"], key=lambda k: result["results"][k]["accuracy"])
     best = result["results"][best_key]
-    out = [confusion_matrix_plot(np.array(best["confusion"]), best["class_names"], plots / "confusion_zeroshot.png",
+    out = [confusion_matrix_plot(np.array(best["confusion"]), best["class_names"], plot_file(out_dir, "confusion_{}", "zeroshot"),
                                  title=f"zero-shot, {best_key}")]
     if images is not None and result.get("top5"):
         names = best["class_names"]
@@ -82,7 +80,7 @@ def plot_zeroshot(out_dir: str | Path, result: dict, images=None, labels=None) -
                 probs[r, names.index(c)] = p
         shown = [images.load(item["index"]) for item in picks]
         truth = [int(labels[item["index"]]) for item in picks] if labels is not None else None
-        out.append(top5_bars(shown, probs, names, plots / "zeroshot_top5.png", truth,
+        out.append(top5_bars(shown, probs, names, plot_file(out_dir, "zeroshot_top5"), truth,
                              title=f"zero-shot top-5 ({result['top5']['variant']})"))
     return out
 
@@ -90,14 +88,13 @@ def plot_zeroshot(out_dir: str | Path, result: dict, images=None, labels=None) -
 def plot_probe(out_dir: str | Path, summary: dict, test_features: np.ndarray | None = None,
                test_labels: np.ndarray | None = None, seed: int = 0) -> list[Path]:
     """Confusion matrices of each probe and of zero-shot; a t-SNE of the test features by class."""
-    plots = Path(out_dir) / PLOTS
     out = []
     for name, r in summary["results"].items():
         out.append(confusion_matrix_plot(np.array(r["confusion"]), r["class_names"],
-                                         plots / f"confusion_{name.replace(':', '_')}.png", title=name))
+                                         plot_file(out_dir, "confusion_{}", name.replace(":", "_")), title=name))
     if test_features is not None and test_labels is not None:
         names = next(iter(summary["results"].values()))["class_names"]
-        out.append(class_map(test_features, test_labels, names, plots / "map_classes_tsne.png", seed=seed))
+        out.append(class_map(test_features, test_labels, names, plot_file(out_dir, "map_classes_tsne"), seed=seed))
     return out
 
 
@@ -110,6 +107,6 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
     curves: dict[str, list[dict]] = {}
     for row in read_csv_rows(path):
         curves.setdefault(row["run"], []).append({**row, "epoch": int(row["epoch"])})
-    return [sweep_overlay(curves, sweep_dir / PLOTS / f"overlay_{m}.png", metric=m, title=f"sweep: {m}")
+    return [sweep_overlay(curves, plot_file(sweep_dir, "overlay_{}", m), metric=m, title=f"sweep: {m}")
             for m in ("dev_t2i_r1", "test_t2i_r1", "test_i2t_r1")
             if all(r.get(m) not in (None, "") for rows in curves.values() for r in rows)]
