@@ -290,6 +290,7 @@ def test_flip_tta_averages_each_image_with_its_mirror(pair, caption_dir, tmp_pat
     from cliplab.data.captions import load_caption_dataset
     from cliplab.embed.pipeline import encode_dataset, encode_images, image_embeddings
     from cliplab.models.factory import load_model
+    from cliplab.models.wrappers import FlipTTA, has_flip_tta
 
     m = load_model(str(pair / "tuned"))
     ds = load_caption_dataset(caption_dir / "captions.csv", "test")
@@ -304,14 +305,14 @@ def test_flip_tta_averages_each_image_with_its_mirror(pair, caption_dir, tmp_pat
     assert torch.allclose(img, want, atol=1e-4) and torch.equal(txt, txt0) and not torch.allclose(img, plain, atol=1e-3)
     assert torch.allclose(encode_images(m, used.image_paths(), normalize=True, progress=False, flip_tta=True), want,
                           atol=1e-4)
-    z, valid, _ = image_embeddings(m, used.image_paths(), progress=False, flip_tta=True)
+    z, valid, _ = image_embeddings(FlipTTA(m), used.image_paths(), progress=False)
     assert valid.all() and torch.allclose(torch.from_numpy(z), want, atol=1e-4)
     folder = tmp_path / "ens"
     folder.mkdir()
     (folder / "ensemble.json").write_text(json.dumps({"members": ["conse", str(pair / "tuned")], "weights": [0.5, 0.5],
                                                       "flip_tta": True}))
     ens = load_model(folder)
-    assert ens.flip_tta
+    assert has_flip_tta(ens) and all(isinstance(m, FlipTTA) for m in ens.members)  # each member flip-averaged
     e_img, _, _ = encode_dataset(ens, ds, progress=False)
     c_img, _, _ = encode_dataset(load_model("conse"), ds, progress=False, flip_tta=True)
     assert torch.allclose(e_img, torch.cat([0.5 ** 0.5 * c_img, 0.5 ** 0.5 * img], -1), atol=1e-5)
@@ -332,6 +333,7 @@ def test_search_queries_by_image_match_the_index_for_mixed_input_ensembles(pair,
     from cliplab.embed.pipeline import image_embeddings
     from cliplab.models.ensemble import ScoreEnsemble
     from cliplab.models.factory import load_model
+    from cliplab.models.wrappers import with_flip_tta
     from cliplab.serve.query import QueryEncoder
 
     a = load_model(str(pair / "tuned"))
@@ -339,7 +341,7 @@ def test_search_queries_by_image_match_the_index_for_mixed_input_ensembles(pair,
     b.image_tower.image_size = 200
     paths = sorted((caption_dir / "images").glob("*.jpg"))[:3]
     for flip in (False, True):
-        ens = ScoreEnsemble([a, b], [0.3, 0.7], flip_tta=flip)
+        ens = with_flip_tta(ScoreEnsemble([a, b], [0.3, 0.7]), flip)
         stored, valid, _ = image_embeddings(ens, paths, progress=False)
         enc = QueryEncoder(ens)
         for row, path in enumerate(paths):

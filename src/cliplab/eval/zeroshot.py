@@ -81,12 +81,13 @@ def class_text_embeddings(model: nn.Module, class_names: Sequence[str], template
 
 def check_similarity(model: nn.Module, similarity: str) -> None:
     """Refuse a similarity the model does not define: 'cosine' or 'dot', and for a score ensemble cosine only
-    (its score is the weighted sum of its members' cosine similarities; it has no dot product of its own)."""
-    from cliplab.models.ensemble import ScoreEnsemble
+    (its score is the weighted sum of its members' cosine similarities; it has no dot product of its own), also
+    under a wrapper such as flip TTA."""
+    from cliplab.models.wrappers import cosine_only
 
     if similarity not in ("cosine", "dot"):
         raise ConfigError(f"similarity must be 'cosine' or 'dot', not {similarity!r}")
-    if similarity == "dot" and isinstance(model, ScoreEnsemble):
+    if similarity == "dot" and cosine_only(model):
         raise ConfigError("an ensemble scores by the weighted sum of its members' cosine similarities; dot product "
                           "is not defined for it: use --similarity cosine")
 
@@ -94,10 +95,10 @@ def check_similarity(model: nn.Module, similarity: str) -> None:
 def similarities_for(model: nn.Module, requested: str) -> tuple[str, ...]:
     """The similarities to report for ``requested`` ('cosine', 'dot' or 'both'): 'both' is cosine alone for an
     ensemble (see :func:`check_similarity`); an explicit 'dot' on one is refused."""
-    from cliplab.models.ensemble import ScoreEnsemble
+    from cliplab.models.wrappers import cosine_only
 
     if requested == "both":
-        return ("cosine",) if isinstance(model, ScoreEnsemble) else ("cosine", "dot")
+        return ("cosine",) if cosine_only(model) else ("cosine", "dot")
     check_similarity(model, requested)
     return (requested,)
 

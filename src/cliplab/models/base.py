@@ -8,8 +8,10 @@
 - :class:`TrainableModel`: models the trainer fits (TwoTower, CLIP): stages per side, what trains, and
   strict save / reload of the trained tensors.
 - :class:`InterpolableModel`: models whose weights WiSE-FT mixes (TwoTower, CLIP).
-- :class:`FlipTTAModel`: models that carry their own flip test-time augmentation setting (ensembles, a model
-  loaded from a one-member ensemble folder).
+- :class:`ComposedModel`: models made of other models' embeddings (flip test-time augmentation, score
+  ensembles; :mod:`cliplab.models.wrappers`): the embedding pipeline embeds each part under its own towers
+  (cached) and the model combines them, at a :data:`LEVELS` level. Each part sees the images through a
+  :class:`View` (as given, or mirrored).
 
 What the embedding pipeline (:mod:`cliplab.embed`) runs and caches is a tower:
 
@@ -25,12 +27,18 @@ What the embedding pipeline (:mod:`cliplab.embed`) runs and caches is a tower:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, runtime_checkable
 
 import torch
+from PIL import Image
 
+from cliplab.data.images import ImageSet, MirroredImages
 from cliplab.models.stages import Stages
+
+Level = Literal["features", "raw", "unit"]
+LEVELS: tuple[Level, ...] = ("features", "raw", "unit")  # tower features (probes), raw or unit-norm embeddings
 
 
 @runtime_checkable
@@ -82,9 +90,42 @@ class InterpolableModel(EmbeddingModel, Protocol):
     def load_interpolated(self, state: dict[str, torch.Tensor], alpha: float) -> None: ...
 
 
+@dataclass(frozen=True)
+class View:
+    """How a part of a :class:`ComposedModel` sees the images: as given, or mirrored left-right (image files and
+    PIL images are mirrored before preprocessing, a preprocessed batch is flipped along its width)."""
+
+    mirrored: bool = False
+
+    @property
+    def tag(self) -> str:
+        return " (mirrored)" if self.mirrored else ""
+
+    def images(self, images: ImageSet) -> ImageSet:
+        return MirroredImages(images) if self.mirrored else images
+
+    def pil(self, image: Image.Image) -> Image.Image:
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.mirrored else image
+
+    def tensor(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.flip(images, dims=[-1]) if self.mirrored else images
+
+
+AS_GIVEN, MIRRORED = View(False), View(True)
+
+
 @runtime_checkable
-class FlipTTAModel(Protocol):
-    flip_tta: bool
+class ComposedModel(Protocol):
+    """Embeddings made from other models' embeddings: the parts (a model and the view it sees) are embedded
+    like any model, then combined; ``level`` is one of :data:`LEVELS` (the parts were embedded at it)."""
+
+    def image_parts(self) -> list[tuple[Any, View]]: ...
+
+    def combine_images(self, parts: list[torch.Tensor], level: Level) -> torch.Tensor: ...
+
+    def text_parts(self) -> list[Any]: ...
+
+    def combine_texts(self, parts: list[torch.Tensor], level: Level) -> torch.Tensor: ...
 
 
 @runtime_checkable

@@ -6,10 +6,14 @@ which keeps the embedding unit-norm). Every evaluator (retrieval, zero-shot, sea
 ensemble like any model. A prompt ensemble averages the joint embeddings of its templates (and normalises
 the mean once), as for any single model.
 
-Members may preprocess images differently (EfficientNet-Lite0 at 224 px beside Lite2 at 260 px): datasets and
-image folders are then embedded member by member (:mod:`cliplab.embed.pipeline`, each member's features cached
-under its own towers), and ``encode_image`` takes one image tensor per member; only a caller that needs one
-shared ``preprocess()`` (the search server's image queries) is refused. When every member is a
+The joined embedding is unit-norm whatever ``normalize`` asks of the members: an ensemble defines cosine
+scores only, so its dot product is its cosine, and :func:`cliplab.eval.zeroshot.check_similarity` refuses
+``dot`` for it (:func:`cliplab.models.wrappers.cosine_only`) rather than report the cosine numbers twice.
+
+An ensemble is a :class:`~cliplab.models.base.ComposedModel`: the embedding pipeline embeds datasets and image
+folders member by member (each member's features cached under its own towers), so members may preprocess
+images differently (EfficientNet-Lite0 at 224 px beside Lite2 at 260 px); ``encode_image`` then takes one image
+tensor per member, and only a caller that needs one shared ``preprocess()`` is refused. When every member is a
 :class:`TowerModel` over the same frozen towers (ConSE and the trained heads of ``make demo``), the ensemble is
 a TowerModel too: datasets are embedded once from cached tower features and each weight only reruns the heads.
 
@@ -29,7 +33,7 @@ from torch import nn
 
 from cliplab import rundir
 from cliplab.errors import ConfigError
-from cliplab.models.base import EmbeddingModel, TowerModel, logit_scale_value
+from cliplab.models.base import AS_GIVEN, EmbeddingModel, Level, TowerModel, View, logit_scale_value
 from cliplab.utils import sha256_text
 
 
@@ -51,9 +55,8 @@ def _weights(weights: Sequence[float], n: int) -> tuple[float, ...]:
 class ScoreEnsemble(nn.Module):
     """Weighted sum of member similarities (see the module docstring); any :class:`EmbeddingModel` members."""
 
-    def __init__(self, members: Sequence[EmbeddingModel], weights: Sequence[float], *, flip_tta: bool = False) -> None:
+    def __init__(self, members: Sequence[EmbeddingModel], weights: Sequence[float]) -> None:
         super().__init__()
-        self.flip_tta = bool(flip_tta)  # datasets and image folders: average each image with its mirror
         if len(members) < 2:
             raise ConfigError("an ensemble needs at least two models")
         self.weights = _weights(weights, len(members))
@@ -67,20 +70,32 @@ class ScoreEnsemble(nn.Module):
         return join_embeddings(parts, self.weights)
 
     def encode_image(self, images: torch.Tensor | Sequence[torch.Tensor], normalize: bool = True) -> torch.Tensor:
-        """Embeddings of one image batch (members sharing preprocessing) or of one batch per member. Always
-        unit-norm whatever ``normalize`` says: the ensemble defines cosine scores only (dot product is refused
-        by :func:`cliplab.eval.zeroshot.check_similarity`)."""
+        """Embeddings of one image batch (members sharing preprocessing) or of one batch per member: each member's
+        embedding as ``normalize`` asks, joined (unit-norm: see the module docstring)."""
         if isinstance(images, (list, tuple)):
             if len(images) != len(self.members):
                 raise ConfigError(f"ensemble of {len(self.members)} models got {len(images)} image batches")
-            return self.join([m.encode_image(x, normalize=True) for m, x in zip(self.members, images)])
+            return self.join([m.encode_image(x, normalize=normalize) for m, x in zip(self.members, images)])
         if not self.shared_input:
             raise ConfigError("the ensemble's members preprocess images differently: pass one image batch per "
                               "member (each through that member's preprocess())")
-        return self.join([m.encode_image(images, normalize=True) for m in self.members])
+        return self.join([m.encode_image(images, normalize=normalize) for m in self.members])
 
     def encode_text(self, texts, normalize: bool = True) -> torch.Tensor:
-        return self.join([m.encode_text(texts, normalize=True) for m in self.members])
+        return self.join([m.encode_text(texts, normalize=normalize) for m in self.members])
+
+    def image_parts(self) -> list[tuple[EmbeddingModel, View]]:
+        return [(m, AS_GIVEN) for m in self.members]
+
+    def combine_images(self, parts: list[torch.Tensor], level: Level) -> torch.Tensor:
+        """Tower features side by side (a probe's input), embeddings joined."""
+        return torch.cat([p.float() for p in parts], -1) if level == "features" else self.join(parts)
+
+    def text_parts(self) -> list[EmbeddingModel]:
+        return list(self.members)
+
+    def combine_texts(self, parts: list[torch.Tensor], level: Level) -> torch.Tensor:
+        return self.combine_images(parts, level)
 
     def preprocess(self) -> Callable:
         if not self.shared_input:
@@ -96,8 +111,8 @@ class ScoreEnsemble(nn.Module):
 class TowerScoreEnsemble(ScoreEnsemble):
     """A :class:`ScoreEnsemble` of TowerModels over the same frozen towers: heads run on cached features."""
 
-    def __init__(self, members: Sequence[TowerModel], weights: Sequence[float], *, flip_tta: bool = False) -> None:
-        super().__init__(members, weights, flip_tta=flip_tta)
+    def __init__(self, members: Sequence[TowerModel], weights: Sequence[float]) -> None:
+        super().__init__(members, weights)
         self.image_tower = members[0].image_tower
         self.text_tower = members[0].text_tower
 
@@ -106,15 +121,6 @@ class TowerScoreEnsemble(ScoreEnsemble):
 
     def project_text(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self.join([m.project_text(features, normalize=True) for m in self.members])
-
-
-def image_inputs(model: EmbeddingModel, images: Sequence) -> torch.Tensor | list[torch.Tensor]:
-    """What ``model.encode_image`` takes for a list of PIL images: one preprocessed batch, or for an ensemble of
-    members with different inputs one batch per member (each through its own ``preprocess()``)."""
-    if isinstance(model, ScoreEnsemble) and not model.shared_input:
-        return [torch.stack([m.preprocess()(im) for im in images]) for m in model.members]
-    transform = model.preprocess()
-    return torch.stack([transform(im) for im in images])
 
 
 def shares_towers(members: Sequence[EmbeddingModel]) -> bool:
@@ -126,12 +132,10 @@ def shares_towers(members: Sequence[EmbeddingModel]) -> bool:
     return len(image) == 1 and len(text) == 1
 
 
-def score_ensemble(members: Sequence[EmbeddingModel], weights: Sequence[float], *,
-                   flip_tta: bool = False) -> ScoreEnsemble:
-    """The ensemble of ``members`` with ``weights`` (normalised to sum 1): tower-sharing when possible.
-    ``flip_tta``: the embedding pipeline averages each image's embedding with its mirror's."""
+def score_ensemble(members: Sequence[EmbeddingModel], weights: Sequence[float]) -> ScoreEnsemble:
+    """The ensemble of ``members`` with ``weights`` (normalised to sum 1): tower-sharing when possible."""
     cls = TowerScoreEnsemble if shares_towers(members) else ScoreEnsemble
-    return cls(members, weights, flip_tta=flip_tta)
+    return cls(members, weights)
 
 
 def read_ensemble_folder(folder: str | Path) -> tuple[list[str], list[float], bool]:

@@ -5,9 +5,9 @@
 (:mod:`cliplab.models.registry`; the built-in ones are registered at the end of this module, one call each):
 
 - ``conse``: ConSE over the default offline towers; ``conse:ARCH`` over another packaged image tower
-  (``conse:efficientnet_lite2``), e.g. to probe that tower's features; ``conse:ARCH@SIZE`` feeds that tower
-  ``SIZE``-pixel inputs instead of its native size (``conse:efficientnet_lite0@192``: a second scale of one
-  tower for a multi-scale probe);
+  (``conse:efficientnet_lite2``); ``conse:ARCH@SIZE`` feeds that tower ``SIZE``-pixel inputs instead of its
+  native size (the ``ARCH[@SIZE]`` names of :func:`image_tower_config`, which also name a linear probe's
+  stacked features: :func:`feature_stack`, ``cliplab eval probe --features lite0,lite2@224``);
 - ``clip:SPEC``: a real CLIP through :func:`cliplab.models.clip.load_clip` (folder, ``ARCH/TAG``,
   ``hf-hub:...``, HF id);
 - a training run folder (its dev-selected ``best/``) or a saved model folder (two-tower or tuned CLIP);
@@ -25,6 +25,7 @@ import copy
 import json
 from collections import OrderedDict
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -99,15 +100,14 @@ def is_ensemble_spec(spec: str | Path) -> bool:
 
 def _load_ensemble(spec: str, members: list[str], weights: list[float], flip_tta: bool = False) -> EmbeddingModel:
     from cliplab.models.ensemble import score_ensemble
+    from cliplab.models.wrappers import with_flip_tta
 
     for m in members:
         if is_ensemble_spec(m):
             raise ConfigError(f"{spec}: ensembles do not nest (member {m}); list every model in one ensemble")
     if len(members) == 1 and not spec.startswith("ensemble:"):  # a dev search that kept one member: that model
-        model = load_model(members[0])
-        model.flip_tta = flip_tta  # read by the embedding pipeline
-        return model
-    return score_ensemble([load_model(m) for m in members], weights, flip_tta=flip_tta)
+        return with_flip_tta(load_model(members[0]), flip_tta)
+    return with_flip_tta(score_ensemble([load_model(m) for m in members], weights), flip_tta)
 
 
 def load_ensemble(spec: str) -> EmbeddingModel:
@@ -119,17 +119,39 @@ def load_ensemble(spec: str) -> EmbeddingModel:
     return _load_ensemble(spec, *read_ensemble_folder(spec))
 
 
-def conse_tower_config(spec: str) -> ImageTowerConfig:
-    """The image tower named by ``conse:ARCH`` or ``conse:ARCH@SIZE``."""
-    arch, at, size = spec[len("conse:"):].partition("@")
+def image_tower_config(name: str, where: str | None = None) -> ImageTowerConfig:
+    """The packaged (or timm) image tower ``ARCH`` or ``ARCH@SIZE`` (``SIZE``-pixel inputs instead of its native
+    size); a packaged tower may be named without ``efficientnet_`` (``lite2@224``). ``where`` starts errors
+    (default: the name)."""
+    where = where or repr(name)
+    from cliplab.models.pretrained import find_weights
+
+    arch, at, size = name.partition("@")
     if not arch:
-        raise ConfigError(f"model {spec!r}: name an image tower after 'conse:' (e.g. conse:efficientnet_lite2)")
+        raise ConfigError(f"{where}: name an image tower (e.g. efficientnet_lite2 or lite2@224)")
+    packaged = find_weights(arch, "image") or find_weights(f"efficientnet_{arch}", "image")
+    arch = packaged.name if packaged is not None else arch
     if not at:
         return ImageTowerConfig(arch=arch)
     if not size.isdigit() or not 32 <= int(size) <= 1024:
-        raise ConfigError(f"model {spec!r}: the input size after '@' must be a whole number of pixels from 32 to "
+        raise ConfigError(f"{where}: the input size after '@' must be a whole number of pixels from 32 to "
                           f"1024, not {size!r}")
     return ImageTowerConfig(arch=arch, image_size=int(size))
+
+
+def conse_tower_config(spec: str) -> ImageTowerConfig:
+    """The image tower named by ``conse:ARCH`` or ``conse:ARCH@SIZE``."""
+    return image_tower_config(spec[len("conse:"):], f"model {spec!r}")
+
+
+def feature_stack(names: Sequence[str]):
+    """A linear probe's image features: the named image towers (``ARCH[@SIZE]``, see :func:`image_tower_config`)
+    side by side, as a :class:`~cliplab.models.wrappers.FeatureStack`."""
+    from cliplab.models.wrappers import FeatureStack
+
+    names = [n.strip() for n in names if n.strip()]
+    configs = [image_tower_config(n, f"probe features {n!r}") for n in names]  # every name checked, then built
+    return FeatureStack([pretrained_tower(c) for c in configs], names)
 
 
 def resolve_model_spec(spec: str | Path) -> tuple[ModelKind, str]:

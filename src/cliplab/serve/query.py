@@ -16,9 +16,8 @@ import torch
 from PIL import Image
 
 from cliplab.data.images import SAFE_IMAGE_FORMATS, draft_short_side
-from cliplab.embed.pipeline import flip_tta_of
 from cliplab.errors import CliplabError, DataError
-from cliplab.models.ensemble import image_inputs
+from cliplab.models.wrappers import encode_pil_images
 
 
 @dataclass
@@ -119,7 +118,6 @@ class QueryEncoder:
         self.model = model.eval()
         self.encode_text = (query_text_encoder(self.model) if onnx_text else
                             lambda texts: self.model.encode_text(texts, normalize=True))
-        self.flip_tta = flip_tta_of(model, None)  # as the index was built
         self.lock = threading.Lock()  # one model call at a time (fast tokenizers are not re-entrant)
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.cache_lock = threading.Lock()
@@ -169,11 +167,10 @@ class QueryEncoder:
 
     @torch.inference_mode()
     def image(self, image) -> np.ndarray:
-        """A query image's unit embedding, made as the index's images were (flip TTA when the model asks)."""
-        views = [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)] if self.flip_tta else [image]
-        x = image_inputs(self.model, views)
+        """A query image's unit embedding, made as the index's images were (wrappers such as flip TTA and
+        ensembles combine their parts as the embedding pipeline does)."""
         with self.lock:
-            z = self.model.encode_image(x, normalize=True).float().sum(0)
+            z = encode_pil_images(self.model, [image], normalize=True)[0].float()
         return torch.nn.functional.normalize(z, dim=-1).cpu().numpy()
 
     def compose(self, terms: list[QueryTerm], index) -> tuple[np.ndarray, set[int]]:
