@@ -7,7 +7,10 @@ each class, seed 0: "val") and, at that C, a stratified 5-fold cross-validation 
 candidates are compared). Candidates are ranked by the cross-validated accuracy. Features come from the feature
 cache, so a rerun after ``cliplab probe`` is quick.
 
-    python bench/probe_dev.py [--data ../shared/data/cifar10] [--flip-train] [SPEC ...]
+    python bench/probe_dev.py [--data ../shared/data/cifar10] [--flip-train] [FEATURES ...]
+
+FEATURES: the probe's feature spec, comma-separated image towers ``ARCH[@SIZE]`` side by side, as ``cliplab eval
+probe --features`` takes it (``lite0,lite2@224``: Lite0 at its own size beside Lite2 at 224 px).
 
 Results: ``bench/results/probe_dev.json`` and a Markdown table on stdout.
 """
@@ -24,20 +27,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import save, table  # noqa: E402
 
-FOUR = "ensemble:conse+conse:efficientnet_lite2+conse:efficientnet_lite1+conse:mobilenetv2_100"
+FOUR = "lite0,lite2,lite1,mobilenetv2_100"
 CANDIDATES = (  # the four packaged towers at their own input sizes, plus second, smaller scales of some
     FOUR,
-    FOUR + "+conse:efficientnet_lite0@192",
-    FOUR + "+conse:efficientnet_lite2@224",
-    FOUR + "+conse:efficientnet_lite0@192+conse:efficientnet_lite2@224",
-    FOUR + "+conse:efficientnet_lite0@192+conse:efficientnet_lite2@224+conse:efficientnet_lite1@208"
-           "+conse:mobilenetv2_100@192",
+    FOUR + ",lite0@192",
+    FOUR + ",lite2@224",
+    FOUR + ",lite0@192,lite2@224",
+    FOUR + ",lite0@192,lite2@224,lite1@208,mobilenetv2_100@192",
 )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("specs", nargs="*", help=f"model specs whose image features are compared (default: {CANDIDATES})")
+    ap.add_argument("specs", nargs="*", help=f"feature specs compared (default: {CANDIDATES})")
     ap.add_argument("--data", default="../shared/data/cifar10")
     ap.add_argument("--split", default="train", help="the labelled split to choose on (never the test split)")
     ap.add_argument("--flip-train", action="store_true", help="fit on each image and its mirror (probe --flip-train)")
@@ -51,7 +53,7 @@ def main() -> None:
     from cliplab.embed.cache import FeatureCache
     from cliplab.embed.pipeline import image_tower_features
     from cliplab.eval.probe import cross_validated_accuracy, fit_logistic_probe
-    from cliplab.models.factory import load_model
+    from cliplab.models.factory import feature_stack
 
     dev = load_labelled(args.data, split=args.split)
     labels = np.asarray(dev.labels)
@@ -59,8 +61,8 @@ def main() -> None:
     rows = []
     for spec in args.specs or CANDIDATES:
         t = time.perf_counter()
-        model = load_model(spec)
-        views = [image_tower_features(model, imgs, cache=cache, desc=f"{spec} {tag}")
+        stack = feature_stack(spec.split(","))
+        views = [image_tower_features(stack, imgs, cache=cache, desc=f"{spec} {tag}")
                  for imgs, tag in ((dev.images, "images"), (MirroredImages(dev.images), "mirrored"))]
         t_feat = time.perf_counter() - t
         averaged = (views[0] + views[1]) / 2

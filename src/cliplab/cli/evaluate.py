@@ -124,6 +124,10 @@ def probe(
     flip_train: bool = typer.Option(False, "--flip-train",
                                     help="logistic probe: fit on each training image and its mirror as two samples "
                                          "(with --flip-tta; validation and test images keep the averaged features)"),
+    features: Optional[str] = typer.Option(None, "--features",
+                                           help="the probe's image features: image towers side by side, "
+                                                "comma-separated ARCH[@SIZE] (e.g. lite0,lite2@224: Lite2 at "
+                                                "224 px; default: --model's image features)"),
     **options,
 ) -> None:
     """Linear probe(s) on frozen image features vs zero-shot, on the same held-out test images."""
@@ -131,7 +135,8 @@ def probe(
 
     run = run_probe(data, model, train_split=train_split, test_split=test_split, test_fraction=test_fraction,
                     methods=method, few_shot=few_shot, variant=variant, flip_tta=flip_tta, power_norm=power_norm,
-                    flip_train=flip_train, **_classification_options(options, "probe"))
+                    flip_train=flip_train, features=features.split(",") if features else None,
+                    **_classification_options(options, "probe"))
     print_classification(run)
     console.print(f"protocol: {run.protocol_line()}", highlight=False)
     for name, r in run.results.items():
