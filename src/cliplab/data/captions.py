@@ -247,14 +247,21 @@ def read_flickr8k(root: str | Path, split: str = "test", *, on_error: OnError = 
     return CaptionDataset.from_records(records, image_root, name=f"flickr8k/{split}", on_error=on_error)
 
 
-def read_coco(path: str | Path, image_root: str | Path, split: str = "all", *,
-              on_error: OnError = "raise") -> CaptionDataset:
-    """COCO captions JSON (``images`` + ``annotations``); the file itself is the split unless ``split`` hashes one."""
+def _dataset_json(path: str | Path, split: str, valid, what: str) -> tuple[Path, dict]:
+    """A JSON caption file read and checked for its format's keys (``what`` names the format in the error)."""
     _check_split(split)
     path = Path(path)
     data = _load_json(path)
-    if "annotations" not in data or "images" not in data:
-        raise DataError(f"{path}: not a COCO captions file (needs 'images' and 'annotations')")
+    if not valid(data):
+        raise DataError(f"{path}: not {what}")
+    return path, data
+
+
+def read_coco(path: str | Path, image_root: str | Path, split: str = "all", *,
+              on_error: OnError = "raise") -> CaptionDataset:
+    """COCO captions JSON (``images`` + ``annotations``); the file itself is the split unless ``split`` hashes one."""
+    path, data = _dataset_json(path, split, lambda d: "annotations" in d and "images" in d,
+                               "a COCO captions file (needs 'images' and 'annotations')")
     files = {im["id"]: im["file_name"] for im in data["images"]}
     records = []
     for i, ann in enumerate(data["annotations"]):
@@ -269,11 +276,9 @@ def read_coco(path: str | Path, image_root: str | Path, split: str = "all", *,
 def read_karpathy(path: str | Path, image_root: str | Path, split: str = "test", *,
                   on_error: OnError = "raise") -> CaptionDataset:
     """Karpathy ``dataset_{coco,flickr8k,flickr30k}.json``; ``restval`` counts as train."""
-    _check_split(split)
-    path = Path(path)
-    data = _load_json(path)
-    if "images" not in data or (data["images"] and "sentences" not in data["images"][0]):
-        raise DataError(f"{path}: not a Karpathy split file (needs images[].sentences)")
+    path, data = _dataset_json(
+        path, split, lambda d: "images" in d and (not d["images"] or "sentences" in d["images"][0]),
+        "a Karpathy split file (needs images[].sentences)")
     alias = {"val": "dev", "restval": "train"}
     records = []
     for i, im in enumerate(data["images"]):
