@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from cliplab import rundir
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30)}
 
@@ -75,10 +76,10 @@ def main() -> None:
         run = tmp / "run"
         run_cliplab("train", str(data), "-c", "flickr8k_heads", "--run-dir", str(run), "-s", "train.epochs=2",
                 "-s", "train.batch_size=4", "-s", "model.head.embed_dim=16", "-s", "data.backend=torch", cwd=tmp)
-        results = json.loads((run / "results.json").read_text())
+        results = json.loads((run / rundir.RESULTS).read_text())
         assert set(results["test"]) == {"conse", "trained"} and results["provenance"]["cliplab"] == version
         out = run_cliplab("eval", "retrieval", str(data), "-m", str(run), "--run-dir", str(tmp / "eval"), cwd=tmp)
-        metrics = json.loads((tmp / "eval" / "metrics.json").read_text())
+        metrics = json.loads((tmp / "eval" / rundir.EVAL_METRICS).read_text())
         assert np.isclose(metrics[str(run)]["t2i_mrr"], results["test"]["trained"]["t2i_mrr"]), out
         # a feature of an extra that is not installed: one line naming the extra
         err = run_cliplab("eval", "retrieval", str(data), "-m", "conse", "--plots", "--run-dir", str(tmp / "e2"),

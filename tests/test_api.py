@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from cliplab import rundir
 
 
 def _no_seconds(record: dict) -> dict:
@@ -34,7 +35,7 @@ def test_zeroshot_and_probe_match_the_commands(labelled_splits, tmp_path, cli):
     assert res.returncode == 0, res.stdout + res.stderr
     model = cliplab.load_model("conse")
     zs = cliplab.zeroshot(model, labelled_splits, prompts=["photo"], similarity="both", cache=cache)
-    cli_zs = json.loads((tmp_path / "zs" / "zeroshot.json").read_text())
+    cli_zs = json.loads((tmp_path / "zs" / rundir.ZEROSHOT).read_text())
     assert json.loads(json.dumps(zs.results)) == cli_zs["results"]
     assert set(zs.results) == {"photo|cosine", "photo|dot"}
     assert "<table" in zs._repr_html_() and len(zs.table()) == 2
@@ -47,7 +48,7 @@ def test_zeroshot_and_probe_match_the_commands(labelled_splits, tmp_path, cli):
               tmp_path / "pr", cache=cache)
     assert res.returncode == 0, res.stdout + res.stderr
     pr = cliplab.probe(model, labelled_splits, methods=["logistic"], variant="photo", cache=cache)
-    cli_pr = json.loads((tmp_path / "pr" / "probe.json").read_text())
+    cli_pr = json.loads((tmp_path / "pr" / rundir.PROBE).read_text())
     assert json.loads(json.dumps(pr.results)) == cli_pr["results"]
     assert pr.results["probe:logistic"]["accuracy"] == cli_pr["results"]["probe:logistic"]["accuracy"]
 
@@ -62,7 +63,7 @@ def test_train_and_evaluate_match_the_commands(caption_dir, tmp_path, cli):
               cache=cache)
     assert res.returncode == 0, res.stdout + res.stderr
     run = cliplab.train(overrides=sets, data=str(data), run_dir=tmp_path / "api-run", log=lambda m: None)
-    cli_results = json.loads((tmp_path / "cli-run" / "results.json").read_text())
+    cli_results = json.loads((tmp_path / "cli-run" / rundir.RESULTS).read_text())
     assert json.loads(json.dumps(run.results["test"])) == cli_results["test"]
     assert run.best_epoch == cli_results["fit"]["best_epoch"]
     assert len(run.epochs().rows) == 2 and "dev_rsum" in run.epochs().rows[0]
@@ -70,7 +71,7 @@ def test_train_and_evaluate_match_the_commands(caption_dir, tmp_path, cli):
     res = cli("eval", "retrieval", data, "-m", tmp_path / "cli-run", "--run-dir", tmp_path / "ev", cache=cache)
     assert res.returncode == 0, res.stdout + res.stderr
     ev = cliplab.evaluate(str(tmp_path / "api-run"), str(data), cache=cache)
-    cli_metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    cli_metrics = json.loads((tmp_path / "ev" / rundir.EVAL_METRICS).read_text())
     assert ev.results[str(tmp_path / "api-run")] == cli_metrics[str(tmp_path / "cli-run")]
     assert ev.results[str(tmp_path / "api-run")]["t2i_r1"] == cli_results["test"]["trained"]["t2i_r1"]
     from matplotlib.figure import Figure

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_causal_lm
+from cliplab import rundir
 
 pytest.importorskip("pycocoevalcap")
 NEEDS_JAVA = pytest.mark.skipif(shutil.which("java") is None and os.environ.get("CLIPLAB_REQUIRE_JAVA") != "1",
@@ -82,7 +83,7 @@ def test_train_generate_reload_and_resume(caption_dir, tiny_lm, tmp_path, monkey
     ref = train_captioner(cfg, tmp_path / "full", progress=False, log=lambda m: None)
     rows = read_metrics(tmp_path / "full")
     assert ref["best_epoch"] == int(np.argmax([r["dev"]["cider"] for r in rows]))
-    assert (tmp_path / "full" / "best" / "captioner.safetensors").is_file()
+    assert (tmp_path / "full" / rundir.BEST / rundir.CAPTIONER_WEIGHTS).is_file()
     assert [r["epoch"] for r in rows] == [0, 1] and all(np.isfinite(r["train_loss"]) for r in rows)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
 
@@ -94,7 +95,7 @@ def test_train_generate_reload_and_resume(caption_dir, tiny_lm, tmp_path, monkey
 
     def die_after_first_checkpoint(path, write):
         out = original(path, write)
-        if path.name == "last.pt":
+        if path.name == rundir.CHECKPOINT:
             calls.append(1)
             if len(calls) == 1:
                 raise KeyboardInterrupt
@@ -116,8 +117,8 @@ def test_train_generate_reload_and_resume(caption_dir, tiny_lm, tmp_path, monkey
         train_captioner(cfg.with_overrides(["train.lr=0.01"]), tmp_path / "killed", progress=False)
 
     # reload is exact: the saved tensors only, same captions
-    a, b = Captioner.load(tmp_path / "full"), Captioner.load(tmp_path / "full" / "best")
-    saved = json.loads((tmp_path / "full" / "best" / "cliplab_captioner.json").read_text())
+    a, b = Captioner.load(tmp_path / "full"), Captioner.load(tmp_path / "full" / rundir.BEST)
+    saved = json.loads((tmp_path / "full" / rundir.BEST / rundir.CAPTIONER_CONFIG).read_text())
     assert saved["tuning"] == "lora" and saved["base_weights"]["lm"] == a.lm_base
     test = load_split(cfg, "test", FeatureCache(tmp_path / "cache"), "cpu", False)
     assert generate_captions(a, test, cfg.decode, "cpu") == generate_captions(b, test, cfg.decode, "cpu")
@@ -130,7 +131,7 @@ def test_train_generate_reload_and_resume(caption_dir, tiny_lm, tmp_path, monkey
     assert res["n_images"] == 4 and set(res["model"]) >= {"bleu4", "cider", "rouge_l", "clipscore", "refclipscore"}
     assert res["model"]["spice"] is None and "unavailable" in res["model"]["spice_status"]
     assert "not comparable to CLIP ViT-B/32" in res["clipscore_note"]
-    plots = tmp_path / "full" / "plots"
+    plots = tmp_path / "full" / rundir.PLOTS
     assert (plots / "caption_gallery.png").is_file() and list(plots.glob("attention_*.png"))
     att = json.loads(next(plots.glob("attention_*.json")).read_text())
     assert np.asarray(att["maps"]).shape[1:] == (2, 2) and len(att["maps"]) == len(att["words"])
@@ -259,9 +260,9 @@ def test_caption_cli_train_eval_generate(caption_dir, tiny_lm, tmp_path, cli):
     assert res.returncode == 0, res.stdout + res.stderr
     res = cli("caption", "eval", run, "--tokenizer", "simple", "--beam", "1", "--clipscore-model", "none")
     assert res.returncode == 0, res.stdout + res.stderr
-    out = json.loads((run / "captions.json").read_text())
+    out = json.loads((run / rundir.CAPTIONS).read_text())
     assert out["beam"] == 1 and len(out["captions"]) == 4 and "nearest neighbour" in res.stdout
-    assert "BLEU-4" in (run / "results.md").read_text()
+    assert "BLEU-4" in (run / rundir.RESULTS_MD).read_text()
     res = cli("caption", "generate", run, caption_dir / "images" / "img00.jpg", caption_dir / "images" / "img01.jpg",
               "--json", "--beam", "2", "--max-new-tokens", "4")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -276,7 +277,7 @@ def test_caption_cli_train_eval_generate(caption_dir, tiny_lm, tmp_path, cli):
     assert res.returncode == 0, res.stdout + res.stderr
     dev = json.loads((run / "captions_dev.json").read_text())
     assert dev["split"] == "dev" and dev["decode"]["rerank_k"] == 2 and dev["beam"] == 2
-    assert json.loads((run / "captions.json").read_text())["split"] == "test"  # dev scoring never hides the test
+    assert json.loads((run / rundir.CAPTIONS).read_text())["split"] == "test"  # dev scoring never hides the test
     assert "consensus re-ranking against 2 nearest training images" in (run / "captions_dev.md").read_text()
     res = cli("caption", "eval", run, "--rerank-k", "-1")
     assert res.returncode == 2 and "--rerank-k must be >= 0" in res.stdout
@@ -298,7 +299,7 @@ def test_features_bundle_trains_and_scores_like_the_images(caption_dir, tiny_lm,
     b = evaluate_captioner(tmp_path / "bundle", tokenizer="simple", progress=False, log=lambda m: None, plots=True)
     assert [c["nearest_neighbour"] for c in a["captions"]] == [c["nearest_neighbour"] for c in b["captions"]]
     assert b["nearest_neighbour"]["clipscore"] == pytest.approx(a["nearest_neighbour"]["clipscore"], abs=1e-6)
-    assert (tmp_path / "bundle" / "plots" / "caption_gallery.png").is_file()
+    assert (tmp_path / "bundle" / rundir.PLOTS / "caption_gallery.png").is_file()
     from cliplab.viz.report import build_report  # the evaluated run, its table and figures in the report
 
     page = build_report([tmp_path / "bundle"], tmp_path / "report.html").read_text()

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cliplab import rundir
 
 
 def run_subprocess(*args, cwd, cache):
@@ -70,7 +71,7 @@ def test_skip_completes_and_counts(broken_dir, tmp_path, cli):
     res = cli("embed", broken_dir / "captions.csv", "--on-error", "skip", "--run-dir", run)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "skipped 3 items" in res.stdout
-    summary = json.loads((run / "embed.json").read_text())
+    summary = json.loads((run / rundir.EMBED).read_text())
     assert summary["skipped"] == 3 and summary["images"] == 16
     assert summary["counts"] == {"corrupt image": 1, "missing image": 1, "empty caption": 1}
 
@@ -81,15 +82,15 @@ def test_train_and_eval_commands(caption_dir, tmp_path, cli):
     res = cli("train", caption_dir / "captions.csv", "--run-dir", run, "-s", "train.epochs=3",
               "-s", "train.batch_size=4", "-s", "model.head.embed_dim=32")
     assert res.returncode == 0, res.stdout + res.stderr
-    results = json.loads((run / "results.json").read_text())
+    results = json.loads((run / rundir.RESULTS).read_text())
     assert set(results["test"]) == {"conse", "trained"}
     assert results["data"]["test"]["images"] == 4 and results["data"]["train"]["images"] == 8
     assert results["provenance"]["cliplab"]
-    assert (run / "results.md").read_text().count("|") > 10
-    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 3
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
-    assert (run / "best" / "model.safetensors").is_file() and (run / "last.pt").is_file()
-    assert list((run / "tensorboard").iterdir())
+    assert (run / rundir.RESULTS_MD).read_text().count("|") > 10
+    assert json.loads((run / rundir.CONFIG).read_text())["train"]["epochs"] == 3
+    assert len((run / rundir.METRICS).read_text().splitlines()) == 3
+    assert (run / rundir.BEST / rundir.MODEL_WEIGHTS).is_file() and (run / rundir.CHECKPOINT).is_file()
+    assert list((run / rundir.TENSORBOARD).iterdir())
     assert "T→I R@1" in res.stdout
 
     # eval of the saved run on the test split gives exactly the numbers training reported for it
@@ -97,7 +98,7 @@ def test_train_and_eval_commands(caption_dir, tmp_path, cli):
     res = cli("eval", "retrieval", caption_dir / "captions.csv", "--split", "test", "-m", run, "-m", "conse",
               "--run-dir", ev)
     assert res.returncode == 0, res.stdout + res.stderr
-    metrics = json.loads((ev / "metrics.json").read_text())
+    metrics = json.loads((ev / rundir.EVAL_METRICS).read_text())
     for key in ("t2i_r1", "i2t_r1", "t2i_mrr", "i2t_mean_rank"):
         assert metrics[str(run)][key] == pytest.approx(results["test"]["trained"][key], abs=1e-9), key
         assert metrics["conse"][key] == pytest.approx(results["test"]["conse"][key], abs=1e-9), key
@@ -115,16 +116,16 @@ def test_zeroshot_and_probe_commands(labelled_splits, tmp_path, cli):
     res = cli("zeroshot", labelled_splits, "-m", "conse", "-v", "photo", "-v", "negated",
               "-v", "a {} coloured shape", "--rename", "red=crimson", "--top5", "3", "--run-dir", zs)
     assert res.returncode == 0, res.stdout + res.stderr
-    out = json.loads((zs / "zeroshot.json").read_text())
+    out = json.loads((zs / rundir.ZEROSHOT).read_text())
     assert len(out["results"]) == 6 and out["n_images"] == 12 and "crimson" in out["class_names"]
     assert out["results"]["a {} coloured shape|cosine"]["example"] == "a blue coloured shape"
     assert len(out["top5"]["images"]) == 3 and "explanation" in out["cosine_vs_dot"]
-    assert "macro-F1" in (zs / "results.md").read_text()
+    assert "macro-F1" in (zs / rundir.RESULTS_MD).read_text()
 
     pr = tmp_path / "pr"
     res = cli("probe", labelled_splits, "-m", "conse", "--variant", "photo", "--run-dir", pr)
     assert res.returncode == 0, res.stdout + res.stderr
-    out = json.loads((pr / "probe.json").read_text())
+    out = json.loads((pr / rundir.PROBE).read_text())
     assert set(out["results"]) == {"probe:logistic", "probe:torch", "zeroshot"}
     assert out["dataset"]["n_train"] == 20 and out["dataset"]["n_test"] == 12 and out["feature_dim"] == 1280
     assert out["protocol"]["split"] == "dataset" and "20 train / 12 test images" in res.stdout
@@ -132,7 +133,7 @@ def test_zeroshot_and_probe_commands(labelled_splits, tmp_path, cli):
     res = cli("probe", labelled_splits, "-m", "conse", "--method", "logistic", "--flip-train", "--run-dir",
               tmp_path / "pr2")
     assert res.returncode == 0, res.stdout + res.stderr
-    out = json.loads((tmp_path / "pr2" / "probe.json").read_text())
+    out = json.loads((tmp_path / "pr2" / rundir.PROBE).read_text())
     assert out["protocol"]["flip_train"] and "its mirror" in res.stdout
     assert out["results"]["probe:logistic"]["fit"]["hyperparameters"]["train_views"] == 2
     res = cli("probe", labelled_splits, "--flip-train", "--no-flip-tta", "--method", "logistic")
@@ -142,12 +143,12 @@ def test_zeroshot_and_probe_commands(labelled_splits, tmp_path, cli):
     res = cli("zeroshot", labelled_splits, "-m", "conse", "-v", "photo", "--similarity", "cosine",
               "--self-train", "train", "--run-dir", st)
     assert res.returncode == 0, res.stdout + res.stderr
-    out = json.loads((st / "zeroshot.json").read_text())
+    out = json.loads((st / rundir.ZEROSHOT).read_text())
     assert set(out["results"]) == {"photo|cosine", "self-trained photo|cosine"}
     info = out["self_training"]
     assert info["n_pool"] == 20 and info["pool_split"] == "train" and info["feature_dim"] == 1280
     assert "labels never read" in info["protocol"] and len(info["rounds"]) == 5
-    assert out["results"]["self-trained photo|cosine"]["n"] == 12 and "self-trained" in (st / "results.md").read_text()
+    assert out["results"]["self-trained photo|cosine"]["n"] == 12 and "self-trained" in (st / rundir.RESULTS_MD).read_text()
     res = cli("zeroshot", labelled_splits, "--self-train", "test")
     assert res.returncode == 2 and "another split" in res.stdout
     res = cli("zeroshot", labelled_splits, "--self-train", "train", "--self-train-selection", "uniform")
@@ -169,11 +170,11 @@ def test_probe_on_a_folder_without_splits_holds_out_a_stratified_test_set(labell
     res = cli("probe", flat, "-m", "conse", "--method", "logistic", "--variant", "photo", "--test-fraction", "0.4",
               "--run-dir", pr)
     assert res.returncode == 0, res.stdout + res.stderr
-    out = json.loads((pr / "probe.json").read_text())
+    out = json.loads((pr / rundir.PROBE).read_text())
     assert out["protocol"]["split"] == "held-out" and out["protocol"]["test_fraction"] == 0.4
     assert out["dataset"]["n_train"] == 12 and out["dataset"]["n_test"] == 8  # 2 of 5 per class held out
     assert out["results"]["zeroshot"]["n"] == 8 and "held-out stratified split" in res.stdout
-    assert "held-out stratified split" in (pr / "results.md").read_text()
+    assert "held-out stratified split" in (pr / rundir.RESULTS_MD).read_text()
     # the same seed gives the same split; asking for a split the folder does not have is an error
     res = cli("probe", flat, "--train-split", "train", "--method", "logistic")
     assert res.returncode == 2 and "has no splits" in res.stdout
@@ -207,7 +208,7 @@ def test_run_zeroshot_and_run_probe_from_python_match_the_commands(labelled_spli
                       self_train_fractions=(0.5, 1), cache=cache, log=logged.append)
     assert isinstance(zs, ZeroShotRun) and zs.run_dir is None and len(logged) == 2
     assert all(line in res.stdout for line in logged)
-    cli_zs, lib_zs = json.loads((tmp_path / "zs" / "zeroshot.json").read_text()), _json(zs.to_dict())
+    cli_zs, lib_zs = json.loads((tmp_path / "zs" / rundir.ZEROSHOT).read_text()), _json(zs.to_dict())
     assert list(lib_zs) == list(cli_zs) and set(zs.results) == {"photo|cosine", "self-trained photo|cosine"}
     assert cli_zs["self_training"].pop("pool_split") == "train" and lib_zs["self_training"].pop("pool_split") == \
         "shapes/train"
@@ -221,8 +222,8 @@ def test_run_zeroshot_and_run_probe_from_python_match_the_commands(labelled_spli
     pr = run_probe((train, test), "conse", methods=["logistic"], variant="photo", few_shot=3, cache=cache,
                    run_dir=tmp_path / "pr-lib")
     assert isinstance(pr, ProbeRun) and pr.run_dir == tmp_path / "pr-lib"
-    cli_pr = json.loads((tmp_path / "pr" / "probe.json").read_text())
-    assert json.loads((tmp_path / "pr-lib" / "probe.json").read_text()) == _json(pr.to_dict())
+    cli_pr = json.loads((tmp_path / "pr" / rundir.PROBE).read_text())
+    assert json.loads((tmp_path / "pr-lib" / rundir.PROBE).read_text()) == _json(pr.to_dict())
     assert _json(pr.results) == cli_pr["results"] and pr.dataset == cli_pr["dataset"] and pr.feature_dim == 1280
     assert (pr.protocol["train_split"], cli_pr["protocol"]["train_split"]) == ("shapes/train", "train")
     assert pr.protocol_line().replace("shapes/", "") in res.stdout
@@ -244,27 +245,27 @@ def test_sweep_runs_grid_and_writes_tables(caption_dir, tmp_path, cli):
     out = tmp_path / "sweep"
     res = cli("sweep", sweep, "--out-dir", out, "--plots")
     assert res.returncode == 0, res.stdout + res.stderr
-    overlays = sorted(p.name for p in (out / "plots").glob("overlay_*.png"))
+    overlays = sorted(p.name for p in (out / rundir.PLOTS).glob("overlay_*.png"))
     assert overlays == ["overlay_dev_t2i_r1.png", "overlay_test_i2t_r1.png", "overlay_test_t2i_r1.png"]
-    assert all((out / "plots" / name).stat().st_size > 2000 for name in overlays)
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert all((out / rundir.PLOTS / name).stat().st_size > 2000 for name in overlays)
+    rows = list(csv.DictReader(open(out / rundir.SWEEP_RESULTS)))
     assert len(rows) == 4 and {r["train.trainable"] for r in rows} == {"heads", "text_head"}
-    selected = json.loads((out / "selected.json").read_text())
+    selected = json.loads((out / rundir.SWEEP_SELECTED).read_text())
     assert selected["run"] == max(rows, key=lambda r: float(r["dev_rsum"]))["run"]
-    curves = list(csv.DictReader(open(out / "curves.csv")))
+    curves = list(csv.DictReader(open(out / rundir.CURVES)))
     assert len(curves) == 8 and all(c["test_t2i_r1"] != "" for c in curves)
-    assert "best_epoch" in (out / "results.md").read_text()
+    assert "best_epoch" in (out / rundir.RESULTS_MD).read_text()
     # a second start skips finished runs
-    first = (out / rows[0]["run"] / "results.json").stat().st_mtime_ns
+    first = (out / rows[0]["run"] / rundir.RESULTS).stat().st_mtime_ns
     res = cli("sweep", sweep, "--out-dir", out)
-    assert res.returncode == 0 and (out / rows[0]["run"] / "results.json").stat().st_mtime_ns == first
+    assert res.returncode == 0 and (out / rows[0]["run"] / rundir.RESULTS).stat().st_mtime_ns == first
     # a run folder left by another config is refused, naming the change; --fresh starts it over
     sweep.write_text(sweep.read_text().replace("train.epochs: 2", "train.epochs: 3"))
     res = cli("sweep", sweep, "--out-dir", out)
     assert res.returncode == 2 and "train.epochs: 2 -> 3" in res.stdout
     res = cli("sweep", sweep, "--out-dir", out, "--fresh")
     assert res.returncode == 0, res.stdout
-    assert len((out / rows[0]["run"] / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len((out / rows[0]["run"] / rundir.METRICS).read_text().splitlines()) == 3
 
 
 @pytest.mark.slow
@@ -273,17 +274,17 @@ def test_sweep_test_selected_evaluates_test_once_for_the_dev_choice(caption_dir,
     out = tmp_path / "sweep"
     res = cli("sweep", sweep, "--out-dir", out, "--test", "selected")
     assert res.returncode == 0, res.stdout + res.stderr
-    rows = list(csv.DictReader(open(out / "results.csv")))
-    selected = json.loads((out / "selected.json").read_text())
+    rows = list(csv.DictReader(open(out / rundir.SWEEP_RESULTS)))
+    selected = json.loads((out / rundir.SWEEP_SELECTED).read_text())
     assert selected["run"] == max(rows, key=lambda r: float(r["dev_rsum"]))["run"]
     assert "for this run only, once" in selected["protocol"]
-    own = json.loads((out / selected["run"] / "results.json").read_text())["test"]
+    own = json.loads((out / selected["run"] / rundir.RESULTS).read_text())["test"]
     assert selected["test"]["t2i_r1"] == own["trained"]["t2i_r1"] and 0 <= selected["test"]["t2i_r1"] <= 100
     for r in rows:  # only the dev choice has test numbers, in the tables and in its own results
         has_test = r["test_t2i_r1"] != ""
         assert has_test == (r["run"] == selected["run"])
-        assert bool(json.loads((out / r["run"] / "results.json").read_text())["test"]) == has_test
-    assert all(c["test_t2i_r1"] == "" for c in csv.DictReader(open(out / "curves.csv")))  # never tracked
+        assert bool(json.loads((out / r["run"] / rundir.RESULTS).read_text())["test"]) == has_test
+    assert all(c["test_t2i_r1"] == "" for c in csv.DictReader(open(out / rundir.CURVES)))  # never tracked
     assert "test_t2i_r1" in res.stdout  # the console table names the selected run's test columns
 
 

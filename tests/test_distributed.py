@@ -17,6 +17,7 @@ from cliplab.train.distributed import DistContext
 from cliplab.rundir import read_metrics
 from cliplab.train.trainer import PairSampler, Trainer
 from tests.test_train import FeatureModel, synthetic_split
+from cliplab import rundir
 
 BATCH = 16
 
@@ -85,11 +86,11 @@ def test_torchrun_cli_two_processes(caption_dir, tmp_path, cli):
            *args, "--run-dir", str(run)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    results = json.loads((run / "results.json").read_text())
+    results = json.loads((run / rundir.RESULTS).read_text())
     assert results["world_size"] == 2 and len(read_metrics(run)) == 2
     single = tmp_path / "single"
     assert cli(*args, "--run-dir", single, cache=tmp_path / "cache").returncode == 0
-    ref = json.loads((single / "results.json").read_text())
+    ref = json.loads((single / rundir.RESULTS).read_text())
     assert ref["world_size"] == 1
     assert [r["train_loss"] for r in read_metrics(run)] == pytest.approx([r["train_loss"] for r in read_metrics(single)],
                                                                          rel=1e-4)

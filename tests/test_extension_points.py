@@ -27,6 +27,7 @@ from cliplab.models.registry import register_model_kind, unregister_model_kind
 from cliplab.train import losses
 from cliplab.train.config import RunConfig
 from tests.conftest import COLOURS
+from cliplab import rundir
 
 COLOUR_NAMES = sorted(COLOURS)
 REFERENCE = torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=torch.float32) / 255
@@ -82,7 +83,7 @@ def test_a_new_model_kind_through_the_api_and_the_cli(toy_kind, labelled_splits,
     res = cli("zeroshot", labelled_splits, "-m", "toy:x", "-v", "photo", "--similarity", "cosine",
               "--run-dir", tmp_path / "zs")
     assert res.returncode == 0, res.stdout + res.stderr
-    out = json.loads((tmp_path / "zs" / "zeroshot.json").read_text())
+    out = json.loads((tmp_path / "zs" / rundir.ZEROSHOT).read_text())
     assert out["model"] == "toy:x" and out["results"]["photo|cosine"]["accuracy"] == 100
 
     # retrieval: `cliplab eval retrieval -m toy:x` gives the API's numbers
@@ -92,7 +93,7 @@ def test_a_new_model_kind_through_the_api_and_the_cli(toy_kind, labelled_splits,
     expected = retrieval_metrics(img, txt, used.caption_image).metrics
     res = cli("eval", "retrieval", captions, "-m", "toy:x", "--run-dir", tmp_path / "ev")
     assert res.returncode == 0, res.stdout + res.stderr
-    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())["toy:x"]
+    metrics = json.loads((tmp_path / "ev" / rundir.EVAL_METRICS).read_text())["toy:x"]
     for key in ("t2i_r1", "i2t_r1", "t2i_mrr"):
         assert metrics[key] == pytest.approx(expected[key], abs=1e-9), key
 
@@ -154,9 +155,9 @@ def test_a_new_loss_trains_through_the_cli(caption_dir, tmp_path, cli, monkeypat
               "-s", "model.head.embed_dim=32", "-s", "baseline=false")
     assert res.returncode == 0, res.stdout + res.stderr
     assert AlignLoss.calls > 0
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((run / rundir.CONFIG).read_text())
     assert config["train"]["loss"] == "align" and config["train"]["loss_args"] == {"weight": 0.5}
-    assert set(json.loads((run / "results.json").read_text())["test"]) == {"trained"}
+    assert set(json.loads((run / rundir.RESULTS).read_text())["test"]) == {"trained"}
     res = cli("train", caption_dir / "captions.csv", "-s", "train.loss_args={nope: 1}", "-s", "train.loss=align")
     assert res.returncode == 2 and "loss 'align'" in res.stdout
 
@@ -191,9 +192,9 @@ def test_a_new_caption_format_through_the_api_and_the_cli(pipe_format, toy_kind,
         assert all(p.is_file() for p in ds.image_paths())
         res = cli("eval", "retrieval", pipe, "-m", "toy:x", "--run-dir", tmp_path / "ev")
         assert res.returncode == 0, res.stdout + res.stderr
-        via_pipe = json.loads((tmp_path / "ev" / "metrics.json").read_text())["toy:x"]
+        via_pipe = json.loads((tmp_path / "ev" / rundir.EVAL_METRICS).read_text())["toy:x"]
         res = cli("eval", "retrieval", caption_dir / "captions.csv", "-m", "toy:x", "--run-dir", tmp_path / "ev2")
-        via_csv = json.loads((tmp_path / "ev2" / "metrics.json").read_text())["toy:x"]
+        via_csv = json.loads((tmp_path / "ev2" / rundir.EVAL_METRICS).read_text())["toy:x"]
         assert np.isclose(via_pipe["t2i_r1"], via_csv["t2i_r1"]) and np.isclose(via_pipe["rsum"], via_csv["rsum"])
     finally:
         pipe.unlink()
@@ -245,7 +246,7 @@ def misalignment():
 
 
 def _dev_values(run: Path, metric: str) -> list[float]:
-    return [json.loads(line)["dev"][metric] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)["dev"][metric] for line in (run / rundir.METRICS).read_text().splitlines()]
 
 
 def test_a_new_evaluator_selects_training_through_the_api(misalignment, tmp_path):
@@ -278,12 +279,12 @@ def test_a_new_evaluator_selects_training_through_the_cli(misalignment, caption_
               "-s", "train.epochs=4", "-s", "train.batch_size=4", "-s", "train.lr=1e-2", "-s", "train.patience=0",
               "-s", "model.head.embed_dim=32", "-s", "baseline=false")
     assert res.returncode == 0, res.stdout + res.stderr
-    fit = json.loads((run / "results.json").read_text())["fit"]
+    fit = json.loads((run / rundir.RESULTS).read_text())["fit"]
     values = _dev_values(run, "misalignment")
     assert misalignment.calls > 0 and len(set(values)) > 1
     assert (fit["select_metric"], fit["select_direction"]) == ("misalignment", "min")
     assert fit["best_epoch"] == int(np.argmin(values)) and fit["best_dev_misalignment"] == min(values)
-    assert json.loads((run / "config.json").read_text())["train"]["evaluator"] == "misalignment"
+    assert json.loads((run / rundir.CONFIG).read_text())["train"]["evaluator"] == "misalignment"
     res = cli("train", caption_dir / "captions.csv", "-s", "train.evaluator=misalignment",
               "-s", "train.select_metric=accuracy")
     assert res.returncode == 2 and "unknown retrieval metric 'accuracy'" in res.stdout

@@ -16,6 +16,7 @@ from cliplab.data.labelled import load_labelled
 from cliplab.errors import ConfigError, DataError
 from cliplab.rundir import CHECKPOINT, METRICS, read_metrics
 from tests.test_train import make_trainer, synthetic_split
+from cliplab import rundir
 
 
 class _Payload:
@@ -59,7 +60,7 @@ def test_train_command_refuses_a_checkpoint_that_would_run_code(caption_dir, tmp
     assert "refused to load" in res.stdout and str(run / CHECKPOINT) in res.stdout
     assert "Traceback" not in res.stdout + res.stderr
     assert not marker.exists()
-    assert not (run / "config.json").exists()  # refused before anything was written
+    assert not (run / rundir.CONFIG).exists()  # refused before anything was written
 
 
 def test_caption_trainer_refuses_a_checkpoint_that_would_run_code(caption_dir, tmp_path):

@@ -10,6 +10,7 @@ from cliplab.models.stages import Stage, Stages
 from cliplab.train.config import TrainConfig
 from cliplab.rundir import read_metrics
 from cliplab.train.trainer import PairSampler, Trainer
+from cliplab import rundir
 
 
 class FeatureModel(torch.nn.Module):
@@ -68,7 +69,7 @@ def test_training_learns_alignment(tmp_path):
     assert [r["epoch"] for r in rows] == list(range(12))
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     dev_rsum = [r["dev"]["rsum"] for r in rows]  # the dev-selected epoch is the first best one
-    assert info["best_epoch"] == int(np.argmax(dev_rsum)) and (tmp_path / "run" / "best" / "state.pt").is_file()
+    assert info["best_epoch"] == int(np.argmax(dev_rsum)) and (tmp_path / "run" / rundir.BEST / "state.pt").is_file()
     # an epoch's time covers its steps and its dev evaluation (what training time across resumes adds up)
     assert all(r["epoch_seconds"] > r["step_seconds"] > 0 and "dev" in r for r in rows)
 

@@ -16,6 +16,7 @@ from cliplab.train.run import train_run
 from cliplab.train.trainer import Trainer
 from tests.conftest import tiny_hf_clip, tiny_open_clip
 from tests.test_train import FeatureModel, make_trainer, synthetic_split
+from cliplab import rundir
 
 
 # -- 2. non-finite values
@@ -66,9 +67,9 @@ def test_training_stops_on_a_non_finite_loss_and_never_saves_it(tmp_path):
     trainer = Trainer(model, cfg, tmp_path / "run", progress=False, tensorboard=False)
     with pytest.raises(NumericError, match=r"training loss is nan at epoch \d+, batch \d+"):
         trainer.fit(synthetic_split(0), synthetic_split(1))
-    best = torch.load(tmp_path / "run" / "best" / "state.pt")
+    best = torch.load(tmp_path / "run" / rundir.BEST / "state.pt")
     assert all(torch.isfinite(v).all() for v in best.values())
-    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / rundir.METRICS).read_text().splitlines()]
     assert rows and all(np.isfinite(r["train_loss"]) for r in rows)
 
 
@@ -98,14 +99,14 @@ def _tuned_two_tower(towers, kind):
 def test_two_tower_reloaded_best_equals_saved_best(fresh_towers, tmp_path, kind):
     model = _tuned_two_tower(fresh_towers, kind)
     _perturb(model)  # "the best epoch"
-    model.save(tmp_path / "best")
+    model.save(tmp_path / rundir.BEST)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     _perturb(model)  # later, worse epochs
-    model.load_trained(tmp_path / "best")
+    model.load_trained(tmp_path / rundir.BEST)
     now = model.state_dict()
     assert all(torch.equal(now[k], saved[k]) for k in saved)
     # a fresh load from disk embeds exactly like the saved model
-    loaded = TwoTower.load(tmp_path / "best")
+    loaded = TwoTower.load(tmp_path / rundir.BEST)
     texts = ["a red circle", "two dogs on grass"]
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
@@ -118,17 +119,17 @@ def test_checkpoint_loads_fail_loudly_on_key_mismatch(fresh_towers, tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = _tuned_two_tower(fresh_towers, "heads")
-    model.save(tmp_path / "best")
-    state = load_file(str(tmp_path / "best" / "model.safetensors"))
-    save_file({**state, "image_head.extra": torch.zeros(2)}, str(tmp_path / "best" / "model.safetensors"))
+    model.save(tmp_path / rundir.BEST)
+    state = load_file(str(tmp_path / rundir.BEST / rundir.MODEL_WEIGHTS))
+    save_file({**state, "image_head.extra": torch.zeros(2)}, str(tmp_path / rundir.BEST / rundir.MODEL_WEIGHTS))
     with pytest.raises(ConfigError, match="unexpected image_head.extra"):
-        model.load_trained(tmp_path / "best")
+        model.load_trained(tmp_path / rundir.BEST)
     with pytest.raises(ConfigError, match="unexpected image_head.extra"):
-        TwoTower.load(tmp_path / "best")
+        TwoTower.load(tmp_path / rundir.BEST)
     del state["text_head.proj.weight"]
-    save_file(state, str(tmp_path / "best" / "model.safetensors"))
+    save_file(state, str(tmp_path / rundir.BEST / rundir.MODEL_WEIGHTS))
     with pytest.raises(ConfigError, match="missing text_head.proj.weight"):
-        model.load_trained(tmp_path / "best")
+        model.load_trained(tmp_path / rundir.BEST)
 
 
 @pytest.mark.parametrize("kind", ["hf_projection", "hf_lora", "open_clip_projection"])
@@ -142,12 +143,12 @@ def test_clip_reloaded_best_equals_saved_best(towers, tmp_path, kind):
     model.set_trainable("none" if kind == "hf_lora" else "heads")
     model.tune_towers(TowerTuning(), TowerTuning("lora", lora_r=2) if kind == "hf_lora" else TowerTuning())
     _perturb(model)
-    model.save(tmp_path / "best")
+    model.save(tmp_path / rundir.BEST)
     saved = {k: v.clone() for k, v in model.model.state_dict().items()}
     _perturb(model)
-    model.load_trained(tmp_path / "best")
+    model.load_trained(tmp_path / rundir.BEST)
     assert all(torch.equal(v, saved[k]) for k, v in model.model.state_dict().items())
-    reloaded = load_clip(str(tmp_path / "best"))
+    reloaded = load_clip(str(tmp_path / rundir.BEST))
     model.eval()  # adapters' dropout off, as in evaluation
     with torch.inference_mode():
         assert torch.allclose(reloaded.encode_text(["a red circle"]), model.encode_text(["a red circle"]), atol=1e-6)
@@ -176,7 +177,7 @@ def test_fine_tuned_clip_reports_its_dev_selected_epoch(caption_dir, towers, tmp
                                                               "device": "cpu", "patience": 0}})
     res = train_run(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
     assert res["fit"]["best_epoch"] == 0
-    best = load_clip(str(tmp_path / "run" / "best"))
+    best = load_clip(str(tmp_path / "run" / rundir.BEST))
     ds = load_caption_dataset(str(caption_dir / "captions.csv"), "test")
     img, txt, ds = encode_dataset(best, ds, cache=FeatureCache(tmp_path / "c2"), progress=False)
     got = retrieval_metrics(img, txt, ds.caption_image).metrics
@@ -203,13 +204,13 @@ def test_train_command_refuses_a_changed_config_before_any_work(caption_dir, tmp
     args = ["train", caption_dir / "captions.csv", "--run-dir", run, "-s", "train.epochs=2", "-s", "train.batch_size=4",
             "-s", "model.head.embed_dim=16", "-s", "baseline=false"]
     assert cli(*args).returncode == 0
-    before = (run / "config.json").read_text()
+    before = (run / rundir.CONFIG).read_text()
     res = cli(*args, "-s", "train.lr=0.01", "-s", "model.head.kind=linear")
     assert res.returncode == 2
     assert "model.head.kind: 'mlp' -> 'linear'" in res.stdout and "train.lr: 0.001 -> 0.01" in res.stdout
-    assert (run / "config.json").read_text() == before  # nothing overwritten
+    assert (run / rundir.CONFIG).read_text() == before  # nothing overwritten
     res = cli(*args, "-s", "train.lr=0.01", "--fresh")
-    assert res.returncode == 0 and json.loads((run / "config.json").read_text())["train"]["lr"] == 0.01
+    assert res.returncode == 0 and json.loads((run / rundir.CONFIG).read_text())["train"]["lr"] == 0.01
 
 
 # -- 5. ARCH/TAG keeps its tag
@@ -294,10 +295,10 @@ def test_packaged_weights_map_by_name_and_are_checksummed(towers, tmp_path, monk
 def test_saved_models_refuse_other_base_weights(fresh_towers, tmp_path):
     model = _tuned_two_tower(fresh_towers, "last_n")
     model.save(tmp_path / "m")
-    raw = json.loads((tmp_path / "m" / "cliplab_config.json").read_text())
+    raw = json.loads((tmp_path / "m" / rundir.TWO_TOWER_CONFIG).read_text())
     assert raw["base_weights"]["image"] == fresh_towers[0].weights_id
     raw["base_weights"]["image"] = "0" * 64
-    (tmp_path / "m" / "cliplab_config.json").write_text(json.dumps(raw))
+    (tmp_path / "m" / rundir.TWO_TOWER_CONFIG).write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match="trained on other image base weights"):
         TwoTower.load(tmp_path / "m")
 
@@ -331,7 +332,7 @@ def test_lower_is_better_metrics_select_the_lowest(tmp_path):
     train, dev = synthetic_split(0), synthetic_split(1)
     trainer = make_trainer(tmp_path, "rank", epochs=6, select_metric="t2i_mean_rank")
     info = trainer.fit(train, dev)
-    rows = [json.loads(ln) for ln in (tmp_path / "rank" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(ln) for ln in (tmp_path / "rank" / rundir.METRICS).read_text().splitlines()]
     ranks = [r["dev"]["t2i_mean_rank"] for r in rows]
     assert info["best_epoch"] == int(np.argmin(ranks)) and info["best_dev_t2i_mean_rank"] == min(ranks)
 

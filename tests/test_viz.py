@@ -13,6 +13,7 @@ from cliplab.viz.curves import recall_at_k, sweep_overlay, training_curves
 from cliplab.viz.galleries import image_to_text_gallery, pick_examples, text_to_image_gallery
 from cliplab.viz.maps import class_map, modality_map
 from tests.conftest import open_page
+from cliplab import rundir
 
 
 def png_size(path):
@@ -39,7 +40,7 @@ def spaces(seed=0, n_images=40):
 
 def test_curves_and_recall_plots(tmp_path):
     assert png_size(training_curves(fake_rows(), tmp_path / "curves.png")) == (1000, 560)
-    assert "dev_t2i_r1" in (tmp_path / "curves.csv").read_text()
+    assert "dev_t2i_r1" in (tmp_path / rundir.CURVES).read_text()
     overlay = {f"lr={lr}": [{"epoch": e, "train_loss": 2 - e * lr * 1e3, "dev_t2i_r1": 10 + e} for e in range(5)]
                for lr in (1e-4, 1e-5)}
     assert png_size(sweep_overlay(overlay, tmp_path / "overlay.png")) == (1200, 500)
@@ -115,12 +116,12 @@ def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled_split
                 "zeroshot": {"confusion_zeroshot", "zeroshot_top5"},
                 "probe": {"confusion_probe_logistic", "confusion_zeroshot", "map_classes_tsne"}}
     for name, stems in expected.items():
-        plots = runs[name] / "plots"
+        plots = runs[name] / rundir.PLOTS
         assert {p.stem for p in plots.glob("*.png")} == stems, name
         for stem in stems:
             assert png_size(plots / f"{stem}.png")[0] >= 500
             assert list(plots.glob(f"{stem}.json")) or list(plots.glob(f"{stem}.csv")), stem
-    tsne = json.loads((runs["train"] / "plots" / "map_tsne.json").read_text())
+    tsne = json.loads((runs["train"] / rundir.PLOTS / "map_tsne.json").read_text())
     assert set(tsne["panels"]) == {"conse (before)", "trained (after)"}
 
     report = tmp_path / "report.html"
@@ -140,7 +141,7 @@ def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled_split
     assert len(document) > 1
     first = document[0]
     text = first.get_textpage().get_text_range()
-    trained = json.loads((runs["train"] / "results.json").read_text())["test"]["trained"]
+    trained = json.loads((runs["train"] / rundir.RESULTS).read_text())["test"]["trained"]
     assert "cliplab report" in text and "R@1" in text and f"{trained['t2i_r1']:.2f}" in text
     picture = np.asarray(first.render(scale=1).to_pil().convert("L"))
     assert picture.std() > 10  # a rendered page, not a blank one
