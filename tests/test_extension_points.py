@@ -288,3 +288,26 @@ def test_a_new_evaluator_selects_training_through_the_cli(misalignment, caption_
     res = cli("train", caption_dir / "captions.csv", "-s", "train.evaluator=misalignment",
               "-s", "train.select_metric=accuracy")
     assert res.returncode == 2 and "unknown retrieval metric 'accuracy'" in res.stdout
+
+
+@pytest.fixture()
+def tally_kind(monkeypatch):
+    """A new kind of run folder, registered from this file alone (a record ``tally.json``)."""
+    kind = rundir.RunKind("tally", ("tally.json",), "a test's own command")
+    monkeypatch.setitem(rundir.RUN_KINDS, kind.name, kind)
+    return kind
+
+
+def test_a_new_run_kind_is_recognised_and_reported(tally_kind, tmp_path, cli):
+    run = tmp_path / "tally-run"
+    run.mkdir()
+    (run / "tally.json").write_text(json.dumps({"apples": 3, "share": 0.25, "detail": {"x": 1}}))
+    assert rundir.run_kind(run) == "tally" and tally_kind.read(run)["apples"] == 3
+    report = tmp_path / "report.html"
+    res = cli("report", run, "--out", report)
+    assert res.returncode == 0, res.stdout + res.stderr
+    page = report.read_text()
+    assert "(tally)" in page and "Record (tally.json)" in page
+    assert "<td>apples</td><td>3</td>" in page and "<td>share</td><td>0.250</td>" in page
+    with pytest.raises(ConfigError, match="tally: tally.json"):  # unknown folders name every kind's files
+        rundir.run_kind(tmp_path)
