@@ -25,7 +25,8 @@ from cliplab.models import factory
 from cliplab.models.base import ComposedModel, EmbeddingModel
 from cliplab.models.ensemble import ScoreEnsemble, TowerScoreEnsemble, score_ensemble
 from cliplab.models.registry import register_model_kind, unregister_model_kind
-from cliplab.models.wrappers import FeatureStack, FlipTTA, has_flip_tta, with_flip_tta, without_flip_tta
+from cliplab.models.wrappers import (FeatureStack, FlipTTA, has_flip_tta, text_side, with_flip_tta,
+                                     without_flip_tta)
 from cliplab.serve.query import QueryEncoder
 from tests.tiny_models import TinyImageTower, tiny_captions, tiny_models
 
@@ -98,6 +99,7 @@ def test_flip_tta_has_the_model_interface_and_one_definition():
         assert torch.equal(flip.encode_text(["a red square"]), model.encode_text(["a red square"]))
     assert repr(flip.preprocess()) == repr(model.preprocess())
     assert flip.fingerprint() != model.fingerprint() and flip.fingerprint() == FlipTTA(model).fingerprint()
+    assert text_side(FlipTTA(flip)) is model  # the server's text fast path sees the TowerModel beneath
     assert float(flip.logit_scale.exp()) == pytest.approx(100.0)
 
 

@@ -138,6 +138,14 @@ def cosine_only(model: nn.Module) -> bool:
     return isinstance(model, ScoreEnsemble)
 
 
+def text_side(model: nn.Module) -> nn.Module:
+    """The model that embeds ``model``'s texts: the wrapped model under flip TTA (which changes images only), so
+    a text fast path (the server's ONNX text tower) sees the TowerModel beneath."""
+    while isinstance(model, FlipTTA):
+        model = model.inner
+    return model
+
+
 def encode_pil_images(model: Any, images: Sequence[Image.Image], normalize: bool = True) -> torch.Tensor:
     """Embeddings of PIL images made as the pipeline makes them from image files: a composed model combines its
     parts' embeddings (a mirrored view gets the mirrored image, then that part's preprocessing), any other model

@@ -17,7 +17,7 @@ from PIL import Image
 
 from cliplab.data.images import SAFE_IMAGE_FORMATS, draft_short_side
 from cliplab.errors import CliplabError, DataError
-from cliplab.models.wrappers import encode_pil_images
+from cliplab.models.wrappers import encode_pil_images, text_side
 
 
 @dataclass
@@ -116,7 +116,7 @@ class QueryEncoder:
     def __init__(self, model, cache_size: int = 1024, max_batch: int = 64, max_pending: int = 512,
                  onnx_text: bool = False) -> None:
         self.model = model.eval()
-        self.encode_text = (query_text_encoder(self.model) if onnx_text else
+        self.encode_text = (query_text_encoder(text_side(self.model)) if onnx_text else
                             lambda texts: self.model.encode_text(texts, normalize=True))
         self.lock = threading.Lock()  # one model call at a time (fast tokenizers are not re-entrant)
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
