@@ -41,13 +41,14 @@ def main() -> None:
     from cliplab.eval.self_training import SelfTrainingConfig, self_train
     from cliplab.eval.zeroshot import ZeroShotClassifier
     from cliplab.models.factory import load_model
+    from cliplab.models.wrappers import with_flip_tta
 
     dev = load_labelled(args.data, split="train")
     cache = FeatureCache()
     model = load_model(args.model)
     probs = ZeroShotClassifier(model, dev.class_names, args.variant).predict_proba(
         encode_images(model, dev.images, cache=cache, progress=False)).cpu().numpy()
-    feats = image_tower_features(load_model(args.features_model), dev.images, cache=cache, flip_tta=True,
+    feats = image_tower_features(with_flip_tta(load_model(args.features_model), True), dev.images, cache=cache,
                                  progress=False)
     labels = np.asarray(dev.labels)
     perm = np.random.default_rng(0).permutation(len(labels))

@@ -29,7 +29,7 @@ def pair(caption_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_interpolation_is_exact_at_the_ends_and_linear_between(pair):
     from cliplab.models.factory import load_model
-    from cliplab.train.wise import interpolate_state, mixed_keys, model_at
+    from cliplab.studies.wise import interpolate_state, mixed_keys, model_at
 
     a, b = load_model(str(pair / "initial")), load_model(str(pair / "tuned"))
     keys = mixed_keys(a, b)
@@ -155,7 +155,7 @@ def test_search_weights_reaches_a_grid_optimum_no_single_change_improves():
     member and scores each distinct weighting once (a local search: not always the grid's global optimum)."""
     import itertools
 
-    from cliplab.train.ensemble import search_weights
+    from cliplab.studies.ensemble import search_weights
 
     grid = (0.0, 0.25, 0.5, 0.75, 1.0)
     target = torch.tensor([0.5, 0.2, 0.3])
@@ -382,7 +382,7 @@ def test_ensemble_command_for_zero_shot_chooses_on_a_labelled_split(pair, labell
     from cliplab.eval.zeroshot import ZeroShotClassifier
     from cliplab.models.ensemble import score_ensemble
     from cliplab.models.factory import load_model
-    from cliplab.train.ensemble import _ZeroShot
+    from cliplab.studies.ensemble import _ZeroShot
 
     specs = ["conse", str(pair / "initial"), str(pair / "tuned")]
     models = [load_model(s) for s in specs]

@@ -126,7 +126,7 @@ def interpolate(
 ) -> None:
     """WiSE-FT: evaluate weight interpolations (or score ensembles) of two models in and out of domain."""
     check_plots_extra(plots)
-    from cliplab.train.wise import interpolate_run, wise_markdown
+    from cliplab.studies.wise import interpolate_run, wise_markdown
     from cliplab.utils import resolve_device
 
     alphas = parse_numbers("--alpha", alpha)
@@ -163,7 +163,7 @@ def ensemble(
     device: str = DeviceOpt,
 ) -> None:
     """Choose score-ensemble weights of several models on dev data; writes a model folder (ensemble.json)."""
-    from cliplab.train.ensemble import choose_ensemble
+    from cliplab.studies.ensemble import choose_ensemble
     from cliplab.utils import resolve_device
 
     check_choices("--task", [task], ("retrieval", "zeroshot"))

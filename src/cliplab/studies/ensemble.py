@@ -30,6 +30,7 @@ from cliplab.eval.retrieval import retrieval_metrics
 from cliplab.eval.zeroshot import ZeroShotClassifier, resolve_templates, template_mean_embeddings
 from cliplab.models.ensemble import ensemble_member_spec, join_embeddings
 from cliplab.models.factory import is_ensemble_spec, load_model
+from cliplab.models.wrappers import with_flip_tta
 from cliplab.utils import write_json, write_text
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
@@ -206,12 +207,13 @@ def choose_ensemble(member_specs: Sequence[str], *, data: str, run_dir: str | Pa
     objective = _Retrieval(data, split, test_split, image_root) if task == "retrieval" else \
         _ZeroShot(data, split, test_split, templates)
     objective.check(test)
-    models = [load_model(s, device=device) for s in member_specs]  # every member loads before any long work
+    models = [with_flip_tta(load_model(s, device=device), flip_tta)  # every member loads before any long work
+              for s in member_specs]
     cache = FeatureCache(cache_dir)
     embedded, members_dev = [], {}
     for spec, model in zip(member_specs, models):
         with torch.inference_mode():
-            embedded.append(objective.embed(model, cache=cache, device=device, progress=progress, flip_tta=flip_tta))
+            embedded.append(objective.embed(model, cache=cache, device=device, progress=progress))
         members_dev[spec] = _brief(objective.metrics([embedded[-1]], [1.0]))
         log(f"{spec}: {split} {metric} {members_dev[spec][metric]:.2f}")
 
