@@ -26,6 +26,7 @@ def test_top_level_verbs_are_callable_and_packages_stay_importable():
         cliplab.nope
 
 
+@pytest.mark.slow
 def test_zeroshot_and_probe_match_the_commands(labelled_splits, tmp_path, cli):
     import cliplab
 
