@@ -215,7 +215,7 @@ def test_kill_9_at_any_point_leaves_the_previous_index_usable(tmp_path, towers):
     assert not [p for p in index.iterdir() if p.name.startswith(".")]
 
 
-def test_search_cli_text_image_and_combinations(indexed, cli):
+def test_search_cli_text_image_and_combinations(indexed, cli, monkeypatch):
     _, photos, index, _ = indexed
     res = cli("search", index, "a red circle", "-k", "3", "--json")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -230,6 +230,15 @@ def test_search_cli_text_image_and_combinations(indexed, cli):
     assert res.returncode == 2 and "-k must be >= 1" in res.stdout
     res = cli("search", index.parent / "nowhere", "x")
     assert res.returncode == 2 and "not a cliplab index" in res.stdout
+    # rclip's habits: -t/--top for -k, -f prints only the files, the index from $CLIPLAB_INDEX
+    res = cli("search", index, "a red circle", "-t", "3", "-f")
+    assert res.returncode == 0 and res.stdout.splitlines() == [h["file"] for h in hits]
+    monkeypatch.setenv("CLIPLAB_INDEX", str(index))
+    res = cli("search", "a red circle", "--top", "3", "--filepath-only")
+    assert res.returncode == 0 and res.stdout.splitlines() == [h["file"] for h in hits]
+    monkeypatch.delenv("CLIPLAB_INDEX")
+    res = cli("search")
+    assert res.returncode == 2 and "CLIPLAB_INDEX" in res.stdout
 
 
 # -- the HTTP API

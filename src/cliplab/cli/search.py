@@ -70,27 +70,50 @@ def _print_build_report(report, out: Path) -> None:
 
 @app.command()
 def search(
-    index_dir: Path = typer.Argument(..., metavar="INDEX", help="index folder made by `cliplab index`"),
-    query: List[str] = typer.Argument(None, help='text and/or image files, combined with + and -, e.g. '
-                                                 '"beach" + me.jpg - "people"; id:N is an indexed image'),
-    k: int = typer.Option(10, "-k", help="number of results"),
+    query: List[str] = typer.Argument(None, help='[INDEX] then text and/or image files, combined with + and -, '
+                                                 'e.g. INDEX "beach" + me.jpg - "people"; id:N is an indexed '
+                                                 'image; INDEX may be left out when $CLIPLAB_INDEX names it'),
+    k: int = typer.Option(10, "-k", "--top", "-t", help="number of results"),
     image: List[Path] = typer.Option([], "--image", help="an image query (added to the text)"),
     json_out: bool = typer.Option(False, "--json", help="print results as JSON"),
+    filepath_only: bool = typer.Option(False, "--filepath-only", "-f", help="print only the files, one per line "
+                                                                           "(for piping into other tools)"),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Search an index by text, image or both (rclip-style + and - combinations)."""
     from cliplab.errors import CliplabError
     from cliplab.serve.query import search_index
 
+    index_dir, query = _index_and_query(list(query or []))
     for p in image:
         if not p.is_file():
             raise CliplabError(f"image not found: {p}")
-    hits = search_index(index_dir, list(query or []) + [str(p) for p in image], k, device=device)
+    hits = search_index(index_dir, query + [str(p) for p in image], k, device=device)
+    if filepath_only:
+        for h in hits:
+            print(h["file"])
+        return
     if json_out:
         print(json.dumps(hits))
         return
     print_table(["rank", "score", "path"], [[h["rank"], f"{h['score']:.4f}", h["file"]] for h in hits],
-                f"{' '.join(query or [])}", left=["path"])
+                " ".join(query), left=["path"])
+
+
+def _index_and_query(args: list[str]) -> tuple[Path, list[str]]:
+    """The index folder (the first argument when it is an index, else ``$CLIPLAB_INDEX``) and the query terms."""
+    import os
+
+    from cliplab.errors import CliplabError
+    from cliplab.serve.index import CURRENT
+
+    if args and (Path(args[0]) / CURRENT).is_file():
+        return Path(args[0]), args[1:]
+    if os.environ.get("CLIPLAB_INDEX"):
+        return Path(os.environ["CLIPLAB_INDEX"]), args
+    if args:
+        return Path(args[0]), args[1:]  # not an index: PhotoIndex says so in one line
+    raise CliplabError("give the index folder first (or set CLIPLAB_INDEX to it), then the query")
 
 
 @app.command()
