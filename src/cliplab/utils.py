@@ -114,21 +114,112 @@ def sha256_state(state: dict) -> str:
     return sha256_text(*(f"{k}:{sha256_tensor(state[k])}" for k in sorted(state)))
 
 
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+_FILE_HASHES: dict[tuple[str, int, int, int], str] = {}
+DIGEST_TABLE = "file-digests.sqlite"  # in the cache root: one row per file path
+
+
+def file_stat_key(path: str | Path) -> tuple[str, int, int, int]:
+    """``(resolved path, size, mtime_ns, inode)``: what must not change for a remembered digest to hold."""
+    path = Path(path)
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def hash_file(path: str | Path) -> tuple[tuple[str, int, int, int], str]:
+    """``(stat key, SHA-256 of the bytes)`` read now (no memo): what a worker process computes."""
+    key = file_stat_key(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return key, h.hexdigest()
+
+
+def _digest_table(create: bool):
+    """The persistent digest table (SQLite in the cache root), or None when it cannot be used."""
+    import sqlite3
+
+    path = default_cache_dir() / DIGEST_TABLE
+    try:
+        if not path.is_file() and not create:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(str(path), timeout=5)
+        con.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+                    "inode INTEGER, sha256 TEXT)")
+        return con
+    except (OSError, sqlite3.Error):
+        return None
+
+
+def remember_sha256(pairs: list[tuple[tuple[str, int, int, int], str]]) -> None:
+    """Record digests computed elsewhere (e.g. by the image feed's workers while decoding), in this process
+    and in the persistent table; a table that cannot be written is skipped (it is only a memo)."""
+    import sqlite3
+
+    fresh = [(k, d) for k, d in pairs if _FILE_HASHES.get(k) != d]
+    _FILE_HASHES.update(fresh)
+    if not fresh:
+        return
+    con = _digest_table(create=True)
+    if con is None:
+        return
+    try:
+        with con:
+            con.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)", [(*k, d) for k, d in fresh])
+    except sqlite3.Error:
+        pass
+    finally:
+        con.close()
+
+
+def sha256_files(paths, compute: Callable | None = None) -> list[str | None]:
+    """SHA-256 of each file's bytes (None where it is missing or unreadable): the one content digest of files
+    (feature-cache keys of images, the photo index's content hash, weight files). Remembered per path + size +
+    mtime + inode in this process and in a table in the cache root, so unchanged files are not read again;
+    the others are hashed through ``compute`` (a ``map``-like call, e.g. a process pool's; default: here)."""
+    import sqlite3
+
+    keys: list[tuple | None] = []
+    for p in paths:
+        try:
+            keys.append(file_stat_key(p))
+        except OSError:
+            keys.append(None)
+    unknown = [k for k in keys if k is not None and k not in _FILE_HASHES]
+    con = _digest_table(create=False) if unknown else None
+    if con is not None:
+        try:
+            for s in range(0, len(unknown), 500):
+                part = {k[0]: k for k in unknown[s:s + 500]}
+                rows = con.execute(f"SELECT * FROM digests WHERE path IN ({','.join('?' * len(part))})", list(part))
+                for path, size, mtime, inode, digest in rows:
+                    if part.get(path) == (path, size, mtime, inode):
+                        _FILE_HASHES[part[path]] = digest
+        except sqlite3.Error:
+            pass
+        finally:
+            con.close()
+    todo = list(dict.fromkeys(k[0] for k in keys if k is not None and k not in _FILE_HASHES))
+    if todo:
+        remember_sha256([r for r in (compute or map)(_hash_or_none, todo) if r is not None])
+    return [_FILE_HASHES.get(k) if k is not None else None for k in keys]
+
+
+def _hash_or_none(path: str):
+    try:
+        return hash_file(path)
+    except OSError:
+        return None
 
 
 def sha256_file(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, memoised per (path, size, mtime) within the process."""
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _FILE_HASHES[key] = h.hexdigest()
-    return _FILE_HASHES[key]
+    """SHA-256 of a file's bytes (see :func:`sha256_files`; raises ``OSError`` when it cannot be read)."""
+    digest = sha256_files([path])[0]
+    if digest is None:
+        file_stat_key(path)  # the missing file's own error
+        raise OSError(f"cannot read {path}")
+    return digest
 
 
 def seed_everything(seed: int) -> None:
