@@ -7,6 +7,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from cliplab.errors import DataError
+from cliplab.utils import sha256_files
 
 
 SAFE_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")  # what uploads and indexing decode by default
@@ -98,9 +99,20 @@ class ImageSet:
         reuse finished chunks after the set changes."""
         return None
 
+    def source_file(self, i: int) -> Path | None:
+        """The file whose bytes are image ``i`` (its content digest is its cache key), or None."""
+        return None
+
+    def stat_keys(self) -> list[str] | None:
+        """The keys of cliplab before content digests, where they differ from :meth:`keys` (files: path, size,
+        mtime): to find features cached by it. None otherwise."""
+        return None
+
 
 class ImageFiles(ImageSet):
-    """Images on disk; the cache key of each is its path, size and mtime (edits in place invalidate it)."""
+    """Images on disk; the cache key of each is the SHA-256 of its bytes (:func:`cliplab.utils.sha256_files`,
+    remembered per path + size + mtime + inode): the same images under new paths or times share cached features,
+    a changed file does not."""
 
     def __init__(self, paths, draft_size: int | None = None, max_pixels: int | None = None,
                  formats: tuple[str, ...] | None = None) -> None:
@@ -127,7 +139,13 @@ class ImageFiles(ImageSet):
     def content_keys(self) -> list[str]:
         return self.keys()
 
+    def source_file(self, i: int) -> Path:
+        return self.paths[i]
+
     def keys(self) -> list[str]:
+        return [f"sha256:{d}" if d else f"{p}|missing" for p, d in zip(self.paths, sha256_files(self.paths))]
+
+    def stat_keys(self) -> list[str]:
         import os
 
         out = []
@@ -184,6 +202,13 @@ class MirroredImages(ImageSet):
     def content_keys(self) -> list[str] | None:
         inner = self.inner.content_keys()
         return None if inner is None else [f"hflip|{k}" for k in inner]
+
+    def source_file(self, i: int) -> Path | None:
+        return self.inner.source_file(i)
+
+    def stat_keys(self) -> list[str] | None:
+        inner = self.inner.stat_keys()
+        return None if inner is None else ["hflip"] + inner
 
     def item_ids(self) -> list[str]:
         return self.inner.item_ids()

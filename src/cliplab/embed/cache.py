@@ -13,6 +13,7 @@ a caption): ragged entries store the rows of all items back to back plus ``offse
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -20,10 +21,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from cliplab.utils import atomic_write, default_cache_dir, sha256_text, write_json, write_npy
+from cliplab.utils import atomic_write, default_cache_dir, fsync_dir, sha256_text, write_json, write_npy
 
 ComputeChunk = Callable[[int, int], tuple[np.ndarray | list[np.ndarray], np.ndarray, list[str]]]
 
@@ -96,6 +97,22 @@ class FeatureCache:
             self._compute(folder, kind, key, n_items, run_chunks, desc, meta, progress,
                           chunk_size or self.chunk_size, dtype, ragged, item_keys)
         return self._load(folder, reused=False)
+
+    def adopt(self, kind: str, old_key: str, new_key: str, n_items: int) -> bool:
+        """Rename a complete entry stored under ``old_key`` (an earlier key scheme for the same items) to
+        ``new_key``, unless ``new_key`` exists; False when there was nothing to adopt (never raises)."""
+        old, new = self.entry_dir(kind, old_key), self.entry_dir(kind, new_key)
+        if old_key == new_key or new.exists() or not old.is_dir():
+            return False
+        try:
+            with FileLock(str(old / ".lock"), timeout=0):
+                if self._load_complete(old, n_items) is None:
+                    return False
+                os.rename(old, new)
+        except (OSError, Timeout):
+            return False
+        fsync_dir(self.root)
+        return True
 
     @classmethod
     def _load_complete(cls, folder: Path, n_items: int) -> CachedFeatures | None:

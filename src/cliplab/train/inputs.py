@@ -2,15 +2,14 @@
 
 Frozen prefixes never run per epoch: their output is computed once and cached on disk (float16,
 memory-mapped), keyed by the tower fingerprint, the boundary, the items and the preprocessing. When a
-side trains from its first stage the inputs are raw pixels (decoded per batch, optionally augmented)
-or token batches.
+side trains from its first stage the inputs are raw pixels (decoded per batch by the image feed's worker
+processes, optionally augmented) or token batches.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -24,9 +23,9 @@ from cliplab.data.captions import CaptionDataset
 from cliplab.data.images import ImageSet, MirroredImages, preprocess_geometry
 from cliplab.embed.backends import OnnxTensorFunction, resolve_backend
 from cliplab.embed.cache import FeatureCache
-from cliplab.embed.extract import default_workers
+from cliplab.embed.feed import ImageFeed
 from cliplab.embed.pipeline import DatasetFeatures
-from cliplab.errors import ConfigError
+from cliplab.errors import CliplabError, ConfigError
 from cliplab.models.stages import Stages
 from cliplab.utils import sha256_text
 
@@ -85,21 +84,39 @@ class TokenActs(Acts):
 
 
 class PixelActs(Acts):
-    """Raw images decoded per batch (threads), with the training augmentation when one is given."""
+    """Raw images decoded per batch by the image feed (worker processes, normalised on the device), with the
+    training augmentation when one is given: item k of a batch seeded from torch's RNG, so a run (and its
+    resume) gets the same crops whatever the number of workers."""
 
     def __init__(self, images: ImageSet, transform: Callable, train_transform: Callable | None = None,
                  workers: int | None = None) -> None:
         self.images, self.transform, self.train_transform = images, transform, train_transform
-        self.workers = workers or default_workers()
+        self.workers = workers
+        self._feed: ImageFeed | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def feed(self, device) -> ImageFeed:
+        """The feed (its workers start on the first batch and stay for the run)."""
+        if self._feed is None or self._feed.device != torch.device(device):
+            if self._feed is not None:
+                self._feed.close()
+            self._feed = ImageFeed(self.images, self.transform, device=device, num_workers=self.workers,
+                                   train_transform=self.train_transform,
+                                   channels_last=torch.device(device).type == "cuda")
+        return self._feed
+
     def batch(self, idx, device, rng=None):
-        tf = self.train_transform if (rng is not None and self.train_transform is not None) else self.transform
-        with ThreadPoolExecutor(self.workers) as pool:
-            tensors = list(pool.map(lambda i: tf(self.images.load(int(i))), idx))
-        return torch.stack(tensors).to(device)
+        train = rng is not None and self.train_transform is not None
+        seed = int(torch.randint(0, 1 << 62, ())) if train else None
+        out = self.feed(device).batch(idx, seed=seed, train=train)
+        if not all(out.ok):
+            raise CliplabError(next(e for e, good in zip(out.errors, out.ok) if not good))
+        return out.pixels
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_feed": None}  # a copy (e.g. a pickled split) starts its own workers
 
 
 class TextActs(Acts):
@@ -183,18 +200,16 @@ def _prefix_runner(stages: Stages, boundary: int, key: str, example: torch.Tenso
 
 
 @torch.inference_mode()
-def _image_prefix(run: Callable[[torch.Tensor], torch.Tensor], images: ImageSet, transform, device, batch_size: int,
-                  start: int, stop: int) -> np.ndarray:
-    """``run`` (the frozen prefix) over images ``[start, stop)``."""
+def _image_prefix(run: Callable[[torch.Tensor], torch.Tensor], feed: ImageFeed, start: int, stop: int) -> np.ndarray:
+    """``run`` (the frozen prefix) over images ``[start, stop)`` of the feed."""
     out = []
-    with ThreadPoolExecutor(default_workers()) as pool:
-        for s in range(start, stop, batch_size):
-            idx = range(s, min(s + batch_size, stop))
-            x = torch.stack(list(pool.map(lambda i: transform(images.load(i)), idx))).to(device)
-            y = run(x)
-            if not isinstance(y, torch.Tensor):
-                raise ConfigError("image stage outputs must be tensors")
-            out.append(y.float().cpu().numpy())
+    for b in feed.batches(start, stop):
+        if not all(b.ok):
+            raise CliplabError(next(e for e, good in zip(b.errors, b.ok) if not good))
+        y = run(b.pixels)
+        if not isinstance(y, torch.Tensor):
+            raise ConfigError("image stage outputs must be tensors")
+        out.append(y.float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -223,18 +238,22 @@ def _text_prefix(stages: Stages, boundary: int, texts: Sequence[str], tokenize, 
     return pooled if pooled is not None else [pieces[i] for i in range(len(texts))]
 
 
+def _prefix_key(key: str) -> str:
+    return sha256_text("prefix-v2", key)[:32]
+
+
 def _prefix_store(cache: FeatureCache, key: str, n: int, compute, desc: str, progress: bool, ragged: bool,
                   chunk_size: int):
     """Frozen-prefix activations in the feature store (float16, chunked, locked, resumable, atomic)."""
     def chunk(start: int, stop: int):
         return compute(start, stop), np.ones(stop - start, dtype=bool), []
 
-    return cache.get_or_compute("prefix", sha256_text("prefix-v2", key)[:32], n, chunk, desc=desc, progress=progress,
+    return cache.get_or_compute("prefix", _prefix_key(key), n, chunk, desc=desc, progress=progress,
                                 dtype="float16", ragged=ragged, chunk_size=chunk_size, meta={"prefix": key})
 
 
 def image_acts(model, stages: Stages, boundary: int, images: ImageSet, *, cache: FeatureCache, device,
-               fingerprint: str, augment: str = "none", batch_size: int = 64, progress: bool = True,
+               fingerprint: str, augment: str = "none", batch_size: int | None = None, progress: bool = True,
                desc: str = "images", backend: str = "auto") -> Acts:
     """Image-side inputs at ``boundary`` (cached prefix output, or pixels when ``boundary`` is 0). The prefix
     runs once, under ONNX Runtime on CPU unless ``backend`` is ``torch``."""
@@ -261,9 +280,12 @@ def image_acts(model, stages: Stages, boundary: int, images: ImageSet, *, cache:
 
     def compute(imgs: ImageSet, what: str):
         key = sha256_text(*prefix_id, *imgs.keys())
-        return _prefix_store(cache, key, len(imgs), lambda a, b: _image_prefix(runner(), imgs, transform, device,
-                                                                               batch_size, a, b),
-                             f"{what}", progress, ragged=False, chunk_size=512).features
+        old = imgs.stat_keys()  # cached before content digests: the same files, unchanged since
+        if old is not None:
+            cache.adopt("prefix", _prefix_key(sha256_text(*prefix_id, *old)), _prefix_key(key), len(imgs))
+        with ImageFeed(imgs, transform, device=device, batch_size=batch_size) as feed:
+            return _prefix_store(cache, key, len(imgs), lambda a, b: _image_prefix(runner(), feed, a, b),
+                                 f"{what}", progress, ragged=False, chunk_size=512).features
 
     array = compute(images, f"{desc} (frozen prefix)")
     mirrored = compute(MirroredImages(images), f"{desc} (mirrored prefix)") if augment == "flip" else None
