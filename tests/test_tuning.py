@@ -212,23 +212,24 @@ def test_clip_projection_only_and_lora(caption_dir, tmp_path, towers, kind):
     assert changed and all("proj" in k or "logit_scale" in k for k in changed)
     assert tuned.fingerprint() != base.fingerprint()
 
-    if kind == "open_clip":  # nn.MultiheadAttention has no separate q/v layers
-        bad = RunConfig.from_dict({**common, "train": {"device": "cpu", "text_tower": "lora"}})
-        with pytest.raises(ConfigError, match="no LoRA target layers"):
-            train_run(bad, tmp_path / "bad", progress=False, log=lambda *a: None)
-        return
-    # LoRA on the text encoder's q/v projections, projections frozen
+    # LoRA on the text encoder's default targets (HF: q/v projections; open_clip: its fused attention through
+    # PEFT's nn.MultiheadAttention adapter), projections frozen
     cfg = RunConfig.from_dict({**common, "train": {"epochs": 2, "batch_size": 8, "lr": 1e-2, "device": "cpu",
                                                    "trainable": "none", "text_tower": {"mode": "lora", "lora_r": 2}}})
     res = train_run(cfg, tmp_path / "lora", progress=False, log=lambda *a: None)
+    assert ("attn" if kind == "open_clip" else "q_proj") in res["parameters"]["lora"]["text"]  # stated in the log
     tuned = load_clip(str(tmp_path / "lora" / "best"))
     names = [n for n, _ in tuned.model.named_parameters() if "lora_" in n]
-    assert names and all(n.split(".")[-4] in ("q_proj", "v_proj") for n in names)
-    assert all(n.startswith("text_model.") for n in names)
+    if kind == "hf":
+        assert names and all(n.split(".")[-4] in ("q_proj", "v_proj") for n in names)
+        assert all(n.startswith("text_model.") for n in names)
+    else:  # the text transformer's attention only, never the vision tower's namesakes
+        assert names and all(n.startswith("transformer.resblocks.") and ".attn." in n for n in names)
     with torch.inference_mode():
         z = tuned.encode_text(["a red circle"])
         z0 = base.encode_text(["a red circle"])
-    assert z.shape == (1, 24) and not torch.allclose(z, z0, atol=1e-5)  # the trained adapters changed the text side
+    assert z.shape == z0.shape == (1, 24 if kind == "hf" else 32)
+    assert not torch.allclose(z, z0, atol=1e-5)  # the trained adapters changed the text side
     dev = [json.loads(line)["dev"]["rsum"] for line in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
     assert res["fit"]["best_epoch"] == int(np.argmax(dev)) and set(res["test"]) == {"zero-shot CLIP", "trained"}
 
@@ -298,3 +299,169 @@ def test_mpnet_stages_reproduce_the_encoder(tmp_path, towers):
         padded = (torch.cat([hidden, torch.zeros(2, 3, hidden.shape[-1])], 1),
                   torch.cat([mask, torch.zeros(2, 3, dtype=mask.dtype)], 1))
         assert torch.allclose(tst.run(padded, b), ref, atol=1e-5)
+
+
+# -- real CLIP towers: transformer blocks as stages, default LoRA targets, trimmed text, checkpointing
+def open_clip_folder(tmp_path, text_layers: int = 3, vision_layers: int = 2):
+    """A tiny random open_clip CLIP (16-token context) with several residual blocks per side, saved as an
+    open_clip folder."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": vision_layers, "width": 32, "patch_size": 8,
+                                           "head_width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": text_layers}}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg).eval()
+    out = tmp_path / "oc-deep"
+    out.mkdir()
+    save_file(model.state_dict(), str(out / "open_clip_model.safetensors"))
+    (out / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28]}}))
+    return out
+
+
+def clip_folder(kind, tmp_path, towers):
+    return tiny_hf_clip(tmp_path, towers[1].tokenizer)[1] if kind == "hf" else open_clip_folder(tmp_path)
+
+
+CAPTIONS = ["a dog", "two cats sit on a red mat near the door", "x"]
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "hf"])
+def test_clip_default_lora_targets_are_found_and_only_they_train(tmp_path, towers, kind):
+    clip = load_clip(str(clip_folder(kind, tmp_path, towers))).set_trainable("none")
+    px = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        before_text, before_image = clip.encode_text(CAPTIONS), clip.encode_image(px)
+    counts = clip.tune_towers(TowerTuning(), TowerTuning("lora", lora_r=2))
+    trainable = [n for n, p in clip.model.named_parameters() if p.requires_grad and n != "logit_scale"]
+    assert trainable and all("lora_" in n for n in trainable)
+    if kind == "open_clip":  # PEFT's adapter of the fused attention (q/k/v in_proj + out_proj), text blocks only
+        assert {n.split(".")[2] for n in trainable} == {"0", "1", "2"}
+        assert all(n.startswith("transformer.resblocks.") and n.split(".")[3] == "attn" for n in trainable)
+        assert not any("lora_" in n for n, _ in clip.model.visual.named_parameters())  # not the vision namesakes
+        assert counts["lora"]["text"].startswith("3 x attn (nn.MultiheadAttention: q/k/v in_proj + out_proj")
+    else:
+        assert {n.split(".")[-4] for n in trainable} == {"q_proj", "v_proj"}
+        assert all(n.startswith("text_model.encoder.layers.") for n in trainable)
+        assert counts["lora"]["text"] == "2 x q_proj (Linear), 2 x v_proj (Linear)"
+    assert counts["model"]["trainable"] == sum(clip.model.get_parameter(n).numel() for n in trainable) + 1
+    tst = clip.text_stages()  # still one stage per block, adapters and all (cached prefix: the embeddings)
+    assert len(tst) == 6 if kind == "open_clip" else len(tst) == 5
+    assert tst.first_trainable() == 1
+    torch.manual_seed(1)
+    for n in trainable:  # adapters start as the identity; once trained they change the text side only
+        with torch.no_grad():
+            clip.model.get_parameter(n).normal_(0, 0.3)
+    with torch.inference_mode():
+        assert not torch.allclose(clip.encode_text(CAPTIONS), before_text, atol=1e-3)
+        assert torch.equal(clip.encode_image(px), before_image)
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "hf"])
+def test_last_n_on_a_clip_transformer_unfreezes_exactly_its_last_blocks(tmp_path, towers, kind):
+    folder = clip_folder(kind, tmp_path, towers)
+    clip = load_clip(str(folder)).set_trainable("none")
+    clip.tune_towers(TowerTuning("last_n", last_n=1), TowerTuning("last_n", last_n=2))
+    trainable = {n for n, p in clip.model.named_parameters() if p.requires_grad} - {"logit_scale"}
+    m = clip.model
+    if kind == "open_clip":  # text: 3 residual blocks, vision: 2
+        text, image = m.transformer.resblocks, m.visual.transformer.resblocks
+        names = ("transformer.resblocks", "visual.transformer.resblocks")
+    else:  # text: 2 layers, vision: 1
+        text, image = m.text_model.encoder.layers, m.vision_model.encoder.layers
+        names = ("text_model.encoder.layers", "vision_model.encoder.layers")
+    expected = {f"{names[0]}.{i}.{n}" for i in (len(text) - 2, len(text) - 1) for n, _ in text[i].named_parameters()}
+    expected |= {f"{names[1]}.{len(image) - 1}.{n}" for n, _ in image[-1].named_parameters()}
+    assert trainable == expected
+    ist, tst = clip.image_stages(), clip.text_stages()
+    assert tst.first_trainable() == len(tst) - 4  # two blocks, then final norm + pooling, projection
+    assert ist.first_trainable() == len(ist) - 3
+    with pytest.raises(ConfigError, match=f"last_n=9 but the tower has only {len(text)} blocks"):
+        load_clip(str(folder)).tune_towers(TowerTuning(), TowerTuning("last_n", last_n=9))
+
+
+def _full_length_tokens(clip, kind, texts):
+    """Tokens padded to the whole context (open_clip's own batches; HF's max_length padding)."""
+    if kind == "open_clip":
+        return clip.tokenize(texts)
+    tok = clip.tokenizer(texts, padding="max_length", max_length=32, return_tensors="pt")
+    return {k: tok[k] for k in ("input_ids", "attention_mask")}
+
+
+def _reference_text(clip, kind, tokens):
+    """The library's own forward on full-length tokens (no trimming)."""
+    if kind == "open_clip":
+        return clip.model.encode_text(tokens)
+    out = clip.model.get_text_features(**tokens)
+    return getattr(out, "pooler_output", out)
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "hf"])
+@torch.inference_mode()
+def test_trimmed_text_batches_give_the_untrimmed_embeddings(tmp_path, towers, kind):
+    clip = load_clip(str(clip_folder(kind, tmp_path, towers)))
+    tokens = _full_length_tokens(clip, kind, CAPTIONS)
+    ref = _reference_text(clip, kind, tokens)
+    tst = clip.text_stages()
+    hidden, mask = tst.run(tokens, 0, 1)
+    ids = tokens if kind == "open_clip" else tokens["input_ids"]
+    assert hidden.shape[1] == int(mask.sum(1).max()) < ids.shape[1]  # trimmed to the longest caption
+    real = (ids != 0) if kind == "open_clip" else tokens["attention_mask"].bool()  # start token .. end token
+    assert mask.sum(1).tolist() == real.sum(1).tolist()
+    assert torch.allclose(tst.run(tokens), ref, atol=2e-6, rtol=1e-5)
+    assert torch.allclose(clip.encode_text(CAPTIONS, normalize=False), ref, atol=2e-6, rtol=1e-5)
+    for b in range(1, len(tst) - 1):  # from any cached boundary, re-padded with zeros as cached batches are
+        h, msk = tst.run(tokens, 0, b)
+        padded = (torch.cat([h, torch.zeros(3, 4, h.shape[-1])], 1),
+                  torch.cat([msk, torch.zeros(3, 4, dtype=msk.dtype)], 1))
+        assert torch.allclose(tst.run(padded, b), ref, atol=2e-6, rtol=1e-5)
+    for i, text in enumerate(CAPTIONS):  # a caption alone (its own length) = in a batch of longer ones
+        assert torch.allclose(clip.encode_text([text], normalize=False)[0], ref[i], atol=2e-6, rtol=1e-5)
+
+
+def _lora_grads(folder, kind, checkpointing: bool, tokens):
+    """Gradients of the text adapters after one backward pass, and how often block 0's MLP ran."""
+    clip = load_clip(str(folder)).set_trainable("none")
+    torch.manual_seed(0)
+    clip.tune_towers(TowerTuning(), TowerTuning("lora", lora_r=2, lora_dropout=0.0, grad_checkpointing=checkpointing))
+    names = sorted(n for n, p in clip.model.named_parameters() if "lora_" in n and p.requires_grad)
+    with torch.no_grad():
+        for n in names:
+            clip.model.get_parameter(n).normal_(0, 0.3)
+    tst = clip.text_stages()
+    calls = []
+    block = tst[1].modules[0]
+    block.mlp.register_forward_pre_hook(lambda *a: calls.append(1))  # a recompute may stop before its end
+    clip.train()
+    tst.run(tokens).pow(2).sum().backward()
+    return clip, {n: clip.model.get_parameter(n).grad for n in names}, len(calls)
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "hf"])
+def test_grad_checkpointing_switch_recomputes_blocks_with_the_same_gradients(tmp_path, towers, kind):
+    from cliplab.models.stages import CHECKPOINT_ATTR
+
+    folder = clip_folder(kind, tmp_path, towers)
+    tokens = load_clip(str(folder)).tokenize(CAPTIONS)
+    plain, ref, plain_calls = _lora_grads(folder, kind, False, tokens)
+    clip, got, calls = _lora_grads(folder, kind, True, tokens)
+    if kind == "open_clip":  # open_clip's own flag, and cliplab's on every residual block it runs as a stage
+        assert clip.model.transformer.grad_checkpointing and not plain.model.transformer.grad_checkpointing
+        assert all(getattr(b, CHECKPOINT_ATTR, False) for b in clip.model.transformer.resblocks)
+        assert not any(getattr(b, CHECKPOINT_ATTR, False) for b in clip.model.visual.transformer.resblocks)
+    else:  # Hugging Face's own switch on the text layers (they checkpoint themselves in training mode)
+        assert all(layer.gradient_checkpointing for layer in clip.model.text_model.encoder.layers)
+        assert not any(layer.gradient_checkpointing for layer in clip.model.vision_model.encoder.layers)
+    assert (plain_calls, calls) == (1, 2)  # the checkpointed block ran again in the backward pass
+    assert ref.keys() == got.keys() and all(torch.allclose(got[n], ref[n], atol=1e-6) for n in ref)
+    assert any(ref[n].abs().sum() > 0 for n in ref)
+
+
+def test_grad_checkpointing_setting():
+    assert "grad_checkpointing" not in TowerTuning("lora").to_dict()  # records of older runs still match
+    on = TowerTuning.from_any({"mode": "lora", "grad_checkpointing": "true"}, "t")
+    assert on.to_dict()["grad_checkpointing"] is True
+    with pytest.raises(ConfigError, match="grad_checkpointing needs a tuned tower"):
+        TowerTuning("frozen", grad_checkpointing=True)

@@ -22,8 +22,10 @@ from torch import nn
 
 from cliplab.errors import ConfigError
 from cliplab.models.checkpoint import check_base_weights, load_checked
-from cliplab.models.stages import Stage, Stages, ParamHolder
-from cliplab.models.tuning import TowerTuning, apply_lora_spec, apply_tower_tuning, count_parameters
+from cliplab.models.stages import (Stage, Stages, ParamHolder, hf_clip_text_stages, hf_clip_vision_stages,
+                                   open_clip_text_stages, open_clip_vision_stages)
+from cliplab.models.tuning import (TowerTuning, apply_lora_spec, apply_tower_tuning, count_parameters,
+                                   describe_lora_targets)
 from cliplab.utils import atomic_write, sha256_file, sha256_state, sha256_text, write_json
 
 CLIP_TUNED_CONFIG = "cliplab_clip.json"
@@ -79,25 +81,55 @@ class OpenClipBackend:
         return model.encode_image(images)
 
     def encode_text(self, model: nn.Module, tokens) -> torch.Tensor:
-        return model.encode_text(tokens)
+        """open_clip's ``encode_text``, on the batch trimmed to its longest caption where that gives the same
+        embeddings (a causal text transformer pooled at its end-of-text token)."""
+        stages = open_clip_text_stages(model) if model.text_projection is not None else None
+        if stages is None:
+            return model.encode_text(tokens)
+        return self._text_projection(model)[1](Stages(stages).run(tokens))
+
+    def set_grad_checkpointing(self, model: nn.Module, side: str) -> None:
+        """open_clip's own switch (used when a side runs as one stage through open_clip's forward)."""
+        if side == "image":
+            model.visual.set_grad_checkpointing(True)
+        else:
+            model.transformer.grad_checkpointing = True
 
     def image_stages(self, model: nn.Module, source: str) -> Stages:
+        """Embeddings, each residual block, pooling, projection (one ``vision`` stage for a tower that is not
+        an open_clip VisionTransformer)."""
         visual = model.visual
         if not isinstance(getattr(visual, "proj", None), nn.Parameter):
             raise ConfigError(f"{source}: this open_clip vision tower has no separate projection to tune")
+        projection = Stage("projection", [ParamHolder([visual.proj])], lambda x: x @ visual.proj, is_block=False)
+        blocks = open_clip_vision_stages(visual)
+        if blocks is not None:
+            return Stages([*blocks, projection])
         body = ParamHolder([p for n, p in visual.named_parameters() if n != "proj"], visual)
 
         def encode(px):
             with _without(visual, "proj"):
                 return visual(px)
 
-        return Stages([Stage("vision", [body], encode),
-                       Stage("projection", [ParamHolder([visual.proj])], lambda x: x @ visual.proj, is_block=False)])
+        return Stages([Stage("vision", [body], encode), projection])
+
+    @staticmethod
+    def _text_projection(model: nn.Module) -> tuple[nn.Module, object]:
+        proj = model.text_projection
+        if isinstance(proj, nn.Linear):
+            return proj, proj
+        return ParamHolder([proj]), (lambda x: x @ proj)
 
     def text_stages(self, model: nn.Module, source: str) -> Stages:
+        """Embeddings, each residual block, final norm + pooling, projection (batches trimmed to their longest
+        caption); one ``text`` stage over open_clip's ``encode_text`` for text towers that do not allow it."""
         if not hasattr(model, "token_embedding") or model.text_projection is None:
             raise ConfigError(f"{source}: only open_clip CLIP models with a text projection can be tuned")
-        proj = model.text_projection
+        holder, project = self._text_projection(model)
+        projection = Stage("projection", [holder], project, is_block=False)
+        blocks = open_clip_text_stages(model)
+        if blocks is not None:
+            return Stages([*blocks, projection])
         body = ParamHolder([p for n, p in model.named_parameters()
                             if not n.startswith(("visual.", "logit_", "text_projection"))], model.transformer)
 
@@ -105,11 +137,7 @@ class OpenClipBackend:
             with _without(model, "text_projection"):
                 return model.encode_text(tokens)
 
-        if isinstance(proj, nn.Linear):
-            project, holder = proj, proj
-        else:
-            project, holder = (lambda x: x @ proj), ParamHolder([proj])
-        return Stages([Stage("text", [body], encode), Stage("projection", [holder], project, is_block=False)])
+        return Stages([Stage("text", [body], encode), projection])
 
     def load(self, name: str, pretrained: str | None) -> "CLIPModelWrapper":
         from cliplab.extras import require
@@ -151,15 +179,32 @@ class HFBackend:
     def encode_text(self, model: nn.Module, tokens) -> torch.Tensor:
         return _as_tensor(model.get_text_features(**tokens))
 
+    def set_grad_checkpointing(self, model: nn.Module, side: str) -> None:
+        """Hugging Face's own switch, non-reentrant (a reentrant checkpoint would give no gradients to adapters
+        fed by cached, frozen activations)."""
+        part = model.vision_model if side == "image" else model.text_model
+        target = part if hasattr(part, "gradient_checkpointing_enable") else model  # transformers 4.x: both sides
+        kwargs = {"use_reentrant": False}
+        if hasattr(target, "activation_checkpointing_enable"):  # its name from transformers 5.2x
+            target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def image_stages(self, model: nn.Module, source: str) -> Stages:
         vm, proj = model.vision_model, model.visual_projection
-        return Stages([Stage("vision", [vm], lambda px: vm(pixel_values=px).pooler_output),
-                       Stage("projection", [proj], proj, is_block=False)])
+        projection = Stage("projection", [proj], proj, is_block=False)
+        blocks = hf_clip_vision_stages(vm)
+        if blocks is not None:
+            return Stages([*blocks, projection])
+        return Stages([Stage("vision", [vm], lambda px: vm(pixel_values=px).pooler_output), projection])
 
     def text_stages(self, model: nn.Module, source: str) -> Stages:
         tm, proj = model.text_model, model.text_projection
-        return Stages([Stage("text", [tm], lambda tok: tm(**tok).pooler_output),
-                       Stage("projection", [proj], proj, is_block=False)])
+        projection = Stage("projection", [proj], proj, is_block=False)
+        blocks = hf_clip_text_stages(tm)
+        if blocks is not None:
+            return Stages([*blocks, projection])
+        return Stages([Stage("text", [tm], lambda tok: tm(**tok).pooler_output), projection])
 
     def load(self, name: str) -> "CLIPModelWrapper":
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
@@ -263,12 +308,19 @@ class CLIPModelWrapper(nn.Module):
         return self
 
     def tune_towers(self, image: TowerTuning, text: TowerTuning) -> dict:
+        """Apply the tower tunings; returns the parameter counts and, per side with adapters, the adapted layers
+        (the training log states them)."""
         roots, names = self._roots(), self.adapter.root_names
+        adapted = {}
         for side, tuning, stages in (("image", image, self.image_stages()), ("text", text, self.text_stages())):
             spec = apply_tower_tuning(roots[side], stages, tuning)
             if spec is not None:
                 self.lora[side] = {**spec, "root": names[side]}
-        return {"model": count_parameters(self.model)}
+            if tuning.grad_checkpointing:
+                self.adapter.set_grad_checkpointing(self.model, side)
+            if tuning.mode == "lora" and side in self.lora:
+                adapted[side] = describe_lora_targets(roots[side], self.lora[side]["targets"])
+        return {"model": count_parameters(self.model), **({"lora": adapted} if adapted else {})}
 
     @property
     def tuned_parts(self) -> list[str]:

@@ -6,7 +6,13 @@ activations at the first trainable boundary are computed once and cached; each e
 the trainable suffix (``Stages.run(x, start=boundary)``).
 
 Text activations after the embedding stage are ``(hidden [B, T, H], attention_mask [B, T])``,
-right-padded, so a batch of cached captions can be re-padded to its own longest caption.
+right-padded, so a batch of cached captions can be re-padded to its own longest caption. CLIP text towers
+(causal attention, pooled at the end-of-text token) keep only the tokens up to each caption's end-of-text
+token: positions before it never attend to later ones, so trimming a batch to its longest caption gives the
+same embeddings as open_clip's fixed 77-token context.
+
+Gradient checkpointing (:func:`set_grad_checkpointing`) marks a tower's block modules; :meth:`Stages.run`
+then recomputes each marked block's activations in the backward pass instead of keeping them.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+CHECKPOINT_ATTR = "_cliplab_grad_checkpointing"  # set on a block's modules by set_grad_checkpointing
 
 @dataclass
 class Stage:
@@ -52,13 +60,34 @@ class Stages:
 
     def run(self, x: Any, start: int = 0, end: int | None = None) -> Any:
         for stage in self.stages[start:end]:
-            x = stage.fn(x)
+            x = checkpoint(stage.fn, x, use_reentrant=False) if _checkpointed(stage) else stage.fn(x)
         return x
 
     def block_indices(self, end: int | None = None) -> list[int]:
         """Stages (before ``end``) that count as blocks for ``last_n``."""
         end = len(self.stages) if end is None else end
         return [i for i in range(end) if self.stages[i].is_block]
+
+
+def _checkpointed(stage: Stage) -> bool:
+    """Whether a block recomputes its activations in backward: marked, gradients on, and not a layer that
+    checkpoints itself (a Hugging Face layer after ``gradient_checkpointing_enable``, in training mode)."""
+    if not (stage.is_block and torch.is_grad_enabled()):
+        return False
+    marked = any(getattr(m, CHECKPOINT_ATTR, False) for m in stage.modules)
+    return marked and not any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in stage.modules)
+
+
+def set_grad_checkpointing(stages: Stages, enable: bool = True) -> int:
+    """Mark (or unmark) the block stages of a tower for gradient checkpointing; returns the blocks marked.
+    A tower that is one stage is left alone (checkpointing the whole tower as one unit saves nothing)."""
+    blocks = stages.block_indices()
+    if len(blocks) < 2:
+        return 0
+    for i in blocks:
+        for m in stages[i].modules:
+            setattr(m, CHECKPOINT_ATTR, enable)
+    return len(blocks)
 
 
 def _seq(*modules: nn.Module) -> Callable[[Any], Any]:
@@ -172,3 +201,161 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def cls_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return hidden[:, 0]
+
+
+# -- CLIP transformers (open_clip and Hugging Face): residual blocks as stages
+def _covers(stages: list[Stage], root: nn.Module, names: list[str]) -> bool:
+    """Whether every named parameter of a side (``names``, relative to ``root``) belongs to one of its stages
+    (else the side stays one stage). By name: PEFT's adapter of an ``nn.MultiheadAttention`` re-creates the
+    Parameter objects of its frozen weights whenever its modules are listed."""
+    where = {id(m): n for n, m in root.named_modules()}
+    loose = {id(p): n for n, p in root.named_parameters()}
+    owned: set[str] = set()
+    for stage in stages:
+        for m in stage.modules:
+            if isinstance(m, ParamHolder):
+                owned |= {loose.get(id(p), "") for p in m.parameters()}
+            elif id(m) in where:
+                prefix = where[id(m)] + "." if where[id(m)] else ""
+                owned |= {prefix + n for n, _ in m.named_parameters()}
+    return set(names) <= owned
+
+
+def _end_mask(ends: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Length of a batch trimmed to its longest caption, and the mask of the tokens up to each end token."""
+    length = int(ends.max()) + 1 if len(ends) else 1
+    return length, (torch.arange(length, device=ends.device)[None] <= ends[:, None]).long()
+
+
+def _pool_end(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each caption's activation at its last kept token (its end-of-text token)."""
+    return hidden[torch.arange(len(hidden), device=hidden.device), mask.sum(1) - 1]
+
+
+def _batch_first(transformer: nn.Module, block: nn.Module) -> Callable[..., torch.Tensor]:
+    """``block`` called on batch-first activations, whatever layout its transformer uses."""
+    if getattr(transformer, "batch_first", True):
+        return block
+    return lambda x, **kw: block(x.transpose(0, 1), **kw).transpose(0, 1)
+
+
+def open_clip_text_stages(model: nn.Module) -> list[Stage] | None:
+    """An open_clip ``CLIP`` text side without its projection: token + position embeddings, each residual
+    block of ``transformer.resblocks``, final norm + end-of-text pooling. Batches are trimmed to their longest
+    caption (causal mask and position embeddings sliced to it). ``None`` when the text transformer is not
+    causal or not pooled at its end-of-text token (its outputs then depend on the padding)."""
+    tr = getattr(model, "transformer", None)
+    pool = getattr(model, "text_pool_type", "argmax")
+    if (getattr(tr, "resblocks", None) is None or getattr(model, "attn_mask", None) is None
+            or pool not in ("argmax", "eos") or not all(hasattr(model, a) for a in ("token_embedding", "ln_final"))):
+        return None
+
+    def embed(tokens: torch.Tensor):
+        eos = getattr(model, "text_eos_id", None)
+        ends = tokens.argmax(-1) if pool == "argmax" else (tokens == eos).int().argmax(-1)
+        length, mask = _end_mask(ends)
+        dtype = tr.get_cast_dtype() if hasattr(tr, "get_cast_dtype") else model.positional_embedding.dtype
+        x = model.token_embedding(tokens[:, :length]).to(dtype) + model.positional_embedding[:length].to(dtype)
+        return x, mask
+
+    def block_fn(block: nn.Module):
+        call = _batch_first(tr, block)
+
+        def fn(state):
+            x, mask = state
+            return call(x, attn_mask=model.attn_mask[:x.shape[1], :x.shape[1]]), mask
+
+        return fn
+
+    stages = [Stage("embed", [model.token_embedding, ParamHolder([model.positional_embedding])], embed, is_block=False)]
+    stages += [Stage(f"resblocks.{i}", [b], block_fn(b)) for i, b in enumerate(tr.resblocks)]
+    stages.append(Stage("ln_final", [model.ln_final], lambda s: _pool_end(model.ln_final(s[0]), s[1]), is_block=False))
+    text = [n for n, _ in model.named_parameters() if not n.startswith(("visual.", "logit_", "text_projection"))]
+    return stages if _covers(stages, model, text) else None
+
+
+def open_clip_vision_stages(visual: nn.Module) -> list[Stage] | None:
+    """An open_clip ``VisionTransformer`` without its projection: patch + class + position embeddings and
+    ``ln_pre``, each residual block, pooling + ``ln_post``. ``None`` for other vision towers (timm, ResNet)."""
+    tr = getattr(visual, "transformer", None)
+    if getattr(tr, "resblocks", None) is None or not all(hasattr(visual, a) for a in ("_embeds", "_pool", "conv1")):
+        return None
+    loose = [getattr(visual, a) for a in ("class_embedding", "positional_embedding")
+             if isinstance(getattr(visual, a, None), nn.Parameter)]
+    embed_modules = [visual.conv1, ParamHolder(loose)]
+    embed_modules += [m for m in (getattr(visual, "ln_pre", None),) if m is not None]
+    pool_modules = [getattr(visual, a) for a in ("ln_post", "attn_pool", "attn_pool_contrastive")
+                    if isinstance(getattr(visual, a, None), nn.Module)]
+    stages = [Stage("embed", embed_modules, visual._embeds, is_block=False)]
+    stages += [Stage(f"resblocks.{i}", [b], _batch_first(tr, b)) for i, b in enumerate(tr.resblocks)]
+    stages.append(Stage("pool", pool_modules, lambda x: visual._pool(x)[0], is_block=False))
+    params = [n for n, _ in visual.named_parameters() if n != "proj"]
+    return stages if _covers(stages, visual, params) else None
+
+
+def _hf_layer_call(layer: nn.Module) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """An HF CLIP encoder layer called with one additive mask (transformers 4.x layers take a separate causal
+    mask as their third argument)."""
+    import inspect
+
+    legacy = "causal_attention_mask" in inspect.signature(layer.forward).parameters
+
+    def call(hidden, mask4d):
+        out = layer(hidden, None, mask4d) if legacy else layer(hidden, mask4d)
+        return out[0] if isinstance(out, tuple) else out
+
+    return call
+
+
+def causal_padding_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive ``[B, 1, T, T]`` mask of causal attention over the kept tokens (HF's convention)."""
+    length = mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    allowed = causal[None, None] & mask[:, None, None, :].bool()
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def hf_clip_text_stages(text_model: nn.Module) -> list[Stage] | None:
+    """An HF CLIP text model (``embeddings``, ``encoder.layers``, ``final_layer_norm``): embeddings, each
+    layer, final norm + pooling at the end-of-text token (the model's own rule: the highest token id for
+    configs with ``eos_token_id`` 2, else the first ``eos_token_id``). Batches are trimmed to the longest
+    caption up to its end token."""
+    layers = getattr(getattr(text_model, "encoder", None), "layers", None)
+    if layers is None or not all(hasattr(text_model, a) for a in ("embeddings", "final_layer_norm")):
+        return None
+    eos = getattr(text_model, "eos_token_id", None)
+    eos = getattr(getattr(text_model, "config", None), "eos_token_id", None) if eos is None else eos
+
+    def embed(tokens: dict):
+        ids = tokens["input_ids"]
+        ends = ids.int().argmax(-1) if eos == 2 else (ids.int() == eos).int().argmax(-1)
+        length, mask = _end_mask(ends)
+        return text_model.embeddings(input_ids=ids[:, :length]), mask
+
+    def layer_fn(layer: nn.Module):
+        call = _hf_layer_call(layer)
+        return lambda s: (call(s[0], causal_padding_mask(s[1], s[0].dtype)), s[1])
+
+    norm = text_model.final_layer_norm
+    stages = [Stage("embeddings", [text_model.embeddings], embed, is_block=False)]
+    stages += [Stage(f"layers.{i}", [layer], layer_fn(layer)) for i, layer in enumerate(layers)]
+    stages.append(Stage("final_layer_norm", [norm], lambda s: _pool_end(norm(s[0]), s[1]), is_block=False))
+    return stages if _covers(stages, text_model, [n for n, _ in text_model.named_parameters()]) else None
+
+
+def hf_clip_vision_stages(vision_model: nn.Module) -> list[Stage] | None:
+    """An HF CLIP vision model: embeddings + ``pre_layrnorm``, each layer, class token + ``post_layernorm``."""
+    vm = vision_model
+    layers = getattr(getattr(vm, "encoder", None), "layers", None)
+    if layers is None or not all(hasattr(vm, a) for a in ("embeddings", "pre_layrnorm", "post_layernorm")):
+        return None
+
+    def layer_fn(layer: nn.Module):
+        call = _hf_layer_call(layer)
+        return lambda x: call(x, None)
+
+    stages = [Stage("embeddings", [vm.embeddings, vm.pre_layrnorm], lambda px: vm.pre_layrnorm(vm.embeddings(px)),
+                    is_block=False)]
+    stages += [Stage(f"layers.{i}", [layer], layer_fn(layer)) for i, layer in enumerate(layers)]
+    stages.append(Stage("post_layernorm", [vm.post_layernorm], lambda x: vm.post_layernorm(x[:, 0]), is_block=False))
+    return stages if _covers(stages, vm, [n for n, _ in vm.named_parameters()]) else None
