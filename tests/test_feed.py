@@ -255,7 +255,8 @@ def test_bench_gpu_dry_run_on_the_cpu(tmp_path, monkeypatch):
 
     out = tmp_path / "gpu.json"
     monkeypatch.setenv("CLIPLAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(sys, "argv", ["gpu.py", "--device", "cpu", "--quick", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--device", "cpu", "--quick", "--out", str(out),
+                                      "--data", str(tmp_path / "no-data")])  # synthetic JPEGs
     runpy.run_path(str(ROOT / "bench" / "gpu.py"), run_name="__main__")
     import json
 

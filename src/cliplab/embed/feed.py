@@ -52,14 +52,15 @@ def _in_ray_actor() -> bool:
 
 
 def default_workers() -> int:
-    """Decode processes: one per core this process may run on (none inside a Ray actor)."""
+    """Decode processes: one per core this process may run on, shared among the processes torchrun started on
+    this machine (none inside a Ray actor)."""
     if _in_ray_actor():
         return 0
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
 def default_batch_size(device: str | torch.device) -> int:
