@@ -460,8 +460,24 @@ def test_grad_checkpointing_switch_recomputes_blocks_with_the_same_gradients(tmp
 
 
 def test_grad_checkpointing_setting():
-    assert "grad_checkpointing" not in TowerTuning("lora").to_dict()  # records of older runs still match
+    assert TowerTuning("lora").to_dict()["grad_checkpointing"] is False
     on = TowerTuning.from_any({"mode": "lora", "grad_checkpointing": "true"}, "t")
     assert on.to_dict()["grad_checkpointing"] is True
+    cfg = RunConfig.from_dict({"train": {"text_tower": "lora"}}).with_overrides(
+        ["train.text_tower.grad_checkpointing=true", "train.text_tower.last_n=4"])  # as -s KEY=VALUE gives them
+    assert cfg.train.tunings()[1] == TowerTuning("lora", last_n=4, grad_checkpointing=True)
     with pytest.raises(ConfigError, match="grad_checkpointing needs a tuned tower"):
         TowerTuning("frozen", grad_checkpointing=True)
+
+
+def test_grad_checkpointing_marks_blocks_without_batch_norm(fresh_towers):
+    from cliplab.models.stages import CHECKPOINT_ATTR, set_grad_checkpointing
+
+    model = small_model(fresh_towers)
+    tst, ist = model.text_stages(), model.image_stages()
+    assert set_grad_checkpointing(tst) == 6  # MiniLM's layers
+    assert all(getattr(tst[i].modules[0], CHECKPOINT_ATTR) for i in tst.block_indices())
+    # EfficientNet blocks hold batch norm: a recompute would update its running statistics twice
+    assert len(ist.block_indices()) > 2 and set_grad_checkpointing(ist) == 0
+    assert set_grad_checkpointing(tst, enable=False) == 6 and not any(
+        getattr(tst[i].modules[0], CHECKPOINT_ATTR) for i in tst.block_indices())

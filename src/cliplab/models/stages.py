@@ -80,14 +80,19 @@ def _checkpointed(stage: Stage) -> bool:
 
 def set_grad_checkpointing(stages: Stages, enable: bool = True) -> int:
     """Mark (or unmark) the block stages of a tower for gradient checkpointing; returns the blocks marked.
-    A tower that is one stage is left alone (checkpointing the whole tower as one unit saves nothing)."""
+    A tower that is one stage is left alone (checkpointing the whole tower as one unit saves nothing), and so
+    are blocks with batch norm (the recompute would update their running statistics a second time)."""
     blocks = stages.block_indices()
     if len(blocks) < 2:
         return 0
+    marked = 0
     for i in blocks:
+        if any(isinstance(sub, nn.modules.batchnorm._BatchNorm) for m in stages[i].modules for sub in m.modules()):
+            continue
         for m in stages[i].modules:
             setattr(m, CHECKPOINT_ATTR, enable)
-    return len(blocks)
+        marked += 1
+    return marked
 
 
 def _seq(*modules: nn.Module) -> Callable[[Any], Any]:

@@ -73,12 +73,7 @@ class TowerTuning:
         return load_section(cls, value, where)
 
     def to_dict(self) -> dict:
-        """The settings; ``grad_checkpointing`` only when on, so records of runs made before it existed (and
-        their checkpoints) still match."""
-        d = asdict(self)
-        if not d["grad_checkpointing"]:
-            del d["grad_checkpointing"]
-        return d
+        return asdict(self)
 
 
 def _selected_stages(stages: Stages, n_blocks: int) -> list[int]:
