@@ -20,6 +20,7 @@ import torchvision.transforms as T
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cliplab import rundir
 from cliplab.errors import ConfigError
 from cliplab.models.checkpoint import check_base_weights, load_checked
 from cliplab.models.stages import (Stage, Stages, ParamHolder, hf_clip_text_stages, hf_clip_vision_stages,
@@ -28,8 +29,8 @@ from cliplab.models.tuning import (TowerTuning, apply_lora_spec, apply_tower_tun
                                    describe_lora_targets)
 from cliplab.utils import atomic_write, sha256_file, sha256_state, sha256_text, write_json
 
-CLIP_TUNED_CONFIG = "cliplab_clip.json"
-CLIP_WEIGHTS = "model.safetensors"
+CLIP_TUNED_CONFIG = rundir.CLIP_CONFIG
+CLIP_WEIGHTS = rundir.MODEL_WEIGHTS
 
 
 @contextmanager
@@ -191,20 +192,14 @@ class HFBackend:
             target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def image_stages(self, model: nn.Module, source: str) -> Stages:
-        vm, proj = model.vision_model, model.visual_projection
-        projection = Stage("projection", [proj], proj, is_block=False)
-        blocks = hf_clip_vision_stages(vm)
-        if blocks is not None:
-            return Stages([*blocks, projection])
-        return Stages([Stage("vision", [vm], lambda px: vm(pixel_values=px).pooler_output), projection])
+        vm = model.vision_model
+        return _hf_stages(hf_clip_vision_stages(vm), model.visual_projection,
+                          Stage("vision", [vm], lambda px: vm(pixel_values=px).pooler_output))
 
     def text_stages(self, model: nn.Module, source: str) -> Stages:
-        tm, proj = model.text_model, model.text_projection
-        projection = Stage("projection", [proj], proj, is_block=False)
-        blocks = hf_clip_text_stages(tm)
-        if blocks is not None:
-            return Stages([*blocks, projection])
-        return Stages([Stage("text", [tm], lambda tok: tm(**tok).pooler_output), projection])
+        tm = model.text_model
+        return _hf_stages(hf_clip_text_stages(tm), model.text_projection,
+                          Stage("text", [tm], lambda tok: tm(**tok).pooler_output))
 
     def load(self, name: str) -> "CLIPModelWrapper":
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
@@ -443,3 +438,10 @@ def _load_tuned(directory: Path) -> CLIPModelWrapper:
     wrapper.saved_keys = sorted(state)
     wrapper.weights_delta = sha256_state(state)
     return wrapper.eval()
+
+
+def _hf_stages(blocks: list | None, projection: nn.Module, whole: Stage) -> Stages:
+    """A HF CLIP side's stages: its transformer blocks (when they can be split) or the whole side in one stage,
+    then the projection."""
+    head = Stage("projection", [projection], projection, is_block=False)
+    return Stages([*blocks, head]) if blocks is not None else Stages([whole, head])
