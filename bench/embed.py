@@ -2,7 +2,8 @@
 
 The naive loop is what tutorials and course projects write: per batch, open each file with PIL,
 apply torchvision transforms, stack, run the eager model under no_grad (NCHW); captions in file
-order, 32 at a time, padded to the longest in the batch. The engine: decoding in worker threads,
+order, 32 at a time, padded to the longest in the batch. The engine: the image feed (decoding in worker
+processes, normalisation in the main process),
 ONNX Runtime (exported once and cached; the export is timed on its own), length-sorted caption batches
 with one single-threaded batch in flight per core.
 
@@ -12,6 +13,7 @@ with one single-threaded batch in flight per core.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -72,7 +74,8 @@ def main() -> None:
     paths = ds.image_paths()[: args.images]
     texts = ds.captions[: args.captions]
     image_tower, text_tower = ImageTower(), TextTower()
-    res: dict = {"n_images": len(paths), "n_captions": len(texts), "machine": machine()}
+    res: dict = {"n_images": len(paths), "n_captions": len(texts), "machine": machine(),
+                 "load_average_before": os.getloadavg()}
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()  # the one-time export, into the cache the engine runs below will use
@@ -117,7 +120,8 @@ def main() -> None:
         ("captions/s", f"{res['naive_captions_per_s']:.1f}", f"{res['engine_captions_per_s']:.1f}",
          f"{res['captions_speedup']:.2f}x", f"{res['caption_parity_min_cosine']:.6f}"),
     ], ("what", "naive eager loop", "cliplab engine (ONNX)", "speedup", "min cosine vs naive")))
-    print(f"torch-eager engine backend (channels-last, inference_mode, workers): "
+    res["load_average_after"] = os.getloadavg()
+    print(f"torch-eager engine backend (channels-last, inference_mode, feed workers): "
           f"{res['engine_torch_images_per_s']:.1f} images/s; one-time ONNX export {res['onnx_export_seconds_once']:.1f}s")
     save("embed", res)
 
