@@ -9,7 +9,7 @@ DATA   ?= ../shared/data/flickr8k
 RUN    ?= runs/demo
 WHEEL_VENV ?= build/wheel-venv
 
-.PHONY: install demo test test-fast test-unit wheel-test dist bench clean report
+.PHONY: install demo test test-fast test-unit wheel-test dist bench clean report examples
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,11 @@ report: $(STAMP) $(CHROMIUM)
 	$(VENV)/bin/cliplab probe $(CIFAR) -m conse --method logistic --variant negated --plots --run-dir runs/cifar10-probe
 	$(VENV)/bin/cliplab report $(RUN) runs/cifar10-zeroshot runs/cifar10-probe -o runs/report.html \
 		--title "cliplab: Flickr8k retrieval and CIFAR-10 classification" --screenshots docs
+
+# The example notebooks (examples/*.ipynb) at full size: executed copies, with outputs, in runs/examples/ and their
+# run folders in runs/examples/<notebook>/ (`make test` runs them in small mode: tests/test_examples.py)
+examples: $(STAMP) $(JAVA)
+	$(PY) examples/run_examples.py --mode full --out runs/examples
 
 clean:
 	rm -rf runs .cliplab-cache build dist
