@@ -419,6 +419,11 @@ def test_trimmed_text_batches_give_the_untrimmed_embeddings(tmp_path, towers, ki
         assert torch.allclose(tst.run(padded, b), ref, atol=2e-6, rtol=1e-5)
     for i, text in enumerate(CAPTIONS):  # a caption alone (its own length) = in a batch of longer ones
         assert torch.allclose(clip.encode_text([text], normalize=False)[0], ref[i], atol=2e-6, rtol=1e-5)
+    if kind == "hf":  # configs from before transformers' eos fix (eos_token_id 2) pool at the highest token id
+        clip.model.text_model.eos_token_id = 2
+        legacy = _reference_text(clip, kind, tokens)
+        assert not torch.allclose(legacy, ref, atol=1e-3)
+        assert torch.allclose(clip.text_stages().run(tokens), legacy, atol=2e-6, rtol=1e-5)
 
 
 def _lora_grads(folder, kind, checkpointing: bool, tokens):
