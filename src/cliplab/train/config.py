@@ -19,7 +19,8 @@ SAMPLINGS = ("random_caption", "all_pairs", "hard")
 TRAINABLE = ("heads", "image_head", "text_head", "none")
 DEFAULT_EVALUATOR = "retrieval"
 # settings that never change what a run computes: a resumed run may differ in these
-NOT_TRAINING_RELEVANT = ("train.device", "data.cache_dir", "data.num_workers", "data.backend", "baseline")
+NOT_TRAINING_RELEVANT = ("train.device", "data.cache_dir", "data.num_workers", "data.backend", "baseline",
+                         "train.image_tower.grad_checkpointing", "train.text_tower.grad_checkpointing")
 
 
 def _check_device(device: str, where: str) -> None:
