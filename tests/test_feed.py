@@ -85,6 +85,10 @@ def test_feed_pixels_equal_the_whole_transform_for_any_worker_count_and_order(to
             assert torch.equal(torch.cat([b.pixels for b in batches]), ref[1:9])  # bit for bit
             picked = feed.batch([7, 0, 3, 3, 9])
             assert torch.equal(picked.pixels, ref[[7, 0, 3, 3, 9]])
+    with ImageFeed(images, tf, num_workers=2, batch_size=4) as feed:
+        feed._work.scale = False  # as for a GPU: uint8 crosses, scaling and Normalize run on the device (torch)
+        got = torch.cat([b.pixels for b in feed.batches()])
+    assert torch.equal(got, ref)
 
 
 def test_transforms_split_at_to_tensor_and_others_run_whole(towers, pics):

@@ -2,11 +2,14 @@
 
 Embedding (:mod:`cliplab.embed.extract`), the photo index (through it) and tower training
 (:mod:`cliplab.train.inputs`) read pixels through :class:`ImageFeed`. A torchvision ``Compose`` is split at its
-``ToTensor`` (:func:`split_transform`): the PIL steps before it run in the workers, their uint8 CHW pixels cross
-the process boundary (a quarter of float32's bytes), and ``ToTensor``'s scaling and the ``Normalize`` after it run
-on the device, giving the same numbers as the whole transform on the CPU. Any other transform runs whole in
-the workers. On CUDA batches are pinned and copied ``non_blocking``; JPEGs may be decoded there in batches
-(``gpu_decode``; other formats and failures fall back to the workers' PIL path).
+``ToTensor`` (:func:`split_transform`): the PIL steps before it run in the workers; for a GPU their uint8 CHW
+pixels cross the process boundary (a quarter of float32's bytes; pinned, copied ``non_blocking``) and
+``ToTensor``'s scaling and the ``Normalize`` after it run on the GPU. When the model runs on the CPU the workers
+are on its device: they scale and normalise too, image by image with the same float32 operations (the same
+numbers bit for bit), so that work is spread over the cores instead of serialising in the model's process.
+Batches cross in shared memory (only a handle goes through the pool's pipe). Any other transform runs whole in
+the workers. JPEGs may be decoded on the GPU in batches (``gpu_decode``; other formats and failures fall back to
+the workers' PIL path).
 
 Workers are a process pool (``fork`` where the platform has it, else ``spawn``: the image set and the transform
 are picklable) started on first use and kept until the feed is closed or collected; ``num_workers=0`` decodes in
@@ -134,7 +137,7 @@ class FeedBatch:
 class _Decoded:
     """What crosses the process boundary for a list of items (raw: position -> JPEG bytes for the GPU)."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray | torch.Tensor  # a shared-memory tensor from a worker
     ok: list[bool]
     errors: list[str]
     digests: list[StatDigest | None]
@@ -146,7 +149,7 @@ def _concat(parts: list[_Decoded]) -> _Decoded:
     for p in parts:
         raw.update({offset + k: v for k, v in p.raw.items()})
         offset += len(p.ok)
-    return _Decoded(np.concatenate([p.pixels for p in parts]), [o for p in parts for o in p.ok],
+    return _Decoded(np.concatenate([np.asarray(p.pixels) for p in parts]), [o for p in parts for o in p.ok],
                     [e for p in parts for e in p.errors], [d for p in parts for d in p.digests], raw)
 
 
@@ -173,8 +176,11 @@ class _Seeded:
 class _Work:
     """What a worker does for a list of items (picklable: the image set and the CPU steps of each transform)."""
 
-    def __init__(self, images: ImageSet, preps: dict[str, Preprocess], digests: bool, raw_jpeg: bool) -> None:
+    def __init__(self, images: ImageSet, preps: dict[str, Preprocess], digests: bool, raw_jpeg: bool,
+                 scale: bool = False) -> None:
         self.images, self.preps, self.digests, self.raw_jpeg = images, preps, digests, raw_jpeg
+        self.scale = scale  # uint8 pixels scaled and normalised here (the model runs on this CPU)
+        self.shared = False  # set in the workers
 
     def __call__(self, indices: Sequence[int], seeds: Sequence[int] | None = None, which: str = "eval") -> _Decoded:
         prep = self.preps[which]
@@ -208,16 +214,26 @@ class _Work:
             raise ConfigError(f"the image transform's PIL steps gave {arr.dtype} pixels; the feed sends uint8")
         return (arr[:, :, None] if arr.ndim == 2 else arr).transpose(2, 0, 1)
 
-    @staticmethod
-    def _stack(prep: Preprocess, pixels: list[np.ndarray | None]) -> np.ndarray:
+    def _stack(self, prep: Preprocess, pixels: list[np.ndarray | None]) -> np.ndarray | torch.Tensor:
+        """The batch: uint8, or float32 scaled and normalised here when ``self.scale``; in a worker a tensor in
+        shared memory (only its handle crosses the process boundary: pickling megabytes of pixels through the
+        pool's pipe would cap the feed at one worker's speed)."""
         good = next((p for p in pixels if p is not None), None)
-        shape = good.shape if good is not None else (3, prep.size, prep.size)
-        dtype = np.uint8 if prep.uint8 else np.float32
-        out = np.zeros((len(pixels), *shape), dtype=dtype)
+        shape = (len(pixels), *(good.shape if good is not None else (3, prep.size, prep.size)))
+        as_uint8 = prep.uint8 and not self.scale
+        if self.shared:
+            batch = torch.zeros(shape, dtype=torch.uint8 if as_uint8 else torch.float32).share_memory_()
+            out = batch.numpy()
+        else:
+            out = batch = np.zeros(shape, dtype=np.uint8 if as_uint8 else np.float32)
         for k, p in enumerate(pixels):
-            if p is not None:
+            if p is None:
+                continue
+            if prep.uint8 and self.scale:
+                _scale(p, out[k], prep)
+            else:
                 out[k] = p  # a different shape raises, as stacking always did
-        return out
+        return batch
 
     def _digest(self, i: int) -> StatDigest | None:
         path = self.images.source_file(i)
@@ -246,19 +262,16 @@ class _Work:
         return np.frombuffer(data, dtype=np.uint8)
 
 
-def _normalise_on_cpu(pixels: np.ndarray, prep: Preprocess) -> torch.Tensor:
-    """``ToTensor``'s ``/ 255`` then ``Normalize`` of uint8 pixels, image by image (each stays in the CPU cache,
-    one thread: three times faster than whole-batch torch ops here); the same float32 operations, so the same
-    numbers bit for bit."""
-    out = np.empty(pixels.shape, dtype=np.float32)
-    mean = None if prep.mean is None else np.asarray(prep.mean, np.float32).reshape(-1, 1, 1)
-    std = None if prep.std is None else np.asarray(prep.std, np.float32).reshape(-1, 1, 1)
-    for src, dst in zip(pixels, out):
-        np.divide(src, np.float32(255), out=dst, dtype=np.float32)
-        if mean is not None:
-            dst -= mean
-            dst /= std
-    return torch.from_numpy(out)
+def _scale(src: np.ndarray, dst: np.ndarray, prep: Preprocess) -> None:
+    """``ToTensor``'s ``/ 255`` then ``Normalize`` of one image's uint8 pixels into ``dst`` (float32): the same
+    float32 operations as the transforms, so the same numbers bit for bit (one image stays in the CPU cache:
+    several times faster than whole-batch torch ops on a busy 2-core machine)."""
+    if src.shape != dst.shape:
+        raise ValueError(f"could not broadcast image {src.shape} into the batch's {dst.shape}")
+    np.divide(src, np.float32(255), out=dst, dtype=np.float32)
+    if prep.mean is not None:
+        dst -= np.asarray(prep.mean, np.float32).reshape(-1, 1, 1)
+        dst /= np.asarray(prep.std, np.float32).reshape(-1, 1, 1)
 
 
 _WORK: _Work | None = None
@@ -267,6 +280,7 @@ _WORK: _Work | None = None
 def _init_worker(work: _Work) -> None:
     global _WORK
     _WORK = work
+    work.shared = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     torch.set_num_threads(1)
 
@@ -303,7 +317,7 @@ class ImageFeed:
         self.prefetch, self.channels_last = max(1, int(prefetch)), channels_last
         self.gpu_decode = bool(gpu_decode and self.device.type == "cuda" and isinstance(images, ImageFiles)
                                and self.prep.uint8 and self.prep.resize is not None)
-        self._work = _Work(images, preps, digests, self.gpu_decode)
+        self._work = _Work(images, preps, digests, self.gpu_decode, scale=self.device.type == "cpu")
         self._pool: ProcessPoolExecutor | None = None
         self._finalizer: weakref.finalize | None = None
 
@@ -380,10 +394,8 @@ class ImageFeed:
     # -- on the device
     def _finish(self, indices: list[int], dec: _Decoded, which: str = "eval") -> FeedBatch:
         prep = self._work.preps[which]
-        if self.device.type == "cpu":
-            x = _normalise_on_cpu(dec.pixels, prep) if prep.uint8 else torch.from_numpy(dec.pixels)
-        else:
-            x = torch.from_numpy(dec.pixels)
+        x = dec.pixels if isinstance(dec.pixels, torch.Tensor) else torch.from_numpy(dec.pixels)
+        if not self._work.scale:  # uint8 (or a non-splittable transform's floats) to the device, finished there
             x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x.to(self.device)
             if dec.raw:
                 x = self._decode_on_gpu(x, indices, dec)
