@@ -108,6 +108,7 @@ def test_draft_mode_decodes_large_jpeg_smaller(tmp_path):
     assert min(small.size) >= 224 and small.size[0] < 2000 and small.size == (500, 400)
 
 
+@pytest.mark.slow  # exports the MiniLM text tower to ONNX (~10 s)
 def test_search_queries_encode_text_through_onnx_with_the_same_embeddings(towers):
     """The server's query text path (ONNX Runtime text tower + the model's projection) gives encode_text's
     embeddings; a model it cannot export keeps encode_text."""

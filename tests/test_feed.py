@@ -39,6 +39,31 @@ def cosine(a, b) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+@pytest.fixture(autouse=True)
+def pool_for_any_job(monkeypatch):
+    """These tests are about the worker processes: start them whatever the job's size."""
+    from cliplab.embed import feed
+
+    monkeypatch.setattr(feed, "INLINE_BELOW", 0)
+
+
+def test_a_small_job_is_decoded_here_with_the_same_pixels(pics, monkeypatch):
+    """Fewer than INLINE_BELOW images never start the worker pool and give the pool's pixels."""
+    from cliplab.embed import feed
+
+    tf = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    with ImageFeed(ImageFiles(pics), tf, num_workers=2, batch_size=4) as pool:
+        want = torch.cat([b.pixels for b in pool.batches()])
+        want_batch = pool.batch([3, 1, 7]).pixels
+        assert pool._pool is not None
+    monkeypatch.setattr(feed, "INLINE_BELOW", len(pics) + 1)
+    with ImageFeed(ImageFiles(pics), tf, num_workers=2, batch_size=4) as small:
+        got = torch.cat([b.pixels for b in small.batches()])
+        got_batch = small.batch([3, 1, 7]).pixels
+        assert small._pool is None
+    assert torch.equal(got, want) and torch.equal(got_batch, want_batch)
+
+
 @pytest.fixture()
 def pics(tmp_path) -> list[Path]:
     folder = tmp_path / "pics"

@@ -103,7 +103,7 @@ def test_score_ensemble_is_the_weighted_sum_of_member_similarities(pair):
         assert torch.allclose(shared.project_image(shared.image_tower(images)), shared.encode_image(images), atol=1e-5)
 
 
-def test_ensemble_specs_and_members_are_checked(pair):
+def test_ensemble_specs_and_members_are_checked():
     import copy
 
     from cliplab.errors import ConfigError

@@ -13,9 +13,10 @@ the workers' PIL path).
 
 Workers are a process pool (``fork`` where the platform has it, else ``spawn``: the image set and the transform
 are picklable) started on first use and kept until the feed is closed or collected; ``num_workers=0`` decodes in
-this process. Batches come back in order; an item that cannot be read fails alone (``FeedBatch.ok`` / ``errors``,
-as the old threaded decoder reported), and the workers hash each file they decode (:func:`cliplab.utils.hash_file`)
-so callers can check it against the content key the features are stored under.
+this process, as does a job of fewer than ``INLINE_BELOW`` images before the pool has started. Batches come back
+in order; an item that cannot be read fails alone (``FeedBatch.ok`` / ``errors``, as the old threaded decoder
+reported), and the workers hash each file they decode (:func:`cliplab.utils.hash_file`) so callers can check it
+against the content key the features are stored under.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def default_workers() -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
+# fewer images than this are decoded in the calling process: forking the workers (~80 ms on 2 cores) costs more
+# than decoding them (a query image, a handful of files, a small training batch)
+INLINE_BELOW = 32
 
 
 def default_batch_size(device: str | torch.device) -> int:
@@ -342,8 +348,9 @@ class ImageFeed:
         self.close()
 
     def map(self, fn: Callable, items: Sequence) -> list:
-        """``map(fn, items)`` in the workers (``fn`` picklable), in order; here when there are none."""
-        if self.workers == 0 or len(items) < 2:
+        """``map(fn, items)`` in the workers (``fn`` picklable), in order; here when there are none or the pool has
+        not started for fewer than ``INLINE_BELOW`` items."""
+        if self.workers == 0 or len(items) < 2 or (self._pool is None and len(items) < INLINE_BELOW):
             return list(map(fn, items))
         return list(self._executor().map(fn, items, chunksize=max(1, len(items) // (4 * self.workers))))
 
@@ -365,7 +372,7 @@ class ImageFeed:
         """Eval batches of images ``[start, stop)`` in order, ``prefetch`` per worker decoding ahead."""
         stop = len(self.images) if stop is None else stop
         ranges = (list(range(s, min(s + self.batch_size, stop))) for s in range(start, stop, self.batch_size))
-        if self.workers == 0:
+        if self.workers == 0 or (self._pool is None and stop - start < INLINE_BELOW):
             for r in ranges:
                 yield self._finish(r, self._work(r))
             return
@@ -384,7 +391,7 @@ class ImageFeed:
         which = "train" if train and "train" in self._work.preps else "eval"
         seeds = None if seed is None else [(int(seed) + k) % (1 << 62) for k in range(len(idx))]
         n = min(self.workers, len(idx))
-        if n <= 1:
+        if n <= 1 or (self._pool is None and len(idx) < INLINE_BELOW):
             return self._finish(idx, self._work(idx, seeds, which), which)
         bounds = np.linspace(0, len(idx), n + 1).astype(int)
         parts = [(idx[a:b], None if seeds is None else seeds[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
