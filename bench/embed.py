@@ -2,12 +2,12 @@
 
 The naive loop is what tutorials and course projects write: per batch, open each file with PIL,
 apply torchvision transforms, stack, run the eager model under no_grad (NCHW); captions in file
-order, 32 at a time, padded to the longest in the batch. The engine: the image feed (decoding in worker
-processes, normalisation in the main process),
-ONNX Runtime (exported once and cached; the export is timed on its own), length-sorted caption batches
-with one single-threaded batch in flight per core.
+order, 32 at a time, padded to the longest in the batch. The engine: the image feed (decoding, resizing
+and, on the CPU, normalisation in worker processes; batches in shared memory), ONNX Runtime (exported once
+and cached; the export is timed on its own), length-sorted caption batches with one single-threaded batch in
+flight per core. The image pair runs ``--repeats`` times, alternating; each side keeps its best run.
 
-    python bench/embed.py [--data ../shared/data/flickr8k] [--images 768] [--captions 4096]
+    python bench/embed.py [--data ../shared/data/flickr8k] [--images 768] [--captions 4096] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--captions", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=32, help="naive loop batch size (images and captions)")
     ap.add_argument("--int8", action="store_true", help="also measure dynamic int8 quantisation")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="image runs of each side, alternating; the best of each is kept (the least disturbed)")
     args = ap.parse_args()
     ds = read_flickr8k(args.data, "all")
     paths = ds.image_paths()[: args.images]
@@ -95,8 +97,13 @@ def main() -> None:
             return lambda: embed_texts(text_tower, texts, cache=FeatureCache(Path(tmp) / store), backend=backend,
                                        progress=False).features
 
-        ref_img = per_second(res, "naive_images_per_s", n_img, lambda: naive_images(image_tower, paths, args.batch_size))
-        eng_img = per_second(res, "engine_images_per_s", n_img, engine_images("a", "onnx"))
+        runs: dict[str, list[float]] = {"naive_images_per_s": [], "engine_images_per_s": []}
+        for r in range(max(1, args.repeats)):  # alternating; the engine's cache is fresh each time (store a, a1, ...)
+            ref_img = per_second(res, "naive_images_per_s", n_img, lambda: naive_images(image_tower, paths, args.batch_size))
+            eng_img = per_second(res, "engine_images_per_s", n_img, engine_images("a" + (str(r) if r else ""), "onnx"))
+            for key in runs:
+                runs[key].append(res[key])
+        res.update({key: max(v) for key, v in runs.items()}, image_runs=runs)
         ref_txt = per_second(res, "naive_captions_per_s", n_txt, lambda: naive_captions(text_tower, texts, args.batch_size))
         eng_txt = per_second(res, "engine_captions_per_s", n_txt, engine_texts("a", "onnx"))
         tor_img = per_second(res, "engine_torch_images_per_s", n_img, engine_images("b", "torch"))

@@ -78,7 +78,11 @@ def main() -> None:
         runs = {}
         for kind in ("cliplab", "clip_benchmark"):
             out = subprocess.run([sys.executable, __file__, "--worker", kind, "--folder", str(folder)],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True)
+            if out.returncode:
+                last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+                sys.exit(f"the {kind} worker failed: {last}"
+                         + ("  (pip install -e '.[bench]')" if "No module named" in last else ""))
             runs[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     a, b = runs["cliplab"], runs["clip_benchmark"]
     # the same number of hits for every K (clip-benchmark averages in float32, so compare counts)
