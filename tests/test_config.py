@@ -150,3 +150,18 @@ def test_sweep_files_use_the_loader(tmp_path):
     (tmp_path / "s.yaml").write_text("set: [1]\ngrid: {train.lr: [1]}\n")
     with pytest.raises(ConfigError, match="sweep.set: expected a mapping"):
         load_sweep(tmp_path / "s.yaml")
+
+
+def test_the_clip_model_section_uses_the_loader():
+    from cliplab.models.clip import CLIPSource
+    from cliplab.train.config import RunConfig
+
+    assert RunConfig.from_dict({"model": {"kind": "clip", "source": "clip:ViT-B-32/openai"}}).model.source \
+        == "ViT-B-32/openai"
+    for model, message in (({"kind": "clip"}, "model.source: required, not given"),
+                           ({"kind": "clip", "source": " "}, "model.source must name the CLIP"),
+                           ({"kind": "clip", "source": ["a"]}, "model.source: expected a string"),
+                           ({"kind": "clip", "source": "x", "head": {}}, r"unknown keys in model: model.head")):
+        with pytest.raises(ConfigError, match=message):
+            RunConfig.from_dict({"model": model})
+    assert CLIPSource.from_dict({"source": "runs/clip-lora"}).to_dict() == {"source": "runs/clip-lora"}

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cliplab import rundir
+from cliplab.config import load_section
 from cliplab.errors import ConfigError
 from cliplab.models.checkpoint import check_base_weights, load_checked
 from cliplab.models.stages import (Stage, Stages, ParamHolder, hf_clip_text_stages, hf_clip_vision_stages,
@@ -56,14 +57,11 @@ class CLIPSource:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPSource":
-        unknown = set(d) - {"source"}
-        if unknown:
-            raise ConfigError(f"unknown model config keys for kind clip: {', '.join(sorted(unknown))} (give "
-                              "model.source)")
-        source = d.get("source")
-        if not isinstance(source, str) or not source:
-            raise ConfigError(f"model.source must name the CLIP to fine-tune (see load_clip), not {source!r}")
-        return cls(source.removeprefix("clip:"))
+        """The section through the one config loader (unknown keys and a missing source named)."""
+        section = load_section(cls, d, "model")
+        if not section.source.strip():
+            raise ConfigError("model.source must name the CLIP to fine-tune (see load_clip), not ''")
+        return cls(section.source.removeprefix("clip:"))
 
 
 class OpenClipBackend:
