@@ -394,3 +394,37 @@ def test_visual_tokens_from_a_tuned_two_tower_model(caption_dir, tiny_lm, tmp_pa
     assert not np.allclose(a.pooled, b.pooled) and b.image_weights == tower_weights_id(tuned)
     with pytest.raises(ConfigError, match="model not found"):
         caption_image_tower({}, str(tmp_path / "missing"))
+
+
+def test_caption_api_results_are_tables_with_figures(caption_dir, tiny_lm, tmp_path):
+    """cliplab.caption.train / evaluate return result objects: a table per epoch and the curves; the scores beside
+    the nearest-neighbour baseline (equal to the written captions.json), the gallery and attention maps."""
+    import matplotlib.figure
+
+    import cliplab
+    from cliplab.api import CaptionRun, CaptionScores
+    from cliplab.errors import ConfigError
+
+    cfg = caption_config(caption_dir, tiny_lm, tmp_path / "cache", "prefix", epochs=2)
+    run = cliplab.caption.train(cfg, run_dir=tmp_path / "run", evaluate=False, log=lambda m: None)
+    assert isinstance(run, CaptionRun) and run["fit"] is run.fit and run.test is None and dict(run)["run_dir"]
+    epochs = run.table()
+    assert list(epochs["epoch"]) == [0, 1] and "train_loss" in epochs and 0 <= run.best_epoch <= 1
+    curves = run.curves()
+    assert "dev cider" in [line.get_label() for ax in curves.axes for line in ax.get_lines()]
+    scores = cliplab.caption.evaluate(tmp_path / "run", tokenizer="simple", progress=False, log=lambda m: None,
+                                      clipscore_model="none")
+    assert isinstance(scores, CaptionScores)
+    written = json.loads((tmp_path / "run" / rundir.CAPTIONS).read_text())
+    table = scores.table().set_index("model")
+    assert list(table.index) == ["captioner", "nearest neighbour"]
+    assert table.loc["captioner", "cider"] == written["model"]["cider"] == scores["model"]["cider"]
+    assert table.loc["nearest neighbour", "bleu4"] == written["nearest_neighbour"]["bleu4"]
+    assert "<table>" in scores._repr_html_() and len(scores["captions"]) == 4
+    maps = scores.attention(n=2)
+    assert len(maps) == 2 and all(isinstance(f, matplotlib.figure.Figure) for f in maps)
+    one = scores["captions"][1]["image"]
+    assert isinstance(scores.attention([one]), matplotlib.figure.Figure)
+    with pytest.raises(ConfigError, match="not in the evaluated test split: nope.jpg"):
+        scores.attention(["nope.jpg"])
+    assert isinstance(scores.gallery(n=1), matplotlib.figure.Figure)

@@ -17,12 +17,14 @@ Each call runs the same library function as its command (``cliplab eval zeroshot
 
 from __future__ import annotations
 
+from collections.abc import Mapping as MappingBase
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from cliplab.results import ResultTable
+from cliplab.results import ResultTable, figure_of
 
-__all__ = ["load_model", "zeroshot", "probe", "evaluate", "train", "sweep", "report", "Index", "Table", "TrainRun"]
+__all__ = ["load_model", "zeroshot", "probe", "evaluate", "train", "sweep", "report", "Index", "Table", "TrainRun",
+           "CaptionRun", "CaptionScores"]
 
 
 def load_model(spec, *, device: str = "cpu"):
@@ -128,7 +130,6 @@ class TrainRun(Table):
     def curves(self):
         """Training loss and dev (and tracked test) metrics over epochs, the selected epoch marked: the figure
         ``--plots`` writes to ``plots/curves.png``."""
-        from cliplab.results import figure_of
         from cliplab.viz.runs import plot_training
 
         return figure_of(lambda _: plot_training(self.run_dir))
@@ -169,29 +170,111 @@ class Index:
         return Table(search_index(self.folder, list(query), k, device=device), title=" ".join(query))
 
 
+class CaptionScores(Table, MappingBase):
+    """``cliplab.caption.evaluate``: BLEU / METEOR / ROUGE-L / CIDEr-D / CLIPScore of the captioner beside the
+    nearest-neighbour baseline (``.table()``), the run's ``captions.json`` as a mapping (``["captions"]``, ...),
+    and figures: ``gallery()`` (best and worst by CIDEr-D) and ``attention()`` (maps per word)."""
+
+    def __init__(self, run_dir: str | Path, result: dict) -> None:
+        self.run_dir, self.results = Path(run_dir), result
+        rows = [{"model": name, **{k: v for k, v in result[key].items() if not isinstance(v, (dict, list))}}
+                for name, key in (("captioner", "model"), ("nearest neighbour", "nearest_neighbour"))]
+        super().__init__(rows, title=f"{self.run_dir} ({result['split']}, {result['n_images']} images): "
+                                     f"{result['protocol']}")
+
+    def __getitem__(self, key: str):
+        return self.results[key]
+
+    def __iter__(self):
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def _split(self, device: str):
+        from cliplab.caption.train import CaptionRunConfig, load_split
+        from cliplab.embed.cache import FeatureCache
+
+        config = CaptionRunConfig.from_run(self.run_dir)
+        return load_split(config, self.results["split"], FeatureCache(config.data.cache_dir), device, False)
+
+    def gallery(self, n: int = 4):
+        """The ``n`` best and ``n`` worst captions by CIDEr-D with their images (the ``--plots`` gallery)."""
+        from cliplab.caption.figures import gallery_figure
+
+        split = self._split("cpu")
+        return figure_of(lambda tmp: gallery_figure(tmp, split, self.results, n))
+
+    def attention(self, images: Optional[Sequence[str]] = None, *, n: int = 4, device: str = "cpu"):
+        """Each word's attention over the image of generated captions: ``images`` (names in the split), else the
+        ``n // 2`` best and the rest worst by CIDEr-D (the ``--plots`` maps)."""
+        from cliplab.caption.figures import attention_figures
+        from cliplab.caption.model import Captioner
+
+        split, model = self._split(device), Captioner.load(self.run_dir).to(device)
+        return figure_of(lambda tmp: attention_figures(tmp, model, split, self.results, device, n,
+                                                       None if images is None else list(images)))
+
+
+class CaptionRun(Table, MappingBase):
+    """``cliplab.caption.train``: the run folder, ``fit`` (the dev-selected epoch, dev CIDEr-D per epoch, trainable
+    parameters, seconds) and ``test`` (a :class:`CaptionScores`, None with ``evaluate=False``); ``.table()`` is one
+    row per epoch (training loss, dev score), ``curves()`` their figure; also a mapping (``run["fit"]``)."""
+
+    def __init__(self, run_dir: Path, fit: dict, test: Optional[CaptionScores]) -> None:
+        from cliplab import rundir
+
+        self.run_dir, self.fit, self.test = Path(run_dir), fit, test
+        super().__init__([_flat_record(r) for r in rundir.read_metrics(self.run_dir)],
+                         title=f"caption training: {self.run_dir}")
+
+    @property
+    def best_epoch(self) -> int:
+        return self.fit["best_epoch"]
+
+    def curves(self):
+        """Training loss and the dev score per epoch, the selected epoch marked (``--plots``' figure)."""
+        from cliplab.viz.runs import plot_training
+
+        return figure_of(lambda _: plot_training(self.run_dir))
+
+    def __getitem__(self, key: str):
+        return {"run_dir": self.run_dir, "fit": self.fit, "test": self.test}[key]
+
+    def __iter__(self):
+        return iter(("run_dir", "fit", "test"))
+
+    def __len__(self) -> int:
+        return 3
+
+    def evaluate(self, **options) -> CaptionScores:
+        """Score a split with the dev-selected model (:func:`caption_evaluate`)."""
+        return caption_evaluate(self.run_dir, **options)
+
+
 def caption_train(config="flickr8k_caption", *, overrides: Mapping[str, Any] | Sequence[str] = (),
                   run_dir: Optional[str | Path] = None, resume: bool = True, evaluate: bool = True,
-                  plots: bool = False, log=print) -> dict:
-    """``cliplab caption train``: train a captioner (selected on dev CIDEr-D), then score the test split once;
-    returns ``{"fit": ..., "test": ...}`` (``test`` is None with ``evaluate=False``)."""
+                  plots: bool = False, log=print) -> CaptionRun:
+    """``cliplab caption train``: train a captioner (selected on dev CIDEr-D), then score the test split once
+    (``evaluate=False``: not yet)."""
     import time
 
-    from cliplab.caption.train import CaptionRunConfig, evaluate_captioner, train_captioner
+    from cliplab.caption.train import CaptionRunConfig, train_captioner
 
     extra = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, Mapping) else list(overrides)
     cfg = config if isinstance(config, CaptionRunConfig) else CaptionRunConfig.load(config)
     cfg = cfg.with_overrides(extra) if extra else cfg
     out = Path(run_dir) if run_dir else Path("runs") / f"caption-{time.strftime('%Y%m%d-%H%M%S')}"
     fit = train_captioner(cfg, out, resume=resume, log=log)
-    return {"run_dir": out, "fit": fit, "test": evaluate_captioner(out, plots=plots, log=log) if evaluate else None}
+    return CaptionRun(out, fit, caption_evaluate(out, plots=plots, log=log) if evaluate else None)
 
 
-def caption_evaluate(run, *, split: str = "test", **options) -> dict:
+def caption_evaluate(run, *, split: str = "test", **options) -> CaptionScores:
     """``cliplab caption eval``: BLEU, METEOR, ROUGE-L, CIDEr-D, CLIPScore beside the nearest-neighbour baseline."""
     from cliplab import rundir
     from cliplab.caption.train import evaluate_captioner
 
-    return evaluate_captioner(run, split=split, out_name=rundir.caption_results(split), **options)
+    return CaptionScores(run, evaluate_captioner(run, split=split, out_name=rundir.caption_results(split), **options))
 
 
 class _Datasets:

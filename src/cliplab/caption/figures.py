@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from cliplab.data.images import load_rgb
+from cliplab.errors import ConfigError
 from cliplab.rundir import plot_file
 
 
@@ -64,19 +65,37 @@ def words_and_maps(model, grid: np.ndarray, pooled: np.ndarray, caption: str, de
     return [words[k] for k in keep], out, chosen
 
 
-def caption_figures(run_dir: Path, model, split, result: dict, device, n_attention: int = 4,
-                    n_gallery: int = 4) -> list[Path]:
-    from cliplab.viz.captions import attention_figure, caption_gallery
+def gallery_figure(run_dir: Path, split, result: dict, n: int = 4) -> Path:
+    """The ``n`` best and ``n`` worst captions of an evaluation by CIDEr-D, with their images."""
+    from cliplab.viz.captions import caption_gallery
 
     entries = result["captions"]
     order = sorted(range(len(entries)), key=lambda i: -entries[i]["cider"])
-    best = [dict(entries[i], kind="best") for i in order[:n_gallery]]
-    worst = [dict(entries[i], kind="worst") for i in order[::-1][:n_gallery]]
+    best = [dict(entries[i], kind="best") for i in order[:n]]
+    worst = [dict(entries[i], kind="worst") for i in order[::-1][:n]]
     root = split.dataset.image_root
-    out = [caption_gallery(best + worst, lambda name: load_rgb(root / name), plot_file(run_dir, "caption_gallery"),
-                           title=f"best and worst captions by CIDEr-D ({result['split']})")]
-    index = {name: i for i, name in enumerate(split.dataset.images)}
-    for k, e in enumerate(best[: n_attention // 2] + worst[: n_attention - n_attention // 2]):
+    return caption_gallery(best + worst, lambda name: load_rgb(root / name), plot_file(run_dir, "caption_gallery"),
+                           title=f"best and worst captions by CIDEr-D ({result['split']})")
+
+
+def attention_figures(run_dir: Path, model, split, result: dict, device, n: int = 4,
+                      images: list[str] | None = None) -> list[Path]:
+    """Attention maps per word of the generated captions of ``images`` (names in the split; default: the
+    ``n // 2`` best and the rest worst by CIDEr-D)."""
+    from cliplab.viz.captions import attention_figure
+
+    entries = result["captions"]
+    if images is None:
+        order = sorted(range(len(entries)), key=lambda i: -entries[i]["cider"])
+        picked = [entries[i] for i in order[: n // 2]] + [entries[i] for i in order[::-1][: n - n // 2]]
+    else:
+        by_name = {e["image"]: e for e in entries}
+        unknown = [name for name in images if name not in by_name]
+        if unknown:
+            raise ConfigError(f"not in the evaluated {result['split']} split: {', '.join(map(str, unknown[:3]))}")
+        picked = [by_name[name] for name in images]
+    root, index, out = split.dataset.image_root, {name: i for i, name in enumerate(split.dataset.images)}, []
+    for k, e in enumerate(picked):
         i = index[e["image"]]
         words, maps, layers = words_and_maps(model, split.grid[i], split.pooled[i], e["generated"], device)
         out.append(attention_figure(load_rgb(root / e["image"]), words, maps, plot_file(run_dir, "attention_{}", str(k)),
@@ -84,3 +103,10 @@ def caption_figures(run_dir: Path, model, split, result: dict, device, n_attenti
                                           "(most word-specific attention on the grid), heads averaged; grey: the first prefix "
                                           "position, the LM's attention sink, masked"))
     return out
+
+
+def caption_figures(run_dir: Path, model, split, result: dict, device, n_attention: int = 4,
+                    n_gallery: int = 4) -> list[Path]:
+    """``--plots`` of ``cliplab caption eval``: the gallery, then attention maps of the best and worst."""
+    return [gallery_figure(run_dir, split, result, n_gallery),
+            *attention_figures(run_dir, model, split, result, device, n_attention)]

@@ -11,7 +11,8 @@ from cliplab.viz.figures import new_figure, save_figure, save_rows
 
 def training_curves(rows: list[dict], out: str | Path, title: str = "training", best_epoch: int | None = None,
                     select_metric: str = "rsum", direction: str = "max") -> Path:
-    """Train loss (left axis) and dev/test R@1 both ways (right axis) per epoch; the best dev epoch marked
+    """Train loss (left axis) and dev/test R@1 both ways (right axis; for runs without recall, such as captioners,
+    the dev/test ``select_metric``) per epoch; the best dev epoch marked
     (``best_epoch``, else the epoch of the best dev ``select_metric``: the highest, or the lowest for
     ``direction="min"``, as the run's evaluator says).
 
@@ -23,9 +24,10 @@ def training_curves(rows: list[dict], out: str | Path, title: str = "training", 
     for r in rows:
         row = {"epoch": r["epoch"], "train_loss": r["train_loss"]}
         for split in ("dev", "test"):
-            for d in ("t2i", "i2t"):
-                if isinstance(r.get(split), dict):
-                    row[f"{split}_{d}_r1"] = r[split][f"{d}_r1"]
+            scores = r.get(split) if isinstance(r.get(split), dict) else {}
+            row.update({f"{split}_{d}_r1": scores[f"{d}_r1"] for d in ("t2i", "i2t") if f"{d}_r1" in scores})
+            if select_metric in scores:  # another evaluator's metric (e.g. a captioner's cider)
+                row[f"{split}_{select_metric}"] = scores[select_metric]
         data.append(row)
     save_rows(data, out.with_suffix(".csv"))
     fig = new_figure(1000, 560)
@@ -36,12 +38,14 @@ def training_curves(rows: list[dict], out: str | Path, title: str = "training", 
     ax2 = ax.twinx()
     styles = {"dev": "-", "test": ":"}
     colours = {"t2i": "#1f77b4", "i2t": "#d62728"}
+    recall = any(k.endswith("_r1") for row in data for k in row)
     for split in ("dev", "test"):
-        for d in ("t2i", "i2t"):
-            key = f"{split}_{d}_r1"
+        for d in ("t2i", "i2t") if recall else (select_metric,):
+            key = f"{split}_{d}_r1" if recall else f"{split}_{d}"
             if all(key in row for row in data) and data:
-                ax2.plot(epochs, [row[key] for row in data], styles[split], color=colours[d], marker=".",
-                         label=f"{split} {'T→I' if d == 't2i' else 'I→T'} R@1")
+                label = f"{split} {'T→I' if d == 't2i' else 'I→T'} R@1" if recall else f"{split} {d}"
+                ax2.plot(epochs, [row[key] for row in data], styles[split], color=colours.get(d, "#2ca02c"),
+                         marker=".", label=label)
     if best_epoch is None and rows and all(isinstance(r.get("dev"), dict) and select_metric in r["dev"] for r in rows):
         pick = np.argmax if direction == "max" else np.argmin
         best_epoch = epochs[int(pick([r["dev"][select_metric] for r in rows]))]
@@ -49,7 +53,7 @@ def training_curves(rows: list[dict], out: str | Path, title: str = "training", 
         ax2.axvline(best_epoch, color="grey", ls="--", lw=1)
         ax2.annotate(f"best dev epoch {best_epoch}", (best_epoch, ax2.get_ylim()[0]), xytext=(4, 6),
                      textcoords="offset points", fontsize=8, color="grey")
-    ax2.set_ylabel("R@1 (%)")
+    ax2.set_ylabel("R@1 (%)" if recall else select_metric)
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
     ax.legend(lines, labels, loc="upper center", fontsize=8, ncol=3, framealpha=0.9)
