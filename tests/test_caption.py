@@ -428,3 +428,43 @@ def test_caption_api_results_are_tables_with_figures(caption_dir, tiny_lm, tmp_p
     with pytest.raises(ConfigError, match="not in the evaluated test split: nope.jpg"):
         scores.attention(["nope.jpg"])
     assert isinstance(scores.gallery(n=1), matplotlib.figure.Figure)
+
+
+def test_a_caption_is_one_line(caption_dir, tiny_lm, tmp_path, monkeypatch):
+    """Generation stops at a line break as at EOS (every token whose text holds one), and decoding cuts there."""
+    from types import SimpleNamespace
+
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from cliplab.caption.model import Captioner
+    from cliplab.caption.train import build_captioner, load_split
+    from cliplab.embed import FeatureCache
+
+    bpe = ByteLevelBPETokenizer()  # a byte-level BPE vocabulary like SmolLM2's / GPT-2's, with line-break tokens
+    bpe.train_from_iterator(["a dog runs\non the grass.\n\nAaron's profile"] * 20, vocab_size=300, min_frequency=1,
+                            special_tokens=["<eos>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    stops = Captioner.stop_ids(SimpleNamespace(tokenizer=fast, _stop_ids=None))
+    want = {i for i in range(len(fast)) if "\n" in fast.decode([i])} | {fast.eos_token_id}
+    assert stops == want and fast.convert_tokens_to_ids("Ċ") in stops and fast.eos_token_id in stops
+
+    cfg = caption_config(caption_dir, tiny_lm, tmp_path / "cache")
+    split = load_split(cfg, "train", FeatureCache(tmp_path / "cache"), "cpu", False)
+    model = build_captioner(cfg, split).eval()
+    ids = model.tokenizer("a red circle on grass", add_special_tokens=False)["input_ids"]
+    assert model.stop_ids() == {model.tokenizer.eos_token_id}  # this WordPiece vocabulary has no line breaks
+    model._stop_ids = {model.tokenizer.eos_token_id, ids[2]}  # stand-in: 'circle' as a line break
+    seen = {}
+
+    def generate(**kwargs):
+        seen.update(kwargs)
+        eos = model.tokenizer.eos_token_id
+        return torch.tensor([ids + [eos], ids[:1] + [eos] * len(ids)])
+
+    monkeypatch.setattr(model.lm, "generate", generate)
+    grid, pooled = torch.from_numpy(split.grid[:2]), torch.from_numpy(split.pooled[:2])
+    assert model.generate(grid, pooled) == [ids[:2], ids[:1]]
+    assert sorted(seen["eos_token_id"]) == sorted(model._stop_ids)
+    monkeypatch.setattr(model.tokenizer, "decode", lambda *a, **k: " a dog runs\nAaron's profile / Aaron is. x")
+    assert model.decode(ids) == "a dog runs"

@@ -282,22 +282,36 @@ class Captioner(nn.Module):
             raise ConfigError(f"num_return must be from 1 to the beam size {beam}, not {num_return}")
         prefix = self.prefix(grid, pooled)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-        eos = self.tokenizer.eos_token_id
+        stops = self.stop_ids()
         import warnings
 
         with warnings.catch_warnings():  # "n-gram constraints apply to new tokens only": what we want here
             warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
             out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=max_new_tokens,
                                    num_beams=beam, do_sample=False, length_penalty=length_penalty,
-                                   no_repeat_ngram_size=no_repeat_ngram or 0, eos_token_id=eos,
+                                   no_repeat_ngram_size=no_repeat_ngram or 0, eos_token_id=sorted(stops),
                                    pad_token_id=self.tokenizer.pad_token_id, early_stopping=beam > 1,
                                    num_return_sequences=num_return)
         pad = self.tokenizer.pad_token_id
-        return [row[: row.index(eos)] if eos in row else [t for t in row if t != pad] for row in out.tolist()]
+        rows = []
+        for row in out.tolist():
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            rows.append(row[:end] if end is not None else [t for t in row if t != pad])
+        return rows
+
+    def stop_ids(self) -> set[int]:
+        """Token ids that end a caption: EOS and every token whose text holds a line break (a caption is one
+        line; a briefly trained LM otherwise rambles on over several)."""
+        if getattr(self, "_stop_ids", None) is None:
+            tok = self.tokenizer
+            texts = tok.batch_decode([[i] for i in range(len(tok))], skip_special_tokens=True)
+            breaks = {i for i, text in enumerate(texts) if "\n" in text}
+            self._stop_ids = {tok.eos_token_id} | breaks
+        return self._stop_ids
 
     def decode(self, ids: list[int]) -> str:
-        """Caption text: special tokens dropped, cut at the end of the first sentence."""
-        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        """Caption text: special tokens dropped, cut at the first line break and the end of the first sentence."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n", 1)[0].strip()
         cut = text.find(". ")
         return (text[: cut + 1] if cut >= 0 else text).strip()
 
