@@ -33,6 +33,7 @@ EVAL_METRICS = "metrics.json"  # ``eval retrieval``: model -> metrics
 ZEROSHOT = "zeroshot.json"
 PROBE = "probe.json"
 EMBED = "embed.json"
+SEARCH_QUALITY = "search_quality.json"  # ``cliplab eval search``: metrics, cutoff, per-query table
 SWEEP = "sweep.json"  # the expanded sweep definition
 SWEEP_RESULTS = "results.csv"  # one row per sweep run
 SWEEP_SELECTED = "selected.json"  # the sweep run the dev split selects (and its test numbers, once)
@@ -117,7 +118,8 @@ for _kind in (RunKind("train", (RESULTS, METRICS), "cliplab train / demo"),
               RunKind("wise", (WISE,), "cliplab interpolate"),
               RunKind("ensemble", (ENSEMBLE,), "cliplab ensemble (also a model folder)"),
               RunKind("sweep", (SWEEP_RESULTS, CURVES), "cliplab sweep"),
-              RunKind("embed", (EMBED,), "cliplab embed")):
+              RunKind("embed", (EMBED,), "cliplab embed"),
+              RunKind("search", (SEARCH_QUALITY,), "cliplab eval search")):
     register_run_kind(_kind)
 
 
