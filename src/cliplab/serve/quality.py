@@ -55,22 +55,30 @@ def queries_from_captions(data: str | Path, split: str = "test") -> list[tuple[s
 
 
 def _item_ids(index, queries: list[tuple[str, list[str]]], source: str) -> list[set[int]]:
-    """Relevant paths -> index ids; a path the index does not hold is an error naming it (before any work)."""
+    """Relevant paths -> index ids: by the path relative to an indexed folder, by the absolute path, else by the
+    file's content (a copy of an indexed photo elsewhere); a photo the index does not hold is an error naming it
+    (before any work)."""
+    from cliplab.utils import sha256_files
+
     items = index.items([int(i) for i in index.row_to_id])
-    by_rel, by_abs = {}, {}
+    by_rel, by_abs, by_hash = {}, {}, {}
     for item in items.values():
         by_rel.setdefault(item["path"], set()).add(item["id"])
         by_abs[str((index.roots[item["root"]] / item["path"]).resolve())] = item["id"]
+        by_hash.setdefault(item["sha256"], set()).add(item["id"])
     base = Path(source).parent if Path(source).is_file() else Path.cwd()
+    resolved = {p: str((base / p).resolve()) for _, paths in queries for p in paths}
+    unmatched = sorted({a for p, a in resolved.items() if a not in by_abs and Path(p).as_posix() not in by_rel})
+    digests = dict(zip(unmatched, sha256_files(unmatched)))  # the content of files found under neither name
     out = []
     for query, paths in queries:
         ids = set()
         for p in paths:
-            found = by_rel.get(Path(p).as_posix()) if not Path(p).is_absolute() else None
-            found = found or ({by_abs[a]} if (a := str((base / p).resolve())) in by_abs else None)
+            found = (by_rel.get(Path(p).as_posix()) if not Path(p).is_absolute() else None) \
+                or ({by_abs[resolved[p]]} if resolved[p] in by_abs else None) or by_hash.get(digests.get(resolved[p]))
             if not found:
                 raise DataError(f"{source}: relevant photo {p!r} of query {query!r} is not in the index "
-                                "(give a path relative to an indexed folder, or an absolute one)")
+                                "(give a path relative to an indexed folder, an absolute one, or a copy of one)")
             ids |= found
         out.append(ids)
     return out
@@ -150,10 +158,10 @@ def evaluate_search(index_dir: str | Path, queries: str | Path | None = None, *,
     rows = per_query(ids, relevant)
     cutoff = suggest_cutoff(scores, ids, relevant)
     items = index.items(sorted({r[0] for r in ids if r}))
-    table = [{"query": q, "relevant": len(rel), **{k: (None if isinstance(v, float) and math.isinf(v) else v)
-                                                     for k, v in row.items()},
+    first = [None if math.isinf(row["first_relevant_rank"]) else int(row["first_relevant_rank"]) for row in rows]
+    table = [{"query": q, "relevant": len(rel), **row, "first_relevant_rank": f,
               "top_result": items[r[0]]["path"] if r else None, "top_score": s[0] if s else None}
-             for (q, _), rel, row, r, s in zip(pairs, relevant, rows, ids, scores)]
+             for (q, _), rel, row, f, r, s in zip(pairs, relevant, rows, first, ids, scores)]
     table.sort(key=lambda r: (-(r["first_relevant_rank"] or math.inf), r["ndcg10"]))
     record = {"index": str(index_dir), "model": index.info["model"], "mode": "semantic", "source": source,
               "depth": depth,
