@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -35,17 +34,11 @@ def notebooks(names: list[str] | None = None) -> list[Path]:
     return picked
 
 
-def child_cpu_seconds() -> float:
-    """User + system CPU seconds of this process's finished children (a notebook's kernel and what it ran)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def execute(path: str | Path, *, mode: str = "small", out: str | Path | None = None, timeout: int = 1800,
             env: dict[str, str] | None = None):
     """Execute one notebook in a fresh kernel with ``CLIPLAB_EXAMPLES=mode`` (``env``: more variables for the
     kernel, e.g. ``TMPDIR``); ``timeout``: seconds per cell. Writes the executed notebook (with outputs) to
-    ``out`` when given; returns it (``child_cpu_seconds()`` before and after measures the kernel's CPU time)."""
+    ``out`` when given; returns it."""
     import nbformat
     from jupyter_client.manager import KernelManager
     from nbclient import NotebookClient
@@ -80,14 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=7200, help="seconds per cell")
     args = parser.parse_args(argv)
     total = time.time()
-    cpu_total = child_cpu_seconds()
     for nb in notebooks(args.names):
-        t0, cpu0 = time.time(), child_cpu_seconds()
+        t0 = time.time()
         print(f"{nb.name}: running ({args.mode})", flush=True)
         execute(nb, mode=args.mode, out=args.out / nb.name, timeout=args.timeout)
-        print(f"{nb.name}: done in {time.time() - t0:.0f} s (kernel CPU {child_cpu_seconds() - cpu0:.0f} s) -> "
+        print(f"{nb.name}: done in {time.time() - t0:.0f} s -> "
               f"{args.out / nb.name}", flush=True)
-    print(f"all done in {time.time() - total:.0f} s (kernel CPU {child_cpu_seconds() - cpu_total:.0f} s)")
+    print(f"all done in {time.time() - total:.0f} s")
     return 0
 
 
