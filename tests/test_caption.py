@@ -396,6 +396,7 @@ def test_visual_tokens_from_a_tuned_two_tower_model(caption_dir, tiny_lm, tmp_pa
         caption_image_tower({}, str(tmp_path / "missing"))
 
 
+@pytest.mark.slow  # trains and scores a captioner, draws its figures (~20 s)
 def test_caption_api_results_are_tables_with_figures(caption_dir, tiny_lm, tmp_path):
     """cliplab.caption.train / evaluate return result objects: a table per epoch and the curves; the scores beside
     the nearest-neighbour baseline (equal to the written captions.json), the gallery and attention maps."""
@@ -414,7 +415,8 @@ def test_caption_api_results_are_tables_with_figures(caption_dir, tiny_lm, tmp_p
     assert "dev cider" in [line.get_label() for ax in curves.axes for line in ax.get_lines()]
     scores = cliplab.caption.evaluate(tmp_path / "run", tokenizer="simple", progress=False, log=lambda m: None,
                                       clipscore_model="none")
-    assert isinstance(scores, CaptionScores)
+    assert isinstance(scores, CaptionScores) and json.loads(json.dumps(run.to_dict()))["test"] is None
+    assert json.loads(json.dumps(scores.to_dict()))["model"] == scores["model"]
     written = json.loads((tmp_path / "run" / rundir.CAPTIONS).read_text())
     table = scores.table().set_index("model")
     assert list(table.index) == ["captioner", "nearest neighbour"]
@@ -430,6 +432,7 @@ def test_caption_api_results_are_tables_with_figures(caption_dir, tiny_lm, tmp_p
     assert isinstance(scores.gallery(n=1), matplotlib.figure.Figure)
 
 
+@pytest.mark.slow  # builds a captioner on the fixture's visual tokens
 def test_a_caption_is_one_line(caption_dir, tiny_lm, tmp_path, monkeypatch):
     """Generation stops at a line break as at EOS (every token whose text holds one), and decoding cuts there."""
     from types import SimpleNamespace
@@ -465,6 +468,6 @@ def test_a_caption_is_one_line(caption_dir, tiny_lm, tmp_path, monkeypatch):
     monkeypatch.setattr(model.lm, "generate", generate)
     grid, pooled = torch.from_numpy(split.grid[:2]), torch.from_numpy(split.pooled[:2])
     assert model.generate(grid, pooled) == [ids[:2], ids[:1]]
-    assert sorted(seen["eos_token_id"]) == sorted(model._stop_ids)
+    assert sorted(seen["eos_token_id"]) == sorted(model._stop_ids) and seen["min_new_tokens"] == 1
     monkeypatch.setattr(model.tokenizer, "decode", lambda *a, **k: " a dog runs\nAaron's profile / Aaron is. x")
     assert model.decode(ids) == "a dog runs"

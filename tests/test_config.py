@@ -160,6 +160,7 @@ def test_the_clip_model_section_uses_the_loader():
         == "ViT-B-32/openai"
     for model, message in (({"kind": "clip"}, "model.source: required, not given"),
                            ({"kind": "clip", "source": " "}, "model.source must name the CLIP"),
+                           ({"kind": "clip", "source": "clip:"}, "model.source must name the CLIP"),
                            ({"kind": "clip", "source": ["a"]}, "model.source: expected a string"),
                            ({"kind": "clip", "source": "x", "head": {}}, r"unknown keys in model: model.head")):
         with pytest.raises(ConfigError, match=message):

@@ -61,7 +61,12 @@ def test_a_small_job_is_decoded_here_with_the_same_pixels(pics, monkeypatch):
         got = torch.cat([b.pixels for b in small.batches()])
         got_batch = small.batch([3, 1, 7]).pixels
         assert small._pool is None
-    assert torch.equal(got, want) and torch.equal(got_batch, want_batch)
+        for _ in range(feed.INLINE_FIRST_BATCHES - 1):
+            small.batch([3, 1, 7])
+        assert small._pool is None
+        again = small.batch([3, 1, 7]).pixels  # a longer run's later batches start the pool
+        assert small._pool is not None
+    assert torch.equal(got, want) and torch.equal(got_batch, want_batch) and torch.equal(again, want_batch)
 
 
 @pytest.fixture()

@@ -109,6 +109,9 @@ def test_eval_search_equals_eval_retrieval_on_the_same_pairs(caption_dir, test_p
     assert res.returncode == 0 and "worst queries" in res.stdout and "suggested cutoff" in res.stdout, res.stdout + res.stderr
     by_content = evaluate_search(index, captions=caption_dir / "captions.csv", progress=False)  # copies indexed
     assert by_content.metrics == run.metrics
+    first = next(iter(run.queries))
+    queries.write_text(f"\ufeffquery,relevant\n{first['query']},{first['top_result']}\n", encoding="utf-8")
+    assert evaluate_search(index, queries, progress=False).metrics["r1"] == 100.0  # a spreadsheet's BOM is fine
     queries.write_text("query,relevant\na red circle,nowhere.jpg\n")
     res = cli("eval", "search", index, queries)
     assert res.returncode == 2 and "relevant photo 'nowhere.jpg' of query 'a red circle' is not in the index" \

@@ -191,6 +191,10 @@ class CaptionScores(Table, MappingBase):
     def __len__(self) -> int:
         return len(self.results)
 
+    def to_dict(self) -> dict:
+        """The plain record (``captions.json``'s contents), e.g. for ``json.dumps``."""
+        return dict(self.results)
+
     def _split(self, device: str):
         from cliplab.caption.train import CaptionRunConfig, load_split
         from cliplab.embed.cache import FeatureCache
@@ -246,6 +250,10 @@ class CaptionRun(Table, MappingBase):
 
     def __len__(self) -> int:
         return 3
+
+    def to_dict(self) -> dict:
+        """``{"run_dir", "fit", "test"}`` as plain data (``test``: the scores' record or None)."""
+        return {"run_dir": str(self.run_dir), "fit": self.fit, "test": None if self.test is None else self.test.to_dict()}
 
     def evaluate(self, **options) -> CaptionScores:
         """Score a split with the dev-selected model (:func:`caption_evaluate`)."""

@@ -288,6 +288,7 @@ class Captioner(nn.Module):
         with warnings.catch_warnings():  # "n-gram constraints apply to new tokens only": what we want here
             warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
             out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                   min_new_tokens=1,  # a caption never ends before its first token
                                    num_beams=beam, do_sample=False, length_penalty=length_penalty,
                                    no_repeat_ngram_size=no_repeat_ngram or 0, eos_token_id=sorted(stops),
                                    pad_token_id=self.tokenizer.pad_token_id, early_stopping=beam > 1,

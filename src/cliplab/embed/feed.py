@@ -13,7 +13,8 @@ the workers' PIL path).
 
 Workers are a process pool (``fork`` where the platform has it, else ``spawn``: the image set and the transform
 are picklable) started on first use and kept until the feed is closed or collected; ``num_workers=0`` decodes in
-this process, as does a job of fewer than ``INLINE_BELOW`` images before the pool has started. Batches come back
+this process, as does a one-off job of fewer than ``INLINE_BELOW`` images before the pool has started (``batches``,
+``map``, the first ``INLINE_FIRST_BATCHES`` calls of ``batch``; a longer run's later batches start the pool). Batches come back
 in order; an item that cannot be read fails alone (``FeedBatch.ok`` / ``errors``, as the old threaded decoder
 reported), and the workers hash each file they decode (:func:`cliplab.utils.hash_file`) so callers can check it
 against the content key the features are stored under.
@@ -70,6 +71,7 @@ def default_workers() -> int:
 # fewer images than this are decoded in the calling process: forking the workers (~80 ms on 2 cores) costs more
 # than decoding them (a query image, a handful of files, a small training batch)
 INLINE_BELOW = 32
+INLINE_FIRST_BATCHES = 8  # ... and so are a run's first 8 small training batches (a short run never forks)
 
 
 def default_batch_size(device: str | torch.device) -> int:
@@ -170,7 +172,7 @@ class _Seeded:
             self.fork = torch.random.fork_rng(devices=[])
             self.fork.__enter__()
             self.py_state = random.getstate()
-            torch.manual_seed(self.seed)
+            torch.default_generator.manual_seed(self.seed)  # the CPU generator only: CUDA's stays the run's
             random.seed(self.seed)
 
     def __exit__(self, *exc) -> None:
@@ -325,6 +327,7 @@ class ImageFeed:
                                and self.prep.uint8 and self.prep.resize is not None)
         self._work = _Work(images, preps, digests, self.gpu_decode, scale=self.device.type == "cpu")
         self._pool: ProcessPoolExecutor | None = None
+        self._batches = 0  # calls of batch()
         self._finalizer: weakref.finalize | None = None
 
     # -- the worker pool
@@ -391,7 +394,8 @@ class ImageFeed:
         which = "train" if train and "train" in self._work.preps else "eval"
         seeds = None if seed is None else [(int(seed) + k) % (1 << 62) for k in range(len(idx))]
         n = min(self.workers, len(idx))
-        if n <= 1 or (self._pool is None and len(idx) < INLINE_BELOW):
+        self._batches += 1  # the first few small batches are decoded here; a longer run's next ones start the pool
+        if n <= 1 or (self._pool is None and len(idx) < INLINE_BELOW and self._batches <= INLINE_FIRST_BATCHES):
             return self._finish(idx, self._work(idx, seeds, which), which)
         bounds = np.linspace(0, len(idx), n + 1).astype(int)
         parts = [(idx[a:b], None if seeds is None else seeds[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -58,10 +58,10 @@ class CLIPSource:
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPSource":
         """The section through the one config loader (unknown keys and a missing source named)."""
-        section = load_section(cls, d, "model")
-        if not section.source.strip():
-            raise ConfigError("model.source must name the CLIP to fine-tune (see load_clip), not ''")
-        return cls(section.source.removeprefix("clip:"))
+        source = load_section(cls, d, "model").source.removeprefix("clip:")
+        if not source.strip():
+            raise ConfigError(f"model.source must name the CLIP to fine-tune (see load_clip), not {d['source']!r}")
+        return cls(source)
 
 
 class OpenClipBackend:

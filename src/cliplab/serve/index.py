@@ -272,6 +272,10 @@ class PhotoIndex:
         rows = self.db.execute(f"SELECT * FROM items WHERE id IN ({marks})", [int(i) for i in ids]).fetchall()
         return {int(r["id"]): self._public(r) for r in rows}
 
+    def all_items(self) -> dict[int, dict]:
+        """Every indexed item by id (one query, however large the index)."""
+        return {int(r["id"]): self._public(r) for r in self.db.execute("SELECT * FROM items")}
+
     @staticmethod
     def _public(row: sqlite3.Row) -> dict:
         return {"id": int(row["id"]), "root": int(row["root"]), "path": row["relpath"], "width": int(row["width"]),

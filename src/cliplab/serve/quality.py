@@ -30,7 +30,7 @@ def read_search_queries(path: str | Path) -> list[tuple[str, list[str]]]:
     """``(query, [relevant path, ...])`` in file order from a ``query,relevant`` CSV (rows of one query merged)."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read the queries: {exc}") from None
@@ -54,13 +54,12 @@ def queries_from_captions(data: str | Path, split: str = "test") -> list[tuple[s
     return [(caption, [paths[i]]) for caption, i in zip(ds.captions, ds.caption_image)]
 
 
-def _item_ids(index, queries: list[tuple[str, list[str]]], source: str) -> list[set[int]]:
+def _item_ids(index, items: dict[int, dict], queries: list[tuple[str, list[str]]], source: str) -> list[set[int]]:
     """Relevant paths -> index ids: by the path relative to an indexed folder, by the absolute path, else by the
     file's content (a copy of an indexed photo elsewhere); a photo the index does not hold is an error naming it
     (before any work)."""
     from cliplab.utils import sha256_files
 
-    items = index.items([int(i) for i in index.row_to_id])
     by_rel, by_abs, by_hash = {}, {}, {}
     for item in items.values():
         by_rel.setdefault(item["path"], set()).add(item["id"])
@@ -149,7 +148,8 @@ def evaluate_search(index_dir: str | Path, queries: str | Path | None = None, *,
     index = PhotoIndex(index_dir)
     source = str(queries if queries is not None else captions)
     pairs = read_search_queries(queries) if queries is not None else queries_from_captions(captions, split)
-    relevant = _item_ids(index, pairs, source)
+    items = index.all_items()
+    relevant = _item_ids(index, items, pairs, source)
     model = load_model(index.info["model"], device=str(resolve_device(device)))
     if model.fingerprint() != index.info["model_fingerprint"]:
         raise ConfigError(f"{index.info['model']!r} is not the model {index_dir} was built with; rebuild the index")
@@ -157,7 +157,6 @@ def evaluate_search(index_dir: str | Path, queries: str | Path | None = None, *,
     ids, scores = _rank(index, model.eval(), [q for q, _ in pairs], depth, progress=progress)
     rows = per_query(ids, relevant)
     cutoff = suggest_cutoff(scores, ids, relevant)
-    items = index.items(sorted({r[0] for r in ids if r}))
     first = [None if math.isinf(row["first_relevant_rank"]) else int(row["first_relevant_rank"]) for row in rows]
     table = [{"query": q, "relevant": len(rel), **row, "first_relevant_rank": f,
               "top_result": items[r[0]]["path"] if r else None, "top_score": s[0] if s else None}
