@@ -47,7 +47,7 @@ $(JAVA):
 
 test: test-unit wheel-test
 
-# the quick tier (no slow, subprocess or browser tests): ~83 s on 2 cores (<= 90 s); `make test` runs everything
+# the quick tier (no slow, subprocess or browser tests): 83-89 s on 2 cores (<= 90 s); `make test` runs everything
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow and not subprocess and not browser"
 

@@ -22,6 +22,7 @@ from cliplab.embed.feed import ImageFeed, default_batch_size, split_transform
 from cliplab.errors import CliplabError
 from tests.conftest import make_image
 
+pytestmark = pytest.mark.subprocess  # the feed's worker processes (the autouse fixture below starts them for any job)
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ROOT = Path(__file__).resolve().parents[1]
 
