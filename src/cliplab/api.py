@@ -115,7 +115,40 @@ class Table(ResultTable):
         return f"{type(self).__name__}({self.title!r}, {len(self._rows)} rows)"
 
 
-class TrainRun(Table):
+class _EpochRecords:
+    """``curves()`` and ``epochs()`` of a run folder trained on the engine (its ``metrics.jsonl``)."""
+
+    run_dir: Path
+
+    def curves(self):
+        """Training loss and dev (and tracked test) metrics over epochs, the selected epoch marked: the figure
+        ``--plots`` writes to ``plots/curves.png``."""
+        from cliplab.viz.runs import plot_training
+
+        return figure_of(lambda _: plot_training(self.run_dir))
+
+    def epochs(self) -> "Table":
+        """One row per epoch: training loss and the dev (and tracked test) metrics."""
+        return Table(_epoch_rows(self.run_dir), title=f"epochs: {self.run_dir}")
+
+
+class _AsMapping(MappingBase):
+    """A result object that also reads as its plain record (``_record()``), as the dicts these calls returned."""
+
+    def _record(self) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, key: str):
+        return self._record()[key]
+
+    def __iter__(self):
+        return iter(self._record())
+
+    def __len__(self) -> int:
+        return len(self._record())
+
+
+class TrainRun(_EpochRecords, Table):
     """A finished training run: test retrieval per model, the per-epoch records and the run folder."""
 
     def __init__(self, run_dir: Path, results: dict) -> None:
@@ -127,18 +160,11 @@ class TrainRun(Table):
     def best_epoch(self) -> int:
         return self.results["fit"]["best_epoch"]
 
-    def curves(self):
-        """Training loss and dev (and tracked test) metrics over epochs, the selected epoch marked: the figure
-        ``--plots`` writes to ``plots/curves.png``."""
-        from cliplab.viz.runs import plot_training
 
-        return figure_of(lambda _: plot_training(self.run_dir))
+def _epoch_rows(run_dir: Path) -> list[dict]:
+    from cliplab import rundir
 
-    def epochs(self) -> Table:
-        """One row per epoch: training loss and the dev (and tracked test) metrics."""
-        from cliplab import rundir
-
-        return Table([_flat_record(r) for r in rundir.read_metrics(self.run_dir)], title=f"epochs: {self.run_dir}")
+    return [_flat_record(r) for r in rundir.read_metrics(run_dir)]
 
 
 def _flat_record(record: dict) -> dict:
@@ -170,7 +196,7 @@ class Index:
         return Table(search_index(self.folder, list(query), k, device=device), title=" ".join(query))
 
 
-class CaptionScores(Table, MappingBase):
+class CaptionScores(Table, _AsMapping):
     """``cliplab.caption.evaluate``: BLEU / METEOR / ROUGE-L / CIDEr-D / CLIPScore of the captioner beside the
     nearest-neighbour baseline (``.table()``), the run's ``captions.json`` as a mapping (``["captions"]``, ...),
     and figures: ``gallery()`` (best and worst by CIDEr-D) and ``attention()`` (maps per word)."""
@@ -182,14 +208,8 @@ class CaptionScores(Table, MappingBase):
         super().__init__(rows, title=f"{self.run_dir} ({result['split']}, {result['n_images']} images): "
                                      f"{result['protocol']}")
 
-    def __getitem__(self, key: str):
-        return self.results[key]
-
-    def __iter__(self):
-        return iter(self.results)
-
-    def __len__(self) -> int:
-        return len(self.results)
+    def _record(self) -> dict:
+        return self.results
 
     def to_dict(self) -> dict:
         """The plain record (``captions.json``'s contents), e.g. for ``json.dumps``."""
@@ -220,40 +240,26 @@ class CaptionScores(Table, MappingBase):
                                                        None if images is None else list(images)))
 
 
-class CaptionRun(Table, MappingBase):
+class CaptionRun(_EpochRecords, Table, _AsMapping):
     """``cliplab.caption.train``: the run folder, ``fit`` (the dev-selected epoch, dev CIDEr-D per epoch, trainable
     parameters, seconds) and ``test`` (a :class:`CaptionScores`, None with ``evaluate=False``); ``.table()`` is one
     row per epoch (training loss, dev score), ``curves()`` their figure; also a mapping (``run["fit"]``)."""
 
     def __init__(self, run_dir: Path, fit: dict, test: Optional[CaptionScores]) -> None:
-        from cliplab import rundir
-
         self.run_dir, self.fit, self.test = Path(run_dir), fit, test
-        super().__init__([_flat_record(r) for r in rundir.read_metrics(self.run_dir)],
-                         title=f"caption training: {self.run_dir}")
+        super().__init__(_epoch_rows(self.run_dir), title=f"caption training: {self.run_dir}")
 
     @property
     def best_epoch(self) -> int:
         return self.fit["best_epoch"]
 
-    def curves(self):
-        """Training loss and the dev score per epoch, the selected epoch marked (``--plots``' figure)."""
-        from cliplab.viz.runs import plot_training
-
-        return figure_of(lambda _: plot_training(self.run_dir))
-
-    def __getitem__(self, key: str):
-        return {"run_dir": self.run_dir, "fit": self.fit, "test": self.test}[key]
-
-    def __iter__(self):
-        return iter(("run_dir", "fit", "test"))
-
-    def __len__(self) -> int:
-        return 3
+    def _record(self) -> dict:
+        return {"run_dir": self.run_dir, "fit": self.fit, "test": self.test}
 
     def to_dict(self) -> dict:
         """``{"run_dir", "fit", "test"}`` as plain data (``test``: the scores' record or None)."""
-        return {"run_dir": str(self.run_dir), "fit": self.fit, "test": None if self.test is None else self.test.to_dict()}
+        test = None if self.test is None else self.test.to_dict()
+        return {"run_dir": str(self.run_dir), "fit": self.fit, "test": test}
 
     def evaluate(self, **options) -> CaptionScores:
         """Score a split with the dev-selected model (:func:`caption_evaluate`)."""

@@ -65,14 +65,19 @@ def words_and_maps(model, grid: np.ndarray, pooled: np.ndarray, caption: str, de
     return [words[k] for k in keep], out, chosen
 
 
+def best_and_worst(entries: list[dict], n_best: int, n_worst: int) -> tuple[list[dict], list[dict]]:
+    """The ``n_best`` highest and the ``n_worst`` lowest caption entries by CIDEr-D (worst first)."""
+    order = sorted(range(len(entries)), key=lambda i: -entries[i]["cider"])
+    return [entries[i] for i in order[:n_best]], [entries[i] for i in order[::-1][:n_worst]]
+
+
 def gallery_figure(run_dir: Path, split, result: dict, n: int = 4) -> Path:
     """The ``n`` best and ``n`` worst captions of an evaluation by CIDEr-D, with their images."""
     from cliplab.viz.captions import caption_gallery
 
-    entries = result["captions"]
-    order = sorted(range(len(entries)), key=lambda i: -entries[i]["cider"])
-    best = [dict(entries[i], kind="best") for i in order[:n]]
-    worst = [dict(entries[i], kind="worst") for i in order[::-1][:n]]
+    top, bottom = best_and_worst(result["captions"], n, n)
+    best = [dict(e, kind="best") for e in top]
+    worst = [dict(e, kind="worst") for e in bottom]
     root = split.dataset.image_root
     return caption_gallery(best + worst, lambda name: load_rgb(root / name), plot_file(run_dir, "caption_gallery"),
                            title=f"best and worst captions by CIDEr-D ({result['split']})")
@@ -86,8 +91,8 @@ def attention_figures(run_dir: Path, model, split, result: dict, device, n: int 
 
     entries = result["captions"]
     if images is None:
-        order = sorted(range(len(entries)), key=lambda i: -entries[i]["cider"])
-        picked = [entries[i] for i in order[: n // 2]] + [entries[i] for i in order[::-1][: n - n // 2]]
+        top, bottom = best_and_worst(entries, n // 2, n - n // 2)
+        picked = top + bottom
     else:
         by_name = {e["image"]: e for e in entries}
         unknown = [name for name in images if name not in by_name]

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from cliplab.cli.common import DeviceOpt, app, console, eval_app, log_line, print_table
+from cliplab.cli.common import DeviceOpt, app, console, eval_app, log_line, print_run_dir, print_table
 
 
 @app.command()
@@ -152,8 +152,9 @@ def serve(
 @eval_app.command("search")
 def eval_search(
     index_dir: Path = typer.Argument(..., metavar="INDEX", help="index folder"),
-    queries: Optional[Path] = typer.Argument(None, help="CSV with columns query,relevant (a photo path relative to "
-                                                        "an indexed folder, or absolute; repeat rows or join with ';')"),
+    queries: Optional[Path] = typer.Argument(None, help="CSV with columns query,relevant (a photo path relative "
+                                                        "to an indexed folder, or absolute; repeat rows or join "
+                                                        "with ';')"),
     captions: Optional[str] = typer.Option(None, help="instead of QUERIES: a caption dataset whose split's captions "
                                                       "are the queries and their images the relevant photos"),
     split: str = typer.Option("test", help="the split of --captions"),
@@ -168,12 +169,14 @@ def eval_search(
     m, c = run.metrics, run.cutoff
     print_table(["mode", "model", "R@1", "R@5", "R@10", "MRR", "nDCG@10", "queries"],
                 [[run.record["mode"], run.record["model"], f"{m['r1']:.2f}", f"{m['r5']:.2f}", f"{m['r10']:.2f}",
-                  f"{m['mrr']:.3f}", f"{m['ndcg10']:.2f}", m["queries"]]], run.record["protocol"], left=["mode", "model"])
+                  f"{m['mrr']:.3f}", f"{m['ndcg10']:.2f}", m["queries"]]], run.record["protocol"],
+                left=["mode", "model"])
     print_table(["query", "first relevant rank", "nDCG@10", "top result"],
                 [[q["query"], q["first_relevant_rank"] or f"> {run.record['depth']}", f"{q['ndcg10']:.3f}",
                   q["top_result"]] for q in run.worst(worst)], "worst queries", left=["query", "top result"])
     console.print(f"suggested cutoff (in-sample): keep results within {c['margin']:.3f} of the top score — "
-                  f"precision {c['precision']:.1f}%, recall {c['recall']:.1f}%, {c['kept_per_query']:.1f} kept per query",
+                  f"precision {c['precision']:.1f}%, recall {c['recall']:.1f}%, "
+                  f"{c['kept_per_query']:.1f} kept per query",
                   highlight=False)
     if run_dir is not None:
-        console.print(f"run directory: {run_dir}", soft_wrap=True)
+        print_run_dir(run_dir)

@@ -13,11 +13,11 @@ the workers' PIL path).
 
 Workers are a process pool (``fork`` where the platform has it, else ``spawn``: the image set and the transform
 are picklable) started on first use and kept until the feed is closed or collected; ``num_workers=0`` decodes in
-this process, as does a one-off job of fewer than ``INLINE_BELOW`` images before the pool has started (``batches``,
-``map``, the first ``INLINE_FIRST_BATCHES`` calls of ``batch``; a longer run's later batches start the pool). Batches come back
-in order; an item that cannot be read fails alone (``FeedBatch.ok`` / ``errors``, as the old threaded decoder
-reported), and the workers hash each file they decode (:func:`cliplab.utils.hash_file`) so callers can check it
-against the content key the features are stored under.
+this process, as does a job of fewer than ``INLINE_BELOW`` images before the pool has started (``batches``,
+``map``, and the first ``INLINE_FIRST_BATCHES`` calls of ``batch``: a longer run's later batches start the pool).
+Batches come back in order; an item that cannot be read fails alone (``FeedBatch.ok`` / ``errors``, as the old
+threaded decoder reported), and the workers hash each file they decode (:func:`cliplab.utils.hash_file`) so
+callers can check it against the content key the features are stored under.
 """
 
 from __future__ import annotations
@@ -234,11 +234,13 @@ class _Work:
             out = batch.numpy()
         else:
             out = batch = np.zeros(shape, dtype=np.uint8 if as_uint8 else np.float32)
+        mean, std = ((np.asarray(v, np.float32).reshape(-1, 1, 1) for v in (prep.mean, prep.std))
+                     if prep.mean is not None else (None, None))
         for k, p in enumerate(pixels):
             if p is None:
                 continue
             if prep.uint8 and self.scale:
-                _scale(p, out[k], prep)
+                _scale(p, out[k], mean, std)
             else:
                 out[k] = p  # a different shape raises, as stacking always did
         return batch
@@ -270,16 +272,16 @@ class _Work:
         return np.frombuffer(data, dtype=np.uint8)
 
 
-def _scale(src: np.ndarray, dst: np.ndarray, prep: Preprocess) -> None:
+def _scale(src: np.ndarray, dst: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None) -> None:
     """``ToTensor``'s ``/ 255`` then ``Normalize`` of one image's uint8 pixels into ``dst`` (float32): the same
     float32 operations as the transforms, so the same numbers bit for bit (one image stays in the CPU cache:
     several times faster than whole-batch torch ops on a busy 2-core machine)."""
     if src.shape != dst.shape:
         raise ValueError(f"could not broadcast image {src.shape} into the batch's {dst.shape}")
     np.divide(src, np.float32(255), out=dst, dtype=np.float32)
-    if prep.mean is not None:
-        dst -= np.asarray(prep.mean, np.float32).reshape(-1, 1, 1)
-        dst /= np.asarray(prep.std, np.float32).reshape(-1, 1, 1)
+    if mean is not None:
+        dst -= mean
+        dst /= std
 
 
 _WORK: _Work | None = None
@@ -350,10 +352,14 @@ class ImageFeed:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _here(self, n: int) -> bool:
+        """Whether a job of ``n`` items runs in this process: no workers, or a small job before the pool started."""
+        return self.workers == 0 or (self._pool is None and n < INLINE_BELOW)
+
     def map(self, fn: Callable, items: Sequence) -> list:
         """``map(fn, items)`` in the workers (``fn`` picklable), in order; here when there are none or the pool has
         not started for fewer than ``INLINE_BELOW`` items."""
-        if self.workers == 0 or len(items) < 2 or (self._pool is None and len(items) < INLINE_BELOW):
+        if len(items) < 2 or self._here(len(items)):
             return list(map(fn, items))
         return list(self._executor().map(fn, items, chunksize=max(1, len(items) // (4 * self.workers))))
 
@@ -375,7 +381,7 @@ class ImageFeed:
         """Eval batches of images ``[start, stop)`` in order, ``prefetch`` per worker decoding ahead."""
         stop = len(self.images) if stop is None else stop
         ranges = (list(range(s, min(s + self.batch_size, stop))) for s in range(start, stop, self.batch_size))
-        if self.workers == 0 or (self._pool is None and stop - start < INLINE_BELOW):
+        if self._here(stop - start):
             for r in ranges:
                 yield self._finish(r, self._work(r))
             return
@@ -395,7 +401,7 @@ class ImageFeed:
         seeds = None if seed is None else [(int(seed) + k) % (1 << 62) for k in range(len(idx))]
         n = min(self.workers, len(idx))
         self._batches += 1  # the first few small batches are decoded here; a longer run's next ones start the pool
-        if n <= 1 or (self._pool is None and len(idx) < INLINE_BELOW and self._batches <= INLINE_FIRST_BATCHES):
+        if n <= 1 or (self._here(len(idx)) and self._batches <= INLINE_FIRST_BATCHES):
             return self._finish(idx, self._work(idx, seeds, which), which)
         bounds = np.linspace(0, len(idx), n + 1).astype(int)
         parts = [(idx[a:b], None if seeds is None else seeds[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]

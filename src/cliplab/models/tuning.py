@@ -11,8 +11,9 @@ Default targets, by the first suffix set found in the tuned blocks: ``query``/``
 ``q_proj``/``v_proj`` (HF CLIP), ``qkv`` (timm ViT), ``conv_pw``/``conv_pwl`` (timm inverted residuals),
 ``attn`` (open_clip: a fused ``nn.MultiheadAttention``; PEFT adapts its q/k/v input projection and its output
 projection together, merging the adapter into the weights around each call and taking it out after, so the
-frozen weights change by float rounding at each call; saved models rebuild them from the base file). The output projection of an ``nn.MultiheadAttention`` is never a target on
-its own: the attention uses its weight without calling it, so an adapter there would do nothing.
+frozen weights change by float rounding at each call; saved models rebuild them from the base file). The output
+projection of an ``nn.MultiheadAttention`` is never a target on its own: the attention uses its weight without
+calling it, so an adapter there would do nothing.
 """
 
 from __future__ import annotations

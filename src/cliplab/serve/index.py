@@ -297,15 +297,22 @@ class PhotoIndex:
         row = self.id_to_row.get(int(item_id))
         return None if row is None else np.asarray(self.vectors[row], dtype=np.float32)
 
+    def rank(self, queries: np.ndarray, depth: int) -> tuple[list[list[int]], list[list[float]]]:
+        """The ``depth`` best item ids and their scores (inner product) for each row of unit-norm ``queries``."""
+        scores, rows = self.faiss.search(np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(
+            -1, self.vectors.shape[1])), depth)
+        keep = rows >= 0
+        return ([[int(i) for i in self.row_to_id[r[m]]] for r, m in zip(rows, keep)],
+                [[float(x) for x in d[m]] for d, m in zip(scores, keep)])
+
     def search(self, query: np.ndarray, k: int = 10, exclude: set[int] | None = None) -> list[dict]:
         """Top ``k`` items by inner product with the unit-norm ``query``: id, score and metadata."""
         exclude = exclude or set()
         n = min(len(self), k + len(exclude))
         if n == 0:
             return []
-        scores, rows = self.faiss.search(np.asarray(query, dtype=np.float32).reshape(1, -1), n)
-        hits = [(float(s), int(self.row_to_id[r])) for s, r in zip(scores[0], rows[0]) if r >= 0]
-        hits = [(s, i) for s, i in hits if i not in exclude][:k]
+        ids, scores = self.rank(query, n)
+        hits = [(s, i) for s, i in zip(scores[0], ids[0]) if i not in exclude][:k]
         meta = self.items([i for _, i in hits])
         return [{"id": i, "score": s, **{k2: v for k2, v in meta[i].items() if k2 != "id"}} for s, i in hits]
 

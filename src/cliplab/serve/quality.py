@@ -92,13 +92,11 @@ def _rank(index, model, texts: list[str], depth: int, batch: int = 64, progress:
         with torch.inference_mode():
             z = model.encode_text(texts[s:s + batch], normalize=True).float().cpu().numpy()
         z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-        d, rows = index.faiss.search(np.ascontiguousarray(z, dtype=np.float32), depth)
-        if not np.isfinite(d[rows >= 0]).all():
+        batch_ids, batch_scores = index.rank(z, depth)
+        if not np.isfinite([x for row in batch_scores for x in row]).all():
             raise DataError("non-finite search scores: the index or the model is damaged")
-        for drow, rrow in zip(d, rows):
-            keep = rrow >= 0
-            ids.append([int(i) for i in index.row_to_id[rrow[keep]]])
-            scores.append([float(x) for x in drow[keep]])
+        ids += batch_ids
+        scores += batch_scores
     return ids, scores
 
 
