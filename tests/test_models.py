@@ -73,6 +73,27 @@ def test_conse_embeds_images_in_text_space(towers):
     assert (img @ txt.T)[0, 0] > (img @ txt.T)[0, 1]
 
 
+@pytest.mark.slow
+def test_conse_class_embeddings_are_reused_from_the_cache_folder_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    from cliplab.models import factory
+
+    monkeypatch.setenv("CLIPLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(factory, "_CONSE_CLASSES", {})  # as in a new process
+    first = factory.load_model("conse").class_embeddings
+    (cached,) = (tmp_path / "cache").glob("conse-classes-*.safetensors")
+    factory._CONSE_CLASSES.clear()
+    with monkeypatch.context() as m:
+        m.setattr(factory.TextTower, "encode", lambda *a, **k: pytest.fail("encoded although cached"))
+        assert torch.equal(factory.load_model("conse").class_embeddings, first)
+    cached.write_bytes(cached.read_bytes()[:100])  # a damaged cache file is recomputed and replaced
+    factory._CONSE_CLASSES.clear()
+    assert torch.equal(factory.load_model("conse").class_embeddings, first)
+    factory._CONSE_CLASSES.clear()
+    with monkeypatch.context() as m:
+        m.setattr(factory.TextTower, "encode", lambda *a, **k: pytest.fail("encoded although cached"))
+        assert torch.equal(factory.load_model("conse").class_embeddings, first)
+
+
 def test_load_clip_open_clip_local_dir(tmp_path):
     model, tokenizer, out = tiny_open_clip(tmp_path)
     wrapper = load_clip(str(out))

@@ -75,15 +75,52 @@ def create_model(config: TwoTowerConfig | dict | None = None, seed: int | None =
 _CONSE_CLASSES: dict[str, torch.Tensor] = {}  # text-tower fingerprint -> ConSE class embeddings
 
 
-def create_conse(image_tower: ImageTower | None = None, text_tower: TextTower | None = None) -> ConSE:
+def create_conse(image_tower: ImageTower | None = None, text_tower: TextTower | None = None,
+                 disk_cache: bool = False) -> ConSE:
     """The ConSE zero-shot baseline over the given (default: offline default) towers. Its 1,000 class-name
-    embeddings are computed once per process and text tower."""
+    embeddings are computed once per process and text tower; with ``disk_cache`` (pristine packaged towers
+    only) also kept in the feature cache folder, so a later process skips the ~7 s of encoding them."""
     image_tower = image_tower or pretrained_tower(ImageTowerConfig())
     text_tower = text_tower or pretrained_tower(TextTowerConfig())
     key = text_tower.fingerprint()
+    if key not in _CONSE_CLASSES and disk_cache:
+        _CONSE_CLASSES[key] = _read_conse_classes(_conse_classes_file(key))
     model = ConSE(image_tower, text_tower, class_embeddings=_CONSE_CLASSES.get(key))
+    if disk_cache and _CONSE_CLASSES.get(key) is None:
+        _write_conse_classes(_conse_classes_file(key), model.class_embeddings)
     _CONSE_CLASSES[key] = model.class_embeddings
     return model
+
+
+def _conse_classes_file(text_fingerprint: str) -> Path:
+    from cliplab.models.conse import CONSE_TEMPLATES, imagenet_classnames
+    from cliplab.utils import default_cache_dir, sha256_text
+
+    key = sha256_text(text_fingerprint, *CONSE_TEMPLATES, *imagenet_classnames())[:32]
+    return default_cache_dir() / f"conse-classes-{key}.safetensors"
+
+
+def _read_conse_classes(path: Path) -> torch.Tensor | None:
+    """Cached class embeddings, or None when absent or unusable (then they are computed and rewritten)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        emb = load_file(str(path))["class_embeddings"]
+    except (OSError, KeyError, SafetensorError):  # missing, damaged or not a safetensors file
+        return None
+    return emb if emb.ndim == 2 and emb.dtype == torch.float32 and bool(torch.isfinite(emb).all()) else None
+
+
+def _write_conse_classes(path: Path, emb: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    from cliplab.utils import atomic_write
+
+    try:
+        atomic_write(path, lambda p: save_file({"class_embeddings": emb.contiguous()}, str(p)))
+    except OSError:  # a read-only cache folder only costs the next process the encoding again
+        pass
 
 
 def model_folder_kind(path: Path) -> str | None:
@@ -183,7 +220,8 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> Embeddin
 
 def load_conse(spec: str) -> ConSE:
     """``conse`` (the offline default towers) or ``conse:ARCH[@SIZE]``."""
-    return create_conse() if spec == "conse" else create_conse(pretrained_tower(conse_tower_config(spec)))
+    image_tower = None if spec == "conse" else pretrained_tower(conse_tower_config(spec))
+    return create_conse(image_tower, disk_cache=True)
 
 
 def _conse_baseline(model: TwoTower) -> tuple[str, ConSE]:
