@@ -300,6 +300,54 @@ def test_api_search_endpoints(client, indexed):
     assert "http://" not in page.text and "https://" not in page.text  # no CDN: everything served locally
 
 
+def test_rocchio_feedback_against_a_hand_computation():
+    from cliplab.errors import DataError
+    from cliplab.serve.query import refine_with_feedback
+
+    q, a, b, c = np.array([1.0, 0, 0]), np.array([0, 2.0, 0]), np.array([0, 0, 1.0]), np.array([0, 0.6, 0.8])
+    # 1*q + 0.5*mean(a/|a|, b) - 0.25*c = (1, 0.25, 0.25) - (0, 0.15, 0.2) = (1, 0.1, 0.05)
+    got = refine_with_feedback(q, [a, b], [c], weights=(1.0, 0.5, 0.25))
+    want = np.array([1.0, 0.1, 0.05]) / np.linalg.norm([1.0, 0.1, 0.05])
+    assert np.allclose(got, want, atol=1e-7) and got.dtype == np.float32
+    assert np.allclose(refine_with_feedback(None, [a], [], weights=(1, 1, 1)), [0, 1, 0])  # only "more like these"
+    with pytest.raises(DataError, match="cancel out"):
+        refine_with_feedback(q, [], [q], weights=(1.0, 0.5, 1.0))
+    with pytest.raises(DataError, match="at least one liked"):
+        refine_with_feedback(None, [], [c])
+
+
+def test_feedback_through_the_api_the_cli_and_the_python_index(client, indexed, cli):
+    import cliplab
+    from cliplab.serve.index import PhotoIndex
+    from cliplab.serve.query import FEEDBACK_WEIGHTS, QueryEncoder, refine_with_feedback
+
+    _, _, index_dir, _ = indexed
+    base = client.post("/api/search", json={"text": "a red circle", "k": 16}).json()["results"]
+    like, unlike = base[3]["id"], base[0]["id"]
+    body = {"text": "a red circle", "positive_ids": [like], "negative_ids": [unlike], "k": 16}
+    refined = client.post("/api/search", json=body).json()["results"]
+    index = PhotoIndex(index_dir)  # the same ranking by hand: Rocchio on the indexed vectors, then FAISS
+    query = QueryEncoder(cliplab.load_model("conse")).text("a red circle")
+    vector = refine_with_feedback(query, [index.vector(like)], [index.vector(unlike)], FEEDBACK_WEIGHTS)
+    assert [h["id"] for h in refined] == [h["id"] for h in index.search(vector, 16, exclude={unlike})]
+    assert len(refined) == 15 and unlike not in [h["id"] for h in refined]  # marked not relevant: not shown again
+    assert [h["id"] for h in refined].index(like) < 3
+    only_liked = client.post("/api/search", json={"positive_ids": [like], "k": 3}).json()["results"]
+    assert only_liked[0]["id"] == like  # no text: "more like these", the liked image itself first
+    assert client.post("/api/search", json={"negative_ids": [like]}).status_code == 422
+    assert client.post("/api/search", json={**body, "positive_ids": [10**6]}).status_code == 404
+    assert client.post("/api/search", json={**body, "positive_ids": list(range(21))}).status_code == 422  # > max_k
+    res = cli("search", index_dir, "a red circle", "-k", "16", "--like", f"id:{like}", "--unlike", str(unlike), "--json")
+    assert res.returncode == 0, res.stdout
+    assert [h["id"] for h in json.loads(res.stdout)] == [h["id"] for h in refined]
+    table = cliplab.Index(index_dir).search("a red circle", k=16, like=[like], unlike=[unlike])
+    assert [row["id"] for row in table.rows] == [h["id"] for h in refined]
+    res = cli("search", index_dir, "x", "--like", "12a")
+    assert res.returncode == 2 and "--like takes indexed ids like id:12" in res.stdout
+    res = cli("search", index_dir, "x", "--unlike", "id:999999")
+    assert res.returncode == 2 and "no indexed image with id 999999" in res.stdout
+
+
 def test_clip_retrieval_compatible_api(client):
     assert client.get("/indices-list").json() == ["index"]
     hits = client.post("/knn-service", json={"text": "a red circle", "modality": "image", "num_images": 3,
@@ -474,6 +522,7 @@ def test_many_concurrent_clients_get_correct_answers(live, client):
 
 @pytest.mark.browser
 def test_web_page_in_headless_chromium(live, indexed):
+    import httpx
     from playwright.sync_api import expect, sync_playwright
 
     from tests.conftest import open_page
@@ -503,6 +552,28 @@ def test_web_page_in_headless_chromium(live, indexed):
         # more like this
         page.locator(".tile .more").first.click()
         expect(page.locator("#status")).to_contain_text("images like #")
+        # relevance feedback: mark results, refine; the page sends exactly the marks with the query
+        page.locator("#q").fill("a red circle")
+        page.keyboard.press("Enter")
+        expect(page.locator("#status")).to_contain_text("results for “a red circle”")
+        expect(page.locator("#feedback")).not_to_have_class("on")
+        ids = page.evaluate("Array.from(document.querySelectorAll('.judge.yes')).map(b => b.getAttribute('aria-label'))")
+        like, unlike = int(ids[1].split("#")[1]), int(ids[0].split("#")[1])
+        page.get_by_label(f"relevant #{like}", exact=True).click()
+        page.get_by_label(f"not relevant #{unlike}", exact=True).click()
+        expect(page.get_by_label(f"relevant #{like}", exact=True)).to_have_attribute("aria-pressed", "true")
+        expect(page.locator("#judged")).to_have_text("1 relevant, 1 not relevant")
+        with page.expect_request(lambda r: r.url.endswith("/api/search") and r.method == "POST") as sent:
+            page.locator("#refine").click()
+        assert json.loads(sent.value.post_data) == {"text": "a red circle", "positive_ids": [like],
+                                                    "negative_ids": [unlike], "k": int(page.locator("#k").input_value())}
+        expect(page.locator("#status")).to_contain_text("refined query (1 relevant, 1 not)")
+        expected = [h["id"] for h in httpx.post(live + "/api/search", json=json.loads(sent.value.post_data)).json()["results"]]
+        shown = page.evaluate("Array.from(document.querySelectorAll('.judge.yes')).map(b => +b.getAttribute('aria-label').split('#')[1])")
+        assert shown == expected
+        expect(page.get_by_label(f"relevant #{like}", exact=True)).to_have_attribute("aria-pressed", "true")  # kept
+        page.locator("#clearjudged").click()
+        expect(page.locator("#feedback")).not_to_have_class("on")
         # an uploaded image as the query
         page.locator("#file").set_input_files(str(next(photos.rglob("blue_circle_0*"))))
         expect(page.locator("#status")).to_contain_text("results for the image")

@@ -189,11 +189,14 @@ class Index:
         IndexBuilder(out, model, **options).build([Path(p) for p in photos])
         return cls(out)
 
-    def search(self, *query: str, k: int = 10, device: str = "cpu") -> Table:
-        """``cliplab search``: texts, image paths and ``id:N`` combined with ``"+"`` / ``"-"``."""
+    def search(self, *query: str, k: int = 10, like: list[int] = (), unlike: list[int] = (),
+               device: str = "cpu") -> Table:
+        """``cliplab search``: texts, image paths and ``id:N`` combined with ``"+"`` / ``"-"``; ``like`` /
+        ``unlike``: ids of results judged relevant / not (Rocchio feedback, ``--like`` / ``--unlike``)."""
         from cliplab.serve.query import search_index
 
-        return Table(search_index(self.folder, list(query), k, device=device), title=" ".join(query))
+        return Table(search_index(self.folder, list(query), k, device=device, like=list(like), unlike=list(unlike)),
+                     title=" ".join(query))
 
 
 class CaptionScores(Table, _AsMapping):

@@ -78,17 +78,22 @@ def search(
     json_out: bool = typer.Option(False, "--json", help="print results as JSON"),
     filepath_only: bool = typer.Option(False, "--filepath-only", "-f", help="print only the files, one per line "
                                                                            "(for piping into other tools)"),
+    like: List[str] = typer.Option([], "--like", help="id:N of a result judged relevant: the query moves towards "
+                                                     "it (Rocchio feedback; repeatable)"),
+    unlike: List[str] = typer.Option([], "--unlike", help="id:N of a result judged not relevant: the query moves "
+                                                         "away from it (repeatable)"),
     device: str = typer.Option("cpu"),
 ) -> None:
-    """Search an index by text, image or both (rclip-style + and - combinations)."""
+    """Search an index by text, image or both (rclip-style + and - combinations); refine with --like/--unlike."""
     from cliplab.errors import CliplabError
-    from cliplab.serve.query import search_index
+    from cliplab.serve.query import parse_item_ids, search_index
 
     index_dir, query = _index_and_query(list(query or []))
     for p in image:
         if not p.is_file():
             raise CliplabError(f"image not found: {p}")
-    hits = search_index(index_dir, query + [str(p) for p in image], k, device=device)
+    hits = search_index(index_dir, query + [str(p) for p in image], k, device=device,
+                        like=parse_item_ids(like, "--like"), unlike=parse_item_ids(unlike, "--unlike"))
     if filepath_only:
         for h in hits:
             print(h["file"])
@@ -96,8 +101,8 @@ def search(
     if json_out:
         print(json.dumps(hits))
         return
-    print_table(["rank", "score", "path"], [[h["rank"], f"{h['score']:.4f}", h["file"]] for h in hits],
-                " ".join(query), left=["path"])
+    print_table(["rank", "id", "score", "path"], [[h["rank"], f"id:{h['id']}", f"{h['score']:.4f}", h["file"]]
+                                                  for h in hits], " ".join(query), left=["path"])
 
 
 def _index_and_query(args: list[str]) -> tuple[Path, list[str]]:

@@ -1,7 +1,7 @@
 """The search server: FastAPI over a read-only photo index (``cliplab serve``).
 
 Endpoints: ``/`` (the web page), ``/healthz``, ``/api/info``, ``/api/search`` (GET text; POST JSON text /
-indexed id for "more like this", or a multipart image upload), ``/image/{id}``, ``/thumb/{id}``,
+indexed id for "more like this" / relevance feedback on result ids, or a multipart image upload), ``/image/{id}``, ``/thumb/{id}``,
 clip-retrieval's ``/indices-list``, ``/knn-service`` and ``/metadata`` (same field names, so its front end
 can point here), ``/metrics`` (Prometheus) and the OpenAPI schema (``/docs``, ``/openapi.json``).
 
@@ -42,7 +42,8 @@ from types import SimpleNamespace
 from cliplab.errors import CliplabError, ConfigError
 from cliplab.extras import require
 from cliplab.serve.index import CURRENT, PhotoIndex
-from cliplab.serve.query import QueryBusy, QueryEncoder, QueryTerm, decode_image_bytes
+from cliplab.serve.query import (QueryBusy, QueryEncoder, QueryTerm, decode_image_bytes, feedback_vectors,
+                                 refine_with_feedback)
 
 STATIC = Path(__file__).with_name("static")
 MAX_ID = 2**63 - 1  # SQLite's INTEGER range: any other id is simply not found
@@ -284,16 +285,20 @@ class SearchContext:
             raise ApiError(404, f"no image with id {item_id}")
         return item_id
 
-    def run_search(self, terms: list[QueryTerm], k: int) -> dict:
+    def run_search(self, terms: list[QueryTerm], k: int, liked: list[int] = (), disliked: list[int] = ()) -> dict:
+        """Compose the query terms, fold in relevance feedback on judged result ids, search."""
         index = self.service.current()
         t0 = time.perf_counter()
         try:
-            vector, used = self.service.encoder.compose(terms, index)
+            vector, used = self.service.encoder.compose(terms, index) if terms else (None, set())
+            if liked or disliked:
+                vector = refine_with_feedback(vector, feedback_vectors(index, [self.check_id(i) for i in liked]),
+                                              feedback_vectors(index, [self.check_id(i) for i in disliked]))
         except QueryBusy as exc:
             raise _busy(exc) from None
         except CliplabError as exc:
             raise ApiError(404 if "no indexed image" in str(exc) else 422, str(exc)) from None
-        results = index.search(vector, k, exclude=used)
+        results = index.search(vector, k, exclude=used | set(disliked))  # marked not relevant: not shown again
         took = (time.perf_counter() - t0) * 1000
         return {"k": k, "took_ms": round(took, 2), "count": len(index),
                 "results": [_public_hit(h) for h in results]}
@@ -339,8 +344,8 @@ class SearchContext:
             terms.append(QueryTerm(1.0, "item", body.id))
         if body.minus_text:
             terms.append(QueryTerm(-1.0, "text", self.check_text(body.minus_text)))
-        if not terms:
-            raise ApiError(422, "give text, id (more like this) or an uploaded image")
+        if not terms and not body.positive_ids:
+            raise ApiError(422, "give text, id (more like this), positive_ids or an uploaded image")
         return terms
 
     def item_file(self, item_id: int) -> Path:
@@ -603,10 +608,10 @@ def _replay(request, receive):
 
 def _api_models(settings: ServerSettings) -> SimpleNamespace:
     """The OpenAPI description of requests and answers (schemathesis checks every answer against it)."""
-    return SimpleNamespace(**_answer_models(), **_knn_models(settings))
+    return SimpleNamespace(**_answer_models(settings), **_knn_models(settings))
 
 
-def _answer_models() -> dict:
+def _answer_models(settings: ServerSettings) -> dict:
     from pydantic import BaseModel, Field
 
     class ErrorBody(BaseModel):
@@ -637,6 +642,10 @@ def _answer_models() -> dict:
         text: str | None = Field(None, description="text query")
         id: int | None = Field(None, description="an indexed image: 'more like this'")
         minus_text: str | None = Field(None, description="text to subtract from the query")
+        positive_ids: list[int] = Field([], max_length=settings.max_k,
+                                        description="results judged relevant: the query moves towards them (Rocchio)")
+        negative_ids: list[int] = Field([], max_length=settings.max_k,
+                                        description="results judged not relevant: the query moves away from them")
         k: int = 10
 
     return {"ErrorBody": ErrorBody, "SearchResult": SearchResult, "Health": Health, "SearchBody": SearchBody}
@@ -729,7 +738,7 @@ def _add_search_routes(app, ctx: SearchContext) -> None:
     @app.post("/api/search", response_model=SearchResult, openapi_extra=post_body,
               responses=ctx.errors(404, 408, 411, 413, 415, 429))
     async def search_post(request: Request):
-        """JSON (text, id, minus_text, k) or a multipart upload (image, text, k). The body is read here; the
+        """JSON (text, id, minus_text, positive_ids, negative_ids, k) or a multipart upload (image, text, k). The body is read here; the
         decoding, embedding and search run in worker threads."""
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             data, extra, k = await ctx.read_upload_form(request)
@@ -738,7 +747,8 @@ def _add_search_routes(app, ctx: SearchContext) -> None:
             body = SearchBody.model_validate(await request.json())
         except (ValueError, RecursionError) as exc:
             raise ApiError(422, f"invalid JSON body: {str(exc).splitlines()[0]}") from None
-        return await run_in_threadpool(ctx.run_search, ctx.json_terms(body), ctx.check_k(body.k))
+        return await run_in_threadpool(ctx.run_search, ctx.json_terms(body), ctx.check_k(body.k), body.positive_ids,
+                                       body.negative_ids)
 
 
 def _add_file_routes(app, ctx: SearchContext) -> None:

@@ -196,21 +196,78 @@ class QueryEncoder:
         return (total / norm).astype(np.float32), used
 
 
-def search_index(index_dir: str | Path, query: list[str], k: int = 10, *, device: str = "cpu") -> list[dict]:
+# Rocchio weights (query, mean of the liked results, mean of the disliked ones): the disliked weight chosen on
+# Flickr8k dev for the default search model (conse) by `python bench/feedback.py` (one round, the first 3
+# results judged; BENCHMARKS.md `search.feedback.r10_gain`); the liked weight is Rocchio's usual 0.75 (that
+# simulation cannot choose it). Results marked not relevant are also left out of the refined results.
+FEEDBACK_WEIGHTS = (1.0, 0.75, 0.025)
+
+
+def refine_with_feedback(query: np.ndarray | None, liked: list[np.ndarray], disliked: list[np.ndarray],
+                         weights: tuple[float, float, float] = FEEDBACK_WEIGHTS) -> np.ndarray:
+    """Rocchio relevance feedback on unit embeddings: ``a*q + b*mean(liked) - c*mean(disliked)``, unit norm.
+    ``query`` may be None (only "more like these"); every vector is normalised first."""
+    a, b, c = weights
+
+    def unit(v) -> np.ndarray:
+        v = np.asarray(v, dtype=np.float64)
+        return v / max(float(np.linalg.norm(v)), 1e-12)
+
+    if query is None and not liked:
+        raise DataError("give a query or at least one liked result")
+    parts = [a * unit(query)] if query is not None else []
+    parts += [b * np.mean([unit(v) for v in liked], axis=0)] if liked else []
+    parts += [-c * np.mean([unit(v) for v in disliked], axis=0)] if disliked else []
+    total = np.sum(parts, axis=0)
+    norm = float(np.linalg.norm(total))
+    if not np.isfinite(norm) or norm < 1e-6:
+        raise DataError("the query and the feedback cancel out (their sum is zero)")
+    return (total / norm).astype(np.float32)
+
+
+def feedback_vectors(index, ids: list[int]) -> list[np.ndarray]:
+    """The indexed embeddings of judged results (a :class:`DataError` names an unknown id)."""
+    vectors = []
+    for item_id in ids:
+        v = index.vector(int(item_id))
+        if v is None:
+            raise DataError(f"no indexed image with id {item_id}")
+        vectors.append(v)
+    return vectors
+
+
+def parse_item_ids(values: list[str], option: str) -> list[int]:
+    """``id:N`` or ``N`` for each value of a CLI option such as ``--like``."""
+    ids = []
+    for value in values:
+        digits = value[3:] if value.startswith("id:") else value
+        if not digits.isdigit():
+            raise CliplabError(f"{option} takes indexed ids like id:12 (see --json), not {value!r}")
+        ids.append(int(digits))
+    return ids
+
+
+def search_index(index_dir: str | Path, query: list[str], k: int = 10, *, device: str = "cpu",
+                 like: list[int] = (), unlike: list[int] = ()) -> list[dict]:
     """The ``k`` best images of an index for an rclip-style query (texts, image files and ``id:N`` combined with
-    ``+`` and ``-``), each a dict with rank, id, score, path, file, width, height and captions."""
+    ``+`` and ``-``), each a dict with rank, id, score, path, file, width, height and captions. ``like`` /
+    ``unlike``: ids of results judged relevant / not relevant, folded into the query by
+    :func:`refine_with_feedback`; the ``unlike`` ones are left out of the results (the liked ones stay)."""
     from cliplab.models.factory import load_model
     from cliplab.serve.index import PhotoIndex
 
     if k < 1:
         raise CliplabError("-k must be >= 1")
     index = PhotoIndex(index_dir)
-    terms = parse_cli_query(list(query))
+    terms = parse_cli_query(list(query)) if query or not like else []
+    liked, disliked = feedback_vectors(index, list(like)), feedback_vectors(index, list(unlike))
     model = load_model(index.info["model"], device=device)
     if model.fingerprint() != index.info["model_fingerprint"]:
         raise CliplabError(f"{index.info['model']!r} is not the model {index_dir} was built with; rebuild the index")
-    vector, used = QueryEncoder(model).compose(terms, index)
-    hits = index.search(vector, k, exclude=used)
+    vector, used = QueryEncoder(model).compose(terms, index) if terms else (None, set())
+    if like or unlike:
+        vector = refine_with_feedback(vector, liked, disliked)
+    hits = index.search(vector, k, exclude=used | set(unlike))
     return [{"rank": r, "id": h["id"], "score": h["score"], "path": h["path"],
              "file": str(index.roots[h["root"]] / h["path"]), "width": h["width"], "height": h["height"],
              "captions": h["captions"]} for r, h in enumerate(hits, 1)]
