@@ -53,6 +53,8 @@ def execute(path: str | Path, *, mode: str = "small", out: str | Path | None = N
     try:
         NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(ROOT)}}).execute()
     finally:
+        if km.has_kernel:  # nbclient leaves a kernel it was handed running (~2 GB and busy threads each)
+            km.shutdown_kernel(now=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

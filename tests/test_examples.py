@@ -53,3 +53,26 @@ def test_notebook_runs_top_to_bottom_in_small_mode(notebook, tmp_path):
     nb = nbformat.read(str(out), as_version=4)
     last = [c for c in nb.cells if c.cell_type == "code"][-1]  # the answers, written from the computed numbers
     assert any("text/markdown" in o.get("data", {}) for o in last.outputs), f"{notebook.name}: no answers shown"
+
+
+@pytest.mark.subprocess
+def test_the_runner_shuts_its_kernel_down(tmp_path):
+    """nbclient leaves a kernel it is handed running; the runner must stop it (each held ~2 GB)."""
+    pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    nbformat = pytest.importorskip("nbformat")
+    import os
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os\nprint(os.getpid())")])
+    path = tmp_path / "pid.ipynb"
+    nbformat.write(nb, str(path))
+    done = _runner().execute(path, mode="small", timeout=120)
+    pid = int(done.cells[0].outputs[0]["text"].strip())
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"kernel {pid} still running after the notebook finished")

@@ -1,4 +1,4 @@
-"""Photo search commands: ``index``, ``search``, ``serve`` and ``eval search``."""
+"""Photo search commands: ``index``, ``search``, ``duplicates``, ``serve`` and ``eval search``."""
 
 from __future__ import annotations
 
@@ -119,6 +119,38 @@ def _index_and_query(args: list[str]) -> tuple[Path, list[str]]:
     if args:
         return Path(args[0]), args[1:]  # not an index: PhotoIndex says so in one line
     raise CliplabError("give the index folder first (or set CLIPLAB_INDEX to it), then the query")
+
+
+@app.command()
+def duplicates(
+    index_dir: Path = typer.Argument(..., metavar="INDEX", help="index folder made by `cliplab index`"),
+    threshold: Optional[float] = typer.Option(None, help="cosine similarity for near duplicates (default: chosen "
+                                                         "on a planted Flickr8k dev set, see BENCHMARKS.md)"),
+    json_out: bool = typer.Option(False, "--json", help="print the groups as JSON"),
+    list_file: Optional[Path] = typer.Option(None, "--list", help="write the files not suggested to keep, one per "
+                                                                  "line, to this new file (cliplab deletes nothing)"),
+) -> None:
+    """Exact (same content) and near (similar embedding) duplicate groups of an index; nothing is deleted."""
+    from cliplab.serve.duplicates import NEAR_THRESHOLD, find_duplicates, write_removal_list
+
+    report = find_duplicates(index_dir, NEAR_THRESHOLD if threshold is None else threshold)
+    if list_file is not None:
+        write_removal_list(list_file, report)
+    if json_out:
+        print(json.dumps(report.to_dict()))
+        return
+    rows = [[f"{kind} {n}", str(len(group)), group[0]["file"],
+             "\n".join(f"{it['file']}" + (f" ({it['similarity']:.3f})" if "similarity" in it else "")
+                       for it in group[1:])]
+            for kind, groups in (("exact", report.exact), ("near", report.near)) for n, group in enumerate(groups, 1)]
+    print_table(["group", "photos", "suggested keep (most pixels)", "the others (similarity to it)"], rows,
+                f"{len(report.exact)} exact and {len(report.near)} near groups among {report.images} photos "
+                f"(threshold {report.threshold})", left=["suggested keep (most pixels)", "the others (similarity to it)"])
+    if report.warning:
+        console.print(f"[yellow]warning:[/yellow] {report.warning}", highlight=False)
+    if list_file is not None:
+        console.print(f"{len(report.suggested_removals())} files listed in {list_file} (review it; cliplab deletes "
+                      "nothing)", highlight=False)
 
 
 @app.command()

@@ -51,7 +51,8 @@ MIN_TOKEN_CHARS = 16
 MAX_HEADER_BYTES = 16 * 1024  # also uvicorn's (h11) limit on a request head still arriving
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 COOKIE = "cliplab_session"
-PUBLIC_PATHS = ("/", "/healthz")  # and /static/*: no data behind them
+PAGES = ("/", "/duplicates")  # the web pages: no data in them (it comes from the API)
+PUBLIC_PATHS = (*PAGES, "/healthz")  # and /static/*: no data behind them
 PAGE_CSP = "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"  # no framing (clickjacking)
 
 
@@ -231,6 +232,7 @@ def create_app(settings: ServerSettings):
     _add_search_routes(app, ctx)
     _add_file_routes(app, ctx)
     _add_clip_retrieval_routes(app, ctx)
+    _add_duplicates_route(app, ctx)
     _add_metrics_route(app, ctx)
     return app
 
@@ -474,7 +476,7 @@ class _Admission:
             if bearer and not hmac.compare_digest(bearer.encode(), token.encode()) or not bearer and not cookie_ok:
                 return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}), False
             set_cookie = not cookie_ok
-        if session and path == "/" and "token" in request.query_params:  # a shared link: swap it for a cookie
+        if session and path in PAGES and "token" in request.query_params:  # a shared link: swap it for a cookie
             given = request.query_params["token"]
             if not hmac.compare_digest(given.encode(), token.encode()):
                 return _error(401, "wrong token in the link", {"WWW-Authenticate": "Bearer"}), False
@@ -698,6 +700,11 @@ def _add_page_routes(app, ctx: SearchContext) -> None:
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"),
                             headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
 
+    @app.get("/duplicates", include_in_schema=False)
+    def duplicates_page():
+        return HTMLResponse((STATIC / "duplicates.html").read_text(encoding="utf-8"),
+                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
+
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str):
         files = {p.name: p for p in STATIC.iterdir() if p.is_file()}  # served by name from a fixed list
@@ -784,6 +791,41 @@ def _add_clip_retrieval_routes(app, ctx: SearchContext) -> None:
     @app.post("/metadata", responses=ctx.errors(408, 411, 413))
     def metadata(body: MetadataBody):
         return ctx.metadata(body.ids)
+
+
+def _add_duplicates_route(app, ctx: SearchContext) -> None:
+    """``/api/duplicates``: exact and near groups of the served index (computed once per generation and
+    threshold, in a worker thread, one computation at a time)."""
+    from fastapi import Query
+
+    from cliplab.serve.duplicates import NEAR_THRESHOLD, find_duplicates
+
+    cache: dict = {}
+    lock = threading.Lock()
+
+    @app.get("/api/duplicates", responses=ctx.errors())
+    def duplicates(threshold: float = Query(NEAR_THRESHOLD, description="cosine similarity for near duplicates")):
+        """Groups of exact and near duplicates (ids, paths relative to their indexed folder, the suggested
+        keeper first); cliplab deletes nothing: the page exports the files marked for removal as a list."""
+        if not 0.5 <= threshold <= 1.0:
+            raise ApiError(422, "threshold must be between 0.5 and 1")
+        index = ctx.service.current()
+        key = (index.current["generation"], round(threshold, 4))
+        with lock:
+            if key not in cache:
+                cache.clear()
+                report = find_duplicates(index, threshold).to_dict()
+                cache[key] = {**{k: v for k, v in report.items() if k not in ("exact", "near", "index")},
+                              "roots": [str(r) for r in index.roots],
+                              "exact": _public_groups(report["exact"]), "near": _public_groups(report["near"])}
+        return cache[key]
+
+
+def _public_groups(groups: list[list[dict]]) -> list[list[dict]]:
+    """Duplicate groups as the API answers them: item ids and paths relative to their root (an index into
+    ``roots``), with thumbnail and image URLs."""
+    return [[{**{k: v for k, v in it.items() if k not in ("file", "sha256")}, "image": f"/image/{it['id']}",
+              "thumb": f"/thumb/{it['id']}"} for it in group] for group in groups]
 
 
 def _add_metrics_route(app, ctx: SearchContext) -> None:
