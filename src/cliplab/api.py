@@ -198,6 +198,13 @@ class Index:
         return Table(search_index(self.folder, list(query), k, device=device, like=list(like), unlike=list(unlike)),
                      title=" ".join(query))
 
+    def duplicates(self, threshold: Optional[float] = None):
+        """``cliplab duplicates``: exact and near duplicate groups (a ``DuplicateReport``: ``.exact``, ``.near``,
+        ``.suggested_removals()``, ``.to_dict()``); nothing is deleted."""
+        from cliplab.serve.duplicates import NEAR_THRESHOLD, find_duplicates
+
+        return find_duplicates(self.folder, NEAR_THRESHOLD if threshold is None else threshold)
+
 
 class CaptionScores(Table, _AsMapping):
     """``cliplab.caption.evaluate``: BLEU / METEOR / ROUGE-L / CIDEr-D / CLIPScore of the captioner beside the
