@@ -53,7 +53,7 @@ def api_schema(fuzz_env):
 
 OPERATIONS = [("GET", "/healthz"), ("GET", "/api/info"), ("GET", "/api/search"), ("POST", "/api/search"),
               ("GET", "/image/{item_id}"), ("GET", "/thumb/{item_id}"), ("GET", "/indices-list"),
-              ("POST", "/knn-service"), ("POST", "/metadata")]
+              ("POST", "/knn-service"), ("POST", "/metadata"), ("GET", "/api/duplicates")]
 
 
 @pytest.mark.slow
