@@ -774,3 +774,51 @@ def test_clip_retrieval_routes_take_json_sent_as_text_and_cors_is_opt_in(tiny, c
     for bad in ("*", "localhost:3005", "http://x/path"):
         with pytest.raises(ConfigError, match="--cors-origin"):
             make_client(tiny, cors_origins=[bad])
+
+
+@pytest.mark.browser
+def test_clip_retrieval_front_end_shows_results_from_cliplab_serve(tiny):
+    """clip-retrieval 2.45.0's packaged front end (``front/build`` in its wheel), served from another origin and
+    pointed at `cliplab serve` (``?back=``), as its users run it: it must list the index, query and show images."""
+    import functools
+    import http.server
+    import importlib.util
+
+    from playwright.sync_api import expect, sync_playwright
+
+    from cliplab.serve.app import ServerSettings, create_app
+    from tests.conftest import open_page
+
+    spec = importlib.util.find_spec("clip_retrieval")
+    if spec is None:
+        pytest.skip("clip-retrieval not installed (pip install --no-deps clip-retrieval==2.45.0)")
+    front = Path(spec.submodule_search_locations[0]).parent / "front" / "build"
+    assert (front / "index.html").is_file(), f"no front end in the clip-retrieval wheel at {front}"
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(front))
+    handler.log_message = lambda *a: None
+    static = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=static.serve_forever, daemon=True).start()
+    front_origin = f"http://127.0.0.1:{static.server_address[1]}"
+    settings = ServerSettings(tiny / "index", thumb_dir=tiny / "thumbs", cors_origins=[front_origin])
+    errors, answered = [], []
+    try:
+        with live_server(create_app(settings)) as back, sync_playwright() as p:
+            browser, page = open_page(p, 1280, 900, errors)
+            page.on("response", lambda r: answered.append((r.url, r.status)))
+            page.goto(f"{front_origin}/?back={back}&index={settings.index_name}&query=a%20red%20square")
+            pics = page.locator("img.pic")
+            expect(pics.first).to_be_visible(timeout=30_000)
+            page.wait_for_function("""() => { const host = document.querySelector('clip-front');
+                const imgs = Array.from(host.shadowRoot.querySelectorAll('img.pic'));
+                return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }""", timeout=30_000)
+            assert pics.first.get_attribute("src").startswith(f"{back}/image/")
+            browser.close()
+    finally:
+        static.shutdown()
+    ours = [(u, status) for u, status in answered if u.startswith(back)]
+    assert (f"{back}/indices-list", 200) in ours and (f"{back}/knn-service", 200) in ours
+    assert all(status == 200 for _, status in ours), ours
+    # the only failures are files the wheel's front end asks for and does not ship (vendor/webcomponents-loader.js)
+    missing = [u for u, status in answered if status == 404]
+    assert all(u.startswith(front_origin) for u in missing), missing
+    assert [e for e in errors if "Failed to load resource" not in e] == []  # (404s: that file and the favicon)

@@ -371,8 +371,9 @@ class SearchContext:
         except CliplabError:  # replaced since indexing by something unreadable, too large or of another format
             raise ApiError(404, f"image {item_id} can no longer be read") from None
 
-    def knn(self, body) -> list[dict]:
-        """clip-retrieval's ``/knn-service``: one of text, image (base64), image_url or embedding_input."""
+    def knn(self, body, origin: str = "") -> list[dict]:
+        """clip-retrieval's ``/knn-service``: one of text, image (base64), image_url or embedding_input; image
+        URLs absolute under ``origin`` (its front end shows them from another origin)."""
         self._check_knn(body)
         k = self.check_k(body.num_result_ids or body.num_images)
         index = self.service.current()
@@ -382,7 +383,7 @@ class SearchContext:
             hits = self.run_search([QueryTerm(1.0, "text", self.check_text(body.text))], k)["results"]
         else:
             hits = self.image_search(self._knn_image(body), [], k)["results"]
-        return [{"id": h["id"], "similarity": h["score"], "url": f"/image/{h['id']}",
+        return [{"id": h["id"], "similarity": h["score"], "url": f"{origin}/image/{h['id']}",
                  "caption": (h.get("captions") or [""])[0], "image_path": h["path"]} for h in hits[: body.num_images]]
 
     def _check_knn(self, body) -> None:
@@ -420,10 +421,10 @@ class SearchContext:
         except FetchError as exc:
             raise ApiError(exc.status, str(exc)) from None
 
-    def metadata(self, ids: list[int]) -> list[dict]:
+    def metadata(self, ids: list[int], origin: str = "") -> list[dict]:
         ids = [i for i in ids if 0 <= i <= MAX_ID]  # others are not found
         found = self.service.current().items(ids)
-        return [{"id": i, "metadata": {"url": f"/image/{i}", "caption": (found[i]["captions"] or [""])[0],
+        return [{"id": i, "metadata": {"url": f"{origin}/image/{i}", "caption": (found[i]["captions"] or [""])[0],
                                        "image_path": found[i]["path"], "width": found[i]["width"],
                                        "height": found[i]["height"]}} for i in ids if i in found]
 
@@ -778,6 +779,8 @@ def _add_file_routes(app, ctx: SearchContext) -> None:
 
 def _add_clip_retrieval_routes(app, ctx: SearchContext) -> None:
     """clip-retrieval's ``/indices-list``, ``/knn-service`` and ``/metadata`` (its front end can point here)."""
+    from fastapi import Request
+
     KnnBody, KnnHit, MetadataBody = ctx.models.KnnBody, ctx.models.KnnHit, ctx.models.MetadataBody
 
     @app.get("/indices-list", response_model=list[str], responses=ctx.errors())
@@ -785,12 +788,18 @@ def _add_clip_retrieval_routes(app, ctx: SearchContext) -> None:
         return [ctx.settings.index_name]
 
     @app.post("/knn-service", response_model=list[KnnHit], responses=ctx.errors(403, 404, 408, 411, 413, 415, 429, 502))
-    def knn_service(body: KnnBody):
-        return ctx.knn(body)
+    def knn_service(body: KnnBody, request: Request):
+        return ctx.knn(body, _own_origin(request))
 
     @app.post("/metadata", responses=ctx.errors(408, 411, 413))
-    def metadata(body: MetadataBody):
-        return ctx.metadata(body.ids)
+    def metadata(body: MetadataBody, request: Request):
+        return ctx.metadata(body.ids, _own_origin(request))
+
+
+def _own_origin(request) -> str:
+    """``http://HOST[:PORT]`` of this server as the client named it (the Host header, already checked against
+    the allowed names): image URLs handed to clip-retrieval's front end, which runs on another origin."""
+    return f"{request.url.scheme}://{request.headers.get('host', '127.0.0.1')}"
 
 
 def _add_duplicates_route(app, ctx: SearchContext) -> None:
