@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import platform
@@ -41,6 +43,17 @@ def per_second(store: dict, key: str, n: int, fn: Callable[[], T]) -> T:
     out = fn()
     store[key] = n / (time.perf_counter() - t)
     return out
+
+
+def model_and_data_args(doc: str, **options: int) -> argparse.Namespace:
+    """The command line of a bench over a model and Flickr8k: ``-m/--model`` (default ``conse``), ``--data``
+    (``../shared/data/flickr8k``) and one integer option per keyword (its default)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("-m", "--model", default="conse")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k")
+    for name, default in options.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
+    return parser.parse_args()
 
 
 def save(name: str, payload: dict) -> Path:

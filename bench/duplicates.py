@@ -13,7 +13,6 @@ once on the same construction over **test**; the script says whether the library
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -22,9 +21,8 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save, table  # noqa: E402
+from _common import machine, model_and_data_args, save, table  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = tuple(round(t, 3) for t in np.arange(0.80, 0.995, 0.01))
 
 
@@ -71,11 +69,7 @@ def main() -> None:
     import cliplab
     from cliplab.serve.duplicates import NEAR_THRESHOLD, near_groups, pair_scores
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-m", "--model", default="conse")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "flickr8k")
-    parser.add_argument("--planted", type=int, default=200)
-    args = parser.parse_args()
+    args = model_and_data_args(__doc__, planted=200)
     model = cliplab.load_model(args.model)
     with tempfile.TemporaryDirectory(prefix="cliplab-dups-") as tmp:
         dev_files, dev_families = planted_split(args.data, "dev", args.planted, Path(tmp))

@@ -16,16 +16,14 @@ are exact cosine (the ``flat`` FAISS index a 1,000-image folder gets), so no ind
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save, table  # noqa: E402
+from _common import machine, model_and_data_args, save, table  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 # With one relevant image per query, a liked result is that image: every beta > 0 ranks it first once the
 # other judged results are left out, so this simulation cannot choose beta. It is fixed at Rocchio's usual
 # 0.75 (beyond 1 one marked image outweighs the query); gamma is chosen on dev.
@@ -89,11 +87,7 @@ def main() -> None:
     import cliplab
     from cliplab.serve.query import FEEDBACK_WEIGHTS
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-m", "--model", default="conse")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "flickr8k")
-    parser.add_argument("--judged", type=int, default=3)
-    args = parser.parse_args()
+    args = model_and_data_args(__doc__, judged=3)
     model = cliplab.load_model(args.model)
     dev = split_embeddings(model, args.data, "dev")
     dev_first = first_results(dev[0], dev[1], args.judged)

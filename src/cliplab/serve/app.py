@@ -696,15 +696,18 @@ def _add_page_routes(app, ctx: SearchContext) -> None:
 
     settings, service = ctx.settings, ctx.service
 
+    def page_response(name: str):
+        """A page: the common head (``head.html``: charset, viewport, the shared style sheet), then its own file."""
+        html = (STATIC / "head.html").read_text(encoding="utf-8") + (STATIC / name).read_text(encoding="utf-8")
+        return HTMLResponse(html, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
+
     @app.get("/", include_in_schema=False)
     def page():
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"),
-                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
+        return page_response("index.html")
 
     @app.get("/duplicates", include_in_schema=False)
     def duplicates_page():
-        return HTMLResponse((STATIC / "duplicates.html").read_text(encoding="utf-8"),
-                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
+        return page_response("duplicates.html")
 
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str):
