@@ -53,8 +53,11 @@ def execute(path: str | Path, *, mode: str = "small", out: str | Path | None = N
     try:
         NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(ROOT)}}).execute()
     finally:
-        if km.has_kernel:  # nbclient leaves a kernel it was handed running (~2 GB and busy threads each)
-            km.shutdown_kernel(now=True)
+        try:
+            if km.has_kernel:  # nbclient leaves a kernel it was handed running (~2 GB and busy threads each)
+                km.shutdown_kernel(now=True)
+        except Exception as exc:  # noqa: BLE001 - the notebook's outcome matters more; say it and go on
+            print(f"warning: the kernel of {Path(path).name} did not shut down cleanly: {exc}", file=sys.stderr)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -86,6 +86,7 @@ def dup_index(tmp_path_factory):
     shutil.copy(photos / "red_circle.png", photos / "sub" / "red_circle copy.png")  # byte-identical
     with Image.open(photos / "blue_square.png") as im:
         im.resize((48, 48), Image.BICUBIC).save(photos / "sub" / "blue_square_small.png")  # fewer pixels
+    (photos / "0-favourite.png").symlink_to(photos / "green_triangle.png")  # the same file twice: not a duplicate
     index = tmp / "index"
     IndexBuilder(index, "conse", log=lambda m: None, progress=False).build([photos])
     before = {p: p.read_bytes() for p in photos.rglob("*") if p.is_file()}
@@ -98,27 +99,40 @@ def test_exact_and_near_groups_of_an_index(dup_index, cli, tmp_path):
 
     photos, index_dir, before = dup_index
     index = PhotoIndex(index_dir)
-    report = find_duplicates(index, threshold=0.999)
+    items = index.all_items()
+    report = find_duplicates(index)  # a conse index: exact groups only, and a warning saying why
     assert [[it["path"] for it in g] for g in report.exact] == [["red_circle.png", "sub/red_circle copy.png"]]
-    assert report.warning and "unreliable" in report.warning  # a conse index says its near groups are weak
+    assert report.near_skipped and report.near == [] and "unreliable" in report.warning
+    (favourite,) = [g for g in [it for grp in report.exact for it in grp] if g["path"] == "0-favourite.png"] or [None]
+    assert favourite is None  # the symlink and its target are one photo, never a duplicate pair
     vectors = np.asarray(index.vectors, dtype=np.float32)
+    link_id = next(i for i, it in items.items() if it["path"] == "0-favourite.png")
+    copy_id = next(i for i, it in items.items() if it["path"] == "sub/red_circle copy.png")
     for threshold in (0.9, 0.97, 0.999):
         report = find_duplicates(index, threshold=threshold)
         expected = [sorted(int(index.row_to_id[r]) for r in g) for g in brute_force_groups(vectors, threshold, 20)]
-        hashes = index.all_items()
-        expected = [g for g in expected if len({hashes[i]["sha256"] for i in g}) > 1]  # exact-only: reported once
-        assert sorted(sorted(it["id"] for it in g) for g in report.near) == sorted(expected)
+        expected = [[i for i in g if i not in (link_id, copy_id)] for g in expected]  # one item per file, content
+        assert sorted(sorted(it["id"] for it in g) for g in report.near) == sorted(g for g in expected if len(g) > 1)
         for group in report.near:
-            keep = [it for it in group if it["keep"]]
-            assert len(keep) == 1 and group[0] is keep[0] and keep[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
-            assert keep[0]["width"] * keep[0]["height"] == max(it["width"] * it["height"] for it in group)
+            keep = group[0]
+            assert keep["keep"] and sum(it["keep"] for it in group) == 1
+            assert keep["width"] * keep["height"] == max(it["width"] * it["height"] for it in group)
+            for it in group[1:]:  # remove only what is itself that similar to the keeper; the rest: review
+                assert it["suggest"] == ("remove" if it["similarity"] >= threshold else "review")
+                assert it["similarity"] == pytest.approx(float(vectors[index.id_to_row[it["id"]]] @
+                                                               vectors[index.id_to_row[keep["id"]]]), abs=1e-5)
+        listed = set(report.suggested_removals())
+        assert not listed & {it["file"] for g in report.exact + report.near for it in g if it["suggest"] != "remove"}
+        assert str(photos / "0-favourite.png") not in listed  # a second path to a file is never a copy of it
+    small = find_duplicates(index, threshold=0.85).near  # conse sees the half-size copy at 0.864 (and more)
+    assert any({it["path"] for it in g} >= {"blue_square.png", "sub/blue_square_small.png"} for g in small), small
     import cliplab
 
     assert cliplab.Index(index_dir).duplicates(0.9).to_dict() == find_duplicates(index, 0.9).to_dict()
     # the CLI: JSON, the list of files to review (a new file only), and no photo touched
     res = cli("duplicates", index_dir, "--threshold", "0.9", "--json")
     assert res.returncode == 0, res.stdout
-    assert json.loads(res.stdout)["exact"] == find_duplicates(index, 0.9).to_dict()["exact"]
+    assert json.loads(res.stdout) == json.loads(json.dumps(find_duplicates(index, 0.9).to_dict()))
     listing = tmp_path / "review.txt"
     res = cli("duplicates", index_dir, "--list", listing)
     assert res.returncode == 0 and "exact 1" in res.stdout and "deletes nothing" in res.stdout
@@ -127,7 +141,9 @@ def test_exact_and_near_groups_of_an_index(dup_index, cli, tmp_path):
     res = cli("duplicates", index_dir, "--list", photos / "red_circle.png")
     assert res.returncode == 2 and "never overwrites" in res.stdout
     res = cli("duplicates", index_dir, "--threshold", "1.5")
-    assert res.returncode == 2 and "--threshold must be in (0, 1]" in res.stdout
+    assert res.returncode == 2 and "threshold must be in (0, 1]" in res.stdout
+    res = cli("duplicates", index_dir, "--list", tmp_path / "nowhere" / "list.txt")
+    assert res.returncode == 2 and "not a folder" in res.stdout
     assert {p: p.read_bytes() for p in photos.rglob("*") if p.is_file()} == before
 
 
@@ -147,14 +163,33 @@ def test_duplicates_api(dup_server, dup_index):
     photos, index_dir, _ = dup_index
     client = TestClient(dup_server, base_url="http://localhost", raise_server_exceptions=False)
     body = client.get("/api/duplicates").json()
-    assert body["threshold"] == NEAR_THRESHOLD and body["images"] == 6 and body["roots"] == [str(photos.resolve())]
+    assert body["threshold"] == NEAR_THRESHOLD and body["images"] == 7 and body["roots"] == [str(photos.resolve())]
+    assert body["near_skipped"] and body["near"] == []  # conse: exact groups only unless a threshold is given
     (group,) = body["exact"]
     assert [it["path"] for it in group] == ["red_circle.png", "sub/red_circle copy.png"] and group[0]["keep"]
     assert "file" not in group[0] and "sha256" not in group[0] and group[0]["thumb"] == f"/thumb/{group[0]['id']}"
-    assert client.get("/api/duplicates", params={"threshold": 2}).status_code == 422
-    assert client.get("/api/duplicates", params={"threshold": "x"}).status_code == 422
+    near = client.get("/api/duplicates", params={"threshold": 0.9}).json()
+    assert near["near"] and not near["near_skipped"]
+    assert client.get("/api/duplicates", params={"threshold": 0.9, "limit": 1}).json()["groups_total"] == \
+        len(near["exact"]) + len(near["near"])
+    assert len(client.get("/api/duplicates", params={"threshold": 0.9, "limit": 1}).json()["near"]) == 0
+    for bad in ({"threshold": 2}, {"threshold": "x"}, {"threshold": 0}, {"limit": 0}):
+        assert client.get("/api/duplicates", params=bad).status_code == 422, bad
     page = client.get("/duplicates")
-    assert page.status_code == 200 and "<title>cliplab duplicates</title>" in page.text
+    assert page.status_code == 200 and "<title>cliplab duplicates</title>" in page.text and "<!DOCTYPE html>" in page.text
+
+
+def test_a_shared_duplicates_link_with_the_token_lands_on_that_page(dup_index, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from cliplab.serve.app import ServerSettings, create_app
+
+    token = "a-token-of-sufficient-length"
+    app = create_app(ServerSettings(dup_index[1], token=token, thumb_dir=tmp_path / "thumbs"))
+    client = TestClient(app, base_url="http://localhost", follow_redirects=False)
+    r = client.get("/duplicates", params={"token": token, "threshold": "0.9"})
+    assert r.status_code == 303 and r.headers["location"] == "/duplicates?threshold=0.9"
+    assert client.get("/api/duplicates").status_code == 200  # the cookie set by that answer
 
 
 @pytest.mark.browser
@@ -181,7 +216,7 @@ def test_duplicates_review_page_in_headless_chromium(dup_server, dup_index, tmp_
             browser, page = open_page(p, 1280, 900, errors)
             page.goto(f"http://127.0.0.1:{port}/duplicates")
             expect(page.locator("#status")).to_contain_text("1 exact and")
-            expect(page.locator("#info")).to_contain_text("6 images")
+            expect(page.locator("#info")).to_contain_text("7 images")
             expect(page.locator(".group").first).to_contain_text("exact (same content)")
             page.wait_for_function("Array.from(document.querySelectorAll('.photo img')).every(i => i.complete && i.naturalWidth > 0)")
             keep = page.get_by_label("keep red_circle.png", exact=True)

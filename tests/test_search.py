@@ -336,7 +336,8 @@ def test_feedback_through_the_api_the_cli_and_the_python_index(client, indexed, 
     assert only_liked[0]["id"] == like  # no text: "more like these", the liked image itself first
     assert client.post("/api/search", json={"negative_ids": [like]}).status_code == 422
     assert client.post("/api/search", json={**body, "positive_ids": [10**6]}).status_code == 404
-    assert client.post("/api/search", json={**body, "positive_ids": list(range(21))}).status_code == 422  # > max_k
+    too_many = client.post("/api/search", json={**body, "positive_ids": list(range(21))})  # more than max_k
+    assert too_many.status_code == 422 and too_many.json()["error"].startswith("invalid JSON body: positive_ids: ")
     res = cli("search", index_dir, "a red circle", "-k", "16", "--like", f"id:{like}", "--unlike", str(unlike), "--json")
     assert res.returncode == 0, res.stdout
     assert [h["id"] for h in json.loads(res.stdout)] == [h["id"] for h in refined]

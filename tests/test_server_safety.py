@@ -108,6 +108,13 @@ def test_wrong_host_header_is_refused(tiny, client):
     for host in ("192.168.7.9:8000", "photos.lan", "a.example.org:80"):
         assert extra.get("/healthz", headers={"Host": host}).status_code == 200, host
     assert extra.get("/healthz", headers={"Host": "example.org.evil"}).status_code == 400
+    # the Host header also builds this server's own image URLs: only a name or address and a port pass
+    for host in ("localhost:@evil.example", "localhost:80/x", "localhost evil", "localhost:99999999", "user@localhost"):
+        assert client.get("/healthz", headers={"Host": host}).status_code == 400, host
+    hits = client.post("/knn-service", json={"text": "dog", "num_images": 2}, headers={"Host": "localhost:8000"}).json()
+    assert [h["url"] for h in hits] == [f"http://localhost:8000/image/{h['id']}" for h in hits]
+    meta = client.post("/metadata", json={"ids": [hits[0]["id"]]}, headers={"Host": "127.0.0.1:8000"}).json()
+    assert meta[0]["metadata"]["url"] == f"http://127.0.0.1:8000/image/{hits[0]['id']}"
 
 
 def test_short_or_odd_tokens_are_refused(tiny):

@@ -201,9 +201,9 @@ class Index:
     def duplicates(self, threshold: Optional[float] = None):
         """``cliplab duplicates``: exact and near duplicate groups (a ``DuplicateReport``: ``.exact``, ``.near``,
         ``.suggested_removals()``, ``.to_dict()``); nothing is deleted."""
-        from cliplab.serve.duplicates import NEAR_THRESHOLD, find_duplicates
+        from cliplab.serve.duplicates import find_duplicates
 
-        return find_duplicates(self.folder, NEAR_THRESHOLD if threshold is None else threshold)
+        return find_duplicates(self.folder, threshold)
 
 
 class CaptionScores(Table, _AsMapping):

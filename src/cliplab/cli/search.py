@@ -131,9 +131,9 @@ def duplicates(
                                                                   "line, to this new file (cliplab deletes nothing)"),
 ) -> None:
     """Exact (same content) and near (similar embedding) duplicate groups of an index; nothing is deleted."""
-    from cliplab.serve.duplicates import NEAR_THRESHOLD, find_duplicates, write_removal_list
+    from cliplab.serve.duplicates import find_duplicates, write_removal_list
 
-    report = find_duplicates(index_dir, NEAR_THRESHOLD if threshold is None else threshold)
+    report = find_duplicates(index_dir, threshold)
     if list_file is not None:
         write_removal_list(list_file, report)
     if json_out:
@@ -141,7 +141,7 @@ def duplicates(
         return
     rows = [[f"{kind} {n}", str(len(group)), group[0]["file"],
              "\n".join(f"{it['file']}" + (f" ({it['similarity']:.3f})" if "similarity" in it else "")
-                       for it in group[1:])]
+                       + (" [review]" if it["suggest"] == "review" else "") for it in group[1:])]
             for kind, groups in (("exact", report.exact), ("near", report.near)) for n, group in enumerate(groups, 1)]
     print_table(["group", "photos", "suggested keep (most pixels)", "the others (similarity to it)"], rows,
                 f"{len(report.exact)} exact and {len(report.near)} near groups among {report.images} photos "

@@ -84,9 +84,9 @@ def create_conse(image_tower: ImageTower | None = None, text_tower: TextTower | 
     text_tower = text_tower or pretrained_tower(TextTowerConfig())
     key = text_tower.fingerprint()
     if key not in _CONSE_CLASSES and disk_cache:
-        _CONSE_CLASSES[key] = _read_conse_classes(_conse_classes_file(key))
+        _CONSE_CLASSES[key] = _read_conse_classes(_conse_classes_file(key), text_tower.output_dim)
     model = ConSE(image_tower, text_tower, class_embeddings=_CONSE_CLASSES.get(key))
-    if disk_cache and _CONSE_CLASSES.get(key) is None:
+    if disk_cache and _CONSE_CLASSES.get(key) is None:  # absent or unusable: (re)written
         _write_conse_classes(_conse_classes_file(key), model.class_embeddings)
     _CONSE_CLASSES[key] = model.class_embeddings
     return model
@@ -100,7 +100,7 @@ def _conse_classes_file(text_fingerprint: str) -> Path:
     return default_cache_dir() / f"conse-classes-{key}.safetensors"
 
 
-def _read_conse_classes(path: Path) -> torch.Tensor | None:
+def _read_conse_classes(path: Path, dim: int) -> torch.Tensor | None:
     """Cached class embeddings, or None when absent or unusable (then they are computed and rewritten)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -109,7 +109,11 @@ def _read_conse_classes(path: Path) -> torch.Tensor | None:
         emb = load_file(str(path))["class_embeddings"]
     except (OSError, KeyError, SafetensorError):  # missing, damaged or not a safetensors file
         return None
-    return emb if emb.ndim == 2 and emb.dtype == torch.float32 and bool(torch.isfinite(emb).all()) else None
+    from cliplab.models.conse import imagenet_classnames
+
+    usable = (emb.shape == (len(imagenet_classnames()), dim) and emb.dtype == torch.float32
+              and bool(torch.isfinite(emb).all()))
+    return emb if usable else None
 
 
 def _write_conse_classes(path: Path, emb: torch.Tensor) -> None:

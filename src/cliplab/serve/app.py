@@ -33,6 +33,7 @@ import hmac
 import io
 import ipaddress
 import os
+import re
 import socket
 import threading
 import time
@@ -107,8 +108,13 @@ def _bare_host(host: str) -> str:
     return host.rstrip(".")
 
 
+HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?")  # name or address, optional port
+
+
 def host_allowed(header: str | None, allowed: list[str]) -> bool:
-    if not header:
+    """Whether a ``Host`` header is well formed (a name or address and an optional port: no userinfo, path or
+    spaces, since it also builds this server's own URLs) and names this server."""
+    if not header or not HOST_HEADER.fullmatch(header):
         return False
     name = _bare_host(header)
     return any(a == "*" or name == a or (a.startswith("*.") and name.endswith(a[1:])) for a in allowed)
@@ -482,7 +488,7 @@ class _Admission:
             if not hmac.compare_digest(given.encode(), token.encode()):
                 return _error(401, "wrong token in the link", {"WWW-Authenticate": "Bearer"}), False
             rest = "&".join(f"{k}={v}" for k, v in _query_pairs(request.url.query) if k != "token")
-            return RedirectResponse("/" + (f"?{rest}" if rest else ""), status_code=303), True
+            return RedirectResponse(path + (f"?{rest}" if rest else ""), status_code=303), True  # path: a page
         return None, set_cookie
 
     async def _read_body(self, request):
@@ -757,7 +763,7 @@ def _add_search_routes(app, ctx: SearchContext) -> None:
         try:
             body = SearchBody.model_validate(await request.json())
         except (ValueError, RecursionError) as exc:
-            raise ApiError(422, f"invalid JSON body: {str(exc).splitlines()[0]}") from None
+            raise ApiError(422, f"invalid JSON body: {_first_error(exc)}") from None
         return await run_in_threadpool(ctx.run_search, ctx.json_terms(body), ctx.check_k(body.k), body.positive_ids,
                                        body.negative_ids)
 
@@ -806,31 +812,58 @@ def _own_origin(request) -> str:
 
 
 def _add_duplicates_route(app, ctx: SearchContext) -> None:
-    """``/api/duplicates``: exact and near groups of the served index (computed once per generation and
-    threshold, in a worker thread, one computation at a time)."""
+    """``/api/duplicates``: exact and near groups of the served index. The neighbour graph is computed once per
+    index generation (in a worker thread; one computation at a time, others get a 429 meanwhile), then any
+    threshold is a cheap cut of it; at most ``limit`` groups are answered."""
+    import numpy as np
     from fastapi import Query
 
-    from cliplab.serve.duplicates import NEAR_THRESHOLD, find_duplicates
+    from cliplab.serve.duplicates import find_duplicates, neighbour_graph
 
-    cache: dict = {}
+    graphs: dict = {}
     lock = threading.Lock()
 
-    @app.get("/api/duplicates", responses=ctx.errors())
-    def duplicates(threshold: float = Query(NEAR_THRESHOLD, description="cosine similarity for near duplicates")):
-        """Groups of exact and near duplicates (ids, paths relative to their indexed folder, the suggested
-        keeper first); cliplab deletes nothing: the page exports the files marked for removal as a list."""
-        if not 0.5 <= threshold <= 1.0:
-            raise ApiError(422, "threshold must be between 0.5 and 1")
+    @app.get("/api/duplicates", responses=ctx.errors(429))
+    def duplicates(threshold: float | None = Query(None, description="cosine similarity for near duplicates "
+                                                                     "(default: the library's, none for conse)"),
+                   limit: int = Query(200, description="groups answered at most (exact first)")):
+        """Groups of exact and near duplicates (ids, paths relative to their indexed folder, the keeper first,
+        each item's suggestion: keep, remove or review); cliplab deletes nothing: the page exports a list."""
+        if threshold is not None and not 0.0 < threshold <= 1.0:
+            raise ApiError(422, "threshold must be in (0, 1]")
+        if not 1 <= limit <= 10_000:
+            raise ApiError(422, "limit must be between 1 and 10000")
         index = ctx.service.current()
-        key = (index.current["generation"], round(threshold, 4))
-        with lock:
-            if key not in cache:
-                cache.clear()
-                report = find_duplicates(index, threshold).to_dict()
-                cache[key] = {**{k: v for k, v in report.items() if k not in ("exact", "near", "index")},
-                              "roots": [str(r) for r in index.roots],
-                              "exact": _public_groups(report["exact"]), "near": _public_groups(report["near"])}
-        return cache[key]
+        if not lock.acquire(blocking=False):
+            raise ApiError(429, "duplicate groups are being computed; retry shortly", {"Retry-After": "2"})
+        try:
+            generation = index.current["generation"]
+            if generation not in graphs:
+                graphs.clear()
+                vectors = np.asarray(index.vectors, dtype=np.float32)
+                graphs[generation] = neighbour_graph(vectors, search=index.faiss.search)
+            report = find_duplicates(index, None if threshold is None else round(threshold, 4),
+                                     graph=graphs[generation]).to_dict()
+        finally:
+            lock.release()
+        groups = [("exact", g) for g in report["exact"]] + [("near", g) for g in report["near"]]
+        shown = groups[:limit]
+        return {**{k: v for k, v in report.items() if k not in ("exact", "near", "index")},
+                "roots": [str(r) for r in index.roots], "groups_total": len(groups),
+                "exact": _public_groups([g for kind, g in shown if kind == "exact"]),
+                "near": _public_groups([g for kind, g in shown if kind == "near"])}
+
+
+def _first_error(exc: Exception) -> str:
+    """``field: message`` of a pydantic validation error (its first), else the exception's first line."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            return f"{'.'.join(str(p) for p in first.get('loc', ())) or 'body'}: {first.get('msg', '')}"
+        except (IndexError, TypeError, AttributeError):
+            pass
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _public_groups(groups: list[list[dict]]) -> list[list[dict]]:

@@ -241,7 +241,7 @@ def parse_item_ids(values: list[str], option: str) -> list[int]:
     ids = []
     for value in values:
         digits = value[3:] if value.startswith("id:") else value
-        if not digits.isdigit():
+        if not (digits.isascii() and digits.isdigit()):
             raise CliplabError(f"{option} takes indexed ids like id:12 (see --json), not {value!r}")
         ids.append(int(digits))
     return ids
