@@ -274,7 +274,7 @@ def test_api_search_endpoints(client, indexed):
     assert r.status_code == 200
     body = r.json()
     assert len(body["results"]) == 5 and set(body["results"][0]) == {"id", "score", "path", "width", "height",
-                                                                     "captions", "image", "thumb"}
+                                                                     "captions", "image", "thumb", "taken", "camera"}
     scores = [h["score"] for h in body["results"]]
     assert scores == sorted(scores, reverse=True)
     same = client.post("/api/search", json={"text": "a blue square", "k": 5}).json()
@@ -575,6 +575,18 @@ def test_web_page_in_headless_chromium(live, indexed):
         expect(page.get_by_label(f"relevant #{like}", exact=True)).to_have_attribute("aria-pressed", "true")  # kept
         page.locator("#clearjudged").click()
         expect(page.locator("#feedback")).not_to_have_class("on")
+        # filters: only the photos in one folder are ranked (the request carries the filter)
+        page.locator("#filters summary").click()
+        page.locator("#folder").fill("nested/deeper")
+        with page.expect_request(lambda r: "/api/search?" in r.url) as sent:
+            page.locator("#q").fill("a red circle")
+            page.keyboard.press("Enter")
+        assert "folder=nested%2Fdeeper" in sent.value.url
+        deeper = len(list((photos / "nested" / "deeper").rglob("*.*"))) - 0
+        expect(page.locator("#status")).to_contain_text(" results for")
+        shown = page.evaluate("Array.from(document.querySelectorAll('.tile .open')).map(b => b.getAttribute('aria-label'))")
+        assert shown and all(label.startswith("open nested/deeper/") for label in shown) and len(shown) <= deeper
+        page.locator("#folder").fill("")
         # an uploaded image as the query
         page.locator("#file").set_input_files(str(next(photos.rglob("blue_circle_0*"))))
         expect(page.locator("#status")).to_contain_text("results for the image")

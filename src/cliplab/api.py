@@ -190,13 +190,17 @@ class Index:
         return cls(out)
 
     def search(self, *query: str, k: int = 10, like: list[int] = (), unlike: list[int] = (),
-               device: str = "cpu") -> Table:
+               after: Optional[str] = None, before: Optional[str] = None, camera: Optional[str] = None,
+               folder: Optional[str] = None, device: str = "cpu") -> Table:
         """``cliplab search``: texts, image paths and ``id:N`` combined with ``"+"`` / ``"-"``; ``like`` /
-        ``unlike``: ids of results judged relevant / not (Rocchio feedback, ``--like`` / ``--unlike``)."""
+        ``unlike``: ids of results judged relevant / not (Rocchio feedback, ``--like`` / ``--unlike``);
+        ``after`` / ``before`` (date taken), ``camera``, ``folder``: filters applied before ranking."""
+        from cliplab.serve.index import PhotoFilter
         from cliplab.serve.query import search_index
 
-        return Table(search_index(self.folder, list(query), k, device=device, like=list(like), unlike=list(unlike)),
-                     title=" ".join(query))
+        filters = PhotoFilter(after=after, before=before, camera=camera, folder=folder)
+        return Table(search_index(self.folder, list(query), k, device=device, like=list(like), unlike=list(unlike),
+                                  filters=filters), title=" ".join(query))
 
     def duplicates(self, threshold: Optional[float] = None):
         """``cliplab duplicates``: exact and near duplicate groups (a ``DuplicateReport``: ``.exact``, ``.near``,

@@ -82,10 +82,15 @@ def search(
                                                      "it (Rocchio feedback; repeatable)"),
     unlike: List[str] = typer.Option([], "--unlike", help="id:N of a result judged not relevant: the query moves "
                                                          "away from it (repeatable)"),
+    after: Optional[str] = typer.Option(None, help="only photos taken on/after this date (EXIF; YYYY-MM-DD)"),
+    before: Optional[str] = typer.Option(None, help="only photos taken before this date (EXIF; YYYY-MM-DD)"),
+    camera: Optional[str] = typer.Option(None, help="only photos whose camera (EXIF make and model) contains this"),
+    folder: Optional[str] = typer.Option(None, help="only photos in this folder (relative to an indexed folder)"),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Search an index by text, image or both (rclip-style + and - combinations); refine with --like/--unlike."""
     from cliplab.errors import CliplabError
+    from cliplab.serve.index import PhotoFilter
     from cliplab.serve.query import parse_item_ids, search_index
 
     index_dir, query = _index_and_query(list(query or []))
@@ -93,7 +98,8 @@ def search(
         if not p.is_file():
             raise CliplabError(f"image not found: {p}")
     hits = search_index(index_dir, query + [str(p) for p in image], k, device=device,
-                        like=parse_item_ids(like, "--like"), unlike=parse_item_ids(unlike, "--unlike"))
+                        like=parse_item_ids(like, "--like"), unlike=parse_item_ids(unlike, "--unlike"),
+                        filters=PhotoFilter(after=after, before=before, camera=camera, folder=folder))
     if filepath_only:
         for h in hits:
             print(h["file"])

@@ -61,6 +61,36 @@ def load_rgb(path: str | Path, draft_size: int | None = None, max_pixels: int | 
         raise DataError(f"corrupt image: {path} ({exc.__class__.__name__}: {exc})") from None
 
 
+EXIF_IFD, GPS_IFD = 0x8769, 0x8825
+DATE_TAKEN, DATE_CHANGED, MAKE, MODEL, ORIENTATION = 0x9003, 0x0132, 0x010F, 0x0110, 0x0112
+
+
+def photo_facts(im: Image.Image) -> dict:
+    """What an opened image's EXIF says (read from the header, nothing decoded): ``taken`` (ISO date-time of
+    DateTimeOriginal, else DateTime; None when absent or malformed), ``camera`` ("Make Model"; None), the
+    ``orientation`` tag (1-8, 1 when absent) and ``gps`` (whether GPS data is recorded)."""
+    import datetime
+
+    try:
+        exif = im.getexif()
+        sub = exif.get_ifd(EXIF_IFD)
+        gps = bool(exif.get_ifd(GPS_IFD))
+    except Exception:  # noqa: BLE001 - a damaged EXIF block only means no facts
+        return {"taken": None, "camera": None, "orientation": 1, "gps": False}
+    taken = None
+    for raw in (sub.get(DATE_TAKEN), exif.get(DATE_CHANGED)):
+        try:
+            taken = datetime.datetime.strptime(str(raw).strip("\x00 "), "%Y:%m:%d %H:%M:%S").isoformat()
+            break
+        except (TypeError, ValueError):
+            continue
+    make, model = (str(exif.get(t) or "").strip("\x00 ") for t in (MAKE, MODEL))
+    camera = (model if make and model.lower().startswith(make.lower().split()[0]) else f"{make} {model}").strip()
+    orientation = exif.get(ORIENTATION)
+    return {"taken": taken, "camera": camera[:200] or None,
+            "orientation": orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1, "gps": gps}
+
+
 def preprocess_geometry(transform) -> tuple[int, tuple, tuple]:
     """The one crop-size rule: ``(size, mean, std)`` of an eval transform (torchvision ``Compose``): the
     centre-crop size (else the resize size, else 224) and the normalisation (else mean = std = 0.5)."""

@@ -288,16 +288,30 @@ class SearchContext:
             raise ApiError(422, f"query longer than {self.settings.max_query_chars} characters")
         return q
 
+    @staticmethod
+    def filters(**fields):
+        """A :class:`~cliplab.serve.index.PhotoFilter` from request fields (a bad date or folder: 422)."""
+        from cliplab.serve.index import PhotoFilter
+
+        try:
+            return PhotoFilter(**fields)
+        except CliplabError as exc:
+            raise ApiError(422, str(exc)) from None
+
     def check_id(self, item_id: int) -> int:
         if not 0 <= item_id <= MAX_ID:
             raise ApiError(404, f"no image with id {item_id}")
         return item_id
 
-    def run_search(self, terms: list[QueryTerm], k: int, liked: list[int] = (), disliked: list[int] = ()) -> dict:
-        """Compose the query terms, fold in relevance feedback on judged result ids, search."""
+    def run_search(self, terms: list[QueryTerm], k: int, liked: list[int] = (), disliked: list[int] = (),
+                   filters=None) -> dict:
+        """Compose the query terms, fold in relevance feedback on judged result ids, search (among the photos
+        ``filters`` keeps, when given)."""
         index = self.service.current()
         t0 = time.perf_counter()
         try:
+            if filters is not None and filters.active:
+                index.matching(filters)  # an index without recorded facts: refused before any encoding
             vector, used = self.service.encoder.compose(terms, index) if terms else (None, set())
             if liked or disliked:
                 vector = refine_with_feedback(vector, feedback_vectors(index, [self.check_id(i) for i in liked]),
@@ -306,7 +320,10 @@ class SearchContext:
             raise _busy(exc) from None
         except CliplabError as exc:
             raise ApiError(404 if "no indexed image" in str(exc) else 422, str(exc)) from None
-        results = index.search(vector, k, exclude=used | set(disliked))  # marked not relevant: not shown again
+        try:
+            results = index.search(vector, k, exclude=used | set(disliked), filters=filters)  # disliked: not shown
+        except CliplabError as exc:
+            raise ApiError(422, str(exc)) from None
         took = (time.perf_counter() - t0) * 1000
         return {"k": k, "took_ms": round(took, 2), "count": len(index),
                 "results": [_public_hit(h) for h in results]}
@@ -319,15 +336,17 @@ class SearchContext:
         except CliplabError as exc:
             raise ApiError(413 if "too large" in str(exc) else 415, str(exc)) from None
 
-    def image_search(self, data: bytes, extra: list[QueryTerm], k: int) -> dict:
+    def image_search(self, data: bytes, extra: list[QueryTerm], k: int, filters=None) -> dict:
         """Decode + embed + search an uploaded image (in a worker thread, through the gate)."""
         try:
-            return self.gate(lambda: self.run_search([QueryTerm(1.0, "image", self.load_upload(data)), *extra], k))
+            return self.gate(lambda: self.run_search([QueryTerm(1.0, "image", self.load_upload(data)), *extra], k,
+                                                     filters=filters))
         except QueryBusy as exc:
             raise _busy(exc) from None
 
-    async def read_upload_form(self, request) -> tuple[bytes, list[QueryTerm], int]:
-        """A multipart search (image, text, k): the image's bytes, the extra text term and k."""
+    async def read_upload_form(self, request) -> tuple[bytes, list[QueryTerm], int, object]:
+        """A multipart search (image, text, k, filters): the image's bytes, the extra text term, k and the
+        :class:`~cliplab.serve.index.PhotoFilter`."""
         form = await request.form(max_files=1, max_fields=10)
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
@@ -339,7 +358,8 @@ class SearchContext:
             k = self.check_k(int(form.get("k") or 10))
         except ValueError:
             raise ApiError(422, "k must be an integer") from None
-        return data, extra, k
+        fields = {f: form.get(f) for f in ("after", "before", "camera", "folder")}
+        return data, extra, k, self.filters(**{f: v for f, v in fields.items() if isinstance(v, str) and v})
 
     def json_terms(self, body) -> list[QueryTerm]:
         """The query terms of a JSON search (text, id for "more like this", minus_text)."""
@@ -635,6 +655,8 @@ def _answer_models(settings: ServerSettings) -> dict:
         captions: list[str]
         image: str
         thumb: str
+        taken: str | None = None
+        camera: str | None = None
 
     class SearchResult(BaseModel):
         k: int
@@ -651,6 +673,10 @@ def _answer_models(settings: ServerSettings) -> dict:
         text: str | None = Field(None, description="text query")
         id: int | None = Field(None, description="an indexed image: 'more like this'")
         minus_text: str | None = Field(None, description="text to subtract from the query")
+        after: str | None = Field(None, max_length=40, description="only photos taken on/after (YYYY-MM-DD)")
+        before: str | None = Field(None, max_length=40, description="only photos taken before (YYYY-MM-DD)")
+        camera: str | None = Field(None, max_length=200, description="camera make/model contains this")
+        folder: str | None = Field(None, max_length=500, description="only photos in this folder (relative)")
         positive_ids: list[int] = Field([], max_length=settings.max_k,
                                         description="results judged relevant: the query moves towards them (Rocchio)")
         negative_ids: list[int] = Field([], max_length=settings.max_k,
@@ -743,14 +769,20 @@ def _add_search_routes(app, ctx: SearchContext) -> None:
 
     SearchResult, SearchBody = ctx.models.SearchResult, ctx.models.SearchBody
     form_schema = {"type": "object", "required": ["image"], "properties": {
-        "image": {"type": "string", "format": "binary"}, "text": {"type": "string"}, "k": {"type": "integer"}}}
+        "image": {"type": "string", "format": "binary"}, "text": {"type": "string"}, "k": {"type": "integer"},
+        **{f: {"type": "string", "maxLength": 200} for f in ("after", "before", "camera", "folder")}}}
     post_body = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": SearchBody.model_json_schema()},
         "multipart/form-data": {"schema": form_schema}}}}
 
     @app.get("/api/search", response_model=SearchResult, responses=ctx.errors(404, 429))
-    def search_get(q: str = Query(..., description="text query"), k: int = Query(10)):
-        return ctx.run_search([QueryTerm(1.0, "text", ctx.check_text(q))], ctx.check_k(k))
+    def search_get(q: str = Query(..., description="text query"), k: int = Query(10),
+                   after: str | None = Query(None, max_length=40, description="taken on/after (YYYY-MM-DD)"),
+                   before: str | None = Query(None, max_length=40, description="taken before (YYYY-MM-DD)"),
+                   camera: str | None = Query(None, max_length=200, description="camera contains this"),
+                   folder: str | None = Query(None, max_length=500, description="in this folder (relative)")):
+        filters = ctx.filters(after=after, before=before, camera=camera, folder=folder)
+        return ctx.run_search([QueryTerm(1.0, "text", ctx.check_text(q))], ctx.check_k(k), filters=filters)
 
     @app.post("/api/search", response_model=SearchResult, openapi_extra=post_body,
               responses=ctx.errors(404, 408, 411, 413, 415, 429))
@@ -758,14 +790,15 @@ def _add_search_routes(app, ctx: SearchContext) -> None:
         """JSON (text, id, minus_text, positive_ids, negative_ids, k) or a multipart upload (image, text, k). The body is read here; the
         decoding, embedding and search run in worker threads."""
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            data, extra, k = await ctx.read_upload_form(request)
-            return await run_in_threadpool(ctx.image_search, data, extra, k)
+            data, extra, k, filters = await ctx.read_upload_form(request)
+            return await run_in_threadpool(ctx.image_search, data, extra, k, filters)
         try:
             body = SearchBody.model_validate(await request.json())
         except (ValueError, RecursionError) as exc:
             raise ApiError(422, f"invalid JSON body: {_first_error(exc)}") from None
+        filters = ctx.filters(after=body.after, before=body.before, camera=body.camera, folder=body.folder)
         return await run_in_threadpool(ctx.run_search, ctx.json_terms(body), ctx.check_k(body.k), body.positive_ids,
-                                       body.negative_ids)
+                                       body.negative_ids, filters)
 
 
 def _add_file_routes(app, ctx: SearchContext) -> None:
@@ -889,19 +922,22 @@ def _query_pairs(query: str) -> list[tuple[str, str]]:
 def _public_hit(hit: dict) -> dict:
     return {"id": hit["id"], "score": round(hit["score"], 6), "path": hit["path"], "width": hit["width"],
             "height": hit["height"], "captions": hit["captions"], "image": f"/image/{hit['id']}",
-            "thumb": f"/thumb/{hit['id']}"}
+            "thumb": f"/thumb/{hit['id']}", "taken": hit.get("taken"), "camera": hit.get("camera")}
 
 
 def _thumbnail(path: Path, sha256: str, folder: Path, size: int, info: dict) -> Path:
     """A JPEG thumbnail keyed by content hash and size, generated once (atomically) and reused. The file is
     decoded with the index's own limits (its decoders and pixel cap): it may have been replaced since."""
+    from PIL import ImageOps
+
     from cliplab.data.images import SAFE_IMAGE_FORMATS, load_rgb
     from cliplab.utils import atomic_write
 
-    out = folder / sha256[:2] / f"{sha256}-{size}.jpg"
+    out = folder / sha256[:2] / f"{sha256}-{size}-o.jpg"  # -o: orientation applied (older thumbnails were not)
     if not out.is_file():
         im = load_rgb(path, draft_size=size, max_pixels=info.get("max_pixels"),
                       formats=tuple(info.get("formats") or SAFE_IMAGE_FORMATS))
+        im = ImageOps.exif_transpose(im)  # a phone's portrait photo stands up (the EXIF orientation tag)
         im.thumbnail((size, size))
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=85)

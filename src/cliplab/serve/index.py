@@ -66,8 +66,13 @@ CREATE TABLE IF NOT EXISTS items (
     height INTEGER NOT NULL,
     captions TEXT NOT NULL DEFAULT '[]',
     added REAL NOT NULL,
-    row INTEGER NOT NULL
+    row INTEGER NOT NULL,
+    taken TEXT,
+    camera TEXT,
+    orientation INTEGER NOT NULL DEFAULT 1,
+    gps INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS items_taken ON items(taken);
 CREATE UNIQUE INDEX IF NOT EXISTS items_path ON items(root, relpath);
 CREATE UNIQUE INDEX IF NOT EXISTS items_row ON items(row);
 CREATE TABLE IF NOT EXISTS skipped (
@@ -227,6 +232,65 @@ def approximate_recall(vectors: np.ndarray, index, k: int = 10, n_queries: int =
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, got)]))
 
 
+@dataclass
+class PhotoFilter:
+    """Which photos a search may return: taken on/after ``after`` and before ``before`` (ISO dates or
+    date-times; photos without a recorded date are left out by either), a ``camera`` whose "make model"
+    contains the text (any case), inside ``folder`` (a path relative to an indexed folder, and below it)."""
+
+    after: str | None = None
+    before: str | None = None
+    camera: str | None = None
+    folder: str | None = None
+
+    def __post_init__(self) -> None:
+        import datetime
+
+        for name in ("after", "before", "camera", "folder"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or len(value) > 500):
+                raise DataError(f"{name}: text of at most 500 characters")
+            setattr(self, name, value.strip() or None if value is not None else None)
+        for name in ("after", "before"):
+            value = getattr(self, name)
+            if value:
+                try:
+                    setattr(self, name, datetime.datetime.fromisoformat(value).isoformat())
+                except ValueError:
+                    raise DataError(f"{name}: not a date (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS): {value!r}") from None
+        if self.folder:
+            parts = [p for p in self.folder.replace("\\", "/").split("/") if p not in ("", ".")]
+            if ".." in parts:
+                raise DataError(f"folder: a path inside an indexed folder, without '..': {self.folder!r}")
+            self.folder = "/".join(parts) or None
+
+    @property
+    def active(self) -> bool:
+        return any((self.after, self.before, self.camera, self.folder))
+
+    def sql(self) -> tuple[str, list]:
+        """A WHERE clause over ``items`` and its parameters."""
+        clauses, params = ["1"], []
+        if self.after:
+            clauses.append("taken >= ?")
+            params.append(self.after)
+        if self.before:
+            clauses.append("taken < ?")
+            params.append(self.before)
+        if self.camera:
+            clauses.append("lower(camera) LIKE ? ESCAPE '!'")
+            params.append(f"%{_like_escaped(self.camera.lower())}%")
+        if self.folder:
+            clauses.append("relpath LIKE ? ESCAPE '!'")
+            params.append(f"{_like_escaped(self.folder)}/%")
+        return " AND ".join(clauses), params
+
+
+def _like_escaped(text: str) -> str:
+    """``text`` matched literally by SQL LIKE with ``ESCAPE '!'``."""
+    return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+
+
 class PhotoIndex:
     """A committed generation of an index folder, opened read-only (CLI search, the server)."""
 
@@ -278,9 +342,22 @@ class PhotoIndex:
 
     @staticmethod
     def _public(row: sqlite3.Row) -> dict:
-        return {"id": int(row["id"]), "root": int(row["root"]), "path": row["relpath"], "width": int(row["width"]),
+        item = {"id": int(row["id"]), "root": int(row["root"]), "path": row["relpath"], "width": int(row["width"]),
                 "height": int(row["height"]), "size": int(row["size"]), "sha256": row["sha256"],
                 "captions": json.loads(row["captions"]), "added": float(row["added"])}
+        if "taken" in row.keys():  # generations written before the EXIF facts were recorded lack them
+            item.update(taken=row["taken"], camera=row["camera"], orientation=int(row["orientation"]),
+                        gps=bool(row["gps"]))
+        return item
+
+    def matching(self, filters: "PhotoFilter") -> list[int]:
+        """Ids of the photos a filter keeps (one SQL query over the recorded dates, cameras and folders)."""
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(items)")}
+        if "taken" not in columns and (filters.after or filters.before or filters.camera):
+            raise ConfigError(f"{self.folder} was built before photo dates and cameras were recorded; run "
+                              "`cliplab index` on it again (nothing is re-embedded)")
+        where, params = filters.sql()
+        return [int(r[0]) for r in self.db.execute(f"SELECT id FROM items WHERE {where}", params)]
 
     def file_path(self, item_id: int) -> Path | None:
         """The file of an indexed item, only if it still resolves inside its root (no path from a request)."""
@@ -305,16 +382,30 @@ class PhotoIndex:
         return ([[int(i) for i in self.row_to_id[r[m]]] for r, m in zip(rows, keep)],
                 [[float(x) for x in d[m]] for d, m in zip(scores, keep)])
 
-    def search(self, query: np.ndarray, k: int = 10, exclude: set[int] | None = None) -> list[dict]:
-        """Top ``k`` items by inner product with the unit-norm ``query``: id, score and metadata."""
+    def search(self, query: np.ndarray, k: int = 10, exclude: set[int] | None = None,
+               filters: "PhotoFilter | None" = None) -> list[dict]:
+        """Top ``k`` items by inner product with the unit-norm ``query``: id, score and metadata. With
+        ``filters`` only the matching photos are ranked, scored exactly (so ``k`` results whenever ``k`` match)."""
         exclude = exclude or set()
-        n = min(len(self), k + len(exclude))
-        if n == 0:
-            return []
-        ids, scores = self.rank(query, n)
-        hits = [(s, i) for s, i in zip(scores[0], ids[0]) if i not in exclude][:k]
+        if filters is not None and filters.active:
+            hits = self._ranked_among(query, [i for i in self.matching(filters) if i not in exclude], k)
+        else:
+            n = min(len(self), k + len(exclude))
+            if n == 0:
+                return []
+            ids, scores = self.rank(query, n)
+            hits = [(s, i) for s, i in zip(scores[0], ids[0]) if i not in exclude][:k]
         meta = self.items([i for _, i in hits])
         return [{"id": i, "score": s, **{k2: v for k2, v in meta[i].items() if k2 != "id"}} for s, i in hits]
+
+    def _ranked_among(self, query: np.ndarray, ids: list[int], k: int) -> list[tuple[float, int]]:
+        """The ``k`` best of ``ids`` by exact inner product (vectors read in blocks from the memory map)."""
+        rows = np.sort(np.array([self.id_to_row[i] for i in ids if i in self.id_to_row], dtype=np.int64))
+        q = np.asarray(query, dtype=np.float32).reshape(-1)
+        scores = np.concatenate([np.asarray(self.vectors[rows[b:b + 65536]], dtype=np.float32) @ q
+                                 for b in range(0, len(rows), 65536)]) if len(rows) else np.zeros(0, np.float32)
+        top = np.argsort(-scores, kind="stable")[:k]
+        return [(float(scores[t]), int(self.row_to_id[rows[t]])) for t in top]
 
     def summary(self) -> dict:
         return {"images": len(self), "model": self.info["model"], "dim": self.info["dim"],
@@ -456,19 +547,19 @@ class IndexBuilder:
     def _entries(self, keep, todo, good, errors, failed, old, report: BuildReport):
         """The items of the next generation, sorted by root and path, and the stat of files that failed."""
         now = time.time()
-        entries = [(f, ("old", o["row"]), o["sha256"], o["width"], o["height"], o["added"], o["id"])
-                   for f, o in keep]  # (SourceFile, vector source, sha, width, height, added, id or None)
+        entries = [(f, ("old", o["row"]), o["sha256"], o["width"], o["height"], o["added"], o["id"], self._kept_facts(f, o))
+                   for f, o in keep]  # (SourceFile, vector source, sha, width, height, added, id or None, facts)
         stat_of = {}  # relpath -> (size, mtime) of files that failed, so an unchanged one is not tried again
         for i, f in enumerate(todo):
             if good[i]:
                 try:
-                    (w, h), sha = self._size(f.path), sha256_file(f.path)
+                    (w, h, facts), sha = self._size_and_facts(f.path), sha256_file(f.path)
                 except (OSError, DataError):  # gone or replaced since it was embedded
                     report.skipped.append((f.relpath, "file vanished or changed while indexing"))
                     report.embedded -= 1
                     continue
                 prior = old.get((f.root, f.relpath))  # a changed file keeps its id
-                entries.append((f, ("new", i), sha, w, h, now, prior["id"] if prior else None))
+                entries.append((f, ("new", i), sha, w, h, now, prior["id"] if prior else None, facts))
             else:
                 report.skipped.append((f.relpath, errors.get(i, "unreadable image").replace(str(f.path), f.relpath)))
                 stat_of[f.relpath] = (f.size, f.mtime_ns)
@@ -520,11 +611,25 @@ class IndexBuilder:
         finally:
             con.close()
 
-    def _size(self, path: Path) -> tuple[int, int]:
+    def _size_and_facts(self, path: Path) -> tuple[int, int, dict]:
+        """Width, height and the EXIF facts (:func:`~cliplab.data.images.photo_facts`) from the header."""
         from PIL import Image
 
+        from cliplab.data.images import photo_facts
+
         with Image.open(path, formats=self.formats) as im:
-            return int(im.size[0]), int(im.size[1])
+            return int(im.size[0]), int(im.size[1]), photo_facts(im)
+
+    def _kept_facts(self, f: SourceFile, old: dict) -> dict:
+        """An unchanged photo's facts: from the previous generation, or read now from an index written before
+        they were recorded (its header only; an unreadable one has none)."""
+        if "taken" in old:
+            return {"taken": old["taken"], "camera": old["camera"], "orientation": old["orientation"],
+                    "gps": bool(old["gps"])}
+        try:
+            return self._size_and_facts(f.path)[2]
+        except (OSError, DataError, SyntaxError, ValueError):
+            return {"taken": None, "camera": None, "orientation": 1, "gps": False}
 
     @staticmethod
     def _write_db(path: Path, entries, info: dict, skipped: list[tuple]) -> None:
@@ -535,12 +640,12 @@ class IndexBuilder:
                 con.executemany("INSERT INTO info VALUES (?, ?)", [(k, json.dumps(v)) for k, v in info.items()])
                 next_id = max([e[6] for e in entries if e[6] is not None], default=0) + 1
                 rows = []
-                for row, (f, _, sha, w, h, added, item_id) in enumerate(entries):
+                for row, (f, _, sha, w, h, added, item_id, facts) in enumerate(entries):
                     if item_id is None:
                         item_id, next_id = next_id, next_id + 1
                     rows.append((item_id, f.root, f.relpath, f.size, f.mtime_ns, sha, w, h, json.dumps(f.captions),
-                                 added, row))
-                con.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                                 added, row, facts["taken"], facts["camera"], facts["orientation"], int(facts["gps"])))
+                con.executemany(f"INSERT INTO items VALUES ({', '.join('?' * 15)})", rows)
                 con.executemany("INSERT OR REPLACE INTO skipped VALUES (0, ?, ?, ?, ?)", skipped)
         finally:
             con.close()

@@ -248,17 +248,20 @@ def parse_item_ids(values: list[str], option: str) -> list[int]:
 
 
 def search_index(index_dir: str | Path, query: list[str], k: int = 10, *, device: str = "cpu",
-                 like: list[int] = (), unlike: list[int] = ()) -> list[dict]:
+                 like: list[int] = (), unlike: list[int] = (), filters=None) -> list[dict]:
     """The ``k`` best images of an index for an rclip-style query (texts, image files and ``id:N`` combined with
     ``+`` and ``-``), each a dict with rank, id, score, path, file, width, height and captions. ``like`` /
     ``unlike``: ids of results judged relevant / not relevant, folded into the query by
-    :func:`refine_with_feedback`; the ``unlike`` ones are left out of the results (the liked ones stay)."""
+    :func:`refine_with_feedback`; the ``unlike`` ones are left out of the results (the liked ones stay).
+    ``filters``: a :class:`~cliplab.serve.index.PhotoFilter` (date taken, camera, folder) applied before ranking."""
     from cliplab.models.factory import load_model
     from cliplab.serve.index import PhotoIndex
 
     if k < 1:
         raise CliplabError("-k must be >= 1")
     index = PhotoIndex(index_dir)
+    if filters is not None and filters.active:
+        index.matching(filters)  # an index without the facts says so before the model loads
     terms = parse_cli_query(list(query)) if query or not like else []
     liked, disliked = feedback_vectors(index, list(like)), feedback_vectors(index, list(unlike))
     model = load_model(index.info["model"], device=device)
@@ -267,7 +270,8 @@ def search_index(index_dir: str | Path, query: list[str], k: int = 10, *, device
     vector, used = QueryEncoder(model).compose(terms, index) if terms else (None, set())
     if like or unlike:
         vector = refine_with_feedback(vector, liked, disliked)
-    hits = index.search(vector, k, exclude=used | set(unlike))
+    hits = index.search(vector, k, exclude=used | set(unlike), filters=filters)
     return [{"rank": r, "id": h["id"], "score": h["score"], "path": h["path"],
              "file": str(index.roots[h["root"]] / h["path"]), "width": h["width"], "height": h["height"],
-             "captions": h["captions"]} for r, h in enumerate(hits, 1)]
+             "captions": h["captions"], **{f: h[f] for f in ("taken", "camera") if f in h}}
+            for r, h in enumerate(hits, 1)]
