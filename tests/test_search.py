@@ -322,9 +322,9 @@ def test_feedback_through_the_api_the_cli_and_the_python_index(client, indexed, 
     from cliplab.serve.query import FEEDBACK_WEIGHTS, QueryEncoder, refine_with_feedback
 
     _, _, index_dir, _ = indexed
-    base = client.post("/api/search", json={"text": "a red circle", "k": 16}).json()["results"]
+    base = client.post("/api/search", json={"text": "a red circle", "k": 16, "mode": "semantic"}).json()["results"]
     like, unlike = base[3]["id"], base[0]["id"]
-    body = {"text": "a red circle", "positive_ids": [like], "negative_ids": [unlike], "k": 16}
+    body = {"text": "a red circle", "positive_ids": [like], "negative_ids": [unlike], "k": 16, "mode": "semantic"}
     refined = client.post("/api/search", json=body).json()["results"]
     index = PhotoIndex(index_dir)  # the same ranking by hand: Rocchio on the indexed vectors, then FAISS
     query = QueryEncoder(cliplab.load_model("conse")).text("a red circle")
@@ -332,21 +332,69 @@ def test_feedback_through_the_api_the_cli_and_the_python_index(client, indexed, 
     assert [h["id"] for h in refined] == [h["id"] for h in index.search(vector, 16, exclude={unlike})]
     assert len(refined) == 15 and unlike not in [h["id"] for h in refined]  # marked not relevant: not shown again
     assert [h["id"] for h in refined].index(like) < 3
-    only_liked = client.post("/api/search", json={"positive_ids": [like], "k": 3}).json()["results"]
+    only_liked = client.post("/api/search", json={"positive_ids": [like], "k": 3, "mode": "semantic"}).json()["results"]
     assert only_liked[0]["id"] == like  # no text: "more like these", the liked image itself first
     assert client.post("/api/search", json={"negative_ids": [like]}).status_code == 422
     assert client.post("/api/search", json={**body, "positive_ids": [10**6]}).status_code == 404
     too_many = client.post("/api/search", json={**body, "positive_ids": list(range(21))})  # more than max_k
     assert too_many.status_code == 422 and too_many.json()["error"].startswith("invalid JSON body: positive_ids: ")
-    res = cli("search", index_dir, "a red circle", "-k", "16", "--like", f"id:{like}", "--unlike", str(unlike), "--json")
+    res = cli("search", index_dir, "a red circle", "-k", "16", "--like", f"id:{like}", "--unlike", str(unlike), "--json",
+              "--mode", "semantic")
     assert res.returncode == 0, res.stdout
     assert [h["id"] for h in json.loads(res.stdout)] == [h["id"] for h in refined]
-    table = cliplab.Index(index_dir).search("a red circle", k=16, like=[like], unlike=[unlike])
+    table = cliplab.Index(index_dir).search("a red circle", k=16, like=[like], unlike=[unlike], mode="semantic")
     assert [row["id"] for row in table.rows] == [h["id"] for h in refined]
     res = cli("search", index_dir, "x", "--like", "12a")
     assert res.returncode == 2 and "--like takes indexed ids like id:12" in res.stdout
     res = cli("search", index_dir, "x", "--unlike", "id:999999")
     assert res.returncode == 2 and "no indexed image with id 999999" in res.stdout
+
+
+def test_keyword_text_and_fts_queries():
+    from cliplab.serve.index import fts_query, searchable_text
+
+    assert searchable_text("trips/2020/beach_day-01.JPG", ["A dog runs."], "Canon EOS").split("\n") == \
+        ["trips 2020 beach day 01", "Canon EOS", "A dog runs."]
+    assert fts_query('a "dog" OR NEAR(x) beach* dog') == '"a" OR "dog" OR "or" OR "near" OR "x" OR "beach"'
+    assert fts_query("  --- ") is None
+
+
+def test_reciprocal_rank_fusion_by_hand():
+    from cliplab.serve.query import fuse_rankings
+
+    # a: 1/(10+1) + 1/(10+3); b: 1/(10+2) + 1/(10+1); c: 1/(10+3); d: 1/(10+2)
+    got = fuse_rankings([["a", "b", "c"], ["b", "d", "a"]], constant=10)
+    want = {"a": 1 / 11 + 1 / 13, "b": 1 / 12 + 1 / 11, "c": 1 / 13, "d": 1 / 12}
+    assert [i for _, i in got] == ["b", "a", "d", "c"] and all(s == pytest.approx(want[i]) for s, i in got)
+    assert [i for _, i in fuse_rankings([["x", "y"], ["y", "x"]], constant=5)] == ["x", "y"]  # tie: first seen
+
+
+def test_keyword_and_hybrid_modes(indexed, client, cli):
+    from cliplab.serve.index import PhotoIndex
+    from cliplab.serve.query import FUSION_DEPTH, RRF_CONSTANT, QueryEncoder, fuse_rankings
+
+    import cliplab
+
+    _, _, index_dir, _ = indexed
+    index = PhotoIndex(index_dir)
+    words = client.get("/api/search", params={"q": "green square", "k": 4, "mode": "keyword"}).json()["results"]
+    assert {h["path"].rsplit("/", 1)[-1].split("_")[0] for h in words} == {"green"}  # the rare word decides (BM25)
+    assert len(words) == 4
+    vector = QueryEncoder(cliplab.load_model("conse")).text("green square")
+    semantic = [i for _, i in index.semantic_rank(vector, FUSION_DEPTH)]
+    keyword = [i for _, i in index.keyword_rank("green square", FUSION_DEPTH)]
+    fused = [i for _, i in fuse_rankings([semantic, keyword], RRF_CONSTANT)][:8]
+    hybrid = client.get("/api/search", params={"q": "green square", "k": 8, "mode": "hybrid"}).json()["results"]
+    assert [h["id"] for h in hybrid] == fused
+    nowords = client.get("/api/search", params={"q": "zebra", "k": 5, "mode": "hybrid"}).json()["results"]
+    assert [h["id"] for h in nowords] == [h["id"] for h in client.get(
+        "/api/search", params={"q": "zebra", "k": 5, "mode": "semantic"}).json()["results"]]  # no keyword hit
+    res = cli("search", index_dir, "green square", "--mode", "keyword", "-k", "4", "--json")
+    assert res.returncode == 0 and [h["id"] for h in json.loads(res.stdout)] == [h["id"] for h in words]
+    assert client.get("/api/search", params={"q": "x", "mode": "fuzzy"}).status_code == 422
+    assert client.post("/api/search", json={"id": words[0]["id"], "mode": "keyword"}).status_code == 422
+    res = cli("search", index_dir, "x", "--mode", "fuzzy")
+    assert res.returncode == 2 and "--mode must be one of semantic, keyword, hybrid" in res.stdout
 
 
 def test_clip_retrieval_compatible_api(client):
@@ -566,7 +614,7 @@ def test_web_page_in_headless_chromium(live, indexed):
         expect(page.locator("#judged")).to_have_text("1 relevant, 1 not relevant")
         with page.expect_request(lambda r: r.url.endswith("/api/search") and r.method == "POST") as sent:
             page.locator("#refine").click()
-        assert json.loads(sent.value.post_data) == {"text": "a red circle", "positive_ids": [like],
+        assert json.loads(sent.value.post_data) == {"text": "a red circle", "positive_ids": [like], "mode": "hybrid",
                                                     "negative_ids": [unlike], "k": int(page.locator("#k").input_value())}
         expect(page.locator("#status")).to_contain_text("refined query (1 relevant, 1 not)")
         expected = [h["id"] for h in httpx.post(live + "/api/search", json=json.loads(sent.value.post_data)).json()["results"]]
@@ -587,6 +635,16 @@ def test_web_page_in_headless_chromium(live, indexed):
         shown = page.evaluate("Array.from(document.querySelectorAll('.tile .open')).map(b => b.getAttribute('aria-label'))")
         assert shown and all(label.startswith("open nested/deeper/") for label in shown) and len(shown) <= deeper
         page.locator("#folder").fill("")
+        # the mode switch: keyword search reads the words of file names
+        page.locator("#mode").select_option("keyword")
+        with page.expect_request(lambda r: "/api/search?" in r.url) as sent:
+            page.locator("#q").fill("yellow")
+            page.keyboard.press("Enter")
+        assert "mode=keyword" in sent.value.url
+        expect(page.locator("#status")).to_contain_text("4 results for")
+        shown = page.evaluate("Array.from(document.querySelectorAll('.tile .open')).map(b => b.getAttribute('aria-label'))")
+        assert all("yellow_" in label for label in shown)
+        page.locator("#mode").select_option("hybrid")
         # an uploaded image as the query
         page.locator("#file").set_input_files(str(next(photos.rglob("blue_circle_0*"))))
         expect(page.locator("#status")).to_contain_text("results for the image")

@@ -191,16 +191,17 @@ class Index:
 
     def search(self, *query: str, k: int = 10, like: list[int] = (), unlike: list[int] = (),
                after: Optional[str] = None, before: Optional[str] = None, camera: Optional[str] = None,
-               folder: Optional[str] = None, device: str = "cpu") -> Table:
+               folder: Optional[str] = None, mode: str = "hybrid", device: str = "cpu") -> Table:
         """``cliplab search``: texts, image paths and ``id:N`` combined with ``"+"`` / ``"-"``; ``like`` /
         ``unlike``: ids of results judged relevant / not (Rocchio feedback, ``--like`` / ``--unlike``);
-        ``after`` / ``before`` (date taken), ``camera``, ``folder``: filters applied before ranking."""
+        ``after`` / ``before`` (date taken), ``camera``, ``folder``: filters applied before ranking; ``mode``:
+        semantic, keyword or hybrid (``--mode``)."""
         from cliplab.serve.index import PhotoFilter
         from cliplab.serve.query import search_index
 
         filters = PhotoFilter(after=after, before=before, camera=camera, folder=folder)
         return Table(search_index(self.folder, list(query), k, device=device, like=list(like), unlike=list(unlike),
-                                  filters=filters), title=" ".join(query))
+                                  filters=filters, mode=mode), title=" ".join(query))
 
     def duplicates(self, threshold: Optional[float] = None):
         """``cliplab duplicates``: exact and near duplicate groups (a ``DuplicateReport``: ``.exact``, ``.near``,

@@ -86,6 +86,8 @@ def search(
     before: Optional[str] = typer.Option(None, help="only photos taken before this date (EXIF; YYYY-MM-DD)"),
     camera: Optional[str] = typer.Option(None, help="only photos whose camera (EXIF make and model) contains this"),
     folder: Optional[str] = typer.Option(None, help="only photos in this folder (relative to an indexed folder)"),
+    mode: str = typer.Option("hybrid", help="semantic (embeddings), keyword (words in file and folder names, "
+                                            "camera, captions) or hybrid (both, rank-fused)"),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Search an index by text, image or both (rclip-style + and - combinations); refine with --like/--unlike."""
@@ -99,7 +101,7 @@ def search(
             raise CliplabError(f"image not found: {p}")
     hits = search_index(index_dir, query + [str(p) for p in image], k, device=device,
                         like=parse_item_ids(like, "--like"), unlike=parse_item_ids(unlike, "--unlike"),
-                        filters=PhotoFilter(after=after, before=before, camera=camera, folder=folder))
+                        filters=PhotoFilter(after=after, before=before, camera=camera, folder=folder), mode=mode)
     if filepath_only:
         for h in hits:
             print(h["file"])

@@ -43,8 +43,8 @@ from types import SimpleNamespace
 from cliplab.errors import CliplabError, ConfigError
 from cliplab.extras import require
 from cliplab.serve.index import CURRENT, PhotoIndex
-from cliplab.serve.query import (QueryBusy, QueryEncoder, QueryTerm, decode_image_bytes, feedback_vectors,
-                                 refine_with_feedback)
+from cliplab.serve.query import (DEFAULT_MODE, SEARCH_MODES, QueryBusy, QueryEncoder, QueryTerm, decode_image_bytes,
+                                 feedback_vectors, query_words, ranked_hits, refine_with_feedback)
 
 STATIC = Path(__file__).with_name("static")
 MAX_ID = 2**63 - 1  # SQLite's INTEGER range: any other id is simply not found
@@ -304,15 +304,20 @@ class SearchContext:
         return item_id
 
     def run_search(self, terms: list[QueryTerm], k: int, liked: list[int] = (), disliked: list[int] = (),
-                   filters=None) -> dict:
-        """Compose the query terms, fold in relevance feedback on judged result ids, search (among the photos
-        ``filters`` keeps, when given)."""
+                   filters=None, mode: str = "semantic") -> dict:
+        """Compose the query terms, fold in relevance feedback on judged result ids, rank (semantic, keyword or
+        hybrid: :func:`~cliplab.serve.query.ranked_hits`) among the photos ``filters`` keeps, when given."""
         index = self.service.current()
         t0 = time.perf_counter()
+        if mode not in SEARCH_MODES:
+            raise ApiError(422, f"mode must be one of {', '.join(SEARCH_MODES)}")
+        if mode == "keyword" and (liked or disliked or not query_words(terms).strip()):
+            raise ApiError(422, "keyword mode needs words in the query (and takes no relevance feedback)")
         try:
             if filters is not None and filters.active:
                 index.matching(filters)  # an index without recorded facts: refused before any encoding
-            vector, used = self.service.encoder.compose(terms, index) if terms else (None, set())
+            vector, used = ((None, {int(t.value) for t in terms if t.kind == "item"}) if mode == "keyword" else
+                            self.service.encoder.compose(terms, index) if terms else (None, set()))
             if liked or disliked:
                 vector = refine_with_feedback(vector, feedback_vectors(index, [self.check_id(i) for i in liked]),
                                               feedback_vectors(index, [self.check_id(i) for i in disliked]))
@@ -320,8 +325,9 @@ class SearchContext:
             raise _busy(exc) from None
         except CliplabError as exc:
             raise ApiError(404 if "no indexed image" in str(exc) else 422, str(exc)) from None
-        try:
-            results = index.search(vector, k, exclude=used | set(disliked), filters=filters)  # disliked: not shown
+        try:  # disliked results are not shown again
+            results = ranked_hits(index, vector, query_words(terms), k, mode=mode, exclude=used | set(disliked),
+                                  filters=filters)
         except CliplabError as exc:
             raise ApiError(422, str(exc)) from None
         took = (time.perf_counter() - t0) * 1000
@@ -336,15 +342,15 @@ class SearchContext:
         except CliplabError as exc:
             raise ApiError(413 if "too large" in str(exc) else 415, str(exc)) from None
 
-    def image_search(self, data: bytes, extra: list[QueryTerm], k: int, filters=None) -> dict:
+    def image_search(self, data: bytes, extra: list[QueryTerm], k: int, filters=None, mode: str = "semantic") -> dict:
         """Decode + embed + search an uploaded image (in a worker thread, through the gate)."""
         try:
             return self.gate(lambda: self.run_search([QueryTerm(1.0, "image", self.load_upload(data)), *extra], k,
-                                                     filters=filters))
+                                                     filters=filters, mode=mode))
         except QueryBusy as exc:
             raise _busy(exc) from None
 
-    async def read_upload_form(self, request) -> tuple[bytes, list[QueryTerm], int, object]:
+    async def read_upload_form(self, request) -> tuple[bytes, list[QueryTerm], int, object, str]:
         """A multipart search (image, text, k, filters): the image's bytes, the extra text term, k and the
         :class:`~cliplab.serve.index.PhotoFilter`."""
         form = await request.form(max_files=1, max_fields=10)
@@ -359,7 +365,8 @@ class SearchContext:
         except ValueError:
             raise ApiError(422, "k must be an integer") from None
         fields = {f: form.get(f) for f in ("after", "before", "camera", "folder")}
-        return data, extra, k, self.filters(**{f: v for f, v in fields.items() if isinstance(v, str) and v})
+        mode = form.get("mode") if isinstance(form.get("mode"), str) else DEFAULT_MODE
+        return data, extra, k, self.filters(**{f: v for f, v in fields.items() if isinstance(v, str) and v}), mode
 
     def json_terms(self, body) -> list[QueryTerm]:
         """The query terms of a JSON search (text, id for "more like this", minus_text)."""
@@ -673,6 +680,7 @@ def _answer_models(settings: ServerSettings) -> dict:
         text: str | None = Field(None, description="text query")
         id: int | None = Field(None, description="an indexed image: 'more like this'")
         minus_text: str | None = Field(None, description="text to subtract from the query")
+        mode: str = Field(DEFAULT_MODE, description="semantic, keyword or hybrid (both lists fused)")
         after: str | None = Field(None, max_length=40, description="only photos taken on/after (YYYY-MM-DD)")
         before: str | None = Field(None, max_length=40, description="only photos taken before (YYYY-MM-DD)")
         camera: str | None = Field(None, max_length=200, description="camera make/model contains this")
@@ -770,19 +778,20 @@ def _add_search_routes(app, ctx: SearchContext) -> None:
     SearchResult, SearchBody = ctx.models.SearchResult, ctx.models.SearchBody
     form_schema = {"type": "object", "required": ["image"], "properties": {
         "image": {"type": "string", "format": "binary"}, "text": {"type": "string"}, "k": {"type": "integer"},
-        **{f: {"type": "string", "maxLength": 200} for f in ("after", "before", "camera", "folder")}}}
+        **{f: {"type": "string", "maxLength": 200} for f in ("after", "before", "camera", "folder", "mode")}}}
     post_body = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": SearchBody.model_json_schema()},
         "multipart/form-data": {"schema": form_schema}}}}
 
     @app.get("/api/search", response_model=SearchResult, responses=ctx.errors(404, 429))
     def search_get(q: str = Query(..., description="text query"), k: int = Query(10),
+                   mode: str = Query(DEFAULT_MODE, description="semantic, keyword or hybrid (both lists fused)"),
                    after: str | None = Query(None, max_length=40, description="taken on/after (YYYY-MM-DD)"),
                    before: str | None = Query(None, max_length=40, description="taken before (YYYY-MM-DD)"),
                    camera: str | None = Query(None, max_length=200, description="camera contains this"),
                    folder: str | None = Query(None, max_length=500, description="in this folder (relative)")):
         filters = ctx.filters(after=after, before=before, camera=camera, folder=folder)
-        return ctx.run_search([QueryTerm(1.0, "text", ctx.check_text(q))], ctx.check_k(k), filters=filters)
+        return ctx.run_search([QueryTerm(1.0, "text", ctx.check_text(q))], ctx.check_k(k), filters=filters, mode=mode)
 
     @app.post("/api/search", response_model=SearchResult, openapi_extra=post_body,
               responses=ctx.errors(404, 408, 411, 413, 415, 429))
@@ -790,15 +799,15 @@ def _add_search_routes(app, ctx: SearchContext) -> None:
         """JSON (text, id, minus_text, positive_ids, negative_ids, k) or a multipart upload (image, text, k). The body is read here; the
         decoding, embedding and search run in worker threads."""
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            data, extra, k, filters = await ctx.read_upload_form(request)
-            return await run_in_threadpool(ctx.image_search, data, extra, k, filters)
+            data, extra, k, filters, mode = await ctx.read_upload_form(request)
+            return await run_in_threadpool(ctx.image_search, data, extra, k, filters, mode)
         try:
             body = SearchBody.model_validate(await request.json())
         except (ValueError, RecursionError) as exc:
             raise ApiError(422, f"invalid JSON body: {_first_error(exc)}") from None
         filters = ctx.filters(after=body.after, before=body.before, camera=body.camera, folder=body.folder)
         return await run_in_threadpool(ctx.run_search, ctx.json_terms(body), ctx.check_k(body.k), body.positive_ids,
-                                       body.negative_ids, filters)
+                                       body.negative_ids, filters, body.mode)
 
 
 def _add_file_routes(app, ctx: SearchContext) -> None:

@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS items (
     gps INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS items_taken ON items(taken);
+CREATE VIRTUAL TABLE IF NOT EXISTS items_text USING fts5(body, tokenize='unicode61 remove_diacritics 2');
 CREATE UNIQUE INDEX IF NOT EXISTS items_path ON items(root, relpath);
 CREATE UNIQUE INDEX IF NOT EXISTS items_row ON items(row);
 CREATE TABLE IF NOT EXISTS skipped (
@@ -286,6 +287,20 @@ class PhotoFilter:
         return " AND ".join(clauses), params
 
 
+def searchable_text(relpath: str, captions: list[str], camera: str | None) -> str:
+    """What keyword search reads for a photo: its folder and file-name words (``trips/2020/beach_day.jpg`` ->
+    ``trips 2020 beach day``), its camera and its captions."""
+    words = re.sub(r"[\W_]+", " ", relpath.rsplit(".", 1)[0])
+    return "\n".join([words, camera or "", *captions])
+
+
+def fts_query(text: str) -> str | None:
+    """A user's text as an FTS5 query: its words, each quoted (no FTS syntax gets through), any of them
+    (BM25 ranks photos matching more words first); None when it has no words."""
+    words = re.findall(r"\w+", text.lower())[:64]
+    return " OR ".join(f'"{w}"' for w in dict.fromkeys(words)) or None
+
+
 def _like_escaped(text: str) -> str:
     """``text`` matched literally by SQL LIKE with ``ESCAPE '!'``."""
     return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
@@ -386,17 +401,40 @@ class PhotoIndex:
                filters: "PhotoFilter | None" = None) -> list[dict]:
         """Top ``k`` items by inner product with the unit-norm ``query``: id, score and metadata. With
         ``filters`` only the matching photos are ranked, scored exactly (so ``k`` results whenever ``k`` match)."""
+        return self.described(self.semantic_rank(query, k, exclude, filters))
+
+    def semantic_rank(self, query: np.ndarray, k: int, exclude: set[int] | None = None,
+                      filters: "PhotoFilter | None" = None) -> list[tuple[float, int]]:
+        """``(score, id)`` of the ``k`` best items by inner product (see :meth:`search`)."""
         exclude = exclude or set()
         if filters is not None and filters.active:
-            hits = self._ranked_among(query, [i for i in self.matching(filters) if i not in exclude], k)
-        else:
-            n = min(len(self), k + len(exclude))
-            if n == 0:
-                return []
-            ids, scores = self.rank(query, n)
-            hits = [(s, i) for s, i in zip(scores[0], ids[0]) if i not in exclude][:k]
+            return self._ranked_among(query, [i for i in self.matching(filters) if i not in exclude], k)
+        n = min(len(self), k + len(exclude))
+        if n == 0:
+            return []
+        ids, scores = self.rank(query, n)
+        return [(s, i) for s, i in zip(scores[0], ids[0]) if i not in exclude][:k]
+
+    def described(self, hits: list[tuple[float, int]]) -> list[dict]:
+        """``(score, id)`` pairs as hits: id, score and the item's metadata."""
         meta = self.items([i for _, i in hits])
         return [{"id": i, "score": s, **{k2: v for k2, v in meta[i].items() if k2 != "id"}} for s, i in hits]
+
+    @property
+    def has_keywords(self) -> bool:
+        """Whether this generation has the keyword table (indexes built before it have not)."""
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'items_text'").fetchone() is not None
+
+    def keyword_rank(self, text: str, depth: int, allowed: set[int] | None = None) -> list[tuple[float, int]]:
+        """``(score, id)`` of the items whose words (folder, file name, camera, captions) match ``text``, best
+        first by BM25 (score = -BM25, higher is better); at most ``depth``, only ``allowed`` ids when given."""
+        query = fts_query(text)
+        if query is None or not self.has_keywords:
+            return []
+        rows = self.db.execute("SELECT rowid, bm25(items_text) FROM items_text WHERE items_text MATCH ? "
+                               "ORDER BY bm25(items_text) LIMIT ?", (query, depth if allowed is None else -1))
+        hits = [(-float(score), int(item_id)) for item_id, score in rows]
+        return hits if allowed is None else [h for h in hits if h[1] in allowed][:depth]
 
     def _ranked_among(self, query: np.ndarray, ids: list[int], k: int) -> list[tuple[float, int]]:
         """The ``k`` best of ``ids`` by exact inner product (vectors read in blocks from the memory map)."""
@@ -646,6 +684,8 @@ class IndexBuilder:
                     rows.append((item_id, f.root, f.relpath, f.size, f.mtime_ns, sha, w, h, json.dumps(f.captions),
                                  added, row, facts["taken"], facts["camera"], facts["orientation"], int(facts["gps"])))
                 con.executemany(f"INSERT INTO items VALUES ({', '.join('?' * 15)})", rows)
+                con.executemany("INSERT INTO items_text (rowid, body) VALUES (?, ?)",
+                                [(r[0], searchable_text(r[2], json.loads(r[8]), r[12])) for r in rows])
                 con.executemany("INSERT OR REPLACE INTO skipped VALUES (0, ?, ?, ?, ?)", skipped)
         finally:
             con.close()

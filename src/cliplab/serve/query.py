@@ -225,6 +225,51 @@ def refine_with_feedback(query: np.ndarray | None, liked: list[np.ndarray], disl
     return (total / norm).astype(np.float32)
 
 
+SEARCH_MODES = ("semantic", "keyword", "hybrid")
+DEFAULT_MODE = "hybrid"  # chosen on Flickr8k dev by `python bench/hybrid.py` (BENCHMARKS.md `search.hybrid.*`)
+RRF_CONSTANT = 60  # reciprocal rank fusion constant, chosen on the same dev queries
+FUSION_DEPTH = 100  # each list fused to this depth (at least k)
+
+
+def fuse_rankings(rankings: list[list[int]], constant: float = RRF_CONSTANT) -> list[tuple[float, int]]:
+    """Reciprocal rank fusion: each id scores the sum over the rankings of ``1 / (constant + rank)`` (rank 1
+    first); ``(score, id)`` best first, ties in order of first appearance."""
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, item_id in enumerate(ranking, 1):
+            scores[item_id] = scores.get(item_id, 0.0) + 1.0 / (constant + rank)
+    order = {i: n for n, i in enumerate(dict.fromkeys(i for r in rankings for i in r))}
+    return sorted(((s, i) for i, s in scores.items()), key=lambda si: (-si[0], order[si[1]]))
+
+
+def ranked_hits(index, vector: np.ndarray | None, text: str, k: int, *, mode: str = DEFAULT_MODE,
+                exclude: set[int] = frozenset(), filters=None) -> list[dict]:
+    """The ``k`` best photos for a query: ``semantic`` (the embedding ``vector``), ``keyword`` (BM25 over the
+    words of ``text`` in folder and file names, camera and captions) or ``hybrid`` (the two lists fused by
+    :func:`fuse_rankings`; a query without words, or an index without the keyword table, ranks semantically)."""
+    if mode not in SEARCH_MODES:
+        raise CliplabError(f"mode must be one of {', '.join(SEARCH_MODES)}, not {mode!r}")
+    allowed = None
+    if filters is not None and filters.active:
+        allowed = set(index.matching(filters))
+    if mode == "keyword":
+        if not text.strip():
+            raise CliplabError("keyword mode needs words in the query")
+        hits = index.keyword_rank(text, k + len(exclude), allowed)
+        return index.described([h for h in hits if h[1] not in exclude][:k])
+    semantic = index.semantic_rank(vector, max(k, FUSION_DEPTH) if mode == "hybrid" else k, exclude, filters)
+    keyword = index.keyword_rank(text, max(k, FUSION_DEPTH) + len(exclude), allowed) if mode == "hybrid" else []
+    keyword = [i for _, i in keyword if i not in exclude]
+    if not keyword:
+        return index.described(semantic[:k])
+    return index.described(fuse_rankings([[i for _, i in semantic], keyword])[:k])
+
+
+def query_words(terms: list[QueryTerm]) -> str:
+    """The words keyword search reads from a query: its positive text terms."""
+    return " ".join(str(t.value) for t in terms if t.kind == "text" and t.sign > 0)
+
+
 def feedback_vectors(index, ids: list[int]) -> list[np.ndarray]:
     """The indexed embeddings of judged results (a :class:`DataError` names an unknown id)."""
     vectors = []
@@ -248,29 +293,38 @@ def parse_item_ids(values: list[str], option: str) -> list[int]:
 
 
 def search_index(index_dir: str | Path, query: list[str], k: int = 10, *, device: str = "cpu",
-                 like: list[int] = (), unlike: list[int] = (), filters=None) -> list[dict]:
+                 like: list[int] = (), unlike: list[int] = (), filters=None, mode: str = DEFAULT_MODE) -> list[dict]:
     """The ``k`` best images of an index for an rclip-style query (texts, image files and ``id:N`` combined with
     ``+`` and ``-``), each a dict with rank, id, score, path, file, width, height and captions. ``like`` /
     ``unlike``: ids of results judged relevant / not relevant, folded into the query by
     :func:`refine_with_feedback`; the ``unlike`` ones are left out of the results (the liked ones stay).
-    ``filters``: a :class:`~cliplab.serve.index.PhotoFilter` (date taken, camera, folder) applied before ranking."""
+    ``filters``: a :class:`~cliplab.serve.index.PhotoFilter` (date taken, camera, folder) applied before ranking.
+    ``mode``: semantic, keyword or hybrid (:func:`ranked_hits`)."""
     from cliplab.models.factory import load_model
     from cliplab.serve.index import PhotoIndex
 
     if k < 1:
         raise CliplabError("-k must be >= 1")
+    if mode not in SEARCH_MODES:
+        raise CliplabError(f"--mode must be one of {', '.join(SEARCH_MODES)}, not {mode!r}")
     index = PhotoIndex(index_dir)
     if filters is not None and filters.active:
         index.matching(filters)  # an index without the facts says so before the model loads
     terms = parse_cli_query(list(query)) if query or not like else []
-    liked, disliked = feedback_vectors(index, list(like)), feedback_vectors(index, list(unlike))
-    model = load_model(index.info["model"], device=device)
-    if model.fingerprint() != index.info["model_fingerprint"]:
-        raise CliplabError(f"{index.info['model']!r} is not the model {index_dir} was built with; rebuild the index")
-    vector, used = QueryEncoder(model).compose(terms, index) if terms else (None, set())
-    if like or unlike:
-        vector = refine_with_feedback(vector, liked, disliked)
-    hits = index.search(vector, k, exclude=used | set(unlike), filters=filters)
+    if mode == "keyword":  # words only: no model, no embedding
+        if like or unlike:
+            raise CliplabError("relevance feedback refines the embedding: use --mode semantic or hybrid")
+        vector, used = None, {int(t.value) for t in terms if t.kind == "item"}
+    else:
+        liked, disliked = feedback_vectors(index, list(like)), feedback_vectors(index, list(unlike))
+        model = load_model(index.info["model"], device=device)
+        if model.fingerprint() != index.info["model_fingerprint"]:
+            raise CliplabError(f"{index.info['model']!r} is not the model {index_dir} was built with; rebuild the "
+                               "index")
+        vector, used = QueryEncoder(model).compose(terms, index) if terms else (None, set())
+        if like or unlike:
+            vector = refine_with_feedback(vector, liked, disliked)
+    hits = ranked_hits(index, vector, query_words(terms), k, mode=mode, exclude=used | set(unlike), filters=filters)
     return [{"rank": r, "id": h["id"], "score": h["score"], "path": h["path"],
              "file": str(index.roots[h["root"]] / h["path"]), "width": h["width"], "height": h["height"],
              "captions": h["captions"], **{f: h[f] for f in ("taken", "camera") if f in h}}
