@@ -88,11 +88,12 @@ def test_photos(caption_dir, tmp_path):
 
 @pytest.mark.slow  # builds an index and embeds the split twice (~30 s)
 def test_eval_search_equals_eval_retrieval_on_the_same_pairs(caption_dir, test_photos, tmp_path, cli):
+    from cliplab.errors import ConfigError
     from cliplab.experiments import run_retrieval
     from cliplab.serve.quality import evaluate_search
 
     ds, index, queries = test_photos
-    run = evaluate_search(index, queries, run_dir=tmp_path / "q", progress=False)
+    run = evaluate_search(index, queries, run_dir=tmp_path / "q", progress=False, mode="semantic")
     want = run_retrieval(caption_dir / "captions.csv", ["conse"], split="test", device="cpu").results["conse"]
     assert run.metrics["queries"] == len(ds.captions)
     for k in (1, 5, 10):
@@ -108,7 +109,12 @@ def test_eval_search_equals_eval_retrieval_on_the_same_pairs(caption_dir, test_p
     res = cli("eval", "search", index, queries, "--worst", "2")
     assert res.returncode == 0 and "worst queries" in res.stdout and "suggested cutoff" in res.stdout, res.stdout + res.stderr
     by_content = evaluate_search(index, captions=caption_dir / "captions.csv", progress=False)  # copies indexed
-    assert by_content.metrics == run.metrics
+    assert by_content.metrics == run.metrics  # hybrid: no query word is in these file names, so semantic's ranks
+    assert by_content.record["mode"] == "hybrid" and run.record["mode"] == "semantic"
+    words = evaluate_search(index, queries, progress=False, mode="keyword")
+    assert words.metrics["r10"] == 0.0 and words.record["mode"] == "keyword"  # nothing to match by words
+    with pytest.raises(ConfigError, match="--mode must be one of"):
+        evaluate_search(index, queries, progress=False, mode="fuzzy")
     first = next(iter(run.queries))
     queries.write_text(f"\ufeffquery,relevant\n{first['query']},{first['top_result']}\n", encoding="utf-8")
     assert evaluate_search(index, queries, progress=False).metrics["r1"] == 100.0  # a spreadsheet's BOM is fine

@@ -206,11 +206,12 @@ def eval_search(
     run_dir: Optional[Path] = typer.Option(None, help="write search_quality.json and results.md here"),
     device: str = DeviceOpt,
     worst: int = typer.Option(10, help="worst queries to print"),
+    mode: str = typer.Option("hybrid", help="search mode to measure: semantic, keyword or hybrid"),
 ) -> None:
     """Search quality on your own queries: R@1/5/10, MRR, nDCG@10, the worst queries and a suggested cutoff."""
     from cliplab.serve.quality import evaluate_search
 
-    run = evaluate_search(index_dir, queries, captions=captions, split=split, run_dir=run_dir, device=device)
+    run = evaluate_search(index_dir, queries, captions=captions, split=split, run_dir=run_dir, device=device, mode=mode)
     m, c = run.metrics, run.cutoff
     print_table(["mode", "model", "R@1", "R@5", "R@10", "MRR", "nDCG@10", "queries"],
                 [[run.record["mode"], run.record["model"], f"{m['r1']:.2f}", f"{m['r5']:.2f}", f"{m['r10']:.2f}",

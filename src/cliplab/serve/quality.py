@@ -3,8 +3,8 @@
 Queries come from a CSV (``query,relevant``: one or more relevant photos per query, as repeated rows or
 ``;``-separated; a path relative to an indexed folder, or absolute) or from a caption dataset's split (each
 caption a query, its image the relevant photo: Flickr8k test captions against an index of the test images).
-Every query is embedded as ``cliplab search`` embeds a text and ranked by the index's own FAISS search to the
-first ``depth`` results; :mod:`cliplab.eval.search_quality` turns the rankings into R@1/5/10, MRR, nDCG@10, a
+Every query is ranked as ``cliplab search --mode`` ranks it (semantic: the index's own FAISS search; keyword;
+hybrid) to the first ``depth`` results; :mod:`cliplab.eval.search_quality` turns the rankings into R@1/5/10, MRR, nDCG@10, a
 per-query table (worst first) and a suggested relative score cutoff.
 """
 
@@ -100,6 +100,29 @@ def _rank(index, model, texts: list[str], depth: int, batch: int = 64, progress:
     return ids, scores
 
 
+def _rank_mode(index, model, texts: list[str], depth: int, mode: str, progress: bool = True):
+    """As :func:`_rank`, in any search mode (keyword and hybrid through ``ranked_hits``, one query at a time)."""
+    from tqdm.auto import tqdm
+
+    from cliplab.serve.query import ranked_hits
+
+    if mode == "semantic":
+        return _rank(index, model, texts, depth, progress=progress)
+    ids, scores = [], []
+    for s in tqdm(range(0, len(texts), 64), desc=f"queries ({mode})", disable=not progress, leave=False):
+        batch = texts[s:s + 64]
+        if mode == "keyword":
+            vectors = [None] * len(batch)
+        else:
+            with torch.inference_mode():
+                vectors = model.encode_text(batch, normalize=True).float().cpu().numpy()
+        for text, vector in zip(batch, vectors):
+            hits = ranked_hits(index, vector, text, depth, mode=mode)
+            ids.append([h["id"] for h in hits])
+            scores.append([float(h["score"]) for h in hits])
+    return ids, scores
+
+
 class SearchQualityRun(ResultTable):
     """``cliplab eval search``: ``metrics`` (R@K and nDCG@10 in percent, MRR), ``queries`` (one row per query,
     worst first), ``cutoff`` (the suggested relative score cutoff with its precision and recall)."""
@@ -135,9 +158,14 @@ class SearchQualityRun(ResultTable):
 
 def evaluate_search(index_dir: str | Path, queries: str | Path | None = None, *, captions: str | Path | None = None,
                     split: str = "test", run_dir: str | Path | None = None, device: str = "cpu",
-                    progress: bool = True) -> SearchQualityRun:
+                    progress: bool = True, mode: str = "hybrid") -> SearchQualityRun:
     """Search quality of ``index_dir`` on a ``query,relevant`` CSV (``queries``) or a caption dataset's split
-    (``captions``); writes ``search_quality.json`` + ``results.md`` to ``run_dir`` when given."""
+    (``captions``) in a search ``mode`` (semantic, keyword or hybrid, as ``cliplab search --mode``); writes
+    ``search_quality.json`` + ``results.md`` to ``run_dir`` when given."""
+    from cliplab.serve.query import SEARCH_MODES
+
+    if mode not in SEARCH_MODES:
+        raise ConfigError(f"--mode must be one of {', '.join(SEARCH_MODES)}, not {mode!r}")
     from cliplab.models.factory import load_model
     from cliplab.serve.index import PhotoIndex
 
@@ -152,7 +180,7 @@ def evaluate_search(index_dir: str | Path, queries: str | Path | None = None, *,
     if model.fingerprint() != index.info["model_fingerprint"]:
         raise ConfigError(f"{index.info['model']!r} is not the model {index_dir} was built with; rebuild the index")
     depth = min(len(index), MAX_DEPTH)
-    ids, scores = _rank(index, model.eval(), [q for q, _ in pairs], depth, progress=progress)
+    ids, scores = _rank_mode(index, model.eval(), [q for q, _ in pairs], depth, mode, progress=progress)
     rows = per_query(ids, relevant)
     cutoff = suggest_cutoff(scores, ids, relevant)
     first = [None if math.isinf(row["first_relevant_rank"]) else int(row["first_relevant_rank"]) for row in rows]
@@ -160,7 +188,7 @@ def evaluate_search(index_dir: str | Path, queries: str | Path | None = None, *,
               "top_result": items[r[0]]["path"] if r else None, "top_score": s[0] if s else None}
              for (q, _), rel, row, f, r, s in zip(pairs, relevant, rows, first, ids, scores)]
     table.sort(key=lambda r: (-(r["first_relevant_rank"] or math.inf), r["ndcg10"]))
-    record = {"index": str(index_dir), "model": index.info["model"], "mode": "semantic", "source": source,
+    record = {"index": str(index_dir), "model": index.info["model"], "mode": mode, "source": source,
               "depth": depth,
               "metrics": search_metrics(ids, relevant), "cutoff": vars(cutoff), "queries": table,
               "protocol": f"{len(pairs)} queries from {source}{f' ({split} split)' if captions is not None else ''} "
