@@ -367,11 +367,13 @@ def test_reciprocal_rank_fusion_by_hand():
     want = {"a": 1 / 11 + 1 / 13, "b": 1 / 12 + 1 / 11, "c": 1 / 13, "d": 1 / 12}
     assert [i for _, i in got] == ["b", "a", "d", "c"] and all(s == pytest.approx(want[i]) for s, i in got)
     assert [i for _, i in fuse_rankings([["x", "y"], ["y", "x"]], constant=5)] == ["x", "y"]  # tie: first seen
+    weighted = fuse_rankings([["a", "b"], ["b"]], constant=10, weights=[1.0, 4.0])  # a: 1/11; b: 1/12 + 4/11
+    assert [i for _, i in weighted] == ["b", "a"] and weighted[0][0] == pytest.approx(1 / 12 + 4 / 11)
 
 
 def test_keyword_and_hybrid_modes(indexed, client, cli):
     from cliplab.serve.index import PhotoIndex
-    from cliplab.serve.query import FUSION_DEPTH, RRF_CONSTANT, QueryEncoder, fuse_rankings
+    from cliplab.serve.query import FUSION_DEPTH, KEYWORD_WEIGHT, RRF_CONSTANT, QueryEncoder, fuse_rankings
 
     import cliplab
 
@@ -383,7 +385,7 @@ def test_keyword_and_hybrid_modes(indexed, client, cli):
     vector = QueryEncoder(cliplab.load_model("conse")).text("green square")
     semantic = [i for _, i in index.semantic_rank(vector, FUSION_DEPTH)]
     keyword = [i for _, i in index.keyword_rank("green square", FUSION_DEPTH)]
-    fused = [i for _, i in fuse_rankings([semantic, keyword], RRF_CONSTANT)][:8]
+    fused = [i for _, i in fuse_rankings([semantic, keyword], RRF_CONSTANT, [1.0, KEYWORD_WEIGHT])][:8]
     hybrid = client.get("/api/search", params={"q": "green square", "k": 8, "mode": "hybrid"}).json()["results"]
     assert [h["id"] for h in hybrid] == fused
     nowords = client.get("/api/search", params={"q": "zebra", "k": 5, "mode": "hybrid"}).json()["results"]

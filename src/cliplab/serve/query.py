@@ -227,17 +227,19 @@ def refine_with_feedback(query: np.ndarray | None, liked: list[np.ndarray], disl
 
 SEARCH_MODES = ("semantic", "keyword", "hybrid")
 DEFAULT_MODE = "hybrid"  # chosen on Flickr8k dev by `python bench/hybrid.py` (BENCHMARKS.md `search.hybrid.*`)
-RRF_CONSTANT = 60  # reciprocal rank fusion constant, chosen on the same dev queries
+RRF_CONSTANT = 10  # reciprocal rank fusion constant, and the keyword list's weight against the semantic list's 1:
+KEYWORD_WEIGHT = 16.0  # both chosen on the same dev queries (photos with words: their order first, embeddings after)
 FUSION_DEPTH = 100  # each list fused to this depth (at least k)
 
 
-def fuse_rankings(rankings: list[list[int]], constant: float = RRF_CONSTANT) -> list[tuple[float, int]]:
-    """Reciprocal rank fusion: each id scores the sum over the rankings of ``1 / (constant + rank)`` (rank 1
-    first); ``(score, id)`` best first, ties in order of first appearance."""
+def fuse_rankings(rankings: list[list[int]], constant: float = RRF_CONSTANT,
+                  weights: list[float] | None = None) -> list[tuple[float, int]]:
+    """Weighted reciprocal rank fusion: each id scores the sum over the rankings of ``weight / (constant + rank)``
+    (rank 1 first; weights 1 by default); ``(score, id)`` best first, ties in order of first appearance."""
     scores: dict[int, float] = {}
-    for ranking in rankings:
+    for ranking, weight in zip(rankings, weights or [1.0] * len(rankings)):
         for rank, item_id in enumerate(ranking, 1):
-            scores[item_id] = scores.get(item_id, 0.0) + 1.0 / (constant + rank)
+            scores[item_id] = scores.get(item_id, 0.0) + weight / (constant + rank)
     order = {i: n for n, i in enumerate(dict.fromkeys(i for r in rankings for i in r))}
     return sorted(((s, i) for i, s in scores.items()), key=lambda si: (-si[0], order[si[1]]))
 
@@ -262,7 +264,8 @@ def ranked_hits(index, vector: np.ndarray | None, text: str, k: int, *, mode: st
     keyword = [i for _, i in keyword if i not in exclude]
     if not keyword:
         return index.described(semantic[:k])
-    return index.described(fuse_rankings([[i for _, i in semantic], keyword])[:k])
+    fused = fuse_rankings([[i for _, i in semantic], keyword], RRF_CONSTANT, [1.0, KEYWORD_WEIGHT])
+    return index.described(fused[:k])
 
 
 def query_words(terms: list[QueryTerm]) -> str:
