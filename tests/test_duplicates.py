@@ -93,6 +93,7 @@ def dup_index(tmp_path_factory):
     return photos, index, before
 
 
+@pytest.mark.slow  # builds an index (make test runs it; the quick tier keeps the unit tests)
 def test_exact_and_near_groups_of_an_index(dup_index, cli, tmp_path):
     from cliplab.serve.duplicates import find_duplicates
     from cliplab.serve.index import PhotoIndex
@@ -155,6 +156,7 @@ def dup_server(dup_index, tmp_path_factory):
     return create_app(ServerSettings(index, thumb_dir=tmp_path_factory.mktemp("thumbs")))
 
 
+@pytest.mark.slow  # builds an index (make test runs it; the quick tier keeps the unit tests)
 def test_duplicates_api(dup_server, dup_index):
     from fastapi.testclient import TestClient
 
@@ -179,6 +181,7 @@ def test_duplicates_api(dup_server, dup_index):
     assert page.status_code == 200 and "<title>cliplab duplicates</title>" in page.text and "<!DOCTYPE html>" in page.text
 
 
+@pytest.mark.slow  # builds an index (make test runs it; the quick tier keeps the unit tests)
 def test_a_shared_duplicates_link_with_the_token_lands_on_that_page(dup_index, tmp_path):
     from fastapi.testclient import TestClient
 

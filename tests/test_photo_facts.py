@@ -24,14 +24,19 @@ PHOTOS = {  # relative path: (date taken, make, model, orientation, gps, size)
 }
 
 
-def write_photo(path: Path, taken, make, model, orientation, gps, size, colour=(180, 40, 40)) -> None:
+def write_photo_to(out, taken, make, model, orientation, gps, size, colour=(180, 40, 40)) -> None:
+    """A JPEG with these EXIF facts, written by Pillow to a path or a file object."""
     exif = Image.Exif()
     exif[0x010F], exif[0x0110], exif[0x0112] = make, model, orientation
     exif.get_ifd(0x8769)[0x9003] = taken
     if gps:
         exif.get_ifd(0x8825)[1] = "N"
+    Image.new("RGB", size, colour).save(out, "JPEG", exif=exif, quality=90)
+
+
+def write_photo(path: Path, *facts, colour=(180, 40, 40)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path, exif=exif, quality=90)
+    write_photo_to(path, *facts, colour=colour)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +57,7 @@ def by_path(index) -> dict[str, dict]:
     return {it["path"]: it for it in index.all_items().values()}
 
 
+@pytest.mark.slow
 def test_facts_are_read_from_the_exif_and_stored(facts_index):
     from cliplab.serve.index import PhotoIndex
 
@@ -65,6 +71,7 @@ def test_facts_are_read_from_the_exif_and_stored(facts_index):
         {"taken": None, "camera": None, "orientation": 1, "gps": False}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("filters,expected", [
     ({"after": "2021-01-01"}, {"a/2021_nikon.jpg", "b/2021_canon_portrait.jpg", "c/2022_phone.jpg"}),
     ({"before": "2021-01-01"}, {"a/2019_canon.jpg"}),
@@ -90,7 +97,7 @@ def test_filters_rank_exactly_the_matching_photos(facts_index, filters, expected
         assert [h["id"] for h in index.search(query, k=1, filters=PhotoFilter(**filters))] == want[:1]
 
 
-def test_bad_filters_are_one_line_errors(facts_index, cli):
+def test_bad_filters_are_one_line_errors():
     from cliplab.errors import DataError
     from cliplab.serve.index import PhotoFilter
 
@@ -98,10 +105,31 @@ def test_bad_filters_are_one_line_errors(facts_index, cli):
         PhotoFilter(after="last summer")
     with pytest.raises(DataError, match="folder: a path inside an indexed folder"):
         PhotoFilter(folder="../elsewhere")
+    assert PhotoFilter(folder="./b//c/", camera="x_%!").sql() == (
+        "1 AND lower(camera) LIKE ? ESCAPE '!' AND relpath LIKE ? ESCAPE '!'", ["%x!_!%!!%", "b/c/%"])
+
+
+def test_photo_facts_from_a_header():
+    from cliplab.data.images import photo_facts
+
+    buf = io.BytesIO()
+    write_photo_to(buf, "2021:07:04 10:20:30", "Canon", "Canon EOS 5D", 6, True, (40, 30))
+    with Image.open(buf) as im:
+        assert photo_facts(im) == {"taken": "2021-07-04T10:20:30", "camera": "Canon EOS 5D", "orientation": 6,
+                                   "gps": True}
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PNG")
+    with Image.open(buf) as im:
+        assert photo_facts(im) == {"taken": None, "camera": None, "orientation": 1, "gps": False}
+
+
+@pytest.mark.slow  # the module's index (make test runs these; the quick tier keeps the unit tests above)
+def test_a_bad_date_through_the_cli(facts_index, cli):
     res = cli("search", facts_index[1], "a photo", "--before", "2021-13-01")
     assert res.returncode == 2 and "before: not a date" in res.stdout
 
 
+@pytest.mark.slow
 def test_filters_through_the_cli_the_api_and_python(facts_index, cli, tmp_path):
     from fastapi.testclient import TestClient
 
@@ -137,6 +165,7 @@ def test_filters_through_the_cli_the_api_and_python(facts_index, cli, tmp_path):
         assert im.size[1] > im.size[0]
 
 
+@pytest.mark.slow
 def test_an_index_from_before_the_facts_refuses_date_filters_then_an_update_records_them(facts_index, tmp_path):
     from cliplab.errors import ConfigError
     from cliplab.serve.index import CURRENT, IndexBuilder, PhotoFilter, PhotoIndex
