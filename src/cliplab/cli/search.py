@@ -151,9 +151,9 @@ def duplicates(
              "\n".join(f"{it['file']}" + (f" ({it['similarity']:.3f})" if "similarity" in it else "")
                        + (" [review]" if it["suggest"] == "review" else "") for it in group[1:])]
             for kind, groups in (("exact", report.exact), ("near", report.near)) for n, group in enumerate(groups, 1)]
-    print_table(["group", "photos", "suggested keep (most pixels)", "the others (similarity to it)"], rows,
-                f"{len(report.exact)} exact and {len(report.near)} near groups among {report.images} photos "
-                f"(threshold {report.threshold})", left=["suggested keep (most pixels)", "the others (similarity to it)"])
+    keep, others = "suggested keep (most pixels)", "the others (similarity to it)"
+    print_table(["group", "photos", keep, others], rows, f"{len(report.exact)} exact and {len(report.near)} near "
+                f"groups among {report.images} photos (threshold {report.threshold})", left=[keep, others])
     if report.warning:
         console.print(f"[yellow]warning:[/yellow] {report.warning}", highlight=False)
     if list_file is not None:

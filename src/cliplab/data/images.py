@@ -63,6 +63,7 @@ def load_rgb(path: str | Path, draft_size: int | None = None, max_pixels: int | 
 
 EXIF_IFD, GPS_IFD = 0x8769, 0x8825
 DATE_TAKEN, DATE_CHANGED, MAKE, MODEL, ORIENTATION = 0x9003, 0x0132, 0x010F, 0x0110, 0x0112
+NO_FACTS = {"taken": None, "camera": None, "orientation": 1, "gps": False}  # an image whose EXIF says nothing
 
 
 def photo_facts(im: Image.Image) -> dict:
@@ -76,7 +77,7 @@ def photo_facts(im: Image.Image) -> dict:
         sub = exif.get_ifd(EXIF_IFD)
         gps = bool(exif.get_ifd(GPS_IFD))
     except Exception:  # noqa: BLE001 - a damaged EXIF block only means no facts
-        return {"taken": None, "camera": None, "orientation": 1, "gps": False}
+        return dict(NO_FACTS)
     taken = None
     for raw in (sub.get(DATE_TAKEN), exif.get(DATE_CHANGED)):
         try:

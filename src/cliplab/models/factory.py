@@ -32,7 +32,7 @@ import torch
 from cliplab.errors import ConfigError
 from cliplab.models.base import EmbeddingModel
 from cliplab.models.clip import CLIP_TUNED_CONFIG, CLIPModelWrapper, CLIPSource, load_clip
-from cliplab.models.conse import ConSE
+from cliplab.models.conse import CONSE_TEMPLATES, ConSE, imagenet_classnames
 from cliplab.models.image_tower import ImageTower, ImageTowerConfig
 from cliplab.models.registry import (ModelKind, folder_markers, kind_for_folder, kind_for_spec, register_model_kind,
                                      spec_usage)
@@ -93,7 +93,6 @@ def create_conse(image_tower: ImageTower | None = None, text_tower: TextTower | 
 
 
 def _conse_classes_file(text_fingerprint: str) -> Path:
-    from cliplab.models.conse import CONSE_TEMPLATES, imagenet_classnames
     from cliplab.utils import default_cache_dir, sha256_text
 
     key = sha256_text(text_fingerprint, *CONSE_TEMPLATES, *imagenet_classnames())[:32]
@@ -109,8 +108,6 @@ def _read_conse_classes(path: Path, dim: int) -> torch.Tensor | None:
         emb = load_file(str(path))["class_embeddings"]
     except (OSError, KeyError, SafetensorError):  # missing, damaged or not a safetensors file
         return None
-    from cliplab.models.conse import imagenet_classnames
-
     usable = (emb.shape == (len(imagenet_classnames()), dim) and emb.dtype == torch.float32
               and bool(torch.isfinite(emb).all()))
     return emb if usable else None

@@ -1,7 +1,8 @@
 """The search server: FastAPI over a read-only photo index (``cliplab serve``).
 
 Endpoints: ``/`` (the web page), ``/healthz``, ``/api/info``, ``/api/search`` (GET text; POST JSON text /
-indexed id for "more like this" / relevance feedback on result ids, or a multipart image upload), ``/image/{id}``, ``/thumb/{id}``,
+indexed id for "more like this" / relevance feedback on result ids, or a multipart image upload),
+``/image/{id}``, ``/thumb/{id}``, ``/api/duplicates`` and ``/duplicates`` (the review page),
 clip-retrieval's ``/indices-list``, ``/knn-service`` and ``/metadata`` (same field names, so its front end
 can point here), ``/metrics`` (Prometheus) and the OpenAPI schema (``/docs``, ``/openapi.json``).
 
@@ -315,7 +316,7 @@ class SearchContext:
             raise ApiError(422, "keyword mode needs words in the query (and takes no relevance feedback)")
         try:
             if filters is not None and filters.active:
-                index.matching(filters)  # an index without recorded facts: refused before any encoding
+                index.check_filters(filters)  # an index without recorded facts: refused before any encoding
             vector, used = ((None, {int(t.value) for t in terms if t.kind == "item"}) if mode == "keyword" else
                             self.service.encoder.compose(terms, index) if terms else (None, set()))
             if liked or disliked:
@@ -796,7 +797,8 @@ def _add_search_routes(app, ctx: SearchContext) -> None:
     @app.post("/api/search", response_model=SearchResult, openapi_extra=post_body,
               responses=ctx.errors(404, 408, 411, 413, 415, 429))
     async def search_post(request: Request):
-        """JSON (text, id, minus_text, positive_ids, negative_ids, k) or a multipart upload (image, text, k). The body is read here; the
+        """JSON (text, id, minus_text, positive_ids, negative_ids, mode, filters, k) or a multipart upload
+        (image, text, k, mode, filters). The body is read here; the
         decoding, embedding and search run in worker threads."""
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             data, extra, k, filters, mode = await ctx.read_upload_form(request)

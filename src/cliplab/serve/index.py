@@ -34,6 +34,7 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -365,14 +366,21 @@ class PhotoIndex:
                         gps=bool(row["gps"]))
         return item
 
-    def matching(self, filters: "PhotoFilter") -> list[int]:
-        """Ids of the photos a filter keeps (one SQL query over the recorded dates, cameras and folders)."""
-        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(items)")}
-        if "taken" not in columns and (filters.after or filters.before or filters.camera):
+    @cached_property
+    def _item_columns(self) -> set[str]:
+        return {r["name"] for r in self.db.execute("PRAGMA table_info(items)")}
+
+    def check_filters(self, filters: "PhotoFilter") -> None:
+        """Refuse date and camera filters on a generation written before those facts were recorded."""
+        if "taken" not in self._item_columns and (filters.after or filters.before or filters.camera):
             raise ConfigError(f"{self.folder} was built before photo dates and cameras were recorded; run "
                               "`cliplab index` on it again (nothing is re-embedded)")
+
+    def matching(self, filters: "PhotoFilter") -> set[int]:
+        """Ids of the photos a filter keeps (one SQL query over the recorded dates, cameras and folders)."""
+        self.check_filters(filters)
         where, params = filters.sql()
-        return [int(r[0]) for r in self.db.execute(f"SELECT id FROM items WHERE {where}", params)]
+        return {int(r[0]) for r in self.db.execute(f"SELECT id FROM items WHERE {where}", params)}
 
     def file_path(self, item_id: int) -> Path | None:
         """The file of an indexed item, only if it still resolves inside its root (no path from a request)."""
@@ -401,14 +409,16 @@ class PhotoIndex:
                filters: "PhotoFilter | None" = None) -> list[dict]:
         """Top ``k`` items by inner product with the unit-norm ``query``: id, score and metadata. With
         ``filters`` only the matching photos are ranked, scored exactly (so ``k`` results whenever ``k`` match)."""
-        return self.described(self.semantic_rank(query, k, exclude, filters))
+        allowed = self.matching(filters) if filters is not None and filters.active else None
+        return self.described(self.semantic_rank(query, k, exclude, allowed))
 
     def semantic_rank(self, query: np.ndarray, k: int, exclude: set[int] | None = None,
-                      filters: "PhotoFilter | None" = None) -> list[tuple[float, int]]:
-        """``(score, id)`` of the ``k`` best items by inner product (see :meth:`search`)."""
+                      allowed: set[int] | None = None) -> list[tuple[float, int]]:
+        """``(score, id)`` of the ``k`` best items by inner product; among ``allowed`` ids only (exact scores)
+        when given (see :meth:`search`)."""
         exclude = exclude or set()
-        if filters is not None and filters.active:
-            return self._ranked_among(query, [i for i in self.matching(filters) if i not in exclude], k)
+        if allowed is not None:
+            return self._ranked_among(query, [i for i in allowed if i not in exclude], k)
         n = min(len(self), k + len(exclude))
         if n == 0:
             return []
@@ -420,7 +430,7 @@ class PhotoIndex:
         meta = self.items([i for _, i in hits])
         return [{"id": i, "score": s, **{k2: v for k2, v in meta[i].items() if k2 != "id"}} for s, i in hits]
 
-    @property
+    @cached_property
     def has_keywords(self) -> bool:
         """Whether this generation has the keyword table (indexes built before it have not)."""
         return self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'items_text'").fetchone() is not None
@@ -585,8 +595,9 @@ class IndexBuilder:
     def _entries(self, keep, todo, good, errors, failed, old, report: BuildReport):
         """The items of the next generation, sorted by root and path, and the stat of files that failed."""
         now = time.time()
-        entries = [(f, ("old", o["row"]), o["sha256"], o["width"], o["height"], o["added"], o["id"], self._kept_facts(f, o))
-                   for f, o in keep]  # (SourceFile, vector source, sha, width, height, added, id or None, facts)
+        # (SourceFile, vector source, sha, width, height, added, id or None, EXIF facts)
+        entries = [(f, ("old", o["row"]), o["sha256"], o["width"], o["height"], o["added"], o["id"],
+                    self._kept_facts(f, o)) for f, o in keep]
         stat_of = {}  # relpath -> (size, mtime) of files that failed, so an unchanged one is not tried again
         for i, f in enumerate(todo):
             if good[i]:
@@ -664,10 +675,12 @@ class IndexBuilder:
         if "taken" in old:
             return {"taken": old["taken"], "camera": old["camera"], "orientation": old["orientation"],
                     "gps": bool(old["gps"])}
+        from cliplab.data.images import NO_FACTS
+
         try:
             return self._size_and_facts(f.path)[2]
         except (OSError, DataError, SyntaxError, ValueError):
-            return {"taken": None, "camera": None, "orientation": 1, "gps": False}
+            return dict(NO_FACTS)
 
     @staticmethod
     def _write_db(path: Path, entries, info: dict, skipped: list[tuple]) -> None:

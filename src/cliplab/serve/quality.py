@@ -4,8 +4,8 @@ Queries come from a CSV (``query,relevant``: one or more relevant photos per que
 ``;``-separated; a path relative to an indexed folder, or absolute) or from a caption dataset's split (each
 caption a query, its image the relevant photo: Flickr8k test captions against an index of the test images).
 Every query is ranked as ``cliplab search --mode`` ranks it (semantic: the index's own FAISS search; keyword;
-hybrid) to the first ``depth`` results; :mod:`cliplab.eval.search_quality` turns the rankings into R@1/5/10, MRR, nDCG@10, a
-per-query table (worst first) and a suggested relative score cutoff.
+hybrid) to the first ``depth`` results; :mod:`cliplab.eval.search_quality` turns the rankings into R@1/5/10, MRR,
+nDCG@10, a per-query table (worst first) and a suggested relative score cutoff.
 """
 
 from __future__ import annotations

@@ -251,15 +251,13 @@ def ranked_hits(index, vector: np.ndarray | None, text: str, k: int, *, mode: st
     :func:`fuse_rankings`; a query without words, or an index without the keyword table, ranks semantically)."""
     if mode not in SEARCH_MODES:
         raise CliplabError(f"mode must be one of {', '.join(SEARCH_MODES)}, not {mode!r}")
-    allowed = None
-    if filters is not None and filters.active:
-        allowed = set(index.matching(filters))
+    allowed = index.matching(filters) if filters is not None and filters.active else None  # one SQL query
     if mode == "keyword":
         if not text.strip():
             raise CliplabError("keyword mode needs words in the query")
         hits = index.keyword_rank(text, k + len(exclude), allowed)
         return index.described([h for h in hits if h[1] not in exclude][:k])
-    semantic = index.semantic_rank(vector, max(k, FUSION_DEPTH) if mode == "hybrid" else k, exclude, filters)
+    semantic = index.semantic_rank(vector, max(k, FUSION_DEPTH) if mode == "hybrid" else k, exclude, allowed)
     keyword = index.keyword_rank(text, max(k, FUSION_DEPTH) + len(exclude), allowed) if mode == "hybrid" else []
     keyword = [i for _, i in keyword if i not in exclude]
     if not keyword:
@@ -312,7 +310,7 @@ def search_index(index_dir: str | Path, query: list[str], k: int = 10, *, device
         raise CliplabError(f"--mode must be one of {', '.join(SEARCH_MODES)}, not {mode!r}")
     index = PhotoIndex(index_dir)
     if filters is not None and filters.active:
-        index.matching(filters)  # an index without the facts says so before the model loads
+        index.check_filters(filters)  # an index without the facts says so before the model loads
     terms = parse_cli_query(list(query)) if query or not like else []
     if mode == "keyword":  # words only: no model, no embedding
         if like or unlike:
