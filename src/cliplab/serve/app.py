@@ -886,8 +886,7 @@ def _add_duplicates_route(app, ctx: SearchContext) -> None:
                 graphs.clear()
                 vectors = np.asarray(index.vectors, dtype=np.float32)
                 graphs[generation] = neighbour_graph(vectors, search=index.faiss.search)
-            report = find_duplicates(index, None if threshold is None else round(threshold, 4),
-                                     graph=graphs[generation]).to_dict()
+            report = find_duplicates(index, threshold, graph=graphs[generation]).to_dict()  # any threshold: a cut
         finally:
             lock.release()
         groups = [("exact", g) for g in report["exact"]] + [("near", g) for g in report["near"]]
