@@ -467,7 +467,7 @@ def test_a_caption_is_one_line(caption_dir, tiny_lm, tmp_path, monkeypatch):
 
     monkeypatch.setattr(model.lm, "generate", generate)
     grid, pooled = torch.from_numpy(split.grid[:2]), torch.from_numpy(split.pooled[:2])
-    assert model.generate(grid, pooled) == [ids[:2], ids[:1]]
+    assert model.hf_generate(grid, pooled) == [ids[:2], ids[:1]]  # greedy: tests/test_index_captions.py
     assert sorted(seen["eos_token_id"]) == sorted(model._stop_ids) and seen["min_new_tokens"] == 1
     monkeypatch.setattr(model.tokenizer, "decode", lambda *a, **k: " a dog runs\nAaron's profile / Aaron is. x")
     assert model.decode(ids) == "a dog runs"

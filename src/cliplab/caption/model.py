@@ -280,6 +280,15 @@ class Captioner(nn.Module):
         ``num_return`` (<= ``beam``) best sequences per image, best first, image after image."""
         if not 1 <= num_return <= beam:
             raise ConfigError(f"num_return must be from 1 to the beam size {beam}, not {num_return}")
+        if beam == 1:
+            return self.greedy(grid, pooled, max_new_tokens=max_new_tokens, no_repeat_ngram=no_repeat_ngram)
+        return self.hf_generate(grid, pooled, beam=beam, max_new_tokens=max_new_tokens,
+                                length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram, num_return=num_return)
+
+    @torch.inference_mode()
+    def hf_generate(self, grid: torch.Tensor, pooled: torch.Tensor, *, beam: int = 1, max_new_tokens: int = 30,
+                    length_penalty: float = 1.0, no_repeat_ngram: int = 3, num_return: int = 1) -> list[list[int]]:
+        """:meth:`generate` through transformers' ``generate`` (beam search; greedy's reference)."""
         prefix = self.prefix(grid, pooled)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         stops = self.stop_ids()
@@ -299,6 +308,58 @@ class Captioner(nn.Module):
             end = next((i for i, t in enumerate(row) if t in stops), None)
             rows.append(row[:end] if end is not None else [t for t in row if t != pad])
         return rows
+
+    @torch.inference_mode()
+    def greedy(self, grid: torch.Tensor, pooled: torch.Tensor, *, max_new_tokens: int = 30,
+               no_repeat_ngram: int = 3) -> list[list[int]]:
+        """Batched greedy decoding: the tokens of transformers' greedy ``generate`` (same stops, same n-gram
+        blocking, at least one token), faster: a caption that has ended leaves the batch, its cached keys and
+        values too, so each step runs only the captions still being written, and only the newest position's
+        logits are computed (transformers' loop runs every row to the longest caption)."""
+        from transformers import DynamicCache
+
+        prefix = self.prefix(grid, pooled)
+        stops = torch.as_tensor(sorted(self.stop_ids()), device=prefix.device)
+        rows: list[list[int]] = [[] for _ in range(len(prefix))]
+        seen: list[dict[tuple, set[int]]] = [{} for _ in rows]  # (n-1)-gram -> tokens that followed it
+        alive = list(range(len(prefix)))
+        cache = DynamicCache()
+        out = self.lm(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long,
+                      device=prefix.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for step in range(max_new_tokens):
+            scores = out.logits[:, -1].float()
+            if step == 0:
+                scores[:, stops] = float("-inf")  # a caption never ends before its first token
+            if no_repeat_ngram:
+                self._block_repeats(scores, [rows[r] for r in alive], [seen[r] for r in alive], no_repeat_ngram)
+            nxt = scores.argmax(dim=-1)
+            ended = torch.isin(nxt, stops)
+            for r, token, done in zip(alive, nxt.tolist(), ended.tolist()):
+                if not done:
+                    rows[r].append(token)
+            if bool(ended.all()) or step == max_new_tokens - 1:
+                break
+            if bool(ended.any()):  # the ended captions leave the batch
+                keep = torch.nonzero(~ended).squeeze(1)
+                cache.batch_select_indices(keep)
+                alive = [alive[i] for i in keep.tolist()]
+                nxt = nxt[keep]
+            width = prefix.shape[1] + step + 1
+            out = self.lm(input_ids=nxt[:, None], attention_mask=torch.ones((len(alive), width), dtype=torch.long,
+                          device=prefix.device), past_key_values=cache, use_cache=True)
+        return rows
+
+    @staticmethod
+    def _block_repeats(scores: torch.Tensor, rows: list[list[int]], seen: list[dict], n: int) -> None:
+        """transformers' ``no_repeat_ngram_size``: a token that would repeat an n-gram of the caption so far is
+        banned (``seen`` is updated with each caption's newest n-gram)."""
+        for i, (row, grams) in enumerate(zip(rows, seen)):
+            if len(row) >= n:
+                grams.setdefault(tuple(row[-n:-1]), set()).add(row[-1])
+            if len(row) >= n - 1:
+                banned = grams.get(tuple(row[len(row) - n + 1:]) if n > 1 else ())
+                if banned:
+                    scores[i, list(banned)] = float("-inf")
 
     def stop_ids(self) -> set[int]:
         """Token ids that end a caption: EOS and every token whose text holds a line break (a caption is one

@@ -57,6 +57,24 @@ class GridTower(nn.Module):
         return adaptive_pool_cells(fmap, self.grid).flatten(1)  # [N, g*g*C], cell-major
 
 
+class VisualTokenTower(GridTower):
+    """Grid and pooled features in one pass: ``[N, grid * grid * C + D]`` (the grid cells, then the tower's
+    pooled feature, computed from the same feature map by the head; equal to running the tower)."""
+
+    @property
+    def output_dim(self) -> int:
+        return self.grid * self.grid * self.channels + self.tower.output_dim
+
+    def fingerprint(self) -> str:
+        return sha256_text("visual-tokens", self.tower.fingerprint(), str(self.grid))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        last = len(self._stages) - 1
+        fmap = self._stages.run(images, 0, last)
+        pooled = self._stages.run(fmap, last, last + 1)
+        return torch.cat([adaptive_pool_cells(fmap, self.grid).flatten(1), pooled.flatten(1)], dim=1)
+
+
 def adaptive_pool_cells(fmap: torch.Tensor, grid: int) -> torch.Tensor:
     """``F.adaptive_avg_pool2d`` written with static slices (``[N, g*g, C]``), so that ONNX exports it also when
     ``grid`` does not divide the map size (7 -> 4)."""
@@ -102,12 +120,12 @@ class VisualFeatures:
 
 def visual_features(tower: ImageTower, images, grid: int, *, cache: FeatureCache, device="cpu", progress: bool = True,
                     on_error: str = "raise", desc: str = "images", backend: str = "auto") -> VisualFeatures:
-    """Grid and pooled features of every image (cached; bad images raise or are marked invalid)."""
-    gt = GridTower(tower, grid)
-    g = embed_images(gt, images, cache=cache, device=device, progress=progress, on_error=on_error,
-                     desc=f"{desc} (grid {grid}x{grid})", backend=backend)
-    p = embed_images(tower, images, cache=cache, device=device, progress=progress, on_error=on_error, desc=desc,
-                     backend=backend)
-    grid_arr = np.asarray(g.features).reshape(len(g.valid), grid * grid, gt.channels)
-    return VisualFeatures(grid_arr, np.asarray(p.features), np.asarray(g.valid) & np.asarray(p.valid),
-                          {**p.errors, **g.errors})
+    """Grid and pooled features of every image, from one pass of the tower (cached; bad images raise or are
+    marked invalid)."""
+    vt = VisualTokenTower(tower, grid)
+    out = embed_images(vt, images, cache=cache, device=device, progress=progress, on_error=on_error,
+                       desc=f"{desc} (grid {grid}x{grid} + pooled)", backend=backend)
+    features = np.asarray(out.features)
+    cells = grid * grid * vt.channels
+    return VisualFeatures(features[:, :cells].reshape(len(features), grid * grid, vt.channels),
+                          np.ascontiguousarray(features[:, cells:]), np.asarray(out.valid), dict(out.errors))

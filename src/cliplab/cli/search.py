@@ -34,6 +34,9 @@ def index(
     engine: str = typer.Option("local", help="local, or ray (image chunks embedded by Ray actors)"),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)"),
     ray_actors: int = typer.Option(2),
+    captioner: Optional[str] = typer.Option(None, help="a `cliplab caption train` run: one generated caption per "
+                                                       "photo, shown and searchable (default: the index's own; "
+                                                       "'none' drops them)"),
     json_out: bool = typer.Option(False, "--json", help="print the build report as JSON"),
 ) -> None:
     """Index photos for search: embeddings + FAISS + SQLite metadata; re-runs embed only new/changed files."""
@@ -44,7 +47,7 @@ def index(
                            device=str(resolve_device(device)), batch_size=batch_size, max_pixels=max_pixels,
                            chunk_size=chunk_size, engine=engine, ray_address=ray_address, ray_actors=ray_actors,
                            formats=[f.strip() for f in formats.split(",") if f.strip()], log=log_line,
-                           progress=not json_out)
+                           progress=not json_out, captioner=captioner)
     report = builder.build(paths)
     if json_out:
         print(json.dumps(report.to_dict()))
@@ -56,7 +59,7 @@ def _print_build_report(report, out: Path) -> None:
     table = Table(title=f"index {out} (generation {report.generation})", show_header=False, title_justify="left")
     table.add_column("field")
     table.add_column("value", justify="right")
-    for key in ("total", "new", "changed", "unchanged", "removed", "embedded", "faiss", "recall_at_10"):
+    for key in ("total", "new", "changed", "unchanged", "removed", "embedded", "captioned", "faiss", "recall_at_10"):
         value = getattr(report, key)
         table.add_row(key, "" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value)))
     table.add_row("skipped", str(len(report.skipped)))
@@ -109,8 +112,10 @@ def search(
     if json_out:
         print(json.dumps(hits))
         return
-    print_table(["rank", "id", "score", "path"], [[h["rank"], f"id:{h['id']}", f"{h['score']:.4f}", h["file"]]
-                                                  for h in hits], " ".join(query), left=["path"])
+    captioned = any(h.get("generated") for h in hits)  # the index has a captioner: show what it wrote
+    print_table(["rank", "id", "score", "path"] + ["generated caption"] * captioned,
+                [[h["rank"], f"id:{h['id']}", f"{h['score']:.4f}", h["file"]] + [h.get("generated") or ""] * captioned
+                 for h in hits], " ".join(query), left=["path", "generated caption"])
 
 
 def _index_and_query(args: list[str]) -> tuple[Path, list[str]]:

@@ -418,7 +418,7 @@ class SearchContext:
         else:
             hits = self.image_search(self._knn_image(body), [], k)["results"]
         return [{"id": h["id"], "similarity": h["score"], "url": f"{origin}/image/{h['id']}",
-                 "caption": (h.get("captions") or [""])[0], "image_path": h["path"]} for h in hits[: body.num_images]]
+                 "caption": display_caption(h), "image_path": h["path"]} for h in hits[: body.num_images]]
 
     def _check_knn(self, body) -> None:
         if body.indice_name not in (None, "", self.settings.index_name):
@@ -458,7 +458,7 @@ class SearchContext:
     def metadata(self, ids: list[int], origin: str = "") -> list[dict]:
         ids = [i for i in ids if 0 <= i <= MAX_ID]  # others are not found
         found = self.service.current().items(ids)
-        return [{"id": i, "metadata": {"url": f"{origin}/image/{i}", "caption": (found[i]["captions"] or [""])[0],
+        return [{"id": i, "metadata": {"url": f"{origin}/image/{i}", "caption": display_caption(found[i]),
                                        "image_path": found[i]["path"], "width": found[i]["width"],
                                        "height": found[i]["height"]}} for i in ids if i in found]
 
@@ -929,10 +929,16 @@ def _query_pairs(query: str) -> list[tuple[str, str]]:
     return [(p.partition("=")[0], p.partition("=")[2]) for p in query.split("&") if p]
 
 
+def display_caption(item: dict) -> str:
+    """A photo's caption for clients that show one: its dataset caption, else its generated one, else ''."""
+    return (item.get("captions") or [item.get("generated") or ""])[0]
+
+
 def _public_hit(hit: dict) -> dict:
     return {"id": hit["id"], "score": round(hit["score"], 6), "path": hit["path"], "width": hit["width"],
             "height": hit["height"], "captions": hit["captions"], "image": f"/image/{hit['id']}",
-            "thumb": f"/thumb/{hit['id']}", "taken": hit.get("taken"), "camera": hit.get("camera")}
+            "thumb": f"/thumb/{hit['id']}", "taken": hit.get("taken"), "camera": hit.get("camera"),
+            "generated": hit.get("generated")}
 
 
 def _thumbnail(path: Path, sha256: str, folder: Path, size: int, info: dict) -> Path:

@@ -43,6 +43,7 @@ import numpy as np
 from cliplab.data.images import FORMAT_EXTENSIONS, SAFE_IMAGE_FORMATS, ImageFiles, check_formats
 from cliplab.embed.index import build_faiss
 from cliplab.errors import ConfigError, DataError
+from cliplab.serve.captions import NO_CAPTIONER, PhotoCaptioner, captioner_folder
 from cliplab.utils import atomic_write, fsync_dir, sha256_file, temp_name_pattern, write_json, write_npy
 
 CURRENT = "CURRENT"
@@ -71,7 +72,8 @@ CREATE TABLE IF NOT EXISTS items (
     taken TEXT,
     camera TEXT,
     orientation INTEGER NOT NULL DEFAULT 1,
-    gps INTEGER NOT NULL DEFAULT 0
+    gps INTEGER NOT NULL DEFAULT 0,
+    generated TEXT
 );
 CREATE INDEX IF NOT EXISTS items_taken ON items(taken);
 CREATE VIRTUAL TABLE IF NOT EXISTS items_text USING fts5(body, tokenize='unicode61 remove_diacritics 2');
@@ -106,6 +108,7 @@ class BuildReport:
     unchanged: int = 0
     removed: int = 0
     embedded: int = 0
+    captioned: int = 0  # photos given a generated caption by this build (--captioner)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     skipped_known: int = 0  # of them, unchanged files that failed before (not tried again)
     faiss: str = ""
@@ -115,7 +118,7 @@ class BuildReport:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("total", "new", "changed", "unchanged", "removed", "embedded",
-                                               "faiss", "recall_at_10", "seconds", "generation",
+                                               "captioned", "faiss", "recall_at_10", "seconds", "generation",
                                                "skipped_known")} | {
             "skipped": len(self.skipped), "skipped_items": [list(s) for s in self.skipped]}
 
@@ -288,11 +291,11 @@ class PhotoFilter:
         return " AND ".join(clauses), params
 
 
-def searchable_text(relpath: str, captions: list[str], camera: str | None) -> str:
+def searchable_text(relpath: str, captions: list[str], camera: str | None, generated: str | None = None) -> str:
     """What keyword search reads for a photo: its folder and file-name words (``trips/2020/beach_day.jpg`` ->
-    ``trips 2020 beach day``), its camera and its captions."""
+    ``trips 2020 beach day``), its camera, its captions and its generated caption."""
     words = re.sub(r"[\W_]+", " ", relpath.rsplit(".", 1)[0])
-    return "\n".join([words, camera or "", *captions])
+    return "\n".join([words, camera or "", *captions, generated or ""])
 
 
 def fts_query(text: str) -> str | None:
@@ -361,9 +364,11 @@ class PhotoIndex:
         item = {"id": int(row["id"]), "root": int(row["root"]), "path": row["relpath"], "width": int(row["width"]),
                 "height": int(row["height"]), "size": int(row["size"]), "sha256": row["sha256"],
                 "captions": json.loads(row["captions"]), "added": float(row["added"])}
-        if "taken" in row.keys():  # generations written before the EXIF facts were recorded lack them
+        keys = row.keys()
+        if "taken" in keys:  # generations written before the EXIF facts were recorded lack them
             item.update(taken=row["taken"], camera=row["camera"], orientation=int(row["orientation"]),
                         gps=bool(row["gps"]))
+        item["generated"] = row["generated"] if "generated" in keys else None  # cliplab index --captioner
         return item
 
     @cached_property
@@ -470,7 +475,8 @@ class IndexBuilder:
                  max_pixels: int = DEFAULT_MAX_PIXELS, log: Callable[[str], None] = print,
                  progress: bool = True, chunk_size: int = 256, engine: str = "local",
                  ray_address: str | None = None, ray_actors: int = 2,
-                 formats: tuple[str, ...] | list[str] = SAFE_IMAGE_FORMATS) -> None:
+                 formats: tuple[str, ...] | list[str] = SAFE_IMAGE_FORMATS, captioner: str | Path | None = None
+                 ) -> None:
         if dtype not in ("float32", "float16"):
             raise ConfigError(f"vector dtype must be float32 or float16, not {dtype!r}")
         choose_faiss(faiss_kind, 0)
@@ -482,6 +488,15 @@ class IndexBuilder:
         self.engine = {"engine": engine, "ray_address": ray_address, "ray_actors": ray_actors}
         self._read_state()
         self.model_spec = model_spec or (self.previous_info or {}).get("model") or "conse"
+        # a caption run writing one caption per photo: given, else the index's own; "none" stops captioning
+        self.captioner = str(captioner) if captioner is not None else (self.previous_info or {}).get("captioner")
+        if self.captioner == NO_CAPTIONER:
+            self.captioner = None
+        elif self.captioner is not None and captioner is None and not _is_captioner(self.captioner):
+            raise ConfigError(f"{self.folder}: its captioner {self.captioner} is gone; give --captioner RUN, or "
+                              "--captioner none to drop the generated captions")
+        elif self.captioner is not None:
+            captioner_folder(self.captioner)  # a one-line error before any work
 
     def _read_state(self) -> None:
         """The live generation and its info (None for a new index); refuses a folder that is not an index."""
@@ -522,6 +537,7 @@ class IndexBuilder:
 
         report = BuildReport(skipped=skipped)
         model = load_model(self.model_spec, device=self.device)
+        captioner = PhotoCaptioner(self.captioner, device=self.device) if self.captioner else None
         fingerprint = model.fingerprint()
         prev = self.previous_info
         if prev is not None and prev["model_fingerprint"] != fingerprint and not self.rebuild:
@@ -538,6 +554,7 @@ class IndexBuilder:
         new_vectors, good, errors = self._embed(model, todo)
         report.embedded = int(good.sum())
         entries, stat_of = self._entries(keep, todo, good, errors, failed, old, report)
+        generated = self._captions(captioner, entries, old, report) if captioner else {}
         old_vectors = np.load(self.folder / self.current["vectors"], mmap_mode="r") if old else None
         dim = (int(new_vectors.shape[1]) if new_vectors.size else int(old_vectors.shape[1])
                if old_vectors is not None else int(model.encode_text(["x"]).shape[1]))
@@ -547,8 +564,10 @@ class IndexBuilder:
             vectors[row] = old_vectors[j] if src == "old" else new_vectors[j]
         info = {"model": self.model_spec, "model_fingerprint": fingerprint, "dim": dim, "dtype": self.dtype,
                 "roots": [str(r) for r in roots], "max_pixels": self.max_pixels, "formats": list(self.formats),
-                "created": (prev or {}).get("created", time.time()) if old else time.time(), "updated": time.time()}
-        self._commit(vectors, entries, info, stat_of, report)
+                "created": (prev or {}).get("created", time.time()) if old else time.time(), "updated": time.time(),
+                "captioner": str(captioner.run) if captioner else None,
+                "captioner_id": captioner.id if captioner else None}
+        self._commit(vectors, entries, info, stat_of, report, generated)
         return report
 
     def _sort_files(self, files: list[SourceFile], old: dict, old_failed: dict, report: BuildReport):
@@ -618,7 +637,8 @@ class IndexBuilder:
         entries.sort(key=lambda e: (e[0].root, e[0].relpath))
         return entries, stat_of
 
-    def _commit(self, vectors: np.ndarray, entries: list, info: dict, stat_of: dict, report: BuildReport) -> None:
+    def _commit(self, vectors: np.ndarray, entries: list, info: dict, stat_of: dict, report: BuildReport,
+                generated: dict[str, str]) -> None:
         """Write generation G+1 beside G (durably), then swap ``CURRENT``; G's files are removed after."""
         import faiss
 
@@ -636,7 +656,7 @@ class IndexBuilder:
         write_npy(self.folder / names["vectors"], vectors)
         atomic_write(self.folder / names["faiss"], lambda p: faiss.write_index(index, str(p)))
         skipped_rows = [(rel, reason, *stat_of.get(rel, (None, None))) for rel, reason in report.skipped]
-        atomic_write(self.folder / names["db"], lambda p: self._write_db(p, entries, info, skipped_rows))
+        atomic_write(self.folder / names["db"], lambda p: self._write_db(p, entries, info, skipped_rows, generated))
         # the commit: one atomic, durable rename makes generation G+1 the live one
         write_json(self.folder / CURRENT, {"generation": generation, **names, "count": n,
                                             "committed": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -644,6 +664,19 @@ class IndexBuilder:
         self._collect_garbage()
         remove_work_folder(self.folder)  # its chunks are in the committed vectors now
         report.total, report.faiss, report.generation = n, kind, generation
+
+    def _captions(self, captioner: PhotoCaptioner, entries: list, old: dict, report: BuildReport) -> dict[str, str]:
+        """content hash -> generated caption of every photo of the next generation: kept from the previous
+        generation when it was written by the same captioner, else written now (resumably, see
+        :mod:`cliplab.serve.captions`)."""
+        same = (self.previous_info or {}).get("captioner_id") == captioner.id
+        known = {o["sha256"]: o["generated"] for o in old.values() if same and o.get("generated") is not None}
+        need = [(e[0].path, e[2]) for e in entries if e[2] not in known]
+        journal = work_folder(self.folder) / f"captions-{captioner.id[:16]}.jsonl"
+        new = captioner.captions([p for p, _ in need], [k for _, k in need], journal, max_pixels=self.max_pixels,
+                                 formats=self.formats, progress=self.progress, log=self.log)
+        report.captioned = len(new)
+        return {**known, **new}
 
     def _old_items(self) -> dict[tuple[int, str], dict]:
         con = _connect(self.folder / self.current["db"], read_only=True)
@@ -683,7 +716,7 @@ class IndexBuilder:
             return dict(NO_FACTS)
 
     @staticmethod
-    def _write_db(path: Path, entries, info: dict, skipped: list[tuple]) -> None:
+    def _write_db(path: Path, entries, info: dict, skipped: list[tuple], generated: dict[str, str]) -> None:
         con = sqlite3.connect(str(path))
         try:
             with con:  # one transaction
@@ -695,10 +728,11 @@ class IndexBuilder:
                     if item_id is None:
                         item_id, next_id = next_id, next_id + 1
                     rows.append((item_id, f.root, f.relpath, f.size, f.mtime_ns, sha, w, h, json.dumps(f.captions),
-                                 added, row, facts["taken"], facts["camera"], facts["orientation"], int(facts["gps"])))
-                con.executemany(f"INSERT INTO items VALUES ({', '.join('?' * 15)})", rows)
+                                 added, row, facts["taken"], facts["camera"], facts["orientation"], int(facts["gps"]),
+                                 generated.get(sha)))
+                con.executemany(f"INSERT INTO items VALUES ({', '.join('?' * 16)})", rows)
                 con.executemany("INSERT INTO items_text (rowid, body) VALUES (?, ?)",
-                                [(r[0], searchable_text(r[2], json.loads(r[8]), r[12])) for r in rows])
+                                [(r[0], searchable_text(r[2], json.loads(r[8]), r[12], r[15])) for r in rows])
                 con.executemany("INSERT OR REPLACE INTO skipped VALUES (0, ?, ?, ?, ?)", skipped)
         finally:
             con.close()
@@ -712,6 +746,14 @@ class IndexBuilder:
             if own and p.name not in live and p.is_file() and not p.is_symlink():
                 p.unlink(missing_ok=True)
         fsync_dir(self.folder)
+
+
+def _is_captioner(run: str) -> bool:
+    try:
+        captioner_folder(run)
+        return True
+    except ConfigError:
+        return False
 
 
 def _same_content(path: Path, sha256: str) -> bool:

@@ -328,5 +328,5 @@ def search_index(index_dir: str | Path, query: list[str], k: int = 10, *, device
     hits = ranked_hits(index, vector, query_words(terms), k, mode=mode, exclude=used | set(unlike), filters=filters)
     return [{"rank": r, "id": h["id"], "score": h["score"], "path": h["path"],
              "file": str(index.roots[h["root"]] / h["path"]), "width": h["width"], "height": h["height"],
-             "captions": h["captions"], **{f: h[f] for f in ("taken", "camera") if f in h}}
+             "captions": h["captions"], **{f: h[f] for f in ("taken", "camera", "generated") if f in h}}
             for r, h in enumerate(hits, 1)]

@@ -1,0 +1,158 @@
+"""Captions written at index time (``cliplab index PHOTOS --captioner RUN``): one generated caption per photo,
+stored in the index, shown with each result and searched as words (keyword and hybrid modes).
+
+Decoding is greedy (:meth:`~cliplab.caption.model.Captioner.greedy`: batched, ended captions leave the
+batch). Captions are keyed by the photo's content hash and the captioner: a photo seen before (same bytes,
+same captioner) is never captioned again, whatever its name. While a build runs, each finished chunk's
+captions are appended to ``cliplab-work/captions-<captioner>.jsonl`` (flushed and fsynced), so a killed
+build resumes with them, like the embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from cliplab import rundir
+from cliplab.errors import ConfigError
+from cliplab.utils import sha256_file, sha256_text
+
+# greedy decoding, as ``cliplab caption generate --beam 1``: part of the captioner's identity in an index
+DECODE = {"beam": 1, "max_new_tokens": 30, "no_repeat_ngram": 3}
+NO_CAPTIONER = "none"  # ``--captioner none``: stop captioning (the index's captions are dropped)
+
+
+def captioner_folder(run: str | Path) -> Path:
+    """The folder holding a caption run's selected captioner (``RUN/best`` or ``RUN`` itself)."""
+    run = Path(run)
+    folder = run / rundir.BEST if (run / rundir.BEST / rundir.CAPTIONER_CONFIG).is_file() else run
+    if not (folder / rundir.CAPTIONER_CONFIG).is_file() or not (folder / rundir.CAPTIONER_WEIGHTS).is_file():
+        raise ConfigError(f"--captioner {run}: not a caption run (no {rundir.CAPTIONER_CONFIG} and "
+                          f"{rundir.CAPTIONER_WEIGHTS}); train one with `cliplab caption train`")
+    return folder
+
+
+def captioner_id(run: str | Path) -> str:
+    """What a stored caption depends on: the captioner's config and tuned weights, and the decoding."""
+    folder = captioner_folder(run)
+    return sha256_text((folder / rundir.CAPTIONER_CONFIG).read_text(encoding="utf-8"),
+                       sha256_file(folder / rundir.CAPTIONER_WEIGHTS), json.dumps(DECODE, sort_keys=True))
+
+
+class PhotoCaptioner:
+    """A trained captioner over photo files: ``captions(paths, keys, journal)`` -> key -> caption."""
+
+    def __init__(self, run: str | Path, device: str = "cpu", batch_size: int = 64) -> None:
+        from cliplab.caption.model import Captioner
+        from cliplab.caption.visual import caption_image_tower, tower_weights_id
+
+        self.run = Path(run).resolve()
+        self.id = captioner_id(self.run)
+        self.model = Captioner.load(captioner_folder(self.run)).to(device).eval()
+        self.tower = caption_image_tower(self.model.config.image, self.model.config.image_model)
+        if self.model.image_weights and tower_weights_id(self.tower) != self.model.image_weights:
+            raise ConfigError(f"--captioner {run}: its image tower now has other weights than the captioner was "
+                              "trained with")
+        self.device, self.batch_size = device, batch_size
+
+    def captions(self, paths: Sequence[Path], keys: Sequence[str], journal: Path, *, max_pixels: int,
+                 formats: tuple[str, ...], progress: bool = True, chunk: int = 256,
+                 log: Callable[[str], None] = print) -> dict[str, str]:
+        """key -> caption of each photo (``keys``: content hashes; a repeated key is captioned once). Captions
+        in ``journal`` (an interrupted build's) are reused; new ones are appended to it chunk by chunk. A photo
+        that cannot be read now gets no caption."""
+        from tqdm.auto import tqdm
+
+        done = read_journal(journal)
+        todo: dict[str, Path] = {}
+        for path, key in zip(paths, keys):
+            if key not in done:
+                todo.setdefault(key, Path(path))
+        found = {k: done[k] for k in keys if k in done}
+        if done and todo:
+            log(f"captions: {len(found)} from the interrupted build, {len(todo)} to write")
+        items = list(todo.items())
+        bar = tqdm(total=len(items), desc="captioning photos", unit="img", disable=not progress or not items,
+                   dynamic_ncols=True)
+        for s in range(0, len(items), chunk):
+            part = items[s:s + chunk]
+            new = self._caption_files([p for _, p in part], max_pixels, formats)
+            written = {key: new[i] for i, (key, _) in enumerate(part) if i in new}
+            append_journal(journal, written)
+            found.update(written)
+            bar.update(len(part))
+        bar.close()
+        return found
+
+    def _caption_files(self, paths: list[Path], max_pixels: int, formats: tuple[str, ...]) -> dict[int, str]:
+        """position -> caption for the readable ones of ``paths`` (visual tokens in one tower pass, then greedy)."""
+        import torch
+
+        from cliplab.caption.visual import visual_features
+        from cliplab.data.images import ImageFiles
+
+        with _scratch_cache() as cache:
+            feats = visual_features(self.tower, ImageFiles(paths, max_pixels=max_pixels, formats=formats),
+                                    self.model.config.grid, cache=cache, device=self.device, progress=False,
+                                    on_error="skip")
+        good = np.flatnonzero(feats.valid)
+        out: dict[int, str] = {}
+        for s in range(0, len(good), self.batch_size):
+            rows = good[s:s + self.batch_size]
+            grid = torch.from_numpy(np.ascontiguousarray(feats.grid[rows], dtype=np.float32)).to(self.device)
+            pooled = torch.from_numpy(np.ascontiguousarray(feats.pooled[rows], dtype=np.float32)).to(self.device)
+            ids = self.model.greedy(grid, pooled, max_new_tokens=DECODE["max_new_tokens"],
+                                    no_repeat_ngram=DECODE["no_repeat_ngram"])
+            out.update({int(r): self.model.decode(x) for r, x in zip(rows, ids)})
+        return out
+
+
+class _scratch_cache:
+    """A feature store in a temporary folder, removed after (visual tokens are needed once per photo)."""
+
+    def __enter__(self):
+        import tempfile
+
+        from cliplab.embed.cache import FeatureCache
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="cliplab-captions-")
+        return FeatureCache(self._tmp.name)
+
+    def __exit__(self, *exc) -> None:
+        self._tmp.cleanup()
+
+
+def read_journal(path: Path) -> dict[str, str]:
+    """key -> caption from a captions journal (a torn last line, from a killed build, is ignored)."""
+    out: dict[str, str] = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        try:
+            record = json.loads(line)
+            out[str(record["key"])] = str(record["caption"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def append_journal(path: Path, captions: dict[str, str]) -> None:
+    """Append captions to the journal, durably (flush + fsync) before the build goes on."""
+    if not captions:
+        return
+    text = "".join(json.dumps({"key": k, "caption": v}, ensure_ascii=False) + "\n" for k, v in captions.items())
+    with open(path, "ab+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():  # after a torn last line (a killed build), start a new one
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                text = "\n" + text
+        f.write(text.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,207 @@
+"""Captions at index time (``cliplab index --captioner RUN``): the fast greedy decoder against transformers'
+``generate``, the one-pass visual tokens against the two passes, and the index: captions stored, shown,
+searchable, reused by content hash, resumed from the journal after a kill, dropped on request."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import COLOURS, SHAPES, make_image, tiny_causal_lm
+
+pytest.importorskip("faiss")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory, towers):
+    return tiny_causal_lm(tmp_path_factory.mktemp("lm"), towers[1].tokenizer)
+
+
+def tiny_captioner(lm: Path, grid_dim: int = 320, pooled_dim: int = 1280, grid: int = 2, eos_boost: float = 4.0):
+    """A random captioner whose LM ends captions at varied lengths (its EOS logit scaled up)."""
+    from cliplab.caption.model import Captioner, CaptionerConfig
+
+    torch.manual_seed(0)
+    model = Captioner(CaptionerConfig(lm=str(lm), grid=grid, mapper_hidden=16), grid_dim, pooled_dim).eval()
+    with torch.no_grad():
+        model.lm.lm_head.weight[model.tokenizer.eos_token_id] *= eos_boost
+    return model
+
+
+@pytest.fixture(scope="module")
+def small_captioner(tiny_lm):
+    return tiny_captioner(tiny_lm, 8, 12)
+
+
+def test_greedy_gives_transformers_greedy_tokens(small_captioner):
+    model = small_captioner
+    gen = torch.Generator().manual_seed(1)
+    grid, pooled = torch.randn(40, 4, 8, generator=gen) * 3, torch.randn(40, 12, generator=gen) * 3
+    for no_repeat in (0, 2, 3):
+        fast = model.greedy(grid, pooled, max_new_tokens=12, no_repeat_ngram=no_repeat)
+        assert fast == model.hf_generate(grid, pooled, beam=1, max_new_tokens=12, no_repeat_ngram=no_repeat)
+        lengths = {len(x) for x in fast}
+        assert min(lengths) >= 1 and len(lengths) > 3 and 12 in lengths  # ended early, at varied steps, and not
+        if no_repeat:
+            for row in fast:  # no n-gram twice
+                grams = [tuple(row[i:i + no_repeat]) for i in range(len(row) - no_repeat + 1)]
+                assert len(grams) == len(set(grams))
+    assert model.generate(grid, pooled, beam=1, max_new_tokens=12) == model.greedy(grid, pooled, max_new_tokens=12)
+
+
+def test_greedy_stops_at_a_line_break_token(small_captioner):
+    model = small_captioner
+    grid, pooled = torch.randn(6, 4, 8) * 3, torch.randn(6, 12) * 3
+    first = model.greedy(grid, pooled, max_new_tokens=8)
+    row = next(r for r in first if len(r) >= 3)
+    stop = row[1]  # pretend the second token of a caption holds a line break
+    stops = model.stop_ids()
+    model._stop_ids = stops | {stop}
+    try:
+        again = model.greedy(grid, pooled, max_new_tokens=8)
+        assert row[:1] in again and all(stop not in r for r in again)
+        assert again == model.hf_generate(grid, pooled, beam=1, max_new_tokens=8)
+    finally:
+        model._stop_ids = stops
+
+
+def test_visual_tokens_in_one_pass_equal_the_two_passes(towers):
+    from cliplab.caption.visual import GridTower, VisualTokenTower
+
+    image = towers[0]
+    x = torch.randn(3, 3, 96, 96)
+    one = VisualTokenTower(image, 2)
+    with torch.inference_mode():
+        out = one(x)
+        cells = GridTower(image, 2)(x)
+        pooled = image(x)
+    assert out.shape == (3, one.output_dim) and one.output_dim == cells.shape[1] + pooled.shape[1]
+    torch.testing.assert_close(out[:, :cells.shape[1]], cells, rtol=0, atol=0)
+    torch.testing.assert_close(out[:, cells.shape[1]:], pooled, rtol=1e-5, atol=1e-6)
+    assert one.fingerprint() != GridTower(image, 2).fingerprint()
+
+
+def test_caption_journal_survives_a_torn_line(tmp_path):
+    from cliplab.serve.captions import append_journal, read_journal
+
+    journal = tmp_path / "captions.jsonl"
+    append_journal(journal, {"a": "a dog", "b": "two cats"})
+    with open(journal, "a", encoding="utf-8") as f:
+        f.write('{"key": "c", "capt')  # killed mid-write
+    assert read_journal(journal) == {"a": "a dog", "b": "two cats"}
+    append_journal(journal, {"d": "a red ball"})
+    assert read_journal(journal) == {"a": "a dog", "b": "two cats", "d": "a red ball"}
+    assert read_journal(tmp_path / "missing.jsonl") == {}
+
+
+@pytest.fixture(scope="module")
+def captioner_run(tiny_lm, tmp_path_factory):
+    run = tmp_path_factory.mktemp("caption-run")
+    tiny_captioner(tiny_lm).save(run)
+    return run
+
+
+def photos(root: Path, n: int = 6) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (c, s) in enumerate([(c, s) for c in COLOURS for s in SHAPES][:n]):
+        make_image(root / f"{c}_{s}.jpg", c, s, seed=i)
+    return root
+
+
+def items(index: Path) -> dict[str, dict]:
+    from cliplab.serve.index import PhotoIndex
+
+    return {it["path"]: it for it in PhotoIndex(index).all_items().values()}
+
+
+@pytest.mark.slow
+def test_index_writes_stores_and_searches_generated_captions(captioner_run, tmp_path, cli, monkeypatch):
+    from cliplab.caption.files import caption_files
+    from cliplab.serve import captions as captions_module
+    from cliplab.serve.index import IndexBuilder, PhotoIndex
+
+    folder = photos(tmp_path / "photos")
+    shutil.copy(folder / "red_circle.jpg", folder / "same_bytes.jpg")  # one content, two files
+    index = tmp_path / "index"
+    calls = []
+    original = captions_module.PhotoCaptioner._caption_files
+    monkeypatch.setattr(captions_module.PhotoCaptioner, "_caption_files",
+                        lambda self, paths, *a: calls.append(len(paths)) or original(self, paths, *a))
+    report = IndexBuilder(index, "conse", captioner=captioner_run, log=lambda m: None,
+                          progress=False).build([folder])
+    got = items(index)
+    assert report.captioned == 6 and sum(calls) == 6  # seven files, six contents
+    assert got["same_bytes.jpg"]["generated"] == got["red_circle.jpg"]["generated"]
+    direct = caption_files(captioner_run, [folder / p for p in sorted(got)], beam=1, device="cpu")
+    assert {p: it["generated"] for p, it in got.items()} == {Path(f).name: c for f, c in direct.items()}
+    assert all(it["generated"] and "\n" not in it["generated"] for it in got.values())
+
+    # searchable as words, in the JSON of `cliplab search` and in the table
+    pick = got["blue_square.jpg"]["generated"]
+    word = max(pick.replace("#", " ").split(), key=len)
+    hits = PhotoIndex(index).keyword_rank(word, 10)
+    assert got["blue_square.jpg"]["id"] in {i for _, i in hits}
+    res = cli("search", str(index), word, "--mode", "keyword", "--json")
+    assert res.returncode == 0, res.stderr
+    assert {h["path"]: h["generated"] for h in json.loads(res.stdout)}["blue_square.jpg"] == pick
+    res = cli("search", str(index), word, "--mode", "keyword")
+    assert "generated caption" in res.stdout
+
+    # an update keeps the captions of unchanged photos and writes only the new one's
+    make_image(folder / "new_one.jpg", "green", "circle", seed=99)
+    calls.clear()
+    report = IndexBuilder(index, log=lambda m: None, progress=False).build([folder])
+    assert report.captioned == 1 and calls == [1] and items(index)["new_one.jpg"]["generated"]
+    assert PhotoIndex(index).info["captioner"] == str(captioner_run.resolve())
+
+    # --captioner none drops them; a gone captioner is a one-line error naming the way out
+    IndexBuilder(index, captioner="none", log=lambda m: None, progress=False).build([folder])
+    assert all(it["generated"] is None for it in items(index).values())
+    assert PhotoIndex(index).info["captioner"] is None
+    from cliplab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a caption run"):
+        IndexBuilder(tmp_path / "index2", captioner=tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_a_killed_captioning_build_resumes_from_its_journal(captioner_run, tmp_path, monkeypatch):
+    from cliplab.serve import captions as captions_module
+    from cliplab.serve.index import CURRENT, IndexBuilder
+
+    folder = photos(tmp_path / "photos", n=6)
+    index = tmp_path / "index"
+    original = captions_module.PhotoCaptioner._caption_files
+    seen = []
+
+    def die_on_second_chunk(self, paths, *a):
+        seen.append(len(paths))
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return original(self, paths, *a)
+
+    monkeypatch.setattr(captions_module.PhotoCaptioner, "_caption_files", die_on_second_chunk)
+    builder = IndexBuilder(index, "conse", captioner=captioner_run, log=lambda m: None, progress=False)
+    real_captions = captions_module.PhotoCaptioner.captions
+    monkeypatch.setattr(captions_module.PhotoCaptioner, "captions",
+                        lambda self, *a, **kw: real_captions(self, *a, **{**kw, "chunk": 4}))
+    with pytest.raises(KeyboardInterrupt):
+        builder.build([folder])
+    assert not (index / CURRENT).exists()  # nothing committed
+    journal = next((index / "cliplab-work").glob("captions-*.jsonl"))
+    assert len(journal.read_text().splitlines()) == 4  # the first chunk's captions, durable
+
+    monkeypatch.setattr(captions_module.PhotoCaptioner, "_caption_files",
+                        lambda self, paths, *a: seen.append(len(paths)) or original(self, paths, *a))
+    seen.clear()
+    report = IndexBuilder(index, "conse", captioner=captioner_run, log=lambda m: None, progress=False).build([folder])
+    assert seen == [2] and report.captioned == 6  # only the two the killed build had not written
+    fresh = tmp_path / "fresh"
+    IndexBuilder(fresh, "conse", captioner=captioner_run, log=lambda m: None, progress=False).build([folder])
+    assert {p: it["generated"] for p, it in items(index).items()} == \
+        {p: it["generated"] for p, it in items(fresh).items()}
+    assert not (index / "cliplab-work").exists()
+    assert np.all([it["generated"] for it in items(index).values()])
