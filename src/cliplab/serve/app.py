@@ -665,6 +665,8 @@ def _answer_models(settings: ServerSettings) -> dict:
         thumb: str
         taken: str | None = None
         camera: str | None = None
+        generated: str | None = Field(None, description="the caption the index's captioner wrote for the photo "
+                                                        "(`cliplab index --captioner`)")
 
     class SearchResult(BaseModel):
         k: int

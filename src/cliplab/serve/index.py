@@ -295,7 +295,7 @@ def searchable_text(relpath: str, captions: list[str], camera: str | None, gener
     """What keyword search reads for a photo: its folder and file-name words (``trips/2020/beach_day.jpg`` ->
     ``trips 2020 beach day``), its camera, its captions and its generated caption."""
     words = re.sub(r"[\W_]+", " ", relpath.rsplit(".", 1)[0])
-    return "\n".join([words, camera or "", *captions, generated or ""])
+    return "\n".join([words, camera or "", *captions, *([generated] if generated else [])])
 
 
 def fts_query(text: str) -> str | None:
@@ -404,8 +404,9 @@ class PhotoIndex:
 
     def rank(self, queries: np.ndarray, depth: int) -> tuple[list[list[int]], list[list[float]]]:
         """The ``depth`` best item ids and their scores (inner product) for each row of unit-norm ``queries``."""
-        scores, rows = self.faiss.search(np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(
-            -1, self.vectors.shape[1])), depth)
+        queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(-1, self.vectors.shape[1]))
+        with _omp_threads(1 if len(queries) == 1 else None):
+            scores, rows = self.faiss.search(queries, depth)
         keep = rows >= 0
         return ([[int(i) for i in self.row_to_id[r[m]]] for r, m in zip(rows, keep)],
                 [[float(x) for x in d[m]] for d, m in zip(scores, keep)])
@@ -746,6 +747,24 @@ class IndexBuilder:
             if own and p.name not in live and p.is_file() and not p.is_symlink():
                 p.unlink(missing_ok=True)
         fsync_dir(self.folder)
+
+
+@contextmanager
+def _omp_threads(n: int | None):
+    """FAISS's OpenMP threads for this thread's searches inside the block (None: unchanged). One query runs
+    ~10x faster on one thread than on two when other work keeps the cores busy (a server's other requests):
+    the threads wait on each other. OpenMP keeps the setting per calling thread; it is restored after."""
+    if n is None:
+        yield
+        return
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _is_captioner(run: str) -> bool:
