@@ -40,8 +40,12 @@ def test_greedy_gives_transformers_greedy_tokens(small_captioner):
     model = small_captioner
     gen = torch.Generator().manual_seed(1)
     grid, pooled = torch.randn(40, 4, 8, generator=gen) * 3, torch.randn(40, 12, generator=gen) * 3
-    for no_repeat in (0, 2, 3):
-        fast = model.greedy(grid, pooled, max_new_tokens=12, no_repeat_ngram=no_repeat)
+    with torch.inference_mode():  # the first step's best token ends some captions: the one-token minimum matters
+        first = model.lm(inputs_embeds=model.prefix(grid, pooled)).logits[:, -1].argmax(-1)
+    assert any(int(t) in model.stop_ids() for t in first)
+    runs = {}
+    for no_repeat in (0, 1, 2, 3):
+        fast = runs[no_repeat] = model.greedy(grid, pooled, max_new_tokens=12, no_repeat_ngram=no_repeat)
         assert fast == model.hf_generate(grid, pooled, beam=1, max_new_tokens=12, no_repeat_ngram=no_repeat)
         lengths = {len(x) for x in fast}
         assert min(lengths) >= 1 and len(lengths) > 3 and 12 in lengths  # ended early, at varied steps, and not
@@ -49,14 +53,51 @@ def test_greedy_gives_transformers_greedy_tokens(small_captioner):
             for row in fast:  # no n-gram twice
                 grams = [tuple(row[i:i + no_repeat]) for i in range(len(row) - no_repeat + 1)]
                 assert len(grams) == len(set(grams))
-    assert model.generate(grid, pooled, beam=1, max_new_tokens=12) == model.greedy(grid, pooled, max_new_tokens=12)
+    assert runs[0] != runs[1]  # the ban changed some captions
+    assert model.plain_greedy()
+    assert model.generate(grid, pooled, beam=1, max_new_tokens=12) == runs[3]  # generate's greedy is this one
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_ngram_bans_match_transformers_processor(n):
+    """The bookkeeping of Captioner._block_repeats (updated one token per step) bans what transformers'
+    NoRepeatNGramLogitsProcessor bans, on rows that repeat a lot (a vocabulary of 4)."""
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from cliplab.caption.model import Captioner
+
+    rows = torch.randint(0, 4, (6, 14), generator=torch.Generator().manual_seed(n)).tolist()
+    seen = [{} for _ in rows]
+    fired = 0
+    for t in range(1, 15):
+        prefix = [r[:t] for r in rows]
+        ours = torch.zeros(len(rows), 4)
+        Captioner._block_repeats(ours, prefix, seen, n)
+        ref = NoRepeatNGramLogitsProcessor(n)(torch.tensor(prefix), torch.zeros(len(rows), 4))
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (n, t)
+        fired += int(torch.isinf(ours).sum())
+    assert fired > 0
+
+
+def test_generation_config_extras_go_through_transformers(small_captioner, monkeypatch):
+    model = small_captioner
+    calls = []
+    monkeypatch.setattr(model, "greedy", lambda *a, **k: calls.append("fast") or [[1]])
+    monkeypatch.setattr(model, "hf_generate", lambda *a, **k: calls.append("hf") or [[2]])
+    grid, pooled = torch.zeros(1, 4, 8), torch.zeros(1, 12)
+    model.generate(grid, pooled, beam=1)
+    monkeypatch.setattr(model.lm.generation_config, "repetition_penalty", 1.3)
+    assert not model.plain_greedy()
+    model.generate(grid, pooled, beam=1)
+    assert calls == ["fast", "hf"]
 
 
 def test_greedy_stops_at_a_line_break_token(small_captioner):
     model = small_captioner
-    grid, pooled = torch.randn(6, 4, 8) * 3, torch.randn(6, 12) * 3
+    gen = torch.Generator().manual_seed(2)
+    grid, pooled = torch.randn(16, 4, 8, generator=gen) * 3, torch.randn(16, 12, generator=gen) * 3
     first = model.greedy(grid, pooled, max_new_tokens=8)
-    row = next(r for r in first if len(r) >= 3)
+    row = next(r for r in first if len(r) >= 3 and r[0] != r[1])
     stop = row[1]  # pretend the second token of a caption holds a line break
     stops = model.stop_ids()
     model._stop_ids = stops | {stop}
@@ -89,8 +130,8 @@ def test_caption_journal_survives_a_torn_line(tmp_path):
 
     journal = tmp_path / "captions.jsonl"
     append_journal(journal, {"a": "a dog", "b": "two cats"})
-    with open(journal, "a", encoding="utf-8") as f:
-        f.write('{"key": "c", "capt')  # killed mid-write
+    with open(journal, "ab") as f:
+        f.write('{"key": "c", "caption": "caf\u00e9'.encode("utf-8")[:-1])  # killed mid-write, mid-character
     assert read_journal(journal) == {"a": "a dog", "b": "two cats"}
     append_journal(journal, {"d": "a red ball"})
     assert read_journal(journal) == {"a": "a dog", "b": "two cats", "d": "a red ball"}
@@ -147,14 +188,13 @@ def test_index_writes_stores_and_searches_generated_captions(captioner_run, tmp_
     res = cli("search", str(index), word, "--mode", "keyword", "--json")
     assert res.returncode == 0, res.stderr
     assert {h["path"]: h["generated"] for h in json.loads(res.stdout)}["blue_square.jpg"] == pick
-    res = cli("search", str(index), word, "--mode", "keyword")
-    assert "generated caption" in res.stdout
 
     # an update keeps the captions of unchanged photos and writes only the new one's
     make_image(folder / "new_one.jpg", "green", "circle", seed=99)
     calls.clear()
     report = IndexBuilder(index, log=lambda m: None, progress=False).build([folder])
-    assert report.captioned == 1 and calls == [1] and items(index)["new_one.jpg"]["generated"]
+    got_new = items(index)["new_one.jpg"]["generated"]
+    assert report.captioned == 1 and calls == [1] and got_new
     assert PhotoIndex(index).info["captioner"] == str(captioner_run.resolve())
 
     # --captioner none drops them; a gone captioner is a one-line error naming the way out
@@ -165,6 +205,16 @@ def test_index_writes_stores_and_searches_generated_captions(captioner_run, tmp_
 
     with pytest.raises(ConfigError, match="not a caption run"):
         IndexBuilder(tmp_path / "index2", captioner=tmp_path / "nowhere")
+    moved = tmp_path / "moved-run"
+    shutil.copytree(captioner_run, moved)
+    IndexBuilder(index, captioner=moved, log=lambda m: None, progress=False).build([folder])
+    calls.clear()
+    report = IndexBuilder(index, "conse", rebuild=True, log=lambda m: None, progress=False).build([folder])
+    assert report.captioned == 0 and calls == []  # a rebuild re-embeds, but the captions depend on the bytes only
+    assert items(index)["new_one.jpg"]["generated"] == got_new
+    shutil.rmtree(moved)
+    with pytest.raises(ConfigError, match="is gone.*--captioner none"):
+        IndexBuilder(index, log=lambda m: None, progress=False)
 
 
 @pytest.mark.slow
@@ -254,3 +304,29 @@ def test_generated_captions_on_the_page_in_chromium(captioner_run, tmp_path):
         server.should_exit = True
         thread.join(10)
     assert errors == []
+
+
+@pytest.mark.slow
+def test_an_index_written_before_generated_captions_still_serves_and_updates(captioner_run, tmp_path):
+    import sqlite3
+
+    from fastapi.testclient import TestClient
+
+    from cliplab.serve.app import ServerSettings, create_app
+    from cliplab.serve.index import CURRENT, IndexBuilder, PhotoIndex
+
+    folder = photos(tmp_path / "photos", n=3)
+    index = tmp_path / "index"
+    IndexBuilder(index, "conse", log=lambda m: None, progress=False).build([folder])
+    db = index / json.loads((index / CURRENT).read_text())["db"]
+    with sqlite3.connect(db) as con:  # as the previous release wrote it
+        con.execute("ALTER TABLE items DROP COLUMN generated")
+    assert all(it["generated"] is None for it in items(index).values())
+    client = TestClient(create_app(ServerSettings(index, thumb_dir=tmp_path / "thumbs")), base_url="http://localhost")
+    res = client.get("/api/search", params={"q": "a red circle", "k": 3})
+    assert res.status_code == 200 and [h["generated"] for h in res.json()["results"]] == [None] * 3
+    res = client.post("/knn-service", json={"text": "a red circle", "num_images": 2})
+    assert res.status_code == 200 and len(res.json()) == 2
+    report = IndexBuilder(index, captioner=captioner_run, log=lambda m: None, progress=False).build([folder])
+    assert report.captioned == 3 and report.embedded == 0
+    assert all(it["generated"] for it in items(index).values()) and PhotoIndex(index).info["captioner"]

@@ -183,7 +183,8 @@ class Index:
     @classmethod
     def build(cls, photos: Sequence[str | Path], out: str | Path, *, model: Optional[str] = None,
               **options) -> "Index":
-        """``cliplab index PHOTOS --out OUT``: build or update the index (only new and changed files embedded)."""
+        """``cliplab index PHOTOS --out OUT``: build or update the index (only new and changed files embedded);
+        ``captioner="RUN"`` (``--captioner``): a caption run writes one caption per photo, shown and searched."""
         from cliplab.serve.index import IndexBuilder
 
         IndexBuilder(out, model, **options).build([Path(p) for p in photos])

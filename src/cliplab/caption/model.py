@@ -31,6 +31,12 @@ WEIGHTS_NAME = rundir.CAPTIONER_WEIGHTS
 TUNINGS = ("prefix", "lora", "adapter", "full")
 MAPPERS = ("mlp", "transformer")
 DEFAULT_LORA_TARGETS = (("q_proj", "v_proj"), ("c_attn",))  # Llama/Gemma/OPT-style, GPT-2
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits on
+# generation settings of an LM's own generation_config that Captioner.greedy does not apply: with any of them
+# set, greedy decoding goes through transformers' generate
+UNSUPPORTED_GENERATION = ("repetition_penalty", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                          "forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "encoder_repetition_penalty",
+                          "exponential_decay_length_penalty", "renormalize_logits", "min_length")
 
 
 @dataclass
@@ -280,7 +286,7 @@ class Captioner(nn.Module):
         ``num_return`` (<= ``beam``) best sequences per image, best first, image after image."""
         if not 1 <= num_return <= beam:
             raise ConfigError(f"num_return must be from 1 to the beam size {beam}, not {num_return}")
-        if beam == 1:
+        if beam == 1 and self.plain_greedy():
             return self.greedy(grid, pooled, max_new_tokens=max_new_tokens, no_repeat_ngram=no_repeat_ngram)
         return self.hf_generate(grid, pooled, beam=beam, max_new_tokens=max_new_tokens,
                                 length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram, num_return=num_return)
@@ -313,9 +319,10 @@ class Captioner(nn.Module):
     def greedy(self, grid: torch.Tensor, pooled: torch.Tensor, *, max_new_tokens: int = 30,
                no_repeat_ngram: int = 3) -> list[list[int]]:
         """Batched greedy decoding: the tokens of transformers' greedy ``generate`` (same stops, same n-gram
-        blocking, at least one token), faster: a caption that has ended leaves the batch, its cached keys and
-        values too, so each step runs only the captions still being written, and only the newest position's
-        logits are computed (transformers' loop runs every row to the longest caption)."""
+        blocking, at least one token; equal up to floating-point rounding, as the batch shrinks), faster: a
+        caption that has ended leaves the batch, its cached keys and values too, so each step runs only the
+        captions still being written (transformers' loop runs every row to the batch's longest caption).
+        :meth:`generate` uses it unless the LM's generation config asks for more (:meth:`plain_greedy`)."""
         from transformers import DynamicCache
 
         prefix = self.prefix(grid, pooled)
@@ -349,6 +356,15 @@ class Captioner(nn.Module):
                           device=prefix.device), past_key_values=cache, use_cache=True)
         return rows
 
+    def plain_greedy(self) -> bool:
+        """Whether the LM's generation config sets nothing :meth:`greedy` leaves out (a repetition penalty,
+        banned or suppressed tokens, ...); when it does, :meth:`generate` decodes with transformers."""
+        config = getattr(self.lm, "generation_config", None)
+        if config is None:
+            return True
+        defaults = type(config)()
+        return all(getattr(config, name, None) == getattr(defaults, name, None) for name in UNSUPPORTED_GENERATION)
+
     @staticmethod
     def _block_repeats(scores: torch.Tensor, rows: list[list[int]], seen: list[dict], n: int) -> None:
         """transformers' ``no_repeat_ngram_size``: a token that would repeat an n-gram of the caption so far is
@@ -367,13 +383,13 @@ class Captioner(nn.Module):
         if getattr(self, "_stop_ids", None) is None:
             tok = self.tokenizer
             texts = tok.batch_decode([[i] for i in range(len(tok))], skip_special_tokens=True)
-            breaks = {i for i, text in enumerate(texts) if "\n" in text}
+            breaks = {i for i, text in enumerate(texts) if any(c in text for c in LINE_BREAKS)}
             self._stop_ids = {tok.eos_token_id} | breaks
         return self._stop_ids
 
     def decode(self, ids: list[int]) -> str:
         """Caption text: special tokens dropped, cut at the first line break and the end of the first sentence."""
-        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n", 1)[0].strip()
+        text = (self.tokenizer.decode(ids, skip_special_tokens=True).strip().splitlines() or [""])[0].strip()
         cut = text.find(". ")
         return (text[: cut + 1] if cut >= 0 else text).strip()
 

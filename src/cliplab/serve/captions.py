@@ -5,13 +5,15 @@ Decoding is greedy (:meth:`~cliplab.caption.model.Captioner.greedy`: batched, en
 batch). Captions are keyed by the photo's content hash and the captioner: a photo seen before (same bytes,
 same captioner) is never captioned again, whatever its name. While a build runs, each finished chunk's
 captions are appended to ``cliplab-work/captions-<captioner>.jsonl`` (flushed and fsynced), so a killed
-build resumes with them, like the embeddings.
+build resumes with them, like the embeddings; the visual tokens of the chunk being captioned pass through
+``cliplab-work/captions-tokens/`` (removed with the work folder).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,10 +21,12 @@ import numpy as np
 
 from cliplab import rundir
 from cliplab.errors import ConfigError
-from cliplab.utils import sha256_file, sha256_text
+from cliplab.embed.cache import FeatureCache
+from cliplab.utils import fsync_dir, sha256_file, sha256_text
 
 # greedy decoding, as ``cliplab caption generate --beam 1``: part of the captioner's identity in an index
 DECODE = {"beam": 1, "max_new_tokens": 30, "no_repeat_ngram": 3}
+SCRATCH = "captions-tokens"  # visual tokens of the chunk being captioned, in the work folder
 NO_CAPTIONER = "none"  # ``--captioner none``: stop captioning (the index's captions are dropped)
 
 
@@ -78,9 +82,10 @@ class PhotoCaptioner:
         items = list(todo.items())
         bar = tqdm(total=len(items), desc="captioning photos", unit="img", disable=not progress or not items,
                    dynamic_ncols=True)
+        scratch = FeatureCache(Path(journal).parent / SCRATCH)  # inside the build's marked work folder
         for s in range(0, len(items), chunk):
             part = items[s:s + chunk]
-            new = self._caption_files([p for _, p in part], max_pixels, formats)
+            new = self._caption_files([p for _, p in part], max_pixels, formats, scratch)
             written = {key: new[i] for i, (key, _) in enumerate(part) if i in new}
             append_journal(journal, written)
             found.update(written)
@@ -88,56 +93,45 @@ class PhotoCaptioner:
         bar.close()
         return found
 
-    def _caption_files(self, paths: list[Path], max_pixels: int, formats: tuple[str, ...]) -> dict[int, str]:
-        """position -> caption for the readable ones of ``paths`` (visual tokens in one tower pass, then greedy)."""
+    def _caption_files(self, paths: list[Path], max_pixels: int, formats: tuple[str, ...],
+                       scratch: FeatureCache) -> dict[int, str]:
+        """position -> caption for the readable ones of ``paths`` (visual tokens in one tower pass, then greedy).
+        The tokens pass through ``scratch`` and are dropped after (its ONNX export is kept for the next call)."""
         import torch
 
         from cliplab.caption.visual import visual_features
         from cliplab.data.images import ImageFiles
 
-        with _scratch_cache() as cache:
+        try:
             feats = visual_features(self.tower, ImageFiles(paths, max_pixels=max_pixels, formats=formats),
-                                    self.model.config.grid, cache=cache, device=self.device, progress=False,
+                                    self.model.config.grid, cache=scratch, device=self.device, progress=False,
                                     on_error="skip")
+        finally:
+            for entry in scratch.root.glob("image-*"):  # this chunk's tokens: needed once
+                shutil.rmtree(entry, ignore_errors=True)
         good = np.flatnonzero(feats.valid)
         out: dict[int, str] = {}
         for s in range(0, len(good), self.batch_size):
             rows = good[s:s + self.batch_size]
             grid = torch.from_numpy(np.ascontiguousarray(feats.grid[rows], dtype=np.float32)).to(self.device)
             pooled = torch.from_numpy(np.ascontiguousarray(feats.pooled[rows], dtype=np.float32)).to(self.device)
-            ids = self.model.greedy(grid, pooled, max_new_tokens=DECODE["max_new_tokens"],
-                                    no_repeat_ngram=DECODE["no_repeat_ngram"])
+            ids = self.model.generate(grid, pooled, **DECODE)  # greedy (batched, see Captioner.greedy)
             out.update({int(r): self.model.decode(x) for r, x in zip(rows, ids)})
         return out
-
-
-class _scratch_cache:
-    """A feature store in a temporary folder, removed after (visual tokens are needed once per photo)."""
-
-    def __enter__(self):
-        import tempfile
-
-        from cliplab.embed.cache import FeatureCache
-
-        self._tmp = tempfile.TemporaryDirectory(prefix="cliplab-captions-")
-        return FeatureCache(self._tmp.name)
-
-    def __exit__(self, *exc) -> None:
-        self._tmp.cleanup()
 
 
 def read_journal(path: Path) -> dict[str, str]:
     """key -> caption from a captions journal (a torn last line, from a killed build, is ignored)."""
     out: dict[str, str] = {}
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_bytes().split(b"\n")
     except FileNotFoundError:
         return out
     for line in lines:
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
             out[str(record["key"])] = str(record["caption"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
             continue
     return out
 
@@ -146,7 +140,8 @@ def append_journal(path: Path, captions: dict[str, str]) -> None:
     """Append captions to the journal, durably (flush + fsync) before the build goes on."""
     if not captions:
         return
-    text = "".join(json.dumps({"key": k, "caption": v}, ensure_ascii=False) + "\n" for k, v in captions.items())
+    text = "".join(json.dumps({"key": k, "caption": v}) + "\n" for k, v in captions.items())  # ASCII only
+    new = not Path(path).exists()
     with open(path, "ab+") as f:
         f.seek(0, os.SEEK_END)
         if f.tell():  # after a torn last line (a killed build), start a new one
@@ -156,3 +151,5 @@ def append_journal(path: Path, captions: dict[str, str]) -> None:
         f.write(text.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
+    if new:
+        fsync_dir(Path(path).parent)

@@ -4,9 +4,10 @@ Layout of ``INDEX/`` (one *generation* is live at a time; ``CURRENT`` names it):
 
 - ``CURRENT``: JSON naming the live generation's files; replaced atomically (``os.replace``) as the
   last step of every build, so readers and a killed build always see one complete generation;
-- ``meta-G.sqlite``: ``info`` (model spec and fingerprint, dimension, roots, ...), ``items`` (id,
-  root, relative path, size, mtime, content hash, width, height, captions, added time, row),
-  ``skipped`` (files that could not be indexed, and why);
+- ``meta-G.sqlite``: ``info`` (model spec and fingerprint, dimension, roots, captioner, ...), ``items`` (id,
+  root, relative path, size, mtime, content hash, width, height, captions, added time, row, EXIF facts, the
+  generated caption), ``items_text`` (FTS5: the words keyword search reads), ``skipped`` (files that could
+  not be indexed, and why);
 - ``vectors-G.npy``: unit-norm image embeddings ``[N, d]`` (float32 or float16, memory-mapped), row
   ``items.row``; ``faiss-G.index``: exact or approximate inner-product index over them;
 - ``cliplab-work/``: embeddings of new files, computed in resumable chunks keyed by their files (the
@@ -405,7 +406,7 @@ class PhotoIndex:
     def rank(self, queries: np.ndarray, depth: int) -> tuple[list[list[int]], list[list[float]]]:
         """The ``depth`` best item ids and their scores (inner product) for each row of unit-norm ``queries``."""
         queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(-1, self.vectors.shape[1]))
-        with _omp_threads(1 if len(queries) == 1 else None):
+        with _omp_threads(1 if len(queries) == 1 and len(self) <= EXACT_BELOW else None):
             scores, rows = self.faiss.search(queries, depth)
         keep = rows >= 0
         return ([[int(i) for i in self.row_to_id[r[m]]] for r, m in zip(rows, keep)],
@@ -442,8 +443,9 @@ class PhotoIndex:
         return self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'items_text'").fetchone() is not None
 
     def keyword_rank(self, text: str, depth: int, allowed: set[int] | None = None) -> list[tuple[float, int]]:
-        """``(score, id)`` of the items whose words (folder, file name, camera, captions) match ``text``, best
-        first by BM25 (score = -BM25, higher is better); at most ``depth``, only ``allowed`` ids when given."""
+        """``(score, id)`` of the items whose words (folder, file name, camera, captions, generated caption)
+        match ``text``, best first by BM25 (score = -BM25, higher is better); at most ``depth``, only ``allowed``
+        ids when given."""
         query = fts_query(text)
         if query is None or not self.has_keywords:
             return []
@@ -538,7 +540,7 @@ class IndexBuilder:
 
         report = BuildReport(skipped=skipped)
         model = load_model(self.model_spec, device=self.device)
-        captioner = PhotoCaptioner(self.captioner, device=self.device) if self.captioner else None
+        captioner = self._load_captioner()
         fingerprint = model.fingerprint()
         prev = self.previous_info
         if prev is not None and prev["model_fingerprint"] != fingerprint and not self.rebuild:
@@ -555,7 +557,7 @@ class IndexBuilder:
         new_vectors, good, errors = self._embed(model, todo)
         report.embedded = int(good.sum())
         entries, stat_of = self._entries(keep, todo, good, errors, failed, old, report)
-        generated = self._captions(captioner, entries, old, report) if captioner else {}
+        generated = self._captions(captioner, entries, old or self._previous_items(), report) if captioner else {}
         old_vectors = np.load(self.folder / self.current["vectors"], mmap_mode="r") if old else None
         dim = (int(new_vectors.shape[1]) if new_vectors.size else int(old_vectors.shape[1])
                if old_vectors is not None else int(model.encode_text(["x"]).shape[1]))
@@ -666,9 +668,22 @@ class IndexBuilder:
         remove_work_folder(self.folder)  # its chunks are in the committed vectors now
         report.total, report.faiss, report.generation = n, kind, generation
 
+    def _load_captioner(self) -> PhotoCaptioner | None:
+        if not self.captioner:
+            return None
+        try:
+            return PhotoCaptioner(self.captioner, device=self.device)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (captioner {self.captioner}; --captioner none builds without captions)") from None
+
+    def _previous_items(self) -> dict[tuple[int, str], dict]:
+        """The live generation's items (its captions are reused by a rebuild with the same captioner)."""
+        return self._old_items() if self.current is not None else {}
+
     def _captions(self, captioner: PhotoCaptioner, entries: list, old: dict, report: BuildReport) -> dict[str, str]:
         """content hash -> generated caption of every photo of the next generation: kept from the previous
-        generation when it was written by the same captioner, else written now (resumably, see
+        generation when it was written by the same captioner (also through ``--rebuild`` or a model change:
+        a caption depends on the photo's bytes and the captioner only), else written now (resumably, see
         :mod:`cliplab.serve.captions`)."""
         same = (self.previous_info or {}).get("captioner_id") == captioner.id
         known = {o["sha256"]: o["generated"] for o in old.values() if same and o.get("generated") is not None}
@@ -751,9 +766,10 @@ class IndexBuilder:
 
 @contextmanager
 def _omp_threads(n: int | None):
-    """FAISS's OpenMP threads for this thread's searches inside the block (None: unchanged). One query runs
-    ~10x faster on one thread than on two when other work keeps the cores busy (a server's other requests):
-    the threads wait on each other. OpenMP keeps the setting per calling thread; it is restored after."""
+    """FAISS's OpenMP threads for this thread's searches inside the block (None: unchanged). One query over up
+    to 50,000 vectors runs ~10x faster on one thread than on two when other work keeps the cores busy (a
+    server's other requests): the threads wait on each other. OpenMP keeps the setting per calling thread;
+    it is restored after."""
     if n is None:
         yield
         return
