@@ -7,6 +7,7 @@ import copy
 import csv
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +216,30 @@ def open_page(playwright, width: int, height: int, errors: list):
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     return browser, page
+
+
+@contextmanager
+def live_server(app):
+    """The app under uvicorn on 127.0.0.1 with the limits `cliplab serve` uses."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from cliplab.serve.app import uvicorn_limits
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_limits()))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -198,52 +195,38 @@ def test_a_shared_duplicates_link_with_the_token_lands_on_that_page(dup_index, t
 @pytest.mark.browser
 def test_duplicates_review_page_in_headless_chromium(dup_server, dup_index, tmp_path):
     import httpx
-    import uvicorn
     from playwright.sync_api import expect, sync_playwright
 
-    from tests.conftest import open_page
+    from tests.conftest import live_server, open_page
 
     photos, _, before = dup_index
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(dup_server, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
     errors = []
-    try:
-        with sync_playwright() as p:
-            browser, page = open_page(p, 1280, 900, errors)
-            page.goto(f"http://127.0.0.1:{port}/duplicates")
-            expect(page.locator("#status")).to_contain_text("1 exact and")
-            expect(page.locator("#info")).to_contain_text("7 images")
-            expect(page.locator(".group").first).to_contain_text("exact (same content)")
-            page.wait_for_function("Array.from(document.querySelectorAll('.photo img')).every(i => i.complete && i.naturalWidth > 0)")
-            keep = page.get_by_label("keep red_circle.png", exact=True)
-            expect(keep).to_be_visible()
-            answer = httpx.get(f"http://127.0.0.1:{port}/api/duplicates").json()
-            root = photos.resolve()
-            suggested = list(dict.fromkeys(str(root / it["path"]) for g in answer["exact"] + answer["near"]
-                                           for it in g if not it["keep"]))
-            assert str(root / "sub/red_circle copy.png") in suggested and str(root / "red_circle.png") not in suggested
-            with page.expect_download() as download:
-                page.locator("#export").click()
-            assert Path(download.value.path()).read_text().splitlines() == suggested
-            keep.click()  # the keeper marked remove, its copy kept instead
-            page.get_by_label("remove sub/red_circle copy.png", exact=True).click()
-            with page.expect_download() as download:
-                page.locator("#export").click()
-            swapped = [str(root / "red_circle.png") if f == str(root / "sub/red_circle copy.png") else f for f in suggested]
-            assert Path(download.value.path()).read_text().splitlines() == swapped
-            page.locator("#threshold").fill("0.5")
-            page.locator("#controls button[type=submit]").click()
-            expect(page.locator("#status")).to_contain_text("similarity ≥ 0.5")
-            browser.close()
-    finally:
-        srv.should_exit = True
-        thread.join(10)
+    with live_server(dup_server) as base, sync_playwright() as p:
+        browser, page = open_page(p, 1280, 900, errors)
+        page.goto(base + "/duplicates")
+        expect(page.locator("#status")).to_contain_text("1 exact and")
+        expect(page.locator("#info")).to_contain_text("7 images")
+        expect(page.locator(".group").first).to_contain_text("exact (same content)")
+        page.wait_for_function("Array.from(document.querySelectorAll('.photo img')).every(i => i.complete && i.naturalWidth > 0)")
+        keep = page.get_by_label("keep red_circle.png", exact=True)
+        expect(keep).to_be_visible()
+        answer = httpx.get(base + "/api/duplicates").json()
+        root = photos.resolve()
+        suggested = list(dict.fromkeys(str(root / it["path"]) for g in answer["exact"] + answer["near"]
+                                       for it in g if not it["keep"]))
+        assert str(root / "sub/red_circle copy.png") in suggested and str(root / "red_circle.png") not in suggested
+        with page.expect_download() as download:
+            page.locator("#export").click()
+        assert Path(download.value.path()).read_text().splitlines() == suggested
+        keep.click()  # the keeper marked remove, its copy kept instead
+        page.get_by_label("remove sub/red_circle copy.png", exact=True).click()
+        with page.expect_download() as download:
+            page.locator("#export").click()
+        swapped = [str(root / "red_circle.png") if f == str(root / "sub/red_circle copy.png") else f for f in suggested]
+        assert Path(download.value.path()).read_text().splitlines() == swapped
+        page.locator("#threshold").fill("0.5")
+        page.locator("#controls button[type=submit]").click()
+        expect(page.locator("#status")).to_contain_text("similarity ≥ 0.5")
+        browser.close()
     assert errors == []
     assert {p: p.read_bytes() for p in photos.rglob("*") if p.is_file()} == before  # nothing deleted

@@ -259,50 +259,32 @@ def test_a_killed_captioning_build_resumes_from_its_journal(captioner_run, tmp_p
 
 @pytest.mark.browser
 def test_generated_captions_on_the_page_in_chromium(captioner_run, tmp_path):
-    import socket
-    import threading
-    import time
-
-    import uvicorn
     from playwright.sync_api import expect, sync_playwright
 
     from cliplab.serve.app import ServerSettings, create_app
     from cliplab.serve.index import IndexBuilder
-    from tests.conftest import open_page
+    from tests.conftest import live_server, open_page
 
     folder = photos(tmp_path / "photos", n=4)
     index = tmp_path / "index"
     IndexBuilder(index, "conse", captioner=captioner_run, log=lambda m: None, progress=False).build([folder])
     written = {it["path"]: it["generated"] for it in items(index).values()}
     app = create_app(ServerSettings(index, thumb_dir=tmp_path / "thumbs"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
     errors = []
-    try:
-        with sync_playwright() as p:
-            browser, page = open_page(p, 1100, 800, errors)
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.locator("#q").fill("a red circle")
-            page.keyboard.press("Enter")
-            expect(page.locator(".tile")).to_have_count(4)
-            expect(page.locator(".tile .caption.generated")).to_have_count(4)
-            shown = page.evaluate("Array.from(document.querySelectorAll('.tile')).map(t => "
-                                  "[t.querySelector('img').alt, t.querySelector('.caption').textContent])")
-            assert sorted(text for _, text in shown) == sorted(written.values())
-            assert all(alt == text for alt, text in shown)  # the generated caption is the image's text too
-            page.locator(".tile .open").first.click()
-            expect(page.locator("#lbcap")).to_contain_text(shown[0][1])
-            browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with live_server(app) as base, sync_playwright() as p:
+        browser, page = open_page(p, 1100, 800, errors)
+        page.goto(base + "/")
+        page.locator("#q").fill("a red circle")
+        page.keyboard.press("Enter")
+        expect(page.locator(".tile")).to_have_count(4)
+        expect(page.locator(".tile .caption.generated")).to_have_count(4)
+        shown = page.evaluate("Array.from(document.querySelectorAll('.tile')).map(t => "
+                              "[t.querySelector('img').alt, t.querySelector('.caption').textContent])")
+        assert sorted(text for _, text in shown) == sorted(written.values())
+        assert all(alt == text for alt, text in shown)  # the generated caption is the image's text too
+        page.locator(".tile .open").first.click()
+        expect(page.locator("#lbcap")).to_contain_text(shown[0][1])
+        browser.close()
     assert errors == []
 
 

@@ -13,13 +13,12 @@ import struct
 import threading
 import time
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import COLOURS, SHAPES, make_image, tiny_hf_clip
+from tests.conftest import COLOURS, SHAPES, live_server, make_image, tiny_hf_clip
 
 pytest.importorskip("faiss")
 pytest.importorskip("fastapi")
@@ -55,29 +54,6 @@ def make_client(tiny, base_url="http://127.0.0.1", **kw):
 @pytest.fixture(scope="module")
 def client(tiny):
     return make_client(tiny, max_k=20)
-
-
-@contextmanager
-def live_server(app):
-    """The app under uvicorn on 127.0.0.1 with the limits `cliplab serve` uses."""
-    import uvicorn
-
-    from cliplab.serve.app import uvicorn_limits
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_limits()))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(10)
 
 
 def png(size=(64, 64), colour="red") -> bytes:
