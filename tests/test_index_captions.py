@@ -79,6 +79,32 @@ def test_ngram_bans_match_transformers_processor(n):
     assert fired > 0
 
 
+def test_lora_merged_for_inference_writes_the_same_captions(tiny_lm):
+    from cliplab.caption.model import Captioner, CaptionerConfig
+    from cliplab.errors import ConfigError
+
+    torch.manual_seed(0)
+    model = Captioner(CaptionerConfig(lm=str(tiny_lm), grid=2, mapper_hidden=16, tuning="lora", lora_r=2), 8, 12)
+    with torch.no_grad():
+        for name, param in model.lm.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero: make the adapters change the outputs
+                param.normal_(0, 0.5)
+    model.eval()
+    gen = torch.Generator().manual_seed(3)
+    grid, pooled = torch.randn(12, 4, 8, generator=gen) * 3, torch.randn(12, 12, generator=gen) * 3
+    before = model.greedy(grid, pooled, max_new_tokens=10)
+    with torch.inference_mode():
+        logits = model.lm(inputs_embeds=model.prefix(grid, pooled)).logits
+    model.merge_for_inference()
+    with torch.inference_mode():
+        merged = model.lm(inputs_embeds=model.prefix(grid, pooled)).logits
+    assert not any("lora_" in n and not getattr(m, "merged", True) for n, m in model.lm.named_modules())
+    torch.testing.assert_close(merged, logits, rtol=1e-4, atol=1e-4)
+    assert model.greedy(grid, pooled, max_new_tokens=10) == before
+    with pytest.raises(ConfigError, match="merged"):
+        model.save(Path("unused"))
+
+
 def test_generation_config_extras_go_through_transformers(small_captioner, monkeypatch):
     model = small_captioner
     calls = []

@@ -208,6 +208,8 @@ class Captioner(nn.Module):
         return {"lm": self.lm_base, **({"image": self.image_weights} if self.image_weights else {})}
 
     def save(self, directory: str | Path) -> Path:
+        if getattr(self, "_merged", False):
+            raise ConfigError("a captioner merged for inference cannot be saved (its LoRA weights are folded in)")
         directory = Path(directory)
         keys = set(self.trainable_keys())
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items() if k in keys}
@@ -355,6 +357,15 @@ class Captioner(nn.Module):
             out = self.lm(input_ids=nxt[:, None], attention_mask=torch.ones((len(alive), width), dtype=torch.long,
                           device=prefix.device), past_key_values=cache, use_cache=True)
         return rows
+
+    def merge_for_inference(self) -> "Captioner":
+        """Fold LoRA adapters into the LM's weights (PEFT's ``merge``): the same captions, ~10% faster decoding;
+        for a captioner that will only decode (it can no longer be trained or saved as a LoRA run)."""
+        for module in self.lm.modules():
+            if hasattr(module, "merge") and hasattr(module, "base_layer") and not getattr(module, "merged", True):
+                module.merge()
+        self._merged = True
+        return self
 
     def plain_greedy(self) -> bool:
         """Whether the LM's generation config sets nothing :meth:`greedy` leaves out (a repetition penalty,
