@@ -371,6 +371,24 @@ def test_reciprocal_rank_fusion_by_hand():
     assert [i for _, i in weighted] == ["b", "a"] and weighted[0][0] == pytest.approx(1 / 12 + 4 / 11)
 
 
+def test_words_in_half_the_photos_are_left_out_of_keyword_matches(indexed):
+    """Such words weigh ~0 in BM25 (FTS5 clamps their IDF to 1e-6): dropping them keeps the scores of the photos
+    matching the other words and skips the photos matching only them; a query of only such words keeps them."""
+    from cliplab.serve.index import PhotoIndex
+
+    _, _, index, _ = indexed
+    idx = PhotoIndex(index)
+    assert "nested" in idx.common_words and "red" not in idx.common_words  # 2 of 3 photos are in nested/
+    full = {int(i): -float(b) for i, b in idx.db.execute(
+        "SELECT rowid, bm25(items_text) FROM items_text WHERE items_text MATCH ?", ('"red" OR "nested"',))}
+    red = {int(r[0]) for r in idx.db.execute("SELECT rowid FROM items_text WHERE items_text MATCH '\"red\"'")}
+    got = dict((i, s) for s, i in idx.keyword_rank("red nested", 100))
+    assert set(got) == red and len(full) > len(red)
+    assert all(abs(got[i] - full[i]) < 1e-4 for i in red)
+    assert len(idx.keyword_rank("nested", 100)) == sum(1 for it in idx.all_items().values()
+                                                       if it["path"].startswith("nested/"))
+
+
 def test_keyword_and_hybrid_modes(indexed, client, cli):
     from cliplab.serve.index import PhotoIndex
     from cliplab.serve.query import FUSION_DEPTH, KEYWORD_WEIGHT, RRF_CONSTANT, QueryEncoder, fuse_rankings

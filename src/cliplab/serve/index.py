@@ -299,11 +299,13 @@ def searchable_text(relpath: str, captions: list[str], camera: str | None, gener
     return "\n".join([words, camera or "", *captions, *([generated] if generated else [])])
 
 
-def fts_query(text: str) -> str | None:
+def fts_query(text: str, common: frozenset[str] = frozenset()) -> str | None:
     """A user's text as an FTS5 query: its words, each quoted (no FTS syntax gets through), any of them
-    (BM25 ranks photos matching more words first); None when it has no words."""
-    words = re.findall(r"\w+", text.lower())[:64]
-    return " OR ".join(f'"{w}"' for w in dict.fromkeys(words)) or None
+    (BM25 ranks photos matching more words first); None when it has no words. Words in ``common`` are left
+    out unless every word is: see :meth:`PhotoIndex.common_words`."""
+    words = list(dict.fromkeys(re.findall(r"\w+", text.lower())[:64]))
+    words = [w for w in words if w not in common] or words
+    return " OR ".join(f'"{w}"' for w in words) or None
 
 
 def _like_escaped(text: str) -> str:
@@ -442,12 +444,26 @@ class PhotoIndex:
         """Whether this generation has the keyword table (indexes built before it have not)."""
         return self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'items_text'").fetchone() is not None
 
+    @cached_property
+    def common_words(self) -> frozenset[str]:
+        """Words in at least half of the photos. FTS5's BM25 gives them no weight (a negative IDF is clamped
+        to 1e-6), so they cannot change a keyword ranking; left out of the match, they stop it reading nearly
+        every photo ("a", "the" in captions: 17.7 -> ~2 ms per query over 8,091 captioned photos). A photo
+        matching only such words is then not a keyword match at all, instead of one scoring ~0."""
+        if not self.has_keywords:
+            return frozenset()
+        self.db.execute("CREATE VIRTUAL TABLE IF NOT EXISTS temp.items_vocab USING fts5vocab(main, items_text, 'row')")
+        return frozenset(r[0] for r in self.db.execute("SELECT term FROM temp.items_vocab WHERE doc >= ?",
+                                                       (len(self) / 2,)))
+
     def keyword_rank(self, text: str, depth: int, allowed: set[int] | None = None) -> list[tuple[float, int]]:
         """``(score, id)`` of the items whose words (folder, file name, camera, captions, generated caption)
         match ``text``, best first by BM25 (score = -BM25, higher is better); at most ``depth``, only ``allowed``
         ids when given."""
-        query = fts_query(text)
-        if query is None or not self.has_keywords:
+        if not self.has_keywords:
+            return []
+        query = fts_query(text, self.common_words)
+        if query is None:
             return []
         rows = self.db.execute("SELECT rowid, bm25(items_text) FROM items_text WHERE items_text MATCH ? "
                                "ORDER BY bm25(items_text) LIMIT ?", (query, depth if allowed is None else -1))
