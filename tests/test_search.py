@@ -273,8 +273,8 @@ def test_api_search_endpoints(client, indexed):
     r = client.get("/api/search", params={"q": "a blue square", "k": 5})
     assert r.status_code == 200
     body = r.json()
-    assert len(body["results"]) == 5 and set(body["results"][0]) == {"id", "score", "path", "width", "height",
-                                                                     "captions", "image", "thumb", "taken", "camera"}
+    assert len(body["results"]) == 5 and set(body["results"][0]) == {
+        "id", "score", "path", "width", "height", "captions", "image", "thumb", "taken", "camera", "generated"}
     scores = [h["score"] for h in body["results"]]
     assert scores == sorted(scores, reverse=True)
     same = client.post("/api/search", json={"text": "a blue square", "k": 5}).json()
