@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-CELL_TIMEOUT = 900  # seconds per cell; the six notebooks together took 253 s on a quiet 2-core machine
+CELL_TIMEOUT = 900  # seconds per cell; the six together: ~250 s warm, ~280 s with a cold feature cache (2-core CPU)
 
 
 def _runner():
