@@ -449,8 +449,10 @@ def test_a_caption_is_one_line(caption_dir, tiny_lm, tmp_path, monkeypatch):
                             special_tokens=["<eos>"])
     fast = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
     stops = Captioner.stop_ids(SimpleNamespace(tokenizer=fast, _stop_ids=None))
-    want = {i for i in range(len(fast)) if "\n" in fast.decode([i])} | {fast.eos_token_id}
+    breaks = {i for i in range(len(fast)) if len((fast.decode([i]) + "x").splitlines()) > 1}  # any line break
+    want = breaks | {fast.eos_token_id}
     assert stops == want and fast.convert_tokens_to_ids("Ċ") in stops and fast.eos_token_id in stops
+    assert fast.convert_tokens_to_ids("č") in stops  # '\r' too, not only '\n'
 
     cfg = caption_config(caption_dir, tiny_lm, tmp_path / "cache")
     split = load_split(cfg, "train", FeatureCache(tmp_path / "cache"), "cpu", False)
