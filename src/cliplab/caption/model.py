@@ -226,12 +226,20 @@ class Captioner(nn.Module):
         state = load_file(str(directory / WEIGHTS_NAME), device=str(self.mapper.position.device))
         load_checked(self, state, where=str(directory / WEIGHTS_NAME), required=self.trainable_keys())
 
-    @classmethod
-    def load(cls, directory: str | Path) -> "Captioner":
+    @staticmethod
+    def folder(directory: str | Path) -> Path:
+        """The folder holding a caption run's selected captioner: ``RUN/best``, or ``RUN`` itself (a
+        :class:`ConfigError` when neither holds a captioner's config and weights)."""
         directory = Path(directory)
         path = directory / rundir.BEST if (directory / rundir.BEST / CONFIG_NAME).is_file() else directory
-        if not (path / CONFIG_NAME).is_file():
-            raise ConfigError(f"{directory}: not a captioner (no {CONFIG_NAME})")
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise ConfigError(f"{directory}: not a captioner (no {CONFIG_NAME} and {WEIGHTS_NAME}); train one with "
+                              "`cliplab caption train`")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Captioner":
+        path = cls.folder(directory)
         raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
         raw.pop("model_type", None)
         grid_dim, pooled_dim, base = raw.pop("grid_dim"), raw.pop("pooled_dim"), raw.pop("base_weights", {})

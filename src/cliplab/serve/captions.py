@@ -31,13 +31,14 @@ NO_CAPTIONER = "none"  # ``--captioner none``: stop captioning (the index's capt
 
 
 def captioner_folder(run: str | Path) -> Path:
-    """The folder holding a caption run's selected captioner (``RUN/best`` or ``RUN`` itself)."""
-    run = Path(run)
-    folder = run / rundir.BEST if (run / rundir.BEST / rundir.CAPTIONER_CONFIG).is_file() else run
-    if not (folder / rundir.CAPTIONER_CONFIG).is_file() or not (folder / rundir.CAPTIONER_WEIGHTS).is_file():
+    """The folder holding a caption run's selected captioner (:meth:`Captioner.folder`), named as ``--captioner``."""
+    from cliplab.caption.model import Captioner
+
+    try:
+        return Captioner.folder(run)
+    except ConfigError:
         raise ConfigError(f"--captioner {run}: not a caption run (no {rundir.CAPTIONER_CONFIG} and "
-                          f"{rundir.CAPTIONER_WEIGHTS}); train one with `cliplab caption train`")
-    return folder
+                          f"{rundir.CAPTIONER_WEIGHTS}); train one with `cliplab caption train`") from None
 
 
 def captioner_id(run: str | Path) -> str:
@@ -58,7 +59,7 @@ class PhotoCaptioner:
 
         self.run = Path(run).resolve()
         self.id = captioner_id(self.run)
-        self.model = Captioner.load(captioner_folder(self.run)).to(device).eval().merge_for_inference()
+        self.model = Captioner.load(self.run).to(device).eval().merge_for_inference()
         self.tower = caption_image_tower(self.model.config.image, self.model.config.image_model)
         if self.model.image_weights and tower_weights_id(self.tower) != self.model.image_weights:
             raise ConfigError(f"--captioner {run}: its image tower now has other weights than the captioner was "

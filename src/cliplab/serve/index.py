@@ -511,11 +511,14 @@ class IndexBuilder:
         self.captioner = str(captioner) if captioner is not None else (self.previous_info or {}).get("captioner")
         if self.captioner == NO_CAPTIONER:
             self.captioner = None
-        elif self.captioner is not None and captioner is None and not _is_captioner(self.captioner):
-            raise ConfigError(f"{self.folder}: its captioner {self.captioner} is gone; give --captioner RUN, or "
-                              "--captioner none to drop the generated captions")
         elif self.captioner is not None:
-            captioner_folder(self.captioner)  # a one-line error before any work
+            try:
+                captioner_folder(self.captioner)  # a one-line error before any work
+            except ConfigError:
+                if captioner is not None:
+                    raise
+                raise ConfigError(f"{self.folder}: its captioner {self.captioner} is gone; give --captioner RUN, "
+                                  "or --captioner none to drop the generated captions") from None
 
     def _read_state(self) -> None:
         """The live generation and its info (None for a new index); refuses a folder that is not an index."""
@@ -797,14 +800,6 @@ def _omp_threads(n: int | None):
         yield
     finally:
         faiss.omp_set_num_threads(before)
-
-
-def _is_captioner(run: str) -> bool:
-    try:
-        captioner_folder(run)
-        return True
-    except ConfigError:
-        return False
 
 
 def _same_content(path: Path, sha256: str) -> bool:
