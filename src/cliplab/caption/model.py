@@ -10,6 +10,7 @@ and the image tower come back from their weight sources, verified by digest, and
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -123,29 +124,111 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
     raise ConfigError(f"{type(lm).__name__}: cannot find its decoder blocks for adapters")
 
 
+CONVERTED_MARKER = "cliplab-converted-gguf.json"  # names the GGUF file a converted LM folder was made from
+
+
 def load_language_model(name: str):
-    """``(model, tokenizer, base_id)`` of a causal LM from the registry, a folder/GGUF file or a hub id."""
+    """``(model, tokenizer, base_id)`` of a causal LM from the registry, a folder/GGUF file or a hub id.
+
+    A GGUF file is parsed and de-quantised once (tens of seconds on a CPU); the float32 result is kept as a
+    safetensors folder in ``default_cache_dir()/lm`` and later loads read that (:func:`converted_gguf`). The
+    base id of a GGUF model is its file's SHA-256 either way."""
+    folder, gguf = resolve_language_model(name)
+    if gguf is not None:
+        path = Path(folder) / gguf
+        digest = sha256_file(path)
+        return (*_with_pad_token(*_load_converted_gguf(path, digest, name)), digest)
+    lm, tokenizer = _with_pad_token(*_from_pretrained(folder, name))
+    path = Path(folder)
+    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else []
+    return lm, tokenizer, sha256_file(weights[0]) if weights else sha256_text("hub", name)
+
+
+def _from_pretrained(folder: str | Path, name: str, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    folder, gguf = resolve_language_model(name)
-    if gguf is not None:
-        from cliplab.extras import require
-
-        require("gguf", "GGUF language models")
-    kwargs = {"gguf_file": gguf} if gguf else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load language model {name!r}: {str(exc).splitlines()[0]}") from None
+    return lm, tokenizer
+
+
+def _with_pad_token(lm: nn.Module, tokenizer):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    path = Path(folder) / gguf if gguf else Path(folder)
-    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else []
-    base = sha256_file(path) if path.is_file() else sha256_file(weights[0]) if weights else sha256_text("hub", name)
-    return lm.eval(), tokenizer, base
+    return lm.eval(), tokenizer
+
+
+def converted_gguf(path: Path, digest: str) -> Path:
+    """Where the float32 conversion of the GGUF file ``path`` (SHA-256 ``digest``) is cached."""
+    from cliplab.utils import default_cache_dir
+
+    return default_cache_dir() / "lm" / f"{path.stem}-{digest[:16]}"
+
+
+def _load_converted_gguf(path: Path, digest: str, name: str):
+    """The GGUF LM from its cached conversion, converting (and caching) it first when there is none."""
+    folder = converted_gguf(path, digest)
+    if _read_marker(folder).get("gguf_sha256") == digest:
+        return _from_pretrained(folder, name, use_safetensors=True)
+    from cliplab.extras import require
+
+    require("gguf", "GGUF language models")
+    lm, tokenizer = _from_pretrained(path.parent, name, gguf_file=path.name)
+    try:
+        _save_conversion(lm, tokenizer, folder, {"gguf_sha256": digest, "gguf_file": str(path)})
+    except OSError as exc:  # a read-only cache costs time, not correctness
+        import warnings
+
+        warnings.warn(f"could not cache the converted {path.name} in {folder}: {exc}", stacklevel=3)
+    return lm, tokenizer
+
+
+def _read_marker(folder: Path) -> dict:
+    try:
+        marker = json.loads((folder / CONVERTED_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _save_conversion(lm: nn.Module, tokenizer, folder: Path, marker: dict) -> None:
+    """Write a converted LM folder atomically: a temp folder filled, fsynced and renamed into place (a folder
+    another process finished first is kept); the marker file names its source."""
+    import secrets
+    import shutil
+
+    from cliplab.utils import TEMP_MARK, fsync_dir
+
+    lm.hf_quantizer = None  # plain float32 tensors now: let transformers save them
+    lm.config.__dict__.pop("quantization_config", None)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}{TEMP_MARK}{secrets.token_hex(8)}.tmp"
+    try:
+        lm.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CONVERTED_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        for file in tmp.iterdir():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(tmp)
+        if folder.exists():
+            if _read_marker(folder).get("gguf_sha256") == marker["gguf_sha256"]:
+                return  # another process converted it meanwhile
+            if not (folder / CONVERTED_MARKER).is_file():
+                raise OSError(f"{folder} exists and is not a conversion cliplab made; left alone")
+            shutil.rmtree(folder)  # ours (its marker says so) but unreadable: replaced
+        os.rename(tmp, folder)
+        fsync_dir(folder.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Captioner(nn.Module):
