@@ -123,6 +123,19 @@ def test_a_damaged_conversion_of_its_own_is_replaced(tiny_gguf):
     assert_same_lm(reference, again)
 
 
+def test_a_damaged_conversion_with_its_marker_is_converted_again(tiny_gguf):
+    reference = load_language_model(str(tiny_gguf))
+    folder = converted_gguf(tiny_gguf, reference[2])
+    for weights in folder.glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])  # torn by something outside cliplab
+    with pytest.warns(UserWarning, match="converting tiny.gguf again"):
+        again = load_language_model(str(tiny_gguf))
+    assert_same_lm(reference, again)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # repaired: read without complaint
+        assert_same_lm(reference, load_language_model(str(tiny_gguf)))
+
+
 @pytest.mark.slow
 def test_the_packaged_smollm2_loads_the_same_from_its_conversion():
     """The real tokenizer (special tokens, chat template) and weights survive the conversion. Uses the test

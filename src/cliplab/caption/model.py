@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -151,8 +152,8 @@ def _from_pretrained(folder: str | Path, name: str, **kwargs):
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32, **kwargs)
-    except (OSError, ValueError) as exc:
+        lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, SafetensorError) as exc:
         raise ConfigError(f"cannot load language model {name!r}: {str(exc).splitlines()[0]}") from None
     return lm, tokenizer
 
@@ -172,18 +173,23 @@ def converted_gguf(path: Path, digest: str) -> Path:
 
 def _load_converted_gguf(path: Path, digest: str, name: str):
     """The GGUF LM from its cached conversion, converting (and caching) it first when there is none."""
+    import warnings
+
     folder = converted_gguf(path, digest)
+    damaged = False
     if _read_marker(folder).get("gguf_sha256") == digest:
-        return _from_pretrained(folder, name, use_safetensors=True)
+        try:
+            return _from_pretrained(folder, name, use_safetensors=True)
+        except ConfigError as exc:  # damaged after it was written: converted again, replacing it
+            warnings.warn(f"{folder}: {exc}; converting {path.name} again", stacklevel=3)
+            damaged = True
     from cliplab.extras import require
 
     require("gguf", "GGUF language models")
     lm, tokenizer = _from_pretrained(path.parent, name, gguf_file=path.name)
     try:
-        _save_conversion(lm, tokenizer, folder, {"gguf_sha256": digest, "gguf_file": str(path)})
+        _save_conversion(lm, tokenizer, folder, {"gguf_sha256": digest, "gguf_file": str(path)}, replace=damaged)
     except OSError as exc:  # a read-only cache costs time, not correctness
-        import warnings
-
         warnings.warn(f"could not cache the converted {path.name} in {folder}: {exc}", stacklevel=3)
     return lm, tokenizer
 
@@ -196,9 +202,10 @@ def _read_marker(folder: Path) -> dict:
     return marker if isinstance(marker, dict) else {}
 
 
-def _save_conversion(lm: nn.Module, tokenizer, folder: Path, marker: dict) -> None:
+def _save_conversion(lm: nn.Module, tokenizer, folder: Path, marker: dict, replace: bool = False) -> None:
     """Write a converted LM folder atomically: a temp folder filled, fsynced and renamed into place (a folder
-    another process finished first is kept); the marker file names its source."""
+    another process finished first is kept unless ``replace``: ours, found damaged); the marker file names its
+    source."""
     import secrets
     import shutil
 
@@ -220,11 +227,11 @@ def _save_conversion(lm: nn.Module, tokenizer, folder: Path, marker: dict) -> No
                 os.close(fd)
         fsync_dir(tmp)
         if folder.exists():
-            if _read_marker(folder).get("gguf_sha256") == marker["gguf_sha256"]:
+            if not replace and _read_marker(folder).get("gguf_sha256") == marker["gguf_sha256"]:
                 return  # another process converted it meanwhile
             if not (folder / CONVERTED_MARKER).is_file():
                 raise OSError(f"{folder} exists and is not a conversion cliplab made; left alone")
-            shutil.rmtree(folder)  # ours (its marker says so) but unreadable: replaced
+            shutil.rmtree(folder)  # ours (its marker says so) but damaged: replaced
         os.rename(tmp, folder)
         fsync_dir(folder.parent)
     finally:
