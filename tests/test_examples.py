@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-CELL_TIMEOUT = 900  # seconds per cell; the six together: ~250 s cold and alone, ~220 s in `make test` (2-core CPU)
+CELL_TIMEOUT = 900  # seconds per cell; the six together: 253 s cold and alone, 233 s in `make test` (2-core CPU)
 
 
 def _runner():
