@@ -389,6 +389,37 @@ def test_words_in_half_the_photos_are_left_out_of_keyword_matches(indexed):
                                                        if it["path"].startswith("nested/"))
 
 
+def test_keyword_mode_on_an_index_without_the_keyword_table_says_how_to_add_it(indexed, tmp_path):
+    """An index written before keyword search: keyword mode is a one-line error (422 in the API), not an empty
+    list; hybrid ranks semantically; an update adds the table without embedding anything again."""
+    import sqlite3
+
+    from fastapi.testclient import TestClient
+
+    from cliplab.errors import CliplabError
+    from cliplab.serve.app import ServerSettings, create_app
+    from cliplab.serve.index import CURRENT, IndexBuilder, PhotoIndex
+    from cliplab.serve.query import ranked_hits
+
+    _, photos, index, _ = indexed
+    old = tmp_path / "index"
+    shutil.copytree(index, old)
+    with sqlite3.connect(old / json.loads((old / CURRENT).read_text())["db"]) as con:
+        con.execute("DROP TABLE items_text")  # as releases before keyword search wrote it
+    idx = PhotoIndex(old)
+    with pytest.raises(CliplabError, match="no keyword table.*cliplab index"):
+        ranked_hits(idx, None, "red circle", 3, mode="keyword")
+    vector = np.asarray(idx.vectors[0], dtype=np.float32)
+    assert [h["id"] for h in ranked_hits(idx, vector, "red circle", 3, mode="hybrid")] == \
+        [h["id"] for h in ranked_hits(idx, vector, "red circle", 3, mode="semantic")]
+    client = TestClient(create_app(ServerSettings(old, thumb_dir=tmp_path / "thumbs")), base_url="http://localhost")
+    res = client.get("/api/search", params={"q": "red circle", "k": 3, "mode": "keyword"})
+    assert res.status_code == 422 and "no keyword table" in res.json()["error"]
+    report = IndexBuilder(old, max_pixels=400 * 400, log=lambda m: None, progress=False).build([photos])
+    assert report.embedded == 0
+    assert ranked_hits(PhotoIndex(old), None, "red circle", 3, mode="keyword")
+
+
 def test_keyword_and_hybrid_modes(indexed, client, cli):
     from cliplab.serve.index import PhotoIndex
     from cliplab.serve.query import FUSION_DEPTH, KEYWORD_WEIGHT, RRF_CONSTANT, QueryEncoder, fuse_rankings

@@ -255,6 +255,9 @@ def ranked_hits(index, vector: np.ndarray | None, text: str, k: int, *, mode: st
     if mode == "keyword":
         if not text.strip():
             raise CliplabError("keyword mode needs words in the query")
+        if not index.has_keywords:
+            raise CliplabError("this index has no keyword table (written before keyword search existed): update it "
+                               "with `cliplab index` (no photo is embedded again), or search in semantic mode")
         hits = index.keyword_rank(text, k + len(exclude), allowed)
         return index.described([h for h in hits if h[1] not in exclude][:k])
     semantic = index.semantic_rank(vector, max(k, FUSION_DEPTH) if mode == "hybrid" else k, exclude, allowed)
