@@ -107,3 +107,33 @@ def test_the_checkpoint_holds_the_random_states(kind, device, train, tmp_path):
         assert torch.equal(ckpt["cuda_rng"], torch.cuda.get_rng_state())
     else:
         assert "cuda_rng" not in ckpt
+
+
+@pytest.mark.parametrize("epochs,warmup_epochs,steps_per_epoch", [(1, 1, 10), (1, 2, 10), (3, 1, 1), (2, 0, 50)])
+def test_onecycle_runs_whatever_the_warmup(epochs, warmup_epochs, steps_per_epoch):
+    """Warm-up as long as the run (or longer) used to divide by zero in OneCycleLR: the rise is kept between
+    2 steps and the run's length minus one, so the rate peaks once and falls back."""
+    from cliplab.train.config import TrainConfig
+    from cliplab.train.trainer import make_scheduler
+
+    cfg = TrainConfig(epochs=epochs, warmup_epochs=warmup_epochs, schedule="onecycle")
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    rates = [optimizer.param_groups[0]["lr"]]
+    for _ in range(epochs * steps_per_epoch - 1):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    peak = max(range(len(rates)), key=rates.__getitem__)
+    assert 0 < peak < len(rates) - 1 and rates[peak] == pytest.approx(0.1) and rates[-1] < rates[0]
+
+
+def test_onecycle_refuses_a_run_too_short_for_it():
+    from cliplab.errors import ConfigError
+    from cliplab.train.config import TrainConfig
+    from cliplab.train.trainer import make_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ConfigError, match="onecycle needs at least 3 optimizer steps; this run has 2"):
+        make_scheduler(optimizer, TrainConfig(epochs=2, schedule="onecycle"), 1)

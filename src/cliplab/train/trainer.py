@@ -54,9 +54,13 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, tower_params:
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
-                                                   pct_start=max(warmup / total, 0.01))
+    if cfg.schedule == "onecycle":  # a rising and a falling phase of at least one step each (OneCycleLR's needs)
+        if total < 3:
+            raise ConfigError(f"train.schedule onecycle needs at least 3 optimizer steps; this run has {total} "
+                              "(more epochs or a smaller batch, or another schedule)")
+        rise = min(max(warmup, 0.01 * total, 2.0), total - 1.0)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=total, pct_start=rise / total)
     if cfg.schedule == "plateau":  # stepped once per epoch on the dev metric (see cliplab.train.loop)
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=cfg.select_direction, factor=0.5, patience=2)
     if cfg.schedule not in ("cosine", "constant"):
