@@ -183,7 +183,7 @@ def test_an_unexpected_error_is_one_line(cli, monkeypatch):
     assert "Traceback" not in res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("how", ["option", "env"])
+@pytest.mark.parametrize("how", ["option", "option after the command", "env"])
 def test_debug_shows_the_traceback(cli, monkeypatch, how):
     _break_configs(monkeypatch)
     if how == "env":
@@ -191,7 +191,7 @@ def test_debug_shows_the_traceback(cli, monkeypatch, how):
         res = cli("configs")
     else:
         monkeypatch.delenv("CLIPLAB_DEBUG", raising=False)
-        res = cli("--debug", "configs")
+        res = cli("--debug", "configs") if how == "option" else cli("configs", "--debug")
     assert res.returncode == 1
     assert "Traceback" in res.stderr and "RuntimeError: boom" in res.stderr
     assert "--debug for the traceback" not in res.stdout

@@ -23,16 +23,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     A user error (:class:`CliplabError`) prints one line and exits 2; any other exception prints one line
     ``error: Type: message`` and exits 1, with its traceback too under ``--debug`` or ``CLIPLAB_DEBUG=1``.
     """
-    import itertools
     import os
     import traceback
 
     from rich.markup import escape
 
-    leading = itertools.takewhile(lambda a: a.startswith("-"), sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in leading or os.environ.get("CLIPLAB_DEBUG", "").strip() not in ("", "0")
+    args = list(sys.argv[1:] if argv is None else argv)
+    end = args.index("--") if "--" in args else len(args)  # after a lone --, every word is an argument
+    given = "--debug" in args[:end]
+    if given:  # accepted after the command too (`cliplab search cat --debug`): moved to the front
+        args = ["--debug", *(a for a in args[:end] if a != "--debug"), *args[end:]]
+    debug = given or os.environ.get("CLIPLAB_DEBUG", "").strip() not in ("", "0")
     try:
-        app(args=argv, prog_name="cliplab")
+        app(args=args, prog_name="cliplab")
     except CliplabError as exc:
         if debug:
             traceback.print_exc()
