@@ -93,7 +93,7 @@ def test_a_gguf_is_converted_once_and_then_read_from_the_cache(tiny_gguf, monkey
     real = caption_model._from_pretrained
     monkeypatch.setattr(caption_model, "_from_pretrained", lambda *a, **k: calls.append(k) or real(*a, **k))
     second = load_language_model(str(tiny_gguf))
-    assert calls == [{"use_safetensors": True}]  # the cached folder, not the GGUF
+    assert calls == [{"safetensors_only": True}]  # the cached folder, not the GGUF
     assert_same_lm(first, second)
 
 

@@ -39,21 +39,32 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
+def temp_sibling(path: str | Path) -> Path:
+    """A fresh temp name beside ``path`` (``.<name>.cliplab-<random>.tmp``, see :func:`temp_name_pattern`)."""
+    path = Path(path)
+    return path.parent / f".{path.name}{TEMP_MARK}{secrets.token_hex(8)}.tmp"
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file's bytes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Write a file through ``write(tmp_path)`` then rename it into place, durably: the temp file is
     fsynced before the rename and the folder after it, so after a crash or power loss ``path`` holds the
     old or the new content, never an empty or half file. The file gets the umask's mode (like ``open``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.parent / f".{path.name}{TEMP_MARK}{secrets.token_hex(8)}.tmp"
+    tmp_path = temp_sibling(path)
     os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0666 & ~umask
     try:
         write(tmp_path)
-        fd = os.open(tmp_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp_path)
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
     finally:

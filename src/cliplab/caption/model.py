@@ -10,7 +10,6 @@ and the image tower come back from their weight sources, verified by digest, and
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from cliplab.errors import ConfigError
 from cliplab.models.checkpoint import check_base_weights, load_checked
 from cliplab.models.image_tower import ImageTowerConfig
 from cliplab.models.pretrained import DEFAULT_LANGUAGE_MODEL, resolve_language_model
-from cliplab.utils import atomic_write, sha256_file, sha256_text, write_json
+from cliplab.utils import atomic_write, fsync_dir, fsync_file, sha256_file, sha256_text, temp_sibling, write_json
 
 CONFIG_NAME = rundir.CAPTIONER_CONFIG
 WEIGHTS_NAME = rundir.CAPTIONER_WEIGHTS
@@ -145,14 +144,16 @@ def load_language_model(name: str):
     return lm, tokenizer, sha256_file(weights[0]) if weights else sha256_text("hub", name)
 
 
-def _from_pretrained(folder: str | Path, name: str, **kwargs):
+def _from_pretrained(folder: str | Path, name: str, gguf_file: str | None = None, safetensors_only: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    source = {"gguf_file": gguf_file} if gguf_file else {}
+    weights = {"use_safetensors": True} if safetensors_only else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), **source)
+        lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **source, **weights)
     except (OSError, ValueError, SafetensorError) as exc:
         raise ConfigError(f"cannot load language model {name!r}: {str(exc).splitlines()[0]}") from None
     return lm, tokenizer
@@ -179,7 +180,7 @@ def _load_converted_gguf(path: Path, digest: str, name: str):
     damaged = False
     if _read_marker(folder).get("gguf_sha256") == digest:
         try:
-            return _from_pretrained(folder, name, use_safetensors=True)
+            return _from_pretrained(folder, name, safetensors_only=True)
         except ConfigError as exc:  # damaged after it was written: converted again, replacing it
             warnings.warn(f"{folder}: {exc}; converting {path.name} again", stacklevel=3)
             damaged = True
@@ -206,25 +207,18 @@ def _save_conversion(lm: nn.Module, tokenizer, folder: Path, marker: dict, repla
     """Write a converted LM folder atomically: a temp folder filled, fsynced and renamed into place (a folder
     another process finished first is kept unless ``replace``: ours, found damaged); the marker file names its
     source."""
-    import secrets
     import shutil
-
-    from cliplab.utils import TEMP_MARK, fsync_dir
 
     lm.hf_quantizer = None  # plain float32 tensors now: let transformers save them
     lm.config.__dict__.pop("quantization_config", None)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}{TEMP_MARK}{secrets.token_hex(8)}.tmp"
+    tmp = temp_sibling(folder)
     try:
         lm.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / CONVERTED_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         for file in tmp.iterdir():
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(file)
         fsync_dir(tmp)
         if folder.exists():
             if not replace and _read_marker(folder).get("gguf_sha256") == marker["gguf_sha256"]:
@@ -232,7 +226,7 @@ def _save_conversion(lm: nn.Module, tokenizer, folder: Path, marker: dict, repla
             if not (folder / CONVERTED_MARKER).is_file():
                 raise OSError(f"{folder} exists and is not a conversion cliplab made; left alone")
             shutil.rmtree(folder)  # ours (its marker says so) but damaged: replaced
-        os.rename(tmp, folder)
+        tmp.rename(folder)
         fsync_dir(folder.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
