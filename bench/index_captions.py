@@ -3,9 +3,12 @@
     python bench/index_captions.py [--captioner RUN] [--images 512] [--naive 32] [--data ../shared/data/flickr8k]
 
 Protocol (``index.captions_per_s``): the first ``--images`` Flickr8k test images, captioned from their files
-as ``cliplab index --captioner`` does (:class:`cliplab.serve.captions.PhotoCaptioner`: visual tokens in one
-tower pass, then batched greedy decoding where ended captions leave the batch; greedy, at most 30 new tokens,
-no repeated 3-grams), timed end to end without the model load. Beside it, in the same run: the naive loop,
+as ``cliplab index --captioner`` does by default (:class:`cliplab.serve.captions.PhotoCaptioner`, precision
+``auto``: int8 on CPU when the run's training images are there for calibration; visual tokens in one tower
+pass, then batched greedy decoding where ended captions leave the batch; greedy, at most 30 new tokens, no
+repeated 3-grams), timed end to end without the model load and the first call of a build (the tower's ONNX
+export; and for int8, once per captioner, the calibration, kept in the cache after). The same path in
+float32 (``--caption-precision float32``) is timed in the same run. Beside it, in the same run: the naive loop,
 transformers' ``generate`` (greedy, same settings) called one image at a time on the first ``--naive``
 images (their visual tokens computed once, batched, and not timed: the loop's decoding alone), and
 transformers' ``generate`` on batches of 64 (every row runs to the batch's longest caption). The captions of
@@ -47,6 +50,17 @@ def default_captioner(data: Path) -> Path:
     return run
 
 
+def sgemm_gflops() -> float:
+    """This machine's speed now: GFLOP/s of a 2048x2048 float32 matrix product (it drifts over a day)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    return 2 * 2048**3 * 10 / (time.perf_counter() - t) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--captioner", type=Path, default=None)
@@ -63,20 +77,26 @@ def main() -> None:
 
     run = args.captioner or default_captioner(args.data)
     paths = load_caption_dataset(args.data, "test").image_paths()[: args.images]
-    t = time.perf_counter()
-    captioner = PhotoCaptioner(run)
-    load_s = time.perf_counter() - t
-    model, steps = captioner.model, DECODE["max_new_tokens"]
-    with tempfile.TemporaryDirectory() as tmp:  # a build's work folder: the tower's ONNX export is made once
+    gflops = [sgemm_gflops()]
+    timed = {}
+    for precision in ("auto", "float32"):
         t = time.perf_counter()
-        warm = captioner.captions(paths[:4], [f"warm{i}" for i in range(4)], Path(tmp) / "warm.jsonl",
-                                  max_pixels=10**8, formats=SAFE_IMAGE_FORMATS, progress=False)
-        first_s = time.perf_counter() - t  # once per build: the ONNX export and session, first batches
-        assert len(warm) == 4
-        t = time.perf_counter()
-        ours = captioner.captions(paths, [str(p) for p in paths], Path(tmp) / "journal.jsonl",
-                                  max_pixels=10**8, formats=SAFE_IMAGE_FORMATS, progress=False)
-        ours_s = time.perf_counter() - t
+        captioner = PhotoCaptioner(run, precision=precision)
+        load_s = time.perf_counter() - t
+        with tempfile.TemporaryDirectory() as tmp:  # a build's work folder: the tower's ONNX export is made once
+            t = time.perf_counter()
+            warm = captioner.captions(paths[:4], [f"warm{i}" for i in range(4)], Path(tmp) / "warm.jsonl",
+                                      max_pixels=10**8, formats=SAFE_IMAGE_FORMATS, progress=False)
+            first_s = time.perf_counter() - t  # once per build: the ONNX export and session (int8: calibration)
+            assert len(warm) == 4
+            t = time.perf_counter()
+            out = captioner.captions(paths, [str(p) for p in paths], Path(tmp) / "journal.jsonl",
+                                     max_pixels=10**8, formats=SAFE_IMAGE_FORMATS, progress=False)
+            timed[captioner.precision] = (out, time.perf_counter() - t, load_s, first_s)
+    ours, ours_s, load_s, first_s = timed[next(iter(timed))]
+    default_precision = next(iter(timed))
+    f32, f32_s = timed["float32"][:2]
+    model, steps = captioner.model, DECODE["max_new_tokens"]  # the float32 captioner
     lengths = [len(model.tokenizer(ours[str(p)], add_special_tokens=False)["input_ids"]) for p in paths]
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,33 +113,39 @@ def main() -> None:
     t = time.perf_counter()
     fast = model.greedy(grid, pooled, max_new_tokens=steps)
     fast_s = time.perf_counter() - t
+    gflops.append(sgemm_gflops())
     naive_text = [model.decode(x) for x in naive]
-    same_naive = sum(a == ours[str(p)] for a, p in zip(naive_text, paths))
+    same_naive = sum(a == f32[str(p)] for a, p in zip(naive_text, paths))
+    same_default = sum(ours[str(p)] == f32[str(p)] for p in paths)
     same_batched = sum(a == b for a, b in zip(naive, batched))
     same_fast = sum(a == b for a, b in zip(naive, fast))
 
     n, m = len(paths), len(grid)
     result = {
         "captioner": str(run), "images": n, "naive_images": m, "load_seconds": load_s, "first_call_seconds": first_s,
-        "captions_per_s": n / ours_s, "naive_per_s": m / naive_s, "speedup": (n / ours_s) / (m / naive_s),
+        "precision": default_precision, "captions_per_s": n / ours_s, "float32_captions_per_s": n / f32_s,
+        "default_identical_to_float32": same_default, "naive_per_s": m / naive_s, "speedup": (n / ours_s) / (m / naive_s),
         "decode_only": {"naive_per_s": m / naive_s, "transformers_batched_per_s": m / batched_s,
                         "greedy_per_s": m / fast_s},
-        "identical_to_naive": {"index_path": same_naive, "transformers_batched": same_batched,
+        "identical_to_naive": {"index_path_float32": same_naive, "transformers_batched": same_batched,
                                "greedy_tokens": same_fast, "of": m},
+        "sgemm_gflops_before_after": gflops,
         "caption_tokens": {"mean": float(np.mean(lengths)), "max": int(np.max(lengths))},
         "examples": {Path(p).name: ours[str(p)] for p in paths[:5]},
     }
-    print(machine())
+    print(machine(), f"; 2048^2 sgemm {gflops[0]:.0f} GFLOP/s before, {gflops[1]:.0f} after")
     print(f"captioner {run} (loaded in {load_s:.1f} s, first 4 images {first_s:.1f} s: not timed); captions of {n} Flickr8k test images, "
           f"{np.mean(lengths):.1f} tokens on average (max {np.max(lengths)})")
     print(table([
-        ("cliplab index path (files -> visual tokens -> batched greedy)", f"{n / ours_s:.1f}", "end to end", n),
+        (f"cliplab index path, default ({default_precision})", f"{n / ours_s:.1f}", "end to end", n),
+        ("cliplab index path, float32", f"{n / f32_s:.1f}", "end to end", n),
         ("naive: transformers generate, one image at a time", f"{m / naive_s:.1f}", "decoding only", m),
         ("transformers generate, batch 64", f"{m / batched_s:.1f}", "decoding only", m),
         ("cliplab greedy, batch 64", f"{m / fast_s:.1f}", "decoding only", m),
     ], ("what", "images/s", "timed", "images")))
-    print(f"speedup over the naive loop: {result['speedup']:.2f}x (end to end vs its decoding alone); identical "
-          f"captions: index path {same_naive}/{m}, batched generate {same_batched}/{m}, greedy {same_fast}/{m}")
+    print(f"speedup over the naive loop: {result['speedup']:.2f}x (end to end vs its decoding alone); default "
+          f"captions identical to float32's: {same_default}/{n}; identical to the naive loop's: float32 index path "
+          f"{same_naive}/{m}, batched generate {same_batched}/{m}, greedy {same_fast}/{m}")
     for name, text in result["examples"].items():
         print(f"  {name}: {text}")
     save("index_captions", result)

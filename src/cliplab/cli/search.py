@@ -37,6 +37,9 @@ def index(
     captioner: Optional[str] = typer.Option(None, help="a `cliplab caption train` run: one generated caption per "
                                                        "photo, shown and searchable (default: the index's own; "
                                                        "'none' drops them)"),
+    caption_precision: Optional[str] = typer.Option(
+        None, help="captioner decoding: auto (int8 on CPU, calibrated on the caption run's training images; else "
+                   "float32), float32 or int8 (default: the index's own, else auto)"),
     json_out: bool = typer.Option(False, "--json", help="print the build report as JSON"),
 ) -> None:
     """Index photos for search: embeddings + FAISS + SQLite metadata; re-runs embed only new/changed files."""
@@ -47,7 +50,8 @@ def index(
                            device=str(resolve_device(device)), batch_size=batch_size, max_pixels=max_pixels,
                            chunk_size=chunk_size, engine=engine, ray_address=ray_address, ray_actors=ray_actors,
                            formats=[f.strip() for f in formats.split(",") if f.strip()], log=log_line,
-                           progress=not json_out, captioner=captioner)
+                           progress=not json_out, captioner=captioner,
+                           caption_precision=caption_precision)
     report = builder.build(paths)
     if json_out:
         print(json.dumps(report.to_dict()))

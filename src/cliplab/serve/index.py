@@ -44,7 +44,7 @@ import numpy as np
 from cliplab.data.images import FORMAT_EXTENSIONS, SAFE_IMAGE_FORMATS, ImageFiles, check_formats
 from cliplab.embed.index import build_faiss
 from cliplab.errors import ConfigError, DataError
-from cliplab.serve.captions import NO_CAPTIONER, PhotoCaptioner, captioner_folder
+from cliplab.serve.captions import NO_CAPTIONER, PRECISIONS, PhotoCaptioner, captioner_folder
 from cliplab.utils import atomic_write, fsync_dir, sha256_file, temp_name_pattern, write_json, write_npy
 
 CURRENT = "CURRENT"
@@ -494,8 +494,8 @@ class IndexBuilder:
                  max_pixels: int = DEFAULT_MAX_PIXELS, log: Callable[[str], None] = print,
                  progress: bool = True, chunk_size: int = 256, engine: str = "local",
                  ray_address: str | None = None, ray_actors: int = 2,
-                 formats: tuple[str, ...] | list[str] = SAFE_IMAGE_FORMATS, captioner: str | Path | None = None
-                 ) -> None:
+                 formats: tuple[str, ...] | list[str] = SAFE_IMAGE_FORMATS, captioner: str | Path | None = None,
+                 caption_precision: str | None = None) -> None:
         if dtype not in ("float32", "float16"):
             raise ConfigError(f"vector dtype must be float32 or float16, not {dtype!r}")
         choose_faiss(faiss_kind, 0)
@@ -519,6 +519,13 @@ class IndexBuilder:
                     raise
                 raise ConfigError(f"{self.folder}: its captioner {self.captioner} is gone; give --captioner RUN, "
                                   "or --captioner none to drop the generated captions") from None
+        # given, else the index's own (one written before int8 decoding: float32), else auto
+        prev = self.previous_info or {}
+        self.caption_precision = caption_precision or prev.get("caption_precision") or (
+            "float32" if prev.get("captioner_id") else "auto")
+        if self.caption_precision not in PRECISIONS:
+            raise ConfigError(f"--caption-precision must be one of {', '.join(PRECISIONS)}, "
+                              f"not {self.caption_precision!r}")
 
     def _read_state(self) -> None:
         """The live generation and its info (None for a new index); refuses a folder that is not an index."""
@@ -588,7 +595,8 @@ class IndexBuilder:
                 "roots": [str(r) for r in roots], "max_pixels": self.max_pixels, "formats": list(self.formats),
                 "created": (prev or {}).get("created", time.time()) if old else time.time(), "updated": time.time(),
                 "captioner": str(captioner.run) if captioner else None,
-                "captioner_id": captioner.id if captioner else None}
+                "captioner_id": captioner.id if captioner else None,
+                "caption_precision": captioner.precision if captioner else None}
         self._commit(vectors, entries, info, stat_of, report, generated)
         return report
 
@@ -691,7 +699,7 @@ class IndexBuilder:
         if not self.captioner:
             return None
         try:
-            return PhotoCaptioner(self.captioner, device=self.device)
+            return PhotoCaptioner(self.captioner, device=self.device, precision=self.caption_precision, log=self.log)
         except ConfigError as exc:
             raise ConfigError(f"{exc} (captioner {self.captioner}; --captioner none builds without captions)") from None
 

@@ -1,0 +1,137 @@
+"""Int8 decoding on CPU for a Llama-style captioner LM: SmoothQuant's scale migration, then PyTorch's dynamic
+int8 linear layers (int8 weights per output channel, activations quantised per call).
+
+Plain dynamic int8 wrote other, worse captions (dev CIDEr-D 18.2 -> 13.6, per-tensor weights 8.3): a few input
+channels of the LM's linear layers carry activations 10-100x the rest, so one int8 step per tensor is too
+coarse for everything else. :func:`smooth` moves that range into the weights, exactly in float arithmetic: each
+input channel ``j`` of q/k/v (and gate/up, and down) is divided by ``s_j = max|x_j|^a / max|w_j|^(1-a)`` in the
+RMSNorm weight (the up projection for down) and multiplied back into the linear weights (Xiao et al. 2023,
+SmoothQuant). The maxima ``max|x_j|`` come from greedy decoding of calibration images (:func:`activation_maxima`;
+``cliplab index`` uses the caption run's first training images, :mod:`cliplab.serve.captions`); ``a`` was chosen
+on Flickr8k dev CIDEr-D (``bench/caption_int8.py``, BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from cliplab.errors import ConfigError
+
+SMOOTHING_ALPHA = 0.7  # chosen on Flickr8k dev CIDEr-D among 0.5-0.8 (bench/caption_int8.py)
+NORM_FED = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+
+
+def _linear(module: nn.Module) -> nn.Linear:
+    """The plain linear layer of a (merged) PEFT LoRA wrapper, or the layer itself."""
+    return getattr(module, "base_layer", module)
+
+
+def _get(layer: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        layer = getattr(layer, part)
+    return layer
+
+
+def smoothable(lm: nn.Module) -> bool:
+    """Whether ``lm`` has the Llama block layout :func:`smooth` works on (RMSNorm -> q/k/v, gate/up/down)."""
+    layers = getattr(getattr(lm, "model", None), "layers", None)
+    if not layers:
+        return False
+    try:
+        for layer in layers:
+            for norm, names in NORM_FED:
+                _get(layer, norm).weight
+                for name in (*names, "mlp.down_proj"):
+                    if not isinstance(_linear(_get(layer, name)), nn.Linear):
+                        return False
+    except AttributeError:
+        return False
+    return True
+
+
+def _unmerged_lora(lm: nn.Module) -> bool:
+    return any(hasattr(m, "base_layer") and not getattr(m, "merged", True) for m in lm.modules())
+
+
+@torch.inference_mode()
+def activation_maxima(model, grid: torch.Tensor, pooled: torch.Tensor, *, max_new_tokens: int = 30,
+                      batch_size: int = 128) -> dict[str, torch.Tensor]:
+    """Per input channel, the largest ``|activation|`` entering each linear layer of the LM's blocks while
+    ``model`` (a :class:`~cliplab.caption.model.Captioner`, float) greedily captions the calibration images."""
+    maxima: dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(_module, inputs, _output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(0).float()
+            maxima[name] = torch.maximum(maxima[name], x) if name in maxima else x
+        return hook
+
+    hooks = []
+    for i, layer in enumerate(model.lm.model.layers):
+        for name in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"):
+            hooks.append(_linear(_get(layer, name)).register_forward_hook(record(f"{i}.{name}")))
+    try:
+        for s in range(0, len(grid), batch_size):
+            model.greedy(grid[s:s + batch_size], pooled[s:s + batch_size], max_new_tokens=max_new_tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not torch.isfinite(torch.stack([v.max() for v in maxima.values()])).all():
+        raise ValueError("calibration activations are not finite")
+    return {k: v.cpu() for k, v in maxima.items()}
+
+
+def _scales(x_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    w_max = torch.cat([w.abs() for w in weights]).amax(0).float().clamp(min=1e-5)
+    return (x_max.clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+
+
+@torch.no_grad()
+def smooth(lm: nn.Module, maxima: dict[str, torch.Tensor], alpha: float = SMOOTHING_ALPHA) -> None:
+    """Migrate activation range into the weights of every block (the float model's outputs are unchanged up to
+    rounding): RMSNorm weight / s and q,k,v (gate,up) columns * s; up rows / s and down columns * s."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"smoothing alpha must be in [0, 1], not {alpha}")
+    for i, layer in enumerate(lm.model.layers):
+        for norm, names in NORM_FED:
+            linears = [_linear(_get(layer, n)) for n in names]
+            s = _scales(maxima[f"{i}.{names[0]}"], [m.weight for m in linears], alpha)
+            _get(layer, norm).weight.div_(s.to(_get(layer, norm).weight.dtype))
+            for m in linears:
+                m.weight.mul_(s.to(m.weight.dtype))
+        up, down = _linear(layer.mlp.up_proj), _linear(layer.mlp.down_proj)
+        s = _scales(maxima[f"{i}.mlp.down_proj"], [down.weight], alpha)
+        up.weight.div_(s.to(up.weight.dtype)[:, None])
+        if up.bias is not None:
+            up.bias.div_(s.to(up.bias.dtype))
+        down.weight.mul_(s.to(down.weight.dtype))
+
+
+def quantize_int8(model, maxima: dict[str, torch.Tensor], alpha: float = SMOOTHING_ALPHA):
+    """Make ``model`` (a float :class:`~cliplab.caption.model.Captioner` on CPU, LoRA merged) decode with int8
+    linear layers: :func:`smooth`, then every ``nn.Linear`` of the LM (the vocabulary head too) becomes a
+    dynamic int8 layer with per-channel weights. For decoding only (it cannot be trained or saved after)."""
+    lm = model.lm
+    if next(lm.parameters()).device.type != "cpu":
+        raise ConfigError("int8 decoding runs on CPU only (PyTorch's dynamic int8 layers); use float32 on a GPU")
+    if not smoothable(lm):
+        raise ConfigError(f"int8 decoding needs a Llama-style LM (RMSNorm, q/k/v, gate/up/down); "
+                          f"{type(lm).__name__} is not one")
+    if _unmerged_lora(lm):
+        raise ConfigError("fold the LoRA adapters in first (Captioner.merge_for_inference)")
+    if getattr(lm.config, "tie_word_embeddings", False):  # the head is swapped below; the embedding stays float
+        lm.config.tie_word_embeddings = False
+    smooth(lm, maxima, alpha)
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    names = {n: per_channel_dynamic_qconfig for n, m in lm.named_modules() if isinstance(m, nn.Linear)}
+    with warnings.catch_warnings():  # torch.ao's "migrate to torchao" notice: the eager API is what runs here
+        warnings.simplefilter("ignore")
+        quantize_dynamic(lm, names, dtype=torch.qint8, inplace=True)
+    model._merged = True
+    model.int8 = True
+    return model

@@ -1,0 +1,205 @@
+"""Int8 captioning (``cliplab index --caption-precision``): SmoothQuant's migration is exact in float, the
+calibration maxima equal an independent measurement, the quantised LM stays close to the float one, what it
+refuses, and the index: auto picks int8 on CPU when the run's training images are there, keeps its calibration
+once per captioner, and never mixes the captions of two precisions."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_causal_lm
+from tests.test_index_captions import photos, tiny_captioner
+
+pytest.importorskip("faiss")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory, towers):
+    return tiny_causal_lm(tmp_path_factory.mktemp("lm"), towers[1].tokenizer)
+
+
+def features(n: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 320, generator=g), torch.randn(n, 1280, generator=g)
+
+
+def logits(model, grid, pooled):
+    with torch.inference_mode():
+        return model.lm(inputs_embeds=model.prefix(grid, pooled)).logits.float()
+
+
+def test_smoothing_leaves_the_float_model_unchanged(tiny_lm):
+    from cliplab.caption.quantize import activation_maxima, smooth
+
+    model = tiny_captioner(tiny_lm)
+    grid, pooled = features()
+    before = logits(model, grid, pooled)
+    maxima = activation_maxima(model, grid, pooled, max_new_tokens=5)
+    norm = model.lm.model.layers[0].input_layernorm.weight.clone()
+    smooth(model.lm, maxima, alpha=0.5)
+    assert not torch.allclose(norm, model.lm.model.layers[0].input_layernorm.weight)  # it did move the range
+    torch.testing.assert_close(logits(model, grid, pooled), before, rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_maxima_equal_an_independent_measurement(tiny_lm):
+    """The maxima entering q_proj / gate_proj / down_proj, measured at the norms' and the MLP's outputs."""
+    from cliplab.caption.quantize import activation_maxima
+
+    model = tiny_captioner(tiny_lm)
+    grid, pooled = features()
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name, fn=lambda out: out):
+        def hook(_m, _inp, out):
+            x = fn(out).detach().reshape(-1, fn(out).shape[-1]).abs().amax(0)
+            seen[name] = torch.maximum(seen[name], x) if name in seen else x
+        return hook
+
+    hooks = []
+    for i, layer in enumerate(model.lm.model.layers):
+        hooks.append(layer.input_layernorm.register_forward_hook(keep(f"{i}.self_attn.q_proj")))
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(keep(f"{i}.mlp.gate_proj")))
+        mlp = layer.mlp
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(
+            keep(f"{i}.mlp.down_proj", lambda out, mlp=mlp: mlp.act_fn(mlp.gate_proj(out)) * mlp.up_proj(out))))
+    maxima = activation_maxima(model, grid, pooled, max_new_tokens=5)
+    for h in hooks:
+        h.remove()
+    assert set(maxima) == set(seen) and len(maxima) == 3 * len(model.lm.model.layers)
+    for name in maxima:
+        torch.testing.assert_close(maxima[name], seen[name].float())
+
+
+def test_int8_layers_replace_every_linear_and_stay_close(tiny_lm):
+    from cliplab.caption.quantize import activation_maxima, quantize_int8
+
+    model = tiny_captioner(tiny_lm).merge_for_inference()
+    grid, pooled = features(16)
+    before = logits(model, grid, pooled)
+    quantize_int8(model, activation_maxima(model, grid, pooled, max_new_tokens=5))
+    assert not [n for n, m in model.lm.named_modules() if type(m) is torch.nn.Linear]
+    after = logits(model, grid, pooled)
+    cos = torch.nn.functional.cosine_similarity(after.flatten(1), before.flatten(1))
+    assert cos.min() > 0.99
+    assert model.int8 and model.greedy(grid, pooled, max_new_tokens=4)  # it decodes
+    from cliplab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot be saved"):
+        model.save("/nonexistent")
+
+
+def test_int8_refuses_what_it_cannot_do(tiny_lm, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cliplab.caption.model import Captioner, CaptionerConfig
+    from cliplab.caption.quantize import quantize_int8, smoothable
+    from cliplab.errors import ConfigError
+
+    lora = Captioner(CaptionerConfig(lm=str(tiny_lm), grid=2, mapper_hidden=16, tuning="lora", lora_r=2), 320, 1280)
+    with pytest.raises(ConfigError, match="LoRA"):
+        quantize_int8(lora, {})
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    assert not smoothable(gpt2) and smoothable(lora.lm)
+    lora.lm = gpt2
+    with pytest.raises(ConfigError, match="Llama-style"):
+        quantize_int8(lora, {})
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_lm, tmp_path_factory, caption_dir):
+    """A caption run folder as ``cliplab caption train`` leaves it: ``config.json`` naming its data + ``best/``."""
+    from cliplab.caption.train import CaptionRunConfig
+
+    run = tmp_path_factory.mktemp("int8-run")
+    tiny_captioner(tiny_lm).save(run / "best")
+    config = CaptionRunConfig.from_dict({"model": {"lm": str(tiny_lm), "grid": 2, "mapper_hidden": 16},
+                                         "data": {"path": str(caption_dir / "captions.csv")}})
+    (run / "config.json").write_text(json.dumps({"kind": "caption", **config.to_dict()}))
+    return run
+
+
+@pytest.mark.slow
+def test_index_captions_in_int8_on_cpu_and_keeps_precisions_apart(trained_run, tiny_lm, tmp_path, monkeypatch,
+                                                                   caption_dir):
+    from cliplab.caption import quantize
+    from cliplab.errors import ConfigError
+    from cliplab.serve.captions import CALIBRATION_IMAGES, calibration_images, captioner_id
+    from cliplab.serve.index import IndexBuilder, PhotoIndex
+
+    monkeypatch.setenv("CLIPLAB_CACHE", str(tmp_path / "cache"))
+    rows = list(csv.DictReader(open(caption_dir / "captions.csv")))
+    train = list(dict.fromkeys(r["image"] for r in rows if r["split"] == "train"))
+    assert calibration_images(trained_run) == [caption_dir / p for p in train[:CALIBRATION_IMAGES]]
+
+    folder = photos(tmp_path / "photos")
+    index = tmp_path / "index"
+    quiet = {"log": lambda m: None, "progress": False}
+    IndexBuilder(index, "conse", captioner=trained_run, **quiet).build([folder])
+    info = PhotoIndex(index).info
+    assert info["caption_precision"] == "int8" and info["captioner_id"] == captioner_id(trained_run, "int8")
+    assert captioner_id(trained_run, "int8") != captioner_id(trained_run, "float32")
+    kept = list((tmp_path / "cache" / "caption-int8").glob("*.safetensors"))
+    assert len(kept) == 1
+    int8_captions = {p: it["generated"] for p, it in _items(index).items()}
+    assert all(int8_captions.values())
+
+    # a later build reads the kept calibration (no decoding of the training images again) and keeps int8
+    monkeypatch.setattr(quantize, "activation_maxima", lambda *a, **k: pytest.fail("calibrated twice"))
+    from tests.conftest import make_image
+
+    make_image(folder / "later.jpg", "green", "circle", seed=7)
+    report = IndexBuilder(index, **quiet).build([folder])
+    assert report.captioned == 1 and PhotoIndex(index).info["caption_precision"] == "int8"
+
+    # float32 on request: every caption written again by the float decoder, as `caption generate` writes them
+    report = IndexBuilder(index, caption_precision="float32", **quiet).build([folder])
+    assert report.captioned == 7 and PhotoIndex(index).info["caption_precision"] == "float32"
+    from cliplab.caption.files import caption_files
+
+    got = _items(index)
+    direct = caption_files(trained_run, [folder / p for p in sorted(got)], beam=1, device="cpu")
+    assert {p: it["generated"] for p, it in got.items()} == {Path(f).name: c for f, c in direct.items()}
+    # ... and it stays float32 on the next update without the flag
+    assert IndexBuilder(index, **quiet).caption_precision == "float32"
+
+    # int8 asked for where it cannot run: one line naming the reason, before any work
+    moved = tmp_path / "no-data-run"
+    shutil.copytree(trained_run, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["data"]["path"] = str(tmp_path / "gone.csv")
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="training data .*gone.csv"):
+        IndexBuilder(tmp_path / "i2", "conse", captioner=moved, caption_precision="int8", **quiet).build([folder])
+    with pytest.raises(ConfigError, match="caption-precision must be one of"):
+        IndexBuilder(tmp_path / "i3", "conse", captioner=moved, caption_precision="int4")
+    logs = []
+    IndexBuilder(tmp_path / "i4", "conse", captioner=moved, log=logs.append, progress=False).build([folder])
+    assert PhotoIndex(tmp_path / "i4").info["caption_precision"] == "float32"
+    assert any("captions in float32" in m for m in logs)
+
+
+def _items(index: Path) -> dict[str, dict]:
+    from cliplab.serve.index import PhotoIndex
+
+    return {it["path"]: it for it in PhotoIndex(index).all_items().values()}
+
+
+def test_a_damaged_or_foreign_calibration_file_is_left_alone(trained_run, tmp_path, monkeypatch):
+    from cliplab.serve.captions import PhotoCaptioner
+
+    monkeypatch.setenv("CLIPLAB_CACHE", str(tmp_path))
+    captioner = PhotoCaptioner(trained_run, log=lambda m: None)
+    assert captioner.precision == "int8"
+    kept = tmp_path / "caption-int8" / f"{captioner.id[:32]}.safetensors"
+    kept.parent.mkdir()
+    kept.write_bytes(b"a user's file")
+    with pytest.warns(UserWarning, match="calibrating again"):
+        maxima = captioner._maxima()
+    assert kept.read_bytes() == b"a user's file" and len(maxima) == 3 * len(captioner.model.lm.model.layers)
+    kept.unlink()
+    assert captioner._maxima().keys() == maxima.keys() and kept.is_file()  # kept this time
+    torch.testing.assert_close(captioner._maxima(), maxima)  # read back
