@@ -184,7 +184,8 @@ class Index:
     def build(cls, photos: Sequence[str | Path], out: str | Path, *, model: Optional[str] = None,
               **options) -> "Index":
         """``cliplab index PHOTOS --out OUT``: build or update the index (only new and changed files embedded);
-        ``captioner="RUN"`` (``--captioner``): a caption run writes one caption per photo, shown and searched."""
+        ``captioner="RUN"`` (``--captioner``): a caption run writes one caption per photo, shown and searched;
+        ``caption_precision`` (``--caption-precision``): auto, float32 or int8 (:mod:`cliplab.serve.captions`)."""
         from cliplab.serve.index import IndexBuilder
 
         IndexBuilder(out, model, **options).build([Path(p) for p in photos])
