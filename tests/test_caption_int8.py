@@ -155,9 +155,19 @@ def test_index_captions_in_int8_on_cpu_and_keeps_precisions_apart(trained_run, t
     report = IndexBuilder(index, **quiet).build([folder])
     assert report.captioned == 1 and PhotoIndex(index).info["caption_precision"] == "int8"
 
+    # the training data moved away: the kept calibration is enough for the next update
+    hidden = caption_dir.parent / (caption_dir.name + "-away")
+    caption_dir.rename(hidden)
+    try:
+        make_image(folder / "later2.jpg", "red", "square", seed=8)
+        report = IndexBuilder(index, **quiet).build([folder])
+        assert report.captioned == 1 and PhotoIndex(index).info["caption_precision"] == "int8"
+    finally:
+        hidden.rename(caption_dir)
+
     # float32 on request: every caption written again by the float decoder, as `caption generate` writes them
     report = IndexBuilder(index, caption_precision="float32", **quiet).build([folder])
-    assert report.captioned == 7 and PhotoIndex(index).info["caption_precision"] == "float32"
+    assert report.captioned == 8 and PhotoIndex(index).info["caption_precision"] == "float32"
     from cliplab.caption.files import caption_files
 
     got = _items(index)
@@ -167,6 +177,7 @@ def test_index_captions_in_int8_on_cpu_and_keeps_precisions_apart(trained_run, t
     assert IndexBuilder(index, **quiet).caption_precision == "float32"
 
     # int8 asked for where it cannot run: one line naming the reason, before any work
+    monkeypatch.setenv("CLIPLAB_CACHE", str(tmp_path / "empty-cache"))  # nothing kept: calibration needs the data
     moved = tmp_path / "no-data-run"
     shutil.copytree(trained_run, moved)
     config = json.loads((moved / "config.json").read_text())
@@ -180,6 +191,9 @@ def test_index_captions_in_int8_on_cpu_and_keeps_precisions_apart(trained_run, t
     IndexBuilder(tmp_path / "i4", "conse", captioner=moved, log=logs.append, progress=False).build([folder])
     assert PhotoIndex(tmp_path / "i4").info["caption_precision"] == "float32"
     assert any("captions in float32" in m for m in logs)
+    # another captioner on an index does not inherit its precision: auto again
+    assert IndexBuilder(tmp_path / "i4", captioner=trained_run, **quiet).caption_precision == "auto"
+    assert IndexBuilder(tmp_path / "i4", **quiet).caption_precision == "float32"
 
 
 def _items(index: Path) -> dict[str, dict]:
@@ -189,17 +203,68 @@ def _items(index: Path) -> dict[str, dict]:
 
 
 def test_a_damaged_or_foreign_calibration_file_is_left_alone(trained_run, tmp_path, monkeypatch):
-    from cliplab.serve.captions import PhotoCaptioner
+    from cliplab.serve.captions import PhotoCaptioner, captioner_id
 
     monkeypatch.setenv("CLIPLAB_CACHE", str(tmp_path))
     captioner = PhotoCaptioner(trained_run, log=lambda m: None)
-    assert captioner.precision == "int8"
+    assert captioner.precision == "int8" and captioner.model.int8
     kept = tmp_path / "caption-int8" / f"{captioner.id[:32]}.safetensors"
-    kept.parent.mkdir()
+    assert kept.is_file()  # calibrated when made, before any photo
+    good = kept.read_bytes()
     kept.write_bytes(b"a user's file")
+    float_captioner = PhotoCaptioner(trained_run, precision="float32")
     with pytest.warns(UserWarning, match="calibrating again"):
-        maxima = captioner._maxima()
+        maxima = float_captioner._maxima(captioner_id(trained_run, "int8"), trained_run)
     assert kept.read_bytes() == b"a user's file" and len(maxima) == 3 * len(captioner.model.lm.model.layers)
     kept.unlink()
-    assert captioner._maxima().keys() == maxima.keys() and kept.is_file()  # kept this time
-    torch.testing.assert_close(captioner._maxima(), maxima)  # read back
+    again = float_captioner._maxima(captioner_id(trained_run, "int8"), trained_run)
+    assert kept.read_bytes() == good  # kept this time, the same maxima
+    torch.testing.assert_close(again, maxima)
+
+
+def test_smoothing_is_exact_with_grouped_kv_tied_head_and_real_norm_weights():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cliplab.caption.quantize import smooth, smoothable
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        for layer in lm.model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 2.0)
+            layer.post_attention_layernorm.weight.uniform_(0.5, 2.0)
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        before = lm(inputs_embeds=x).logits
+    maxima = {f"{i}.{n}": torch.rand(48 if "down" in n else 32) * 50 + 0.1 for i in range(2)
+              for n in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")}
+    assert smoothable(lm)
+    smooth(lm, maxima, alpha=0.7)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(inputs_embeds=x).logits, before, rtol=1e-4, atol=1e-4)
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight  # the tied head is not touched
+
+
+def test_gemma_blocks_are_not_smoothable_and_a_wrong_smoothing_is_refused(tiny_lm, monkeypatch):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from cliplab.caption import quantize
+    from cliplab.errors import ConfigError
+
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               head_dim=16))
+    assert not quantize.smoothable(gemma)  # norm gain 1 + w, and norms around the MLP
+    model = tiny_captioner(tiny_lm)
+    grid, pooled = features()
+    maxima = quantize.activation_maxima(model, grid, pooled, max_new_tokens=3)
+    original = quantize.smooth
+
+    def wrong(lm, maxima, alpha):  # what Gemma's norms would do: the gain not divided as assumed
+        original(lm, maxima, alpha)
+        lm.model.layers[0].input_layernorm.weight.data.add_(1.0)
+
+    monkeypatch.setattr(quantize, "smooth", wrong)
+    with pytest.raises(ConfigError, match="changed .* float outputs"):
+        quantize.quantize_int8(model, maxima)

@@ -9,11 +9,12 @@ build resumes with them, like the embeddings; the visual tokens of the chunk bei
 ``cliplab-work/captions-tokens/`` (removed with the work folder).
 
 Precision (``--caption-precision``): on CPU, ``auto`` decodes with int8 linear layers
-(:mod:`cliplab.caption.quantize`: SmoothQuant scales, then dynamic int8; ~1.4x the images/s at the same dev
-CIDEr-D, but other captions for some photos) when the caption run's training images can be read for its
-calibration: greedy decoding of its first :data:`CALIBRATION_IMAGES` training images records the activation
-maxima, once per captioner, kept in ``default_cache_dir()/caption-int8/``. Otherwise, and on a GPU, float32.
-The precision is part of the captioner's identity, so captions written in one are not reused by the other.
+(:mod:`cliplab.caption.quantize`: SmoothQuant scales, then dynamic int8; ~1.35x the images/s; Flickr8k dev
+CIDEr-D as float32's, test 15.2 vs 17.1, see BENCHMARKS.md) when it can be calibrated: greedy decoding of the
+caption run's first :data:`CALIBRATION_IMAGES` training images records the activation maxima, once per
+captioner, kept in ``default_cache_dir()/caption-int8/`` (later builds need neither the images nor the time).
+Otherwise, on a GPU and for LMs it does not know, float32. The precision is part of the captioner's identity,
+so captions written in one are never reused by the other; all happens before any photo is read.
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ def captioner_id(run: str | Path, precision: str = "float32") -> str:
     folder = captioner_folder(run)
     decode = dict(DECODE)
     if precision == "int8":  # float32 ids stay those of indexes written before int8 existed
-        decode["int8"] = {"alpha": SMOOTHING_ALPHA, "calibration": f"train:{CALIBRATION_IMAGES}"}
+        import torch
+
+        decode["int8"] = {"scheme": "smoothquant-dynamic-per-channel-v1", "alpha": SMOOTHING_ALPHA,
+                          "calibration": f"train:{CALIBRATION_IMAGES}", "engine": torch.backends.quantized.engine}
     return sha256_text((folder / rundir.CAPTIONER_CONFIG).read_text(encoding="utf-8"),
                        sha256_file(folder / rundir.CAPTIONER_WEIGHTS), json.dumps(decode, sort_keys=True))
 
@@ -97,7 +101,6 @@ class PhotoCaptioner:
     def __init__(self, run: str | Path, device: str = "cpu", batch_size: int = 512, precision: str = "auto",
                  log: Callable[[str], None] = print) -> None:
         from cliplab.caption.model import Captioner
-        from cliplab.caption.quantize import smoothable
         from cliplab.caption.visual import caption_image_tower, tower_weights_id
 
         if precision not in PRECISIONS:
@@ -109,34 +112,37 @@ class PhotoCaptioner:
             raise ConfigError(f"--captioner {run}: its image tower now has other weights than the captioner was "
                               "trained with")
         self.device, self.batch_size = device, batch_size
-        self._calibration: list[Path] = []
+        self.precision = "float32"
         if precision != "float32":
-            if str(device) != "cpu" or not smoothable(self.model.lm):
-                if precision == "int8":
-                    raise ConfigError(f"--caption-precision int8 needs the CPU and a Llama-style LM "
-                                      f"(device {device}, {type(self.model.lm).__name__})")
-            else:
-                try:
-                    self._calibration = calibration_images(self.run)
-                except ConfigError as exc:
-                    if precision == "int8":
-                        raise
-                    log(f"captions in float32: {exc}")
-        self.precision = "int8" if self._calibration else "float32"
+            self._try_int8(run, precision == "int8", log)
         self.id = captioner_id(self.run, self.precision)
-        self._quantized = False
 
-    def _int8_ready(self) -> None:
-        """Quantise the LM on first use (the calibration maxima are computed once per captioner and cached)."""
-        if self.precision != "int8" or self._quantized:
-            return
-        from cliplab.caption.quantize import quantize_int8
+    def _try_int8(self, run: str | Path, required: bool, log: Callable[[str], None]) -> None:
+        """Switch to int8 decoding now, before any photo is read (the calibration maxima from the cache, else
+        measured once on the run's training images); ``required`` (int8 asked for): a failure is a one-line
+        error, else (auto) the captions stay float32, said in one log line."""
+        from cliplab.caption.model import Captioner
+        from cliplab.caption.quantize import quantize_int8, smoothable
 
-        quantize_int8(self.model, self._maxima())
-        self._quantized = True
+        touched = False
+        try:
+            if str(self.device) != "cpu" or not smoothable(self.model.lm):
+                raise ConfigError(f"--caption-precision int8 needs the CPU and a Llama-style LM "
+                                  f"(device {self.device}, {type(self.model.lm).__name__})")
+            maxima = self._maxima(captioner_id(self.run, "int8"), run)
+            touched = True
+            quantize_int8(self.model, maxima)
+            self.precision = "int8"
+        except ConfigError as exc:
+            if required:
+                raise
+            log(f"captions in float32: {exc}")
+            if touched:  # the smoothing may have begun: a clean float LM
+                self.model = Captioner.load(self.run).to(self.device).eval().merge_for_inference()
 
-    def _maxima(self) -> dict:
-        """The calibration activation maxima: from the cache, else by greedy decoding of the calibration images."""
+    def _maxima(self, int8_id: str, run: str | Path) -> dict:
+        """The calibration activation maxima: from the cache (keyed by the int8 captioner id), else by greedy
+        decoding of the run's first training images (:func:`calibration_images`; kept in the cache after)."""
         import tempfile
 
         import safetensors.torch
@@ -146,12 +152,12 @@ class PhotoCaptioner:
         from cliplab.caption.visual import visual_features
         from cliplab.data.images import ImageFiles
 
-        path = default_cache_dir() / "caption-int8" / f"{self.id[:32]}.safetensors"
+        path = default_cache_dir() / "caption-int8" / f"{int8_id[:32]}.safetensors"
         want = {f"{i}.{name}" for i in range(len(self.model.lm.model.layers))
                 for name in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")}
         try:
             kept = safetensors.torch.load(path.read_bytes())
-            if set(kept) != want or not all(bool(torch.isfinite(v).all()) for v in kept.values()):
+            if set(kept) != want or not all(v.ndim == 1 and bool(torch.isfinite(v).all()) for v in kept.values()):
                 raise ValueError("not this captioner's calibration")
             return kept
         except FileNotFoundError:
@@ -161,15 +167,18 @@ class PhotoCaptioner:
 
             warnings.warn(f"{path}: {exc}; calibrating again", stacklevel=2)
             path = None
-        with tempfile.TemporaryDirectory(prefix="cliplab-calibration-") as tmp:
-            feats = visual_features(self.tower, ImageFiles(self._calibration), self.model.config.grid,
-                                    cache=FeatureCache(tmp), device=self.device, progress=False)
-        grid = torch.from_numpy(np.ascontiguousarray(feats.grid, dtype=np.float32))
-        pooled = torch.from_numpy(np.ascontiguousarray(feats.pooled, dtype=np.float32))
-        maxima = activation_maxima(self.model, grid, pooled, max_new_tokens=DECODE["max_new_tokens"])
+        images = calibration_images(run)
+        try:
+            with tempfile.TemporaryDirectory(prefix="cliplab-calibration-") as tmp:
+                feats = visual_features(self.tower, ImageFiles(images), self.model.config.grid,
+                                        cache=FeatureCache(tmp), device=self.device, progress=False)
+            grid = torch.from_numpy(np.ascontiguousarray(feats.grid, dtype=np.float32))
+            pooled = torch.from_numpy(np.ascontiguousarray(feats.pooled, dtype=np.float32))
+            maxima = activation_maxima(self.model, grid, pooled, max_new_tokens=DECODE["max_new_tokens"])
+        except Exception as exc:  # an unreadable training image, non-finite activations: one line, before work
+            raise ConfigError(f"--captioner {run}: int8 calibration on its training images failed: {exc}") from None
         if path is not None:
-            data = safetensors.torch.save(maxima, metadata={"captioner_id": self.id,
-                                                            "images": str(len(self._calibration))})
+            data = safetensors.torch.save(maxima, metadata={"captioner_id": int8_id, "images": str(len(images))})
             try:
                 atomic_write(path, lambda tmp: tmp.write_bytes(data))
             except OSError as exc:
@@ -225,8 +234,6 @@ class PhotoCaptioner:
             for entry in scratch.root.glob("image-*"):  # this chunk's tokens: needed once
                 shutil.rmtree(entry, ignore_errors=True)
         good = np.flatnonzero(feats.valid)
-        if len(good):
-            self._int8_ready()
         out: dict[int, str] = {}
         for s in range(0, len(good), self.batch_size):
             rows = good[s:s + self.batch_size]

@@ -519,10 +519,11 @@ class IndexBuilder:
                     raise
                 raise ConfigError(f"{self.folder}: its captioner {self.captioner} is gone; give --captioner RUN, "
                                   "or --captioner none to drop the generated captions") from None
-        # given, else the index's own (one written before int8 decoding: float32), else auto
+        # given, else the index's own for the same captioner (one written before int8 decoding: float32), else auto
         prev = self.previous_info or {}
-        self.caption_precision = caption_precision or prev.get("caption_precision") or (
-            "float32" if prev.get("captioner_id") else "auto")
+        same = self.captioner is not None and prev.get("captioner") == str(Path(self.captioner).resolve())
+        inherited = (prev.get("caption_precision") or ("float32" if prev.get("captioner_id") else None)) if same else None
+        self.caption_precision = caption_precision or inherited or "auto"
         if self.caption_precision not in PRECISIONS:
             raise ConfigError(f"--caption-precision must be one of {', '.join(PRECISIONS)}, "
                               f"not {self.caption_precision!r}")
