@@ -148,13 +148,12 @@ class PhotoCaptioner:
         import safetensors.torch
         import torch
 
-        from cliplab.caption.quantize import activation_maxima
+        from cliplab.caption.quantize import activation_maxima, maxima_keys
         from cliplab.caption.visual import visual_features
         from cliplab.data.images import ImageFiles
 
         path = default_cache_dir() / "caption-int8" / f"{int8_id[:32]}.safetensors"
-        want = {f"{i}.{name}" for i in range(len(self.model.lm.model.layers))
-                for name in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")}
+        want = maxima_keys(self.model.lm)
         try:
             kept = safetensors.torch.load(path.read_bytes())
             if set(kept) != want or not all(v.ndim == 1 and bool(torch.isfinite(v).all()) for v in kept.values()):
