@@ -47,7 +47,7 @@ def test_smoothing_leaves_the_float_model_unchanged(tiny_lm):
 
 def test_calibration_maxima_equal_an_independent_measurement(tiny_lm):
     """The maxima entering q_proj / gate_proj / down_proj, measured at the norms' and the MLP's outputs."""
-    from cliplab.caption.quantize import activation_maxima
+    from cliplab.caption.quantize import activation_maxima, maxima_keys
 
     model = tiny_captioner(tiny_lm)
     grid, pooled = features()
@@ -69,19 +69,43 @@ def test_calibration_maxima_equal_an_independent_measurement(tiny_lm):
     maxima = activation_maxima(model, grid, pooled, max_new_tokens=5)
     for h in hooks:
         h.remove()
-    assert set(maxima) == set(seen) and len(maxima) == 3 * len(model.lm.model.layers)
+    assert set(maxima) == set(seen) == maxima_keys(model.lm) and len(maxima) == 3 * len(model.lm.model.layers)
     for name in maxima:
         torch.testing.assert_close(maxima[name], seen[name].float())
 
 
+def test_row_int8_linear_equals_integer_arithmetic():
+    """Each output row is the integer product of that row's 7-bit activations (scaled to its own largest value)
+    and the per-channel int8 weights, dequantised, plus the bias: checked against that computation written out."""
+    from cliplab.caption.quantize import RowInt8Linear
+
+    g = torch.Generator().manual_seed(3)
+    linear = torch.nn.Linear(24, 10)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(10, 24, generator=g) * torch.linspace(0.1, 3, 10)[:, None])
+    x = torch.randn(2, 5, 24, generator=g) * torch.logspace(-2, 2, 5)[:, None]  # rows of very different ranges
+    layer = RowInt8Linear(linear)
+    step = x.abs().amax(-1, keepdim=True) / 63
+    xq = torch.round(x / step)
+    w_step = linear.weight.detach().abs().amax(1) / 127
+    wq = torch.round(linear.weight.detach() / w_step[:, None])
+    expected = (xq.double() @ wq.double().T) * step.double() * w_step.double() + linear.bias.detach().double()
+    with torch.inference_mode():
+        got = layer(x)
+    assert got.shape == (2, 5, 10) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, linear(x).detach(), rtol=0.05, atol=0.05 * float(linear(x).detach().abs().max()))
+
+
 def test_int8_layers_replace_every_linear_and_stay_close(tiny_lm):
-    from cliplab.caption.quantize import activation_maxima, quantize_int8
+    from cliplab.caption.quantize import RowInt8Linear, activation_maxima, quantize_int8
 
     model = tiny_captioner(tiny_lm).merge_for_inference()
     grid, pooled = features(16)
     before = logits(model, grid, pooled)
     quantize_int8(model, activation_maxima(model, grid, pooled, max_new_tokens=5))
     assert not [n for n, m in model.lm.named_modules() if type(m) is torch.nn.Linear]
+    assert isinstance(model.lm.get_output_embeddings(), RowInt8Linear)
     after = logits(model, grid, pooled)
     cos = torch.nn.functional.cosine_similarity(after.flatten(1), before.flatten(1))
     assert cos.min() > 0.99
@@ -90,6 +114,39 @@ def test_int8_layers_replace_every_linear_and_stay_close(tiny_lm):
 
     with pytest.raises(ConfigError, match="cannot be saved"):
         model.save("/nonexistent")
+
+
+def test_an_int8_caption_does_not_depend_on_the_other_images_of_its_batch(tiny_lm, monkeypatch):
+    """Fixed activation scales: each image's logits and tokens are the same alone, in a batch, or with the
+    prefill sliced."""
+    from cliplab.caption import model as caption_model
+    from cliplab.caption.quantize import activation_maxima, quantize_int8
+
+    model = tiny_captioner(tiny_lm).merge_for_inference()
+    grid, pooled = features(12, seed=5)
+    quantize_int8(model, activation_maxima(model, grid[:6], pooled[:6], max_new_tokens=5))
+    loud = grid.clone()
+    loud[0] *= 50  # an image whose activations dwarf the others' would set a per-batch scale
+    together = logits(model, loud, pooled)
+    for i in (1, 7):
+        torch.testing.assert_close(logits(model, loud[i:i + 1], pooled[i:i + 1])[0], together[i], rtol=0, atol=1e-5)
+    tokens = model.greedy(loud, pooled, max_new_tokens=6)
+    assert [model.greedy(loud[i:i + 1], pooled[i:i + 1], max_new_tokens=6)[0] for i in range(12)] == tokens
+    monkeypatch.setattr(caption_model, "PREFILL_ROWS", 2 * model.prefix(grid[:1], pooled[:1]).shape[1])
+    assert model.greedy(loud, pooled, max_new_tokens=6) == tokens
+
+
+def test_a_sliced_prefill_decodes_as_one_pass(tiny_lm, monkeypatch):
+    """On CPU the prefill runs in slices whose caches are joined: the same tokens as one pass (float32)."""
+    from cliplab.caption import model as caption_model
+
+    model = tiny_captioner(tiny_lm)
+    grid, pooled = features(9, seed=2)
+    whole = model.greedy(grid, pooled, max_new_tokens=8)
+    width = model.prefix(grid[:1], pooled[:1]).shape[1]
+    for images in (1, 4):
+        monkeypatch.setattr(caption_model, "PREFILL_ROWS", images * width)
+        assert model.greedy(grid, pooled, max_new_tokens=8) == whole
 
 
 def test_int8_refuses_what_it_cannot_do(tiny_lm, tmp_path):
@@ -102,6 +159,9 @@ def test_int8_refuses_what_it_cannot_do(tiny_lm, tmp_path):
     lora = Captioner(CaptionerConfig(lm=str(tiny_lm), grid=2, mapper_hidden=16, tuning="lora", lora_r=2), 320, 1280)
     with pytest.raises(ConfigError, match="LoRA"):
         quantize_int8(lora, {})
+    lora.merge_for_inference()
+    with pytest.raises(ConfigError, match="calibrate again"):  # maxima of another LM's layers
+        quantize_int8(lora, {"0.self_attn.q_proj": torch.ones(32)})
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
     assert not smoothable(gpt2) and smoothable(lora.lm)
     lora.lm = gpt2

@@ -1,5 +1,5 @@
-"""Int8 decoding on CPU for a Llama-style captioner LM: SmoothQuant's scale migration, then PyTorch's dynamic
-int8 linear layers (int8 weights per output channel, activations quantised per call).
+"""Int8 decoding on CPU for a Llama-style captioner LM: SmoothQuant's scale migration, then int8 linear layers
+(int8 weights per output channel; each activation row quantised with its own scale).
 
 Plain dynamic int8 wrote other, worse captions (dev CIDEr-D 17.5 -> 13.6 on 256 images, per-tensor weights 8.3):
 a few input channels of the LM's linear layers carry activations 10-100x the rest, so one int8 step per tensor
@@ -9,6 +9,12 @@ RMSNorm weight (the up projection for down) and multiplied back into the linear 
 SmoothQuant). The maxima ``max|x_j|`` come from greedy decoding of calibration images (:func:`activation_maxima`;
 ``cliplab index`` uses the caption run's first training images, :mod:`cliplab.serve.captions`); ``a`` was chosen
 on Flickr8k dev CIDEr-D (``bench/caption_int8.py``, BENCHMARKS.md).
+
+Activations are quantised per row (per token, :class:`RowInt8Linear`), not with one scale per call: with a
+scale taken from each call's whole batch, an image's caption depended on the other images decoded beside it
+(125 of 512 captions stayed the same when the prefill was sliced differently). One fixed scale per layer from
+calibration was tried too: the first prefix position's few huge activations set it, and dev CIDEr-D fell to
+8.8-12.5.
 """
 
 from __future__ import annotations
@@ -31,6 +37,37 @@ def _linear(module: nn.Module) -> nn.Linear:
 
 
 MEASURED = ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")  # one input per norm-fed group, and down's
+
+
+ACTIVATION_ZERO_POINT, ACTIVATION_LEVELS = 64, 63  # fbgemm's 7-bit activations (no int16 overflow on AVX2)
+
+
+class RowInt8Linear(nn.Module):
+    """A linear layer with int8 weights (symmetric, per output channel) whose input rows are each quantised to
+    7 bits at their own scale (their largest ``|value|``), run by fbgemm: a row's output does not depend on the
+    other rows of the batch. Float in, float out."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scales = (weight.abs().amax(1) / 127).clamp(min=1e-8).double()
+        with warnings.catch_warnings():  # torch's "quantized tensors are deprecated": fbgemm's kernels need them
+            warnings.simplefilter("ignore")
+            qweight = torch.quantize_per_channel(weight, scales, torch.zeros(len(weight), dtype=torch.long), 0,
+                                                 torch.qint8)
+            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.float()
+        peak = rows.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            rows / peak, 1.0 / ACTIVATION_LEVELS, ACTIVATION_ZERO_POINT, self._packed).mul_(peak)
+        return (y if self.bias is None else y.add_(self.bias)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 def maxima_keys(lm: nn.Module) -> set[str]:
@@ -130,15 +167,17 @@ def smooth(lm: nn.Module, maxima: dict[str, torch.Tensor], alpha: float = SMOOTH
 def quantize_int8(model, maxima: dict[str, torch.Tensor], alpha: float = SMOOTHING_ALPHA):
     """Make ``model`` (a float :class:`~cliplab.caption.model.Captioner` on CPU, LoRA merged) decode with int8
     linear layers: :func:`smooth`, then every ``nn.Linear`` of the LM (the vocabulary head too) becomes a
-    dynamic int8 layer with per-channel weights. For decoding only (it cannot be trained or saved after)."""
+    :class:`RowInt8Linear`. For decoding only (it cannot be trained or saved after)."""
     lm = model.lm
     if next(lm.parameters()).device.type != "cpu":
-        raise ConfigError("int8 decoding runs on CPU only (PyTorch's dynamic int8 layers); use float32 on a GPU")
+        raise ConfigError("int8 decoding runs on CPU only (fbgemm's int8 kernels); use float32 on a GPU")
     if not smoothable(lm):
         raise ConfigError(f"int8 decoding needs a Llama-style LM (RMSNorm, q/k/v, gate/up/down); "
                           f"{type(lm).__name__} is not one")
     if _unmerged_lora(lm):
         raise ConfigError("fold the LoRA adapters in first (Captioner.merge_for_inference)")
+    if set(maxima) != maxima_keys(lm):
+        raise ConfigError("int8 calibration maxima do not match this LM's layers; calibrate again")
     if getattr(lm.config, "tie_word_embeddings", False):  # the head is swapped below; the embedding stays float
         lm.config.tie_word_embeddings = False
     probe = torch.randn(1, 8, lm.get_input_embeddings().weight.shape[1], generator=torch.Generator().manual_seed(0))
@@ -150,12 +189,15 @@ def quantize_int8(model, maxima: dict[str, torch.Tensor], alpha: float = SMOOTHI
     if not bool(((after - before).abs().max() <= 1e-3 * (1 + before.abs().max())).item()):
         raise ConfigError(f"int8 smoothing changed {type(lm).__name__}'s float outputs: this LM's blocks are not "
                           "the layout it assumes; use float32")
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    names = {n: per_channel_dynamic_qconfig for n, m in lm.named_modules() if isinstance(m, nn.Linear)}
-    with warnings.catch_warnings():  # torch.ao's "migrate to torchao" notice: the eager API is what runs here
-        warnings.simplefilter("ignore")
-        quantize_dynamic(lm, names, dtype=torch.qint8, inplace=True)
+    for name, module in list(lm.named_modules()):
+        if type(module) is nn.Linear and not _is_lora_part(name):
+            parent, _, child = name.rpartition(".")
+            setattr(lm.get_submodule(parent), child, RowInt8Linear(module))
     model._merged = True
     model.int8 = True
     return model
+
+
+def _is_lora_part(name: str) -> bool:
+    """A merged PEFT adapter's own matrices (``lora_A``/``lora_B``): unused once merged, left as they are."""
+    return ".lora_A." in f".{name}." or ".lora_B." in f".{name}."

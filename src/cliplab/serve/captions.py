@@ -61,7 +61,7 @@ def captioner_id(run: str | Path, precision: str = "float32") -> str:
     if precision == "int8":  # float32 ids stay those of indexes written before int8 existed
         import torch
 
-        decode["int8"] = {"scheme": "smoothquant-dynamic-per-channel-v1", "alpha": SMOOTHING_ALPHA,
+        decode["int8"] = {"scheme": "smoothquant-per-token-v2", "alpha": SMOOTHING_ALPHA,
                           "calibration": f"train:{CALIBRATION_IMAGES}", "engine": torch.backends.quantized.engine}
     return sha256_text((folder / rundir.CAPTIONER_CONFIG).read_text(encoding="utf-8"),
                        sha256_file(folder / rundir.CAPTIONER_WEIGHTS), json.dumps(decode, sort_keys=True))
