@@ -11,8 +11,8 @@ export; and for int8, once per captioner, the calibration, kept in the cache aft
 float32 (``--caption-precision float32``) is timed in the same run. Beside it, in the same run: the naive loop,
 transformers' ``generate`` (greedy, same settings) called one image at a time on the first ``--naive``
 images (their visual tokens computed once, batched, and not timed: the loop's decoding alone), and
-transformers' ``generate`` on batches of 64 (every row runs to the batch's longest caption). The captions of
-the three must be identical (counted). Without ``--captioner`` a small prefix captioner is trained once into
+transformers' ``generate`` on those images in one batch (every row runs to the batch's longest caption). The
+captions of the three must be identical (counted). Without ``--captioner`` a small prefix captioner is trained once into
 ``runs/bench-captioner`` (1,000 Flickr8k training images, 1 epoch; the decoding cost depends on the caption
 lengths, printed).
 """
@@ -140,8 +140,8 @@ def main() -> None:
         (f"cliplab index path, default ({default_precision})", f"{n / ours_s:.1f}", "end to end", n),
         ("cliplab index path, float32", f"{n / f32_s:.1f}", "end to end", n),
         ("naive: transformers generate, one image at a time", f"{m / naive_s:.1f}", "decoding only", m),
-        ("transformers generate, batch 64", f"{m / batched_s:.1f}", "decoding only", m),
-        ("cliplab greedy, batch 64", f"{m / fast_s:.1f}", "decoding only", m),
+        (f"transformers generate, one batch of {m}", f"{m / batched_s:.1f}", "decoding only", m),
+        (f"cliplab greedy, one batch of {m}", f"{m / fast_s:.1f}", "decoding only", m),
     ], ("what", "images/s", "timed", "images")))
     print(f"speedup over the naive loop: {result['speedup']:.2f}x (end to end vs its decoding alone); default "
           f"captions identical to float32's: {same_default}/{n}; identical to the naive loop's: float32 index path "

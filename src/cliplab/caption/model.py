@@ -425,7 +425,7 @@ class Captioner(nn.Module):
         alive = list(range(len(prefix)))
         logits, cache = self._prefill(prefix)
         for step in range(max_new_tokens):
-            scores = logits.float() if step == 0 else out.logits[:, -1].float()
+            scores = logits.float()
             if step == 0:
                 scores[:, stops] = float("-inf")  # a caption never ends before its first token
             if no_repeat_ngram:
@@ -443,8 +443,8 @@ class Captioner(nn.Module):
                 alive = [alive[i] for i in keep.tolist()]
                 nxt = nxt[keep]
             width = prefix.shape[1] + step + 1
-            out = self.lm(input_ids=nxt[:, None], attention_mask=torch.ones((len(alive), width), dtype=torch.long,
-                          device=prefix.device), past_key_values=cache, use_cache=True)
+            logits = self.lm(input_ids=nxt[:, None], attention_mask=torch.ones((len(alive), width), dtype=torch.long,
+                             device=prefix.device), past_key_values=cache, use_cache=True).logits[:, -1]
         return rows
 
     def _prefill(self, prefix: torch.Tensor):
@@ -465,7 +465,8 @@ class Captioner(nn.Module):
             return logits[0], caches[0]
         joined = DynamicCache()
         for i in range(len(caches[0].layers)):
-            joined.update(torch.cat([c.layers[i].keys for c in caches]), torch.cat([c.layers[i].values for c in caches]), i)
+            joined.update(torch.cat([c.layers[i].keys for c in caches]),
+                          torch.cat([c.layers[i].values for c in caches]), i)
         return torch.cat(logits), joined
 
     def merge_for_inference(self) -> "Captioner":

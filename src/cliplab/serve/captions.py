@@ -9,10 +9,11 @@ build resumes with them, like the embeddings; the visual tokens of the chunk bei
 ``cliplab-work/captions-tokens/`` (removed with the work folder).
 
 Precision (``--caption-precision``): on CPU, ``auto`` decodes with int8 linear layers
-(:mod:`cliplab.caption.quantize`: SmoothQuant scales, then dynamic int8; ~1.35x the images/s; Flickr8k dev
-CIDEr-D as float32's, test 15.2 vs 17.1, see BENCHMARKS.md) when it can be calibrated: greedy decoding of the
-caption run's first :data:`CALIBRATION_IMAGES` training images records the activation maxima, once per
-captioner, kept in ``default_cache_dir()/caption-int8/`` (later builds need neither the images nor the time).
+(:mod:`cliplab.caption.quantize`: SmoothQuant scales, then int8 with each token's activations at its own
+scale; ~1.3x the images/s; Flickr8k test CIDEr-D 16.2 vs 17.1, see BENCHMARKS.md) when it can be calibrated:
+greedy decoding of the caption run's first :data:`CALIBRATION_IMAGES` training images records the activation
+maxima, once per captioner, kept in ``default_cache_dir()/caption-int8/`` (later builds need neither the images
+nor the time).
 Otherwise, on a GPU and for LMs it does not know, float32. The precision is part of the captioner's identity,
 so captions written in one are never reused by the other; all happens before any photo is read.
 """
