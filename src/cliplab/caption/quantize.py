@@ -12,7 +12,8 @@ on Flickr8k dev CIDEr-D (``bench/caption_int8.py``, BENCHMARKS.md).
 
 Activations are quantised per row (per token, :class:`RowInt8Linear`), not with one scale per call: with a
 scale taken from each call's whole batch, an image's caption depended on the other images decoded beside it
-(125 of 512 captions stayed the same when the prefill was sliced differently). One fixed scale per layer from
+(125 of 512 captions stayed the same when the prefill was sliced differently; per row: 510-512 of 512 across
+batch sizes, the rest flipped by float rounding elsewhere in the model). One fixed scale per layer from
 calibration was tried too: the first prefix position's few huge activations set it, and dev CIDEr-D fell to
 8.8-12.5.
 """
