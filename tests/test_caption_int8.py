@@ -116,24 +116,101 @@ def test_int8_layers_replace_every_linear_and_stay_close(tiny_lm):
         model.save("/nonexistent")
 
 
-def test_an_int8_caption_does_not_depend_on_the_other_images_of_its_batch(tiny_lm, monkeypatch):
-    """Fixed activation scales: each image's logits and tokens are the same alone, in a batch, or with the
-    prefill sliced."""
+def test_a_row_int8_product_does_not_depend_on_the_other_rows():
+    """A row's output is bit for bit the same alone and beside a row 1,000x larger; with one activation scale per
+    call (PyTorch's dynamic int8 layer, the scheme this replaced) it is not."""
+    import warnings
+
+    from cliplab.caption.quantize import RowInt8Linear
+
+    g = torch.Generator().manual_seed(4)
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(6, 64, generator=g)
+    loud = torch.cat([x[:1] * 1000, x[1:]])
+    with torch.inference_mode():
+        layer = RowInt8Linear(linear)
+        assert torch.equal(layer(loud)[1:], layer(x[1:]))
+        assert torch.equal(layer(loud)[3], layer(x[3:4])[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            per_call = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear},
+                                                              dtype=torch.qint8)
+        assert not torch.allclose(per_call(loud)[1:], per_call(x[1:]), atol=1e-3)
+
+
+def test_an_int8_caption_is_the_same_alone_in_a_batch_or_with_the_prefill_sliced(tiny_lm, monkeypatch):
     from cliplab.caption import model as caption_model
     from cliplab.caption.quantize import activation_maxima, quantize_int8
 
     model = tiny_captioner(tiny_lm).merge_for_inference()
     grid, pooled = features(12, seed=5)
     quantize_int8(model, activation_maxima(model, grid[:6], pooled[:6], max_new_tokens=5))
-    loud = grid.clone()
-    loud[0] *= 50  # an image whose activations dwarf the others' would set a per-batch scale
-    together = logits(model, loud, pooled)
+    together = logits(model, grid, pooled)
     for i in (1, 7):
-        torch.testing.assert_close(logits(model, loud[i:i + 1], pooled[i:i + 1])[0], together[i], rtol=0, atol=1e-5)
-    tokens = model.greedy(loud, pooled, max_new_tokens=6)
-    assert [model.greedy(loud[i:i + 1], pooled[i:i + 1], max_new_tokens=6)[0] for i in range(12)] == tokens
+        torch.testing.assert_close(logits(model, grid[i:i + 1], pooled[i:i + 1])[0], together[i], rtol=0, atol=1e-5)
+    tokens = model.greedy(grid, pooled, max_new_tokens=6)
+    assert [model.greedy(grid[i:i + 1], pooled[i:i + 1], max_new_tokens=6)[0] for i in range(12)] == tokens
     monkeypatch.setattr(caption_model, "PREFILL_ROWS", 2 * model.prefix(grid[:1], pooled[:1]).shape[1])
-    assert model.greedy(loud, pooled, max_new_tokens=6) == tokens
+    assert model.greedy(grid, pooled, max_new_tokens=6) == tokens
+    assert model.greedy(grid[:0], pooled[:0]) == []
+
+
+def test_int8_of_a_merged_lora_captioner_and_a_tied_head(tiny_lm):
+    """The production path: LoRA folded in, the wrappers' base layers become int8 (the unused adapter matrices
+    stay); a head tied to the embedding becomes int8 while the embedding stays float and unchanged."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cliplab.caption.model import Captioner, CaptionerConfig
+    from cliplab.caption.quantize import RowInt8Linear, activation_maxima, maxima_keys, quantize_int8
+
+    lora = Captioner(CaptionerConfig(lm=str(tiny_lm), grid=2, mapper_hidden=16, tuning="lora", lora_r=2), 320, 1280)
+    with torch.no_grad():
+        for name, p in lora.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter: merging changes the base weights
+    lora.eval().merge_for_inference()
+    grid, pooled = torch.randn(5, 4, 320), torch.randn(5, 1280)
+    before = logits(lora, grid, pooled)
+    quantize_int8(lora, activation_maxima(lora, grid, pooled, max_new_tokens=4))
+    wrapped = [m for n, m in lora.lm.named_modules() if hasattr(m, "base_layer")]
+    assert wrapped and all(isinstance(m.base_layer, RowInt8Linear) for m in wrapped)
+    left = {n for n, m in lora.lm.named_modules() if type(m) is torch.nn.Linear}
+    assert left and all(".lora_A." in n or ".lora_B." in n for n in left)
+    cos = torch.nn.functional.cosine_similarity(logits(lora, grid, pooled).flatten(1), before.flatten(1))
+    assert cos.min() > 0.99
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    embedding = lm.model.embed_tokens.weight.detach().clone()
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        before = lm(inputs_embeds=x).logits
+    maxima = {k: torch.rand(48 if "down" in k else 32) + 0.5 for k in maxima_keys(lm)}
+    quantize_int8(SimpleNamespace(lm=lm), maxima)
+    assert isinstance(lm.lm_head, RowInt8Linear) and not lm.config.tie_word_embeddings
+    assert torch.equal(lm.model.embed_tokens.weight, embedding)
+    with torch.no_grad():
+        after = lm(inputs_embeds=x).logits
+    assert torch.nn.functional.cosine_similarity(after.flatten(1), before.flatten(1)).min() > 0.99
+
+
+def test_int8_is_refused_where_fbgemm_kernels_are_not(tiny_lm, monkeypatch):
+    """On ARM (qnnpack) or onednn the int8 product has no kernel: a ConfigError before the LM is touched (so
+    ``--caption-precision auto`` falls back to float32), not a crash at the first photo."""
+    from cliplab.caption.quantize import activation_maxima, quantize_int8
+    from cliplab.errors import ConfigError
+
+    model = tiny_captioner(tiny_lm).merge_for_inference()
+    grid, pooled = features()
+    maxima = activation_maxima(model, grid, pooled, max_new_tokens=3)
+    before = logits(model, grid, pooled)
+    monkeypatch.setattr(torch.backends.quantized, "engine", "qnnpack")
+    with pytest.raises(ConfigError, match="fbgemm"):
+        quantize_int8(model, maxima)
+    torch.testing.assert_close(logits(model, grid, pooled), before, rtol=0, atol=0)
 
 
 def test_a_sliced_prefill_decodes_as_one_pass(tiny_lm, monkeypatch):

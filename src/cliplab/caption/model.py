@@ -419,6 +419,8 @@ class Captioner(nn.Module):
         captions still being written (transformers' loop runs every row to the batch's longest caption).
         :meth:`generate` uses it unless the LM's generation config asks for more (:meth:`plain_greedy`)."""
         prefix = self.prefix(grid, pooled)
+        if not len(prefix):
+            return []
         stops = torch.as_tensor(sorted(self.stop_ids()), device=prefix.device)
         rows: list[list[int]] = [[] for _ in range(len(prefix))]
         seen: list[dict[tuple, set[int]]] = [{} for _ in rows]  # (n-1)-gram -> tokens that followed it
@@ -450,24 +452,37 @@ class Captioner(nn.Module):
     def _prefill(self, prefix: torch.Tensor):
         """The LM over the whole prefix: (last-position logits ``[B, V]``, the KV cache). On CPU in slices of
         about :data:`PREFILL_ROWS` token rows, their caches joined after: a 512-image prefix in one pass makes
-        matrices too large for the caches (the prefill, most of the decoding cost, ~15% faster sliced)."""
-        from transformers import DynamicCache
+        matrices too large for the caches (the prefill, most of the decoding cost, ~15% faster sliced). Caches
+        other than plain growing ones (sliding windows, shared layers) are not joined: one pass."""
+        from transformers.cache_utils import DynamicLayer
 
         step = len(prefix) if prefix.device.type != "cpu" else max(1, PREFILL_ROWS // prefix.shape[1])
-        logits, caches = [], []
-        for s in range(0, len(prefix), step):
-            part, cache = prefix[s:s + step], DynamicCache()
-            out = self.lm(inputs_embeds=part, attention_mask=torch.ones(part.shape[:2], dtype=torch.long,
-                          device=part.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-            logits.append(out.logits[:, -1])
-            caches.append(cache)
-        if len(caches) == 1:
-            return logits[0], caches[0]
-        joined = DynamicCache()
+        parts = [self._prefill_pass(prefix[:step])]
+        if step < len(prefix) and not all(type(layer) is DynamicLayer and layer.is_initialized
+                                          for layer in parts[0][1].layers):
+            return self._prefill_pass(prefix)
+        parts += [self._prefill_pass(prefix[s:s + step]) for s in range(step, len(prefix), step)]
+        if len(parts) == 1:
+            return parts[0]
+        from transformers import DynamicCache
+
+        joined, caches = DynamicCache(), [cache for _, cache in parts]
         for i in range(len(caches[0].layers)):
-            joined.update(torch.cat([c.layers[i].keys for c in caches]),
-                          torch.cat([c.layers[i].values for c in caches]), i)
-        return torch.cat(logits), joined
+            keys = torch.cat([c.layers[i].keys for c in caches])
+            values = torch.cat([c.layers[i].values for c in caches])
+            for c in caches:  # the slices' copies go as soon as they are joined
+                c.layers[i].keys = c.layers[i].values = None
+            joined.update(keys, values, i)
+        return torch.cat([logits for logits, _ in parts]), joined
+
+    def _prefill_pass(self, prefix: torch.Tensor):
+        """One LM pass over ``prefix``: (last-position logits, its new KV cache)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        out = self.lm(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long,
+                      device=prefix.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], cache
 
     def merge_for_inference(self) -> "Captioner":
         """Fold LoRA adapters into the LM's weights (PEFT's ``merge``): the same captions, ~10% faster decoding;

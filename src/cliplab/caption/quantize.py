@@ -71,6 +71,21 @@ class RowInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _check_int8_kernels() -> None:
+    """A ConfigError unless :class:`RowInt8Linear` runs here: its kernel is fbgemm's (PyTorch's ``x86`` and
+    ``fbgemm`` quantized engines, AVX2 CPUs); ``qnnpack`` (ARM) and ``onednn`` have none."""
+    engine = torch.backends.quantized.engine
+    try:
+        probe = RowInt8Linear(nn.Linear(8, 4))
+        with torch.inference_mode():
+            ok = bool(torch.isfinite(probe(torch.randn(2, 8))).all())
+    except RuntimeError as exc:
+        raise ConfigError(f"int8 decoding needs fbgemm's int8 kernels (quantized engine x86 or fbgemm on an AVX2 "
+                          f"CPU; this one: {engine}): {str(exc).splitlines()[0]}") from None
+    if not ok:
+        raise ConfigError(f"int8 decoding: the {engine} int8 kernels gave non-finite outputs")
+
+
 def maxima_keys(lm: nn.Module) -> set[str]:
     """The names :func:`activation_maxima` returns (and :func:`smooth` reads) for ``lm``'s blocks."""
     return {f"{i}.{name}" for i in range(len(lm.model.layers)) for name in MEASURED}
@@ -179,6 +194,7 @@ def quantize_int8(model, maxima: dict[str, torch.Tensor], alpha: float = SMOOTHI
         raise ConfigError("fold the LoRA adapters in first (Captioner.merge_for_inference)")
     if set(maxima) != maxima_keys(lm):
         raise ConfigError("int8 calibration maxima do not match this LM's layers; calibrate again")
+    _check_int8_kernels()
     if getattr(lm.config, "tie_word_embeddings", False):  # the head is swapped below; the embedding stays float
         lm.config.tie_word_embeddings = False
     probe = torch.randn(1, 8, lm.get_input_embeddings().weight.shape[1], generator=torch.Generator().manual_seed(0))
