@@ -56,10 +56,29 @@ def model_and_data_args(doc: str, **options: int) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def source_commit() -> str:
+    """The repository's commit (``-dirty`` with uncommitted changes), or ``unknown`` outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
 def save(name: str, payload: dict) -> Path:
+    """Write ``results/<name>.json``: the payload with the machine, when it was measured (UTC) and the commit."""
+    from datetime import datetime, timezone
+
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"machine": machine(), **payload}
+    payload = {"machine": machine(), "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "commit": source_commit(), **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"saved {path}")
     return path

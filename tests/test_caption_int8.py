@@ -197,6 +197,14 @@ def test_int8_of_a_merged_lora_captioner_and_a_tied_head(tiny_lm):
     assert torch.nn.functional.cosine_similarity(after.flatten(1), before.flatten(1)).min() > 0.99
 
 
+def engine_without_fbgemm() -> str:
+    """A quantized engine of this PyTorch build without fbgemm's kernels (qnnpack: ARM's), or skip."""
+    other = [e for e in torch.backends.quantized.supported_engines if e not in ("x86", "fbgemm", "none")]
+    if not other:
+        pytest.skip("this PyTorch build has only fbgemm-based quantized engines")
+    return other[0]
+
+
 def test_int8_is_refused_where_fbgemm_kernels_are_not(tiny_lm, monkeypatch):
     """On ARM (qnnpack) or onednn the int8 product has no kernel: a ConfigError before the LM is touched (so
     ``--caption-precision auto`` falls back to float32), not a crash at the first photo."""
@@ -207,10 +215,25 @@ def test_int8_is_refused_where_fbgemm_kernels_are_not(tiny_lm, monkeypatch):
     grid, pooled = features()
     maxima = activation_maxima(model, grid, pooled, max_new_tokens=3)
     before = logits(model, grid, pooled)
-    monkeypatch.setattr(torch.backends.quantized, "engine", "qnnpack")
+    monkeypatch.setattr(torch.backends.quantized, "engine", engine_without_fbgemm())
     with pytest.raises(ConfigError, match="fbgemm"):
         quantize_int8(model, maxima)
     torch.testing.assert_close(logits(model, grid, pooled), before, rtol=0, atol=0)
+
+
+def test_without_fbgemm_auto_captions_in_float32_without_calibrating(trained_run, tmp_path, monkeypatch):
+    from cliplab.errors import ConfigError
+    from cliplab.serve.captions import PhotoCaptioner
+
+    monkeypatch.setenv("CLIPLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.backends.quantized, "engine", engine_without_fbgemm())
+    said = []
+    captioner = PhotoCaptioner(trained_run, log=said.append)
+    assert captioner.precision == "float32" and not getattr(captioner.model, "int8", False)
+    assert len(said) == 1 and "fbgemm" in said[0]
+    assert not (tmp_path / "caption-int8").exists()  # refused before the ~20 s calibration, nothing kept
+    with pytest.raises(ConfigError, match="fbgemm"):
+        PhotoCaptioner(trained_run, precision="int8")
 
 
 def test_a_sliced_prefill_decodes_as_one_pass(tiny_lm, monkeypatch):
@@ -221,9 +244,18 @@ def test_a_sliced_prefill_decodes_as_one_pass(tiny_lm, monkeypatch):
     grid, pooled = features(9, seed=2)
     whole = model.greedy(grid, pooled, max_new_tokens=8)
     width = model.prefix(grid[:1], pooled[:1]).shape[1]
-    for images in (1, 4):
+    passes, one_pass = [], model._prefill_pass
+
+    def counted(prefix):
+        passes.append(len(prefix))
+        return one_pass(prefix)
+
+    monkeypatch.setattr(model, "_prefill_pass", counted)
+    for images, slices in ((1, [1] * 9), (4, [4, 4, 1])):
         monkeypatch.setattr(caption_model, "PREFILL_ROWS", images * width)
+        passes.clear()
         assert model.greedy(grid, pooled, max_new_tokens=8) == whole
+        assert passes == slices
 
 
 def test_int8_refuses_what_it_cannot_do(tiny_lm, tmp_path):

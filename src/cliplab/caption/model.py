@@ -452,8 +452,9 @@ class Captioner(nn.Module):
     def _prefill(self, prefix: torch.Tensor):
         """The LM over the whole prefix: (last-position logits ``[B, V]``, the KV cache). On CPU in slices of
         about :data:`PREFILL_ROWS` token rows, their caches joined after: a 512-image prefix in one pass makes
-        matrices too large for the caches (the prefill, most of the decoding cost, ~15% faster sliced). Caches
-        other than plain growing ones (sliding windows, shared layers) are not joined: one pass."""
+        matrices too large for the caches (the prefill, most of the decoding cost, ~15% faster sliced). A cache
+        with layers it cannot join (left empty, as with layers that share another's keys and values) is
+        recomputed in one pass."""
         from transformers.cache_utils import DynamicLayer
 
         step = len(prefix) if prefix.device.type != "cpu" else max(1, PREFILL_ROWS // prefix.shape[1])
@@ -471,7 +472,7 @@ class Captioner(nn.Module):
             keys = torch.cat([c.layers[i].keys for c in caches])
             values = torch.cat([c.layers[i].values for c in caches])
             for c in caches:  # the slices' copies go as soon as they are joined
-                c.layers[i].keys = c.layers[i].values = None
+                c.layers[i].reset()
             joined.update(keys, values, i)
         return torch.cat([logits for logits, _ in parts]), joined
 

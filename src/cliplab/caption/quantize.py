@@ -71,8 +71,8 @@ class RowInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _check_int8_kernels() -> None:
-    """A ConfigError unless :class:`RowInt8Linear` runs here: its kernel is fbgemm's (PyTorch's ``x86`` and
+def check_int8_kernels() -> None:
+    """Nothing, or a ConfigError: unless :class:`RowInt8Linear` runs here: its kernel is fbgemm's (PyTorch's ``x86`` and
     ``fbgemm`` quantized engines, AVX2 CPUs); ``qnnpack`` (ARM) and ``onednn`` have none."""
     engine = torch.backends.quantized.engine
     try:
@@ -194,7 +194,7 @@ def quantize_int8(model, maxima: dict[str, torch.Tensor], alpha: float = SMOOTHI
         raise ConfigError("fold the LoRA adapters in first (Captioner.merge_for_inference)")
     if set(maxima) != maxima_keys(lm):
         raise ConfigError("int8 calibration maxima do not match this LM's layers; calibrate again")
-    _check_int8_kernels()
+    check_int8_kernels()
     if getattr(lm.config, "tie_word_embeddings", False):  # the head is swapped below; the embedding stays float
         lm.config.tie_word_embeddings = False
     probe = torch.randn(1, 8, lm.get_input_embeddings().weight.shape[1], generator=torch.Generator().manual_seed(0))

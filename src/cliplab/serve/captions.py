@@ -123,13 +123,14 @@ class PhotoCaptioner:
         measured once on the run's training images); ``required`` (int8 asked for): a failure is a one-line
         error, else (auto) the captions stay float32, said in one log line."""
         from cliplab.caption.model import Captioner
-        from cliplab.caption.quantize import quantize_int8, smoothable
+        from cliplab.caption.quantize import check_int8_kernels, quantize_int8, smoothable
 
         touched = False
         try:
             if str(self.device) != "cpu" or not smoothable(self.model.lm):
                 raise ConfigError(f"--caption-precision int8 needs the CPU and a Llama-style LM "
                                   f"(device {self.device}, {type(self.model.lm).__name__})")
+            check_int8_kernels()  # before the calibration: no time spent or file kept where int8 cannot run
             maxima = self._maxima(captioner_id(self.run, "int8"), run)
             touched = True
             quantize_int8(self.model, maxima)
