@@ -90,8 +90,9 @@ def sweep(sweep_file, out_dir, *, fresh: bool = False, test: str = "all", log=pr
 def report(runs: Sequence[str | Path], out: str | Path = "report.html", *, title: str = "cliplab report",
            pdf: Optional[str | Path] = None) -> Path:
     """``cliplab report``: one self-contained HTML page for the runs (and the same page as a PDF with ``pdf``)."""
-    from cliplab.viz.report import build_report, report_pdf
+    from cliplab.viz.report import build_report, check_report_outputs, report_pdf
 
+    check_report_outputs(out, pdf)
     path = build_report(list(runs), out, title=title)
     if pdf is not None:
         report_pdf(path, pdf)

@@ -92,7 +92,7 @@ class _Run(ResultTable):
 
     def write(self, run_dir: str | Path) -> Path:
         """Write ``config.json`` (with provenance), the JSON record and ``results.md`` to ``run_dir``."""
-        self.run_dir = out = Path(run_dir)
+        self.run_dir = out = rundir.claim_run_folder(run_dir)
         write_json(out / rundir.CONFIG, {**self.config, "provenance": rundir.provenance()})
         write_json(out / self.record_file, self.to_dict())
         write_text(out / rundir.RESULTS_MD, self.markdown())
@@ -227,14 +227,17 @@ def _check_choices(option: str, values: Sequence[str], choices: Sequence[str]) -
         raise ConfigError(f"{option} must be one of {', '.join(choices)}, not {bad[0]!r}")
 
 
-def _check_plots(plots: bool, run_dir) -> None:
-    """Figures need the ``viz`` extra and a folder: say so before any work."""
+def _check_outputs(plots: bool, run_dir) -> None:
+    """Before any work: figures need the ``viz`` extra and a folder; the run folder must be new, empty or
+    cliplab's own (it is created with cliplab's marker)."""
     if plots:
         from cliplab.extras import require
 
         require("matplotlib", "--plots")
         if run_dir is None:
             raise ConfigError("plots are written to the run folder: give run_dir")
+    if run_dir is not None:
+        rundir.claim_run_folder(run_dir)
 
 
 def run_zeroshot(data: DataLike, model, *, split: Optional[str] = None, variants: Sequence[str] = (),
@@ -252,7 +255,7 @@ def run_zeroshot(data: DataLike, model, *, split: Optional[str] = None, variants
     on ``features_model``'s image features (``self_train_*``: its settings, see
     :class:`~cliplab.eval.self_training.SelfTrainingConfig`), scored beside plain zero-shot. ``log`` gets its
     round-by-round lines. Every setting is checked before any image is embedded."""
-    _check_plots(plots, run_dir)
+    _check_outputs(plots, run_dir)
     _check_choices("--similarity", [similarity], SIMILARITIES)
     for v in variants:
         resolve_templates(v)  # an unknown variant fails before any embedding
@@ -366,7 +369,7 @@ def run_probe(data: DataLike | tuple[LabelledImages, LabelledImages], model, *, 
     side (``["lite0", "efficientnet_lite2@224"]``: ``ARCH[@SIZE]``, see
     :func:`~cliplab.models.factory.image_tower_config`) instead of ``model``'s own (``model`` still gives the
     zero-shot comparison). Every setting is checked before any feature is computed."""
-    _check_plots(plots, run_dir)
+    _check_outputs(plots, run_dir)
     _check_choices("--method", methods, PROBE_METHODS)
     resolve_templates(variant)
     if flip_train and (not flip_tta or "torch" in methods):
@@ -523,7 +526,7 @@ def run_retrieval(data, models: Sequence, *, split: str = "test", image_root: Op
     from cliplab.embed.pipeline import encode_dataset
     from cliplab.eval.retrieval import retrieval_metrics
 
-    _check_plots(plots, run_dir)
+    _check_outputs(plots, run_dir)
     _check_choices("--on-error", [on_error], ("raise", "skip"))
     dev = resolve_device(device)
     ds = data if isinstance(data, CaptionDataset) else load_caption_dataset(data, split, image_root=image_root,
@@ -586,6 +589,7 @@ def run_embed(data, image_tower, text_tower, *, split: str = "all",
     from cliplab.models.factory import pretrained_tower
 
     _check_choices("--on-error", [on_error], ("raise", "skip"))
+    _check_outputs(False, run_dir)
     t0 = time.time()
     ds = load_caption_dataset(data, split, image_root=image_root, on_error=on_error)
     feats = tower_features(pretrained_tower(image_tower), pretrained_tower(text_tower), ds,

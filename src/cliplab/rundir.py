@@ -14,12 +14,13 @@ import csv
 import json
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cliplab.errors import ConfigError
-from cliplab.utils import write_text
+from cliplab.errors import ConfigError, DataError
+from cliplab.utils import exclusive_lock, read_json_or_none, write_json, write_text
 
 CONFIG = "config.json"  # the settings a run was started with
 RESULTS = "results.json"  # final numbers of a training run
@@ -42,6 +43,8 @@ WISE = "wise.json"  # ``cliplab interpolate``: metrics per interpolation weight
 CAPTIONS = "captions.json"  # ``cliplab caption eval``: generated captions and their metrics (test split)
 CAPTION_FIT = "fit.json"  # ``cliplab caption train``: the fit summary (best epoch, dev score, seconds)
 ENSEMBLE = "ensemble.json"  # ``cliplab ensemble``: member models, dev-chosen weights (a loadable model folder)
+RUN_MARKER = "CLIPLAB_RUN.json"  # cliplab's mark on a run folder it made: the only folders it writes runs into
+RUN_LOCK = "CLIPLAB_RUN.lock"  # held (flock) by the one run writing a folder
 
 # files of a model folder (a run's best/, an exported model)
 MODEL_WEIGHTS = "model.safetensors"  # two-tower and tuned-CLIP weights
@@ -142,6 +145,57 @@ def run_kind(run_dir: str | Path) -> str:
             return kind.name
     known = "; ".join(f"{k.name}: {' + '.join(k.files)}" for k in RUN_KINDS.values())
     raise ConfigError(f"{d}: not a cliplab run folder (none of the run records: {known})")
+
+
+# -- a run folder is cliplab's own: made with a marker; a folder of the user's is never written into
+def run_folder_state(run_dir: str | Path) -> str:
+    """``missing``, ``empty``, ``run`` (has cliplab's marker), ``legacy`` (a run folder written before the
+    marker: it holds a run record, checkpoint or cliplab-written config) or ``foreign`` (anything else)."""
+    d = Path(run_dir)
+    if not d.exists():
+        return "missing"
+    if not d.is_dir() or d.is_symlink():
+        return "foreign"
+    marker = read_json_or_none(d / RUN_MARKER)
+    if isinstance(marker, dict) and marker.get("format") == "cliplab-run":
+        return "run"
+    names = {p.name for p in d.iterdir()} - {RUN_LOCK}
+    if not names:
+        return "empty"
+    own = {k.record for k in RUN_KINDS.values()} | {CHECKPOINT, METRICS, CAPTION_FIT, SWEEP}
+    if any((d / name).is_file() for name in own & names) or _cliplab_config(d / CONFIG):
+        return "legacy"
+    return "foreign"
+
+
+def _cliplab_config(path: Path) -> bool:
+    """A ``config.json`` cliplab wrote (its provenance, or a training config's sections)."""
+    saved = read_json_or_none(path) if path.is_file() else None
+    return isinstance(saved, dict) and ("provenance" in saved or {"model", "data", "train"} <= set(saved))
+
+
+def claim_run_folder(run_dir: str | Path, option: str = "--run-dir") -> Path:
+    """Refuse (before any work) a run folder that holds anything but a cliplab run; create a new or empty
+    one with cliplab's marker (a run folder keeps its own). Returns the folder."""
+    d = Path(run_dir)
+    state = run_folder_state(d)
+    if state == "foreign":
+        what = "is not a folder" if d.exists() and not d.is_dir() else \
+            f"is not empty and is not a cliplab run folder (no {RUN_MARKER})"
+        raise DataError(f"{option} {d} {what}; nothing was written. Give a new or empty folder: cliplab writes "
+                        "only into folders it made")
+    if state != "run":
+        d.mkdir(parents=True, exist_ok=True)
+        write_json(d / RUN_MARKER, {"format": "cliplab-run", "version": 1,
+                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                    "note": "written by cliplab: this folder holds a cliplab run and its files"})
+    return d
+
+
+def run_lock(run_dir: str | Path, command: str):
+    """An exclusive lock on a run folder while ``command`` writes it (a second run into it is refused)."""
+    return exclusive_lock(Path(run_dir) / RUN_LOCK, f"{run_dir} is being written by another `{command}` (it "
+                          f"holds {RUN_LOCK}); wait for it to finish, or give another run folder")
 
 
 # -- training runs

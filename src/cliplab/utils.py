@@ -9,8 +9,9 @@ import random
 import re
 import secrets
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -90,6 +91,42 @@ def write_npy(path: str | Path, arr: np.ndarray) -> Path:
 
 def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def read_json_or_none(path: str | Path) -> Any:
+    """A JSON file's content, or None when it is missing, unreadable or not JSON (for recognising files)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+def refuse_foreign_file(path: str | Path, is_own: Callable[[Path], bool], option: str) -> None:
+    """Before any work: an existing ``path`` may be replaced only when ``is_own`` recognises it as a file
+    cliplab wrote (by its marker); anything else is a one-line :class:`~cliplab.errors.DataError`."""
+    from cliplab.errors import DataError
+
+    path = Path(path)
+    if path.is_symlink() or path.exists() and (not path.is_file() or not is_own(path)):
+        raise DataError(f"{option} {path} exists and is not a file cliplab wrote; nothing was written. Give a new "
+                        "file name (cliplab replaces only its own files)")
+
+@contextmanager
+def exclusive_lock(path: str | Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock file (flock: released by the kernel even on kill -9) for one writer; a second
+    one is refused at once with ``busy`` (a one-line :class:`~cliplab.errors.DataError`), never left waiting."""
+    from filelock import FileLock, Timeout
+
+    from cliplab.errors import DataError
+
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise DataError(busy) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _json_default(obj: Any) -> Any:

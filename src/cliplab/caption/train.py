@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,10 @@ from cliplab.models.checkpoint import load_checked
 from cliplab.rundir import BEST, CAPTIONS, flatten
 from cliplab.train.config import DatasetConfig
 from cliplab.train.loop import LoopSettings, TrainLoop, TrainTask, refuse_changed_config, warmup_cosine
-from cliplab.utils import atomic_write, autocast, resolve_device, seed_everything, write_json, write_text
+from cliplab.utils import (atomic_write, autocast, refuse_foreign_file, resolve_device, seed_everything, write_json,
+                           write_text)
+
+BUNDLE_FORMAT = "cliplab-caption-bundle"  # the mark in a bundle's meta (``caption features``)
 
 
 @dataclass
@@ -178,9 +182,11 @@ def export_bundle(config: CaptionRunConfig, out: str | Path, device="cpu", progr
     where the images and the image tower are not (e.g. a GPU machine): set ``data.features`` to it."""
     import json
 
+    refuse_foreign_file(out, is_own_bundle, "--out")  # before the features are computed
     cache = FeatureCache(config.data.cache_dir)
     tower = caption_image_tower(config.model.image, config.model.image_model)
-    payload = {"meta": np.asarray(json.dumps({"grid": config.model.grid, "image_tower": tower.fingerprint(),
+    payload = {"meta": np.asarray(json.dumps({"format": BUNDLE_FORMAT, "grid": config.model.grid,
+                                              "image_tower": tower.fingerprint(),
                                               "image_weights": tower_weights_id(tower), "dataset": config.data.path}))}
     for role in ("train", "dev", "test"):
         name = getattr(config.data, f"{role}_split")
@@ -198,6 +204,18 @@ def export_bundle(config: CaptionRunConfig, out: str | Path, device="cpu", progr
             np.savez(f, **payload)
 
     return atomic_write(out, write)
+
+
+def is_own_bundle(path: Path) -> bool:
+    """Whether a file is a bundle cliplab wrote (an ``.npz`` whose ``meta`` names a grid and an image tower)."""
+    import json
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, AttributeError):
+        return False
+    return isinstance(meta, dict) and (meta.get("format") == BUNDLE_FORMAT or {"grid", "image_tower"} <= set(meta))
 
 
 def bundle_split(path: Path, split: str, grid: int) -> CaptionSplit:
@@ -306,7 +324,12 @@ def consensus_captions(train: CaptionSplit, target: CaptionSplit, k: int) -> dic
 def train_captioner(config: CaptionRunConfig, run_dir: str | Path, *, resume: bool = True, progress: bool = True,
                     log=print) -> dict:
     """Train (resuming ``run_dir`` when it holds a checkpoint of the same config); returns the fit summary."""
-    run_dir = Path(run_dir)
+    run_dir = rundir.claim_run_folder(run_dir)  # a folder of the user's is refused before any work
+    with rundir.run_lock(run_dir, "cliplab caption train"):
+        return _train_captioner(config, run_dir, resume, progress, log)
+
+
+def _train_captioner(config: CaptionRunConfig, run_dir: Path, resume: bool, progress: bool, log) -> dict:
     record = config.training_record()
     if resume:  # refuse before anything is overwritten or computed
         refuse_changed_config(run_dir, record)
@@ -443,6 +466,7 @@ def evaluate_captioner(run_dir: str | Path, *, split: str = "test", beam: int | 
     if not (run_dir / BEST / CONFIG_NAME).is_file():
         raise ConfigError(f"{run_dir}: no trained captioner (no {BEST}/{CONFIG_NAME}); train one with "
                           "`cliplab caption train`")
+    rundir.claim_run_folder(run_dir, "RUN")  # writes go only into a folder cliplab made
     config = CaptionRunConfig.from_run(run_dir)
     decode = dataclasses.replace(config.decode, **({"beam": beam} if beam else {}),
                                  **({"rerank_k": rerank_k} if rerank_k is not None else {}))

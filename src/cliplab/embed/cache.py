@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,10 +242,6 @@ class FeatureCache:
         errors = {int(k): v for k, v in json.loads(err_path.read_text()).items()} if err_path.is_file() else {}
         offsets = np.load(folder / "offsets.npy") if (folder / "offsets.npy").is_file() else None
         return CachedFeatures(features, valid, errors, folder, reused, offsets)
-
-    def clear(self) -> None:
-        if self.root.is_dir():
-            shutil.rmtree(self.root)
 
 
 def content_defined_spans(keys: Sequence[str], target: int) -> list[tuple[int, int]]:

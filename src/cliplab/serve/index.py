@@ -45,7 +45,8 @@ from cliplab.data.images import FORMAT_EXTENSIONS, SAFE_IMAGE_FORMATS, ImageFile
 from cliplab.embed.index import build_faiss
 from cliplab.errors import ConfigError, DataError
 from cliplab.serve.captions import NO_CAPTIONER, PRECISIONS, PhotoCaptioner, captioner_folder
-from cliplab.utils import atomic_write, fsync_dir, sha256_file, temp_name_pattern, write_json, write_npy
+from cliplab.utils import (atomic_write, exclusive_lock, fsync_dir, read_json_or_none, sha256_file, temp_name_pattern,
+                           write_json, write_npy)
 
 CURRENT = "CURRENT"
 MARKER = "CLIPLAB_INDEX"  # cliplab's mark on a folder it made: only such a folder is written to or cleaned
@@ -532,7 +533,7 @@ class IndexBuilder:
         """The live generation and its info (None for a new index); refuses a folder that is not an index."""
         self.current = self.previous_info = None
         if index_folder_state(self.folder) in ("index", "legacy"):
-            self.current = _read_json(self.folder / CURRENT) if (self.folder / CURRENT).is_file() else None
+            self.current = read_json_or_none(self.folder / CURRENT) if (self.folder / CURRENT).is_file() else None
         if self.current is not None:
             con = _connect(self.folder / self.current["db"], read_only=True)
             try:
@@ -818,13 +819,6 @@ def _same_content(path: Path, sha256: str) -> bool:
         return False
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def index_folder_state(folder: Path) -> str:
     """``missing``, ``empty``, ``index`` (has cliplab's marker), ``legacy`` (an index written before the
     marker: a ``CURRENT`` naming generation files that exist) or ``foreign`` (anything else)."""
@@ -833,10 +827,10 @@ def index_folder_state(folder: Path) -> str:
         return "missing"
     if not folder.is_dir():
         return "foreign"
-    marker = _read_json(folder / MARKER)
+    marker = read_json_or_none(folder / MARKER)
     if isinstance(marker, dict) and marker.get("format") == "cliplab-index":
         return "index"
-    current = _read_json(folder / CURRENT)
+    current = read_json_or_none(folder / CURRENT)
     if isinstance(current, dict) and all(isinstance(current.get(k), str) and GENERATION_FILE.fullmatch(current[k])
                                          and (folder / current[k]).is_file() for k in ("db", "vectors", "faiss")):
         return "legacy"
@@ -871,21 +865,10 @@ def claim_index_folder(folder: Path) -> None:
                                      "note": "written by cliplab index; cliplab only ever deletes its own files here"})
 
 
-@contextmanager
 def index_lock(folder: Path):
-    """An exclusive lock on the index folder for one build (flock: released by the kernel even on kill -9)."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(Path(folder) / LOCK), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise DataError(f"{folder} is being updated by another `cliplab index` (it holds {LOCK}); wait for it to "
-                        "finish, then run this again") from None
-    try:
-        yield
-    finally:
-        lock.release()
+    """An exclusive lock on the index folder for one build (a second build at once is refused)."""
+    return exclusive_lock(Path(folder) / LOCK, f"{folder} is being updated by another `cliplab index` (it holds "
+                          f"{LOCK}); wait for it to finish, then run this again")
 
 
 def work_folder(folder: Path) -> Path:

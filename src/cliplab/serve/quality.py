@@ -176,6 +176,8 @@ def evaluate_search(index_dir: str | Path, queries: str | Path | None = None, *,
     pairs = read_search_queries(queries) if queries is not None else queries_from_captions(captions, split)
     items = index.all_items()
     relevant = _item_ids(index, items, pairs, source)
+    if run_dir is not None:
+        rundir.claim_run_folder(run_dir)  # before the queries run: a folder of the user's is refused
     model = load_model(index.info["model"], device=str(resolve_device(device)))
     if model.fingerprint() != index.info["model_fingerprint"]:
         raise ConfigError(f"{index.info['model']!r} is not the model {index_dir} was built with; rebuild the index")
@@ -197,7 +199,7 @@ def evaluate_search(index_dir: str | Path, queries: str | Path | None = None, *,
         record["metrics"]["median_rank"] = None
     run = SearchQualityRun(record)
     if run_dir is not None:
-        out = Path(run_dir)
+        out = rundir.claim_run_folder(run_dir)
         write_json(out / rundir.SEARCH_QUALITY, record)
         write_text(out / rundir.RESULTS_MD, run.markdown())
     return run

@@ -114,6 +114,15 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     """
     run_dir = Path(run_dir)
     device, dist = _device_and_processes(config)
+    if not dist.is_main:
+        return _train_run(config, run_dir, device, dist, resume, progress, log, track_test, plots, evaluate_test)
+    rundir.claim_run_folder(run_dir)  # a folder of the user's is refused before any work
+    with rundir.run_lock(run_dir, "cliplab train"):
+        return _train_run(config, run_dir, device, dist, resume, progress, log, track_test, plots, evaluate_test)
+
+
+def _train_run(config: RunConfig, run_dir: Path, device, dist, resume: bool, progress: bool, log, track_test: bool,
+               plots: bool, evaluate_test: bool) -> dict:
     progress = progress and dist.is_main
     log = log if dist.is_main else (lambda *a, **k: None)
     record = config.training_record()

@@ -126,40 +126,43 @@ def run_sweep(sweep_file: str | Path, out_dir: str | Path, *, progress: bool = T
     names = [run_name(s) if kind == "grid" else _vary_name(s, combos[0]) for s in combos]
     evaluator, metric = base.train.evaluator_class, base.train.select_metric
     direction = evaluator.direction(metric)
-    write_json(out_dir / SWEEP, {"base": base.to_dict(), kind: grid, "runs": names, "select_metric": metric})
-    rows, curves = [], []
-    for i, ((settings, cfg), name) in enumerate(zip(configs, names), 1):
-        run_dir = out_dir / name
-        log(f"[{i}/{len(configs)}] {name}")
-        done = run_dir / rundir.RESULTS
-        if (not fresh and done.is_file() and _same_config(run_dir, cfg)
-                and (test == "selected" or rundir.read_json(done)["test"])):
-            results = rundir.read_json(done)
-        else:
-            results = train_run(cfg, run_dir, resume=not fresh, progress=progress, log=log,
-                                track_test=test == "all", evaluate_test=test == "all")
-        rows.append(_row(name, settings, results, metric, evaluator))
-        for rec in read_metrics(run_dir):
-            curves.append({"run": name, "epoch": rec["epoch"], "train_loss": rec["train_loss"],
-                           "dev_t2i_r1": rec.get("dev", {}).get("t2i_r1"), "dev_i2t_r1": rec.get("dev", {}).get("i2t_r1"),
-                           "test_t2i_r1": rec.get("test", {}).get("t2i_r1"),
-                           "test_i2t_r1": rec.get("test", {}).get("i2t_r1")})
-        _write_tables(out_dir, rows, curves)
-    i = evaluator.best([r[f"dev_{metric}"] for r in rows], metric)  # the first of equals
-    pick, (settings, cfg) = rows[i], configs[i]
-    log(f"selected by dev {metric}: {pick['run']} ({pick[f'dev_{metric}']})")
-    results = rundir.read_json(out_dir / pick["run"] / rundir.RESULTS)
-    if not results["test"]:  # the one test evaluation of the study
-        results = train_run(cfg, out_dir / pick["run"], resume=True, progress=progress, log=log)
-        rows[i] = {**_row(pick["run"], settings, results, metric, evaluator),
-                   "train_seconds": pick["train_seconds"]}
-        _write_tables(out_dir, rows, curves)
-    write_json(out_dir / rundir.SWEEP_SELECTED, {
-        "run": pick["run"], "settings": settings, "select_metric": metric, "direction": direction,
-        f"dev_{metric}": pick[f"dev_{metric}"], "test": results["test"].get("trained"),
-        "baselines": {k: v for k, v in results["test"].items() if k != "trained"},
-        "protocol": f"chosen by best dev {metric} over {len(rows)} runs; test evaluated "
-                    + ("for every run (study mode)" if test == "all" else "for this run only, once")})
+    rundir.claim_run_folder(out_dir, "--out-dir")  # a folder of the user's is refused before any work
+    with rundir.run_lock(out_dir, "cliplab sweep"):
+        write_json(out_dir / SWEEP, {"base": base.to_dict(), kind: grid, "runs": names, "select_metric": metric})
+        rows, curves = [], []
+        for i, ((settings, cfg), name) in enumerate(zip(configs, names), 1):
+            run_dir = out_dir / name
+            log(f"[{i}/{len(configs)}] {name}")
+            done = run_dir / rundir.RESULTS
+            if (not fresh and done.is_file() and _same_config(run_dir, cfg)
+                    and (test == "selected" or rundir.read_json(done)["test"])):
+                results = rundir.read_json(done)
+            else:
+                results = train_run(cfg, run_dir, resume=not fresh, progress=progress, log=log,
+                                    track_test=test == "all", evaluate_test=test == "all")
+            rows.append(_row(name, settings, results, metric, evaluator))
+            for rec in read_metrics(run_dir):
+                curves.append({"run": name, "epoch": rec["epoch"], "train_loss": rec["train_loss"],
+                               "dev_t2i_r1": rec.get("dev", {}).get("t2i_r1"),
+                               "dev_i2t_r1": rec.get("dev", {}).get("i2t_r1"),
+                               "test_t2i_r1": rec.get("test", {}).get("t2i_r1"),
+                               "test_i2t_r1": rec.get("test", {}).get("i2t_r1")})
+            _write_tables(out_dir, rows, curves)
+        i = evaluator.best([r[f"dev_{metric}"] for r in rows], metric)  # the first of equals
+        pick, (settings, cfg) = rows[i], configs[i]
+        log(f"selected by dev {metric}: {pick['run']} ({pick[f'dev_{metric}']})")
+        results = rundir.read_json(out_dir / pick["run"] / rundir.RESULTS)
+        if not results["test"]:  # the one test evaluation of the study
+            results = train_run(cfg, out_dir / pick["run"], resume=True, progress=progress, log=log)
+            rows[i] = {**_row(pick["run"], settings, results, metric, evaluator),
+                       "train_seconds": pick["train_seconds"]}
+            _write_tables(out_dir, rows, curves)
+        write_json(out_dir / rundir.SWEEP_SELECTED, {
+            "run": pick["run"], "settings": settings, "select_metric": metric, "direction": direction,
+            f"dev_{metric}": pick[f"dev_{metric}"], "test": results["test"].get("trained"),
+            "baselines": {k: v for k, v in results["test"].items() if k != "trained"},
+            "protocol": f"chosen by best dev {metric} over {len(rows)} runs; test evaluated "
+                        + ("for every run (study mode)" if test == "all" else "for this run only, once")})
     return rows
 
 

@@ -16,7 +16,13 @@ from pathlib import Path
 from cliplab import rundir
 from cliplab.errors import ConfigError
 from cliplab.eval.evaluators import CaptionEvaluator, ClassificationEvaluator, RetrievalEvaluator
-from cliplab.utils import atomic_write, write_text
+from cliplab.utils import atomic_write, refuse_foreign_file, write_text
+
+# cliplab's marks on the files it writes (an existing file is replaced only when it carries one)
+HTML_MARK = '<meta name="generator" content="cliplab report">'
+LEGACY_HTML_HEAD = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>'  # reports before the mark
+PDF_MARK = b"%cliplab-report\n"  # a PDF comment just before the final startxref (offsets are unchanged)
+PNG_MARK = ("Software", "cliplab report")  # a PNG text chunk
 
 RETRIEVAL_COLUMNS = list(RetrievalEvaluator.columns)  # the evaluators' columns
 CLASS_COLUMNS = ClassificationEvaluator.brief_columns()
@@ -183,10 +189,37 @@ def _run_section(run_dir: Path, info: dict, anchor: str) -> str:
 SPECIFIC_SECTIONS = ("train", "eval", "zeroshot", "probe", "sweep", "wise", "ensemble", "caption")
 
 
+def is_own_report(path: Path) -> bool:
+    """Whether an HTML file is a cliplab report (its generator mark, or the page head of earlier reports)."""
+    with open(path, "rb") as f:
+        head = f.read(65536).decode("utf-8", "replace")
+    return HTML_MARK in head or (head.startswith(LEGACY_HTML_HEAD) and '<section id="summary"><h2>Runs</h2>' in head)
+
+
+def is_own_pdf(path: Path) -> bool:
+    """Whether a PDF is a report cliplab printed (its comment mark near the end)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 4096))
+        return PDF_MARK in f.read()
+
+
+def check_report_outputs(out: str | Path, pdf: str | Path | None = None,
+                         screenshots: str | Path | None = None) -> None:
+    """Before any work: the page and the PDF are new or cliplab's own, the screenshots go to a folder (each
+    shot is checked by :func:`screenshot_sections` before the first is written)."""
+    refuse_foreign_file(out, is_own_report, "--out")
+    if pdf is not None:
+        refuse_foreign_file(pdf, is_own_pdf, "--pdf")
+    if screenshots is not None and Path(screenshots).exists() and not Path(screenshots).is_dir():
+        raise ConfigError(f"--screenshots {screenshots} is not a folder")
+
+
 def build_report(run_dirs: list[str | Path], out: str | Path, title: str = "cliplab report") -> Path:
-    """Write one self-contained HTML page comparing ``run_dirs``; returns its path."""
+    """Write one self-contained HTML page comparing ``run_dirs``; returns its path (an existing file is
+    replaced only when it is a cliplab report)."""
     from cliplab.viz.runs import plot_sweep, plot_training
 
+    check_report_outputs(out)
     runs = []
     for d in run_dirs:
         d = Path(d)
@@ -210,8 +243,9 @@ def build_report(run_dirs: list[str | Path], out: str | Path, title: str = "clip
     if classification:
         comparison += "<h3>Classification</h3>" + _table(["run / variant"] + [h for _, h in CLASS_COLUMNS],
                                                          classification)
-    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body><header><h1>{html.escape(title)}</h1><nav>{nav}</nav></header><main>"
+    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">{HTML_MARK}"
+            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body><header>"
+            f"<h1>{html.escape(title)}</h1><nav>{nav}</nav></header><main>"
             f'<section id="summary"><h2>Runs</h2>{summary}</section>'
             f'<section id="comparison"><h2>Comparison</h2>{comparison or "<p>No comparable metrics.</p>"}'
             f"<p>Click a column header to sort, a figure to enlarge it.</p></section>"
@@ -245,8 +279,10 @@ def _playwright():
 
 
 def report_pdf(report: str | Path, pdf: str | Path) -> Path:
-    """The report page printed to PDF by headless Chromium (A4, backgrounds kept): the same page as the HTML."""
+    """The report page printed to PDF by headless Chromium (A4, backgrounds kept): the same page as the HTML,
+    marked as cliplab's (an existing file is replaced only when it carries the mark)."""
     pdf = Path(pdf)
+    refuse_foreign_file(pdf, is_own_pdf, "--pdf")
     with _playwright() as p:
         browser = _browser(p)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -256,27 +292,61 @@ def report_pdf(report: str | Path, pdf: str | Path) -> Path:
         data = page.pdf(format="A4", landscape=True, print_background=True,
                         margin={"top": "12mm", "bottom": "12mm", "left": "10mm", "right": "10mm"})
         browser.close()
-    return atomic_write(pdf, lambda path: path.write_bytes(data))
+    return atomic_write(pdf, lambda path: path.write_bytes(mark_pdf(data)))
+
+
+def mark_pdf(data: bytes) -> bytes:
+    """The PDF with cliplab's comment line inserted before its final ``startxref`` (a comment is whitespace to
+    PDF readers, and nothing before it moves, so every offset stays right)."""
+    at = data.rfind(b"startxref")
+    if not data.startswith(b"%PDF") or at < 0:
+        raise ValueError("Chromium's output is not a PDF (no startxref)")
+    return data[:at] + PDF_MARK + data[at:]
 
 
 def screenshot_sections(report: str | Path, out_dir: str | Path, width: int = 1400) -> list[Path]:
-    """PNG screenshots of the report's header + summary + comparison, and of each run section."""
+    """PNG screenshots of the report's header + summary + comparison, and of each run section, marked as
+    cliplab's; an existing PNG of the same name is replaced only when it carries the mark (checked for every
+    shot before the first is written)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shots = []
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--screenshots {out_dir} is not a folder")
     with _playwright() as p:
         browser = _browser(p)
         page = browser.new_page(viewport={"width": width, "height": 900})
         page.goto(Path(report).resolve().as_uri())
         page.wait_for_load_state("load")
-        path = out_dir / "report_overview.png"
-        page.screenshot(path=str(path), clip={"x": 0, "y": 0, "width": width,
-                                              "height": page.evaluate("document.querySelector('#comparison')"
-                                                                      ".getBoundingClientRect().bottom + 10")})
-        shots.append(path)
-        for section in page.locator("section[id^=run-]").all():
-            path = out_dir / f"report_{section.get_attribute('id').split('-', 2)[-1]}.png"
-            section.screenshot(path=str(path))
-            shots.append(path)
+        sections = page.locator("section[id^=run-]").all()
+        paths = [out_dir / "report_overview.png"] + \
+            [out_dir / f"report_{s.get_attribute('id').split('-', 2)[-1]}.png" for s in sections]
+        for path in paths:
+            refuse_foreign_file(path, is_own_png, "--screenshots")
+        bottom = page.evaluate("document.querySelector('#comparison').getBoundingClientRect().bottom + 10")
+        shots = [page.screenshot(clip={"x": 0, "y": 0, "width": width, "height": bottom})]
+        shots += [section.screenshot() for section in sections]
         browser.close()
-    return shots
+    return [write_marked_png(path, data) for path, data in zip(paths, shots)]
+
+
+def is_own_png(path: Path) -> bool:
+    """Whether a PNG carries cliplab's mark (its ``Software`` text chunk)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.text.get(PNG_MARK[0]) == PNG_MARK[1]
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def write_marked_png(path: Path, data: bytes) -> Path:
+    """A PNG (Chromium's screenshot) written atomically with cliplab's text chunk added."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(*PNG_MARK)
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return atomic_write(path, lambda tmp: im.save(tmp, format="PNG", pnginfo=info))

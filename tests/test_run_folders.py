@@ -1,0 +1,177 @@
+"""cliplab writes runs only into folders it made and replaces only files it wrote (by their marks); two runs
+never write one folder at once."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cliplab import rundir
+from cliplab.errors import DataError
+
+
+def test_a_new_or_empty_folder_is_claimed_with_the_marker(tmp_path):
+    for d in (tmp_path / "new" / "run", tmp_path / "empty"):
+        if d.name == "empty":
+            d.mkdir()
+        assert rundir.run_folder_state(d) in ("missing", "empty")
+        assert rundir.claim_run_folder(d) == d
+        assert json.loads((d / rundir.RUN_MARKER).read_text())["format"] == "cliplab-run"
+        assert rundir.run_folder_state(d) == "run"
+        rundir.claim_run_folder(d)  # claiming again keeps it
+
+
+def test_a_folder_of_the_users_is_refused_and_left_untouched(tmp_path):
+    home = tmp_path / "project"
+    home.mkdir()
+    (home / "config.json").write_text('{"my": "settings"}')  # a user's own config.json: never replaced
+    (home / "notes.md").write_text("mine")
+    before = {p.name: p.read_bytes() for p in home.iterdir()}
+    with pytest.raises(DataError, match=r"--run-dir .*project is not empty and is not a cliplab run folder"):
+        rundir.claim_run_folder(home)
+    assert {p.name: p.read_bytes() for p in home.iterdir()} == before
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(DataError, match="is not a folder"):
+        rundir.claim_run_folder(a_file, "--out-dir")
+    link = tmp_path / "link"
+    link.symlink_to(home)
+    assert rundir.run_folder_state(link) == "foreign"
+
+
+@pytest.mark.parametrize("name, content", [(rundir.RESULTS, "{}"), (rundir.CHECKPOINT, "x"),
+                                           (rundir.SEARCH_QUALITY, "{}"), (rundir.SWEEP, "{}"),
+                                           (rundir.CONFIG, '{"model": {}, "data": {}, "train": {}}'),
+                                           (rundir.CONFIG, '{"x": 1, "provenance": {"cliplab": "0"}}')])
+def test_run_folders_from_before_the_marker_are_still_cliplabs(tmp_path, name, content):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / name).write_text(content)
+    assert rundir.run_folder_state(tmp_path / "run") == "legacy"
+    rundir.claim_run_folder(tmp_path / "run")
+    assert rundir.run_folder_state(tmp_path / "run") == "run"
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_writes(tmp_path):
+    rundir.claim_run_folder(tmp_path / "run")
+    with rundir.run_lock(tmp_path / "run", "cliplab train"):
+        outcome = []
+
+        def second():
+            try:
+                with rundir.run_lock(tmp_path / "run", "cliplab train"):
+                    outcome.append("ran")
+            except DataError as exc:
+                outcome.append(str(exc))
+
+        t = threading.Thread(target=second)
+        t.start()
+        t.join()
+        assert "is being written by another `cliplab train`" in outcome[0]
+    with rundir.run_lock(tmp_path / "run", "cliplab train"):  # released: the next run goes ahead
+        pass
+    assert rundir.run_folder_state(tmp_path / "run") == "run"  # the lock file alone is no user content
+
+
+def test_train_eval_and_sweep_refuse_a_users_folder_before_any_work(tmp_path, caption_dir, cli):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "results.md").write_text("my results")
+    for args in (("train", caption_dir / "captions.csv", "--run-dir", home),
+                 ("eval", "retrieval", caption_dir / "captions.csv", "-m", "conse", "--run-dir", home),
+                 ("sweep", "sweep_flickr8k_heads", "--out-dir", home)):
+        res = cli(*args)
+        assert res.returncode != 0
+        assert "is not a cliplab run folder" in res.stdout + res.stderr and "Traceback" not in res.stderr
+    assert sorted(p.name for p in home.iterdir()) == ["results.md"]
+    assert (home / "results.md").read_text() == "my results"
+
+
+def test_the_library_calls_refuse_it_too(tmp_path, caption_dir):
+    from cliplab.caption.train import CaptionRunConfig, train_captioner
+    from cliplab.experiments import run_embed, run_retrieval
+    from cliplab.train.config import RunConfig
+    from cliplab.train.run import train_run
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "data.csv").write_text("a,b\n")
+    calls = [lambda: train_run(RunConfig(), home),
+             lambda: train_captioner(CaptionRunConfig(), home),
+             lambda: run_retrieval(caption_dir / "captions.csv", ["conse"], run_dir=home),
+             lambda: run_embed(caption_dir / "captions.csv", None, None, run_dir=home)]
+    for call in calls:
+        with pytest.raises(DataError, match="not a cliplab run folder"):
+            call()
+    assert [p.name for p in home.iterdir()] == ["data.csv"]
+
+
+def test_report_files_are_replaced_only_when_cliplab_wrote_them(tmp_path):
+    from cliplab.viz.report import (HTML_MARK, check_report_outputs, is_own_pdf, is_own_png, is_own_report,
+                                    mark_pdf, write_marked_png)
+
+    page = tmp_path / "report.html"
+    page.write_text("<html><body>my own page</body></html>")
+    with pytest.raises(DataError, match=r"--out .*report.html exists and is not a file cliplab wrote"):
+        check_report_outputs(page)
+    page.write_text(f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{HTML_MARK}<title>t</title>')
+    assert is_own_report(page)
+    check_report_outputs(page)
+    old = tmp_path / "old.html"  # a report from before the mark
+    old.write_text('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>t</title><style></style>'
+                   '</head><body><header></header><main><section id="summary"><h2>Runs</h2></section>')
+    assert is_own_report(old)
+
+    pypdfium2 = pytest.importorskip("pypdfium2")
+    doc = pypdfium2.PdfDocument.new()
+    doc.new_page(200, 100)
+    buf = io.BytesIO()
+    doc.save(buf)
+    plain = tmp_path / "plain.pdf"
+    plain.write_bytes(buf.getvalue())
+    assert not is_own_pdf(plain)
+    with pytest.raises(DataError, match="--pdf"):
+        check_report_outputs(page, pdf=plain)
+    marked = tmp_path / "marked.pdf"
+    marked.write_bytes(mark_pdf(buf.getvalue()))
+    assert is_own_pdf(marked)
+    reopened = pypdfium2.PdfDocument(str(marked))  # still a valid PDF: the mark is a comment
+    assert len(reopened) == 1 and reopened[0].get_size() == (200, 100)
+    reopened.close()
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 4), "red").save(png, format="PNG")
+    mine = write_marked_png(tmp_path / "shot.png", png.getvalue())
+    assert is_own_png(mine)
+    with Image.open(mine) as im:
+        assert im.size == (8, 4) and im.getpixel((0, 0)) == (255, 0, 0)
+    theirs = tmp_path / "theirs.png"
+    theirs.write_bytes(png.getvalue())
+    assert not is_own_png(theirs) and not is_own_png(page)
+
+
+def test_a_caption_bundle_never_replaces_a_users_file(tmp_path):
+    from cliplab.caption.train import BUNDLE_FORMAT, CaptionRunConfig, export_bundle, is_own_bundle
+
+    theirs = tmp_path / "features.npz"
+    np.savez(theirs, x=np.zeros(3))
+    with pytest.raises(DataError, match="--out .*features.npz exists and is not a file cliplab wrote"):
+        export_bundle(CaptionRunConfig(), theirs)
+    assert np.load(theirs)["x"].shape == (3,)
+    ours = tmp_path / "ours.npz"
+    np.savez(ours, meta=np.asarray(json.dumps({"format": BUNDLE_FORMAT, "grid": 7})))
+    older = tmp_path / "older.npz"
+    np.savez(older, meta=np.asarray(json.dumps({"grid": 7, "image_tower": "abc"})))
+    assert is_own_bundle(ours) and is_own_bundle(older) and not is_own_bundle(theirs)
+    (tmp_path / "text.npz").write_text("not a zip")
+    assert not is_own_bundle(tmp_path / "text.npz")
+
+
+def test_the_feature_cache_has_no_call_that_empties_its_folder():
+    from cliplab.embed.cache import FeatureCache
+
+    assert not hasattr(FeatureCache, "clear")  # it removed the whole --cache-dir folder, whatever it held
