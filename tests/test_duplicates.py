@@ -138,6 +138,8 @@ def test_exact_and_near_groups_of_an_index(dup_index, cli, tmp_path):
     assert str(photos / "red_circle.png") not in listing.read_text().splitlines()  # the keeper (first path)
     res = cli("duplicates", index_dir, "--list", photos / "red_circle.png")
     assert res.returncode == 2 and "never overwrites" in res.stdout
+    res = cli("duplicates", tmp_path / "no-index", "--list", photos / "red_circle.png")
+    assert res.returncode == 2 and "never overwrites" in res.stdout  # refused before the index is read
     res = cli("duplicates", index_dir, "--threshold", "1.5")
     assert res.returncode == 2 and "threshold must be in (0, 1]" in res.stdout
     res = cli("duplicates", index_dir, "--list", tmp_path / "nowhere" / "list.txt")

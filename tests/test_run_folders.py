@@ -16,10 +16,11 @@ from cliplab.errors import DataError
 
 
 def test_a_new_or_empty_folder_is_claimed_with_the_marker(tmp_path):
-    for d in (tmp_path / "new" / "run", tmp_path / "empty"):
-        if d.name == "empty":
-            d.mkdir()
-        assert rundir.run_folder_state(d) in ("missing", "empty")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "cut").mkdir()  # a marker write killed before its rename leaves cliplab's temp file only
+    (tmp_path / "cut" / f".{rundir.RUN_MARKER}.cliplab-0123456789abcdef.tmp").write_text("{")
+    for d, state in ((tmp_path / "new" / "run", "missing"), (tmp_path / "empty", "empty"), (tmp_path / "cut", "empty")):
+        assert rundir.run_folder_state(d) == state
         assert rundir.claim_run_folder(d) == d
         assert json.loads((d / rundir.RUN_MARKER).read_text())["format"] == "cliplab-run"
         assert rundir.run_folder_state(d) == "run"
@@ -44,13 +45,29 @@ def test_a_folder_of_the_users_is_refused_and_left_untouched(tmp_path):
     assert rundir.run_folder_state(link) == "foreign"
 
 
-@pytest.mark.parametrize("name, content", [(rundir.RESULTS, "{}"), (rundir.CHECKPOINT, "x"),
-                                           (rundir.SEARCH_QUALITY, "{}"), (rundir.SWEEP, "{}"),
-                                           (rundir.CONFIG, '{"model": {}, "data": {}, "train": {}}'),
-                                           (rundir.CONFIG, '{"x": 1, "provenance": {"cliplab": "0"}}')])
+@pytest.mark.parametrize("name, content", [("metrics.json", '{"loss": 1}'), ("results.csv", "epoch,loss\n"),
+                                           ("last.pt", "x"), ("metrics.jsonl", "{}\n"), ("results.json", "{}"),
+                                           ("config.json", '{"model": "yolo"}'), ("sweep.json", '{"runs": 1}')])
+def test_files_of_the_same_name_from_other_tools_are_not_taken_for_a_run(tmp_path, name, content):
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / name).write_text(content)  # e.g. detectron2's metrics.json, ultralytics' results.csv
+    assert rundir.run_folder_state(tmp_path / "theirs") == "foreign"
+    with pytest.raises(DataError):
+        rundir.claim_run_folder(tmp_path / "theirs")
+    assert [p.name for p in (tmp_path / "theirs").iterdir()] == [name]
+
+
+@pytest.mark.parametrize("name, content", [
+    (rundir.CONFIG, '{"model": {}, "data": {}, "train": {}}'),  # a training run, also one cut short
+    (rundir.CONFIG, '{"x": 1, "provenance": {"cliplab": "0"}}'),  # eval, zeroshot, probe, embed, caption runs
+    (rundir.SWEEP, '{"base": {}, "grid": {}, "runs": [], "select_metric": "rsum"}'),
+    (rundir.WISE, '{"rows": [], "provenance": {}}'),
+    (rundir.ENSEMBLE, '{"members": [], "weights": [], "provenance": {}}'),
+    (rundir.SEARCH_QUALITY, '{"index": "i", "mode": "hybrid", "metrics": {}, "cutoff": {}, "queries": []}')])
 def test_run_folders_from_before_the_marker_are_still_cliplabs(tmp_path, name, content):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / name).write_text(content)
+    (tmp_path / "run" / rundir.RESULTS_MD).write_text("| table |")
     assert rundir.run_folder_state(tmp_path / "run") == "legacy"
     rundir.claim_run_folder(tmp_path / "run")
     assert rundir.run_folder_state(tmp_path / "run") == "run"
@@ -71,7 +88,7 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_writes(tmp
         t = threading.Thread(target=second)
         t.start()
         t.join()
-        assert "is being written by another `cliplab train`" in outcome[0]
+        assert "is being written by another cliplab process" in outcome[0] and "`cliplab train`" in outcome[0]
     with rundir.run_lock(tmp_path / "run", "cliplab train"):  # released: the next run goes ahead
         pass
     assert rundir.run_folder_state(tmp_path / "run") == "run"  # the lock file alone is no user content
@@ -89,6 +106,23 @@ def test_train_eval_and_sweep_refuse_a_users_folder_before_any_work(tmp_path, ca
         assert "is not a cliplab run folder" in res.stdout + res.stderr and "Traceback" not in res.stderr
     assert sorted(p.name for p in home.iterdir()) == ["results.md"]
     assert (home / "results.md").read_text() == "my results"
+    cache = tmp_path / "cache"  # the cli fixture's $CLIPLAB_CACHE: refused before any feature was computed
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_training_runs_and_sweeps_hold_their_folders_lock(tmp_path):
+    from cliplab.caption.train import CaptionRunConfig, train_captioner
+    from cliplab.train.config import RunConfig
+    from cliplab.train.run import train_run
+    from cliplab.train.sweep import run_sweep
+
+    runs = {"train": lambda d: train_run(RunConfig(), d), "caption": lambda d: train_captioner(CaptionRunConfig(), d),
+            "sweep": lambda d: run_sweep("sweep_flickr8k_heads", d)}
+    for name, call in runs.items():
+        d = rundir.claim_run_folder(tmp_path / name)
+        with rundir.run_lock(d, "another run"):  # as if a second process were writing the folder
+            with pytest.raises(DataError, match="is being written by another"):
+                call(d)
 
 
 def test_the_library_calls_refuse_it_too(tmp_path, caption_dir):
@@ -137,8 +171,11 @@ def test_report_files_are_replaced_only_when_cliplab_wrote_them(tmp_path):
     with pytest.raises(DataError, match="--pdf"):
         check_report_outputs(page, pdf=plain)
     marked = tmp_path / "marked.pdf"
-    marked.write_bytes(mark_pdf(buf.getvalue()))
-    assert is_own_pdf(marked)
+    data = mark_pdf(buf.getvalue())
+    marked.write_bytes(data)
+    assert is_own_pdf(marked) and len(data) == len(buf.getvalue()) + len(b"%cliplab-report\n")
+    xref_at = int(data[data.rindex(b"startxref") + len(b"startxref"):].split()[0])  # offsets unmoved
+    assert data[xref_at:xref_at + 4] == b"xref" and xref_at == int(buf.getvalue().split(b"startxref")[-1].split()[0])
     reopened = pypdfium2.PdfDocument(str(marked))  # still a valid PDF: the mark is a comment
     assert len(reopened) == 1 and reopened[0].get_size() == (200, 100)
     reopened.close()
@@ -152,6 +189,12 @@ def test_report_files_are_replaced_only_when_cliplab_wrote_them(tmp_path):
     theirs = tmp_path / "theirs.png"
     theirs.write_bytes(png.getvalue())
     assert not is_own_png(theirs) and not is_own_png(page)
+    shots = tmp_path / "shots"  # every screenshot name is checked before the page is built
+    shots.mkdir()
+    (shots / "report_my-run.png").write_bytes(png.getvalue())
+    check_report_outputs(page, screenshots=shots, run_dirs=["runs/other"])
+    with pytest.raises(DataError, match="--screenshots .*report_my-run.png exists"):
+        check_report_outputs(page, screenshots=shots, run_dirs=["runs/other", "runs/my run"])
 
 
 def test_a_caption_bundle_never_replaces_a_users_file(tmp_path):
@@ -175,3 +218,24 @@ def test_the_feature_cache_has_no_call_that_empties_its_folder():
     from cliplab.embed.cache import FeatureCache
 
     assert not hasattr(FeatureCache, "clear")  # it removed the whole --cache-dir folder, whatever it held
+
+
+def test_a_caption_subset_csv_never_replaces_a_users_csv(tmp_path, caption_dir):
+    import cliplab
+
+    theirs = tmp_path / "small.csv"
+    theirs.write_text("image,caption,split\nmine.jpg,my caption,train\n")
+    with pytest.raises(DataError, match="out .*small.csv exists and is not a file cliplab wrote"):
+        cliplab.datasets.caption_subset(caption_dir / "captions.csv", theirs, train=2, dev=1, test=1)
+    assert "mine.jpg" in theirs.read_text()
+    ours = tmp_path / "ours.csv"
+    cliplab.datasets.caption_subset(caption_dir / "captions.csv", ours, train=2, dev=1, test=1)
+    ds = cliplab.datasets.captions(ours, "train")
+    assert ds.num_images == 2 and ours.read_text().splitlines()[0] == "image,caption,split,cliplab_subset_of"
+    cliplab.datasets.caption_subset(caption_dir / "captions.csv", ours, train=3, dev=1, test=1)  # its own: replaced
+    assert cliplab.datasets.captions(ours, "train").num_images == 3
+    older = tmp_path / "older.csv"  # written before the mark: the same rows without the column
+    rows = [line.rsplit(",", 1)[0] for line in ours.read_text().splitlines()]
+    older.write_text("\r\n".join(rows) + "\r\n")
+    cliplab.datasets.caption_subset(caption_dir / "captions.csv", older, train=3, dev=1, test=1)
+    assert older.read_text() == ours.read_text()

@@ -137,6 +137,11 @@ def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled_split
     assert res.returncode == 0, res.stdout + res.stderr
     import pypdfium2
 
+    from cliplab.viz.report import is_own_pdf
+
+    assert is_own_pdf(pdf)  # marked as cliplab's, so the same command may replace it
+    res = cli("report", *runs.values(), "--out", tmp_path / "report2.html", "--pdf", pdf)
+    assert res.returncode == 0, res.stdout + res.stderr
     document = pypdfium2.PdfDocument(str(pdf))
     assert len(document) > 1
     first = document[0]
@@ -146,6 +151,14 @@ def test_plots_flags_and_report_in_headless_chromium(caption_dir, labelled_split
     picture = np.asarray(first.render(scale=1).to_pil().convert("L"))
     assert picture.std() > 10  # a rendered page, not a blank one
     document.close()
+
+    from cliplab.viz.report import is_own_png, screenshot_sections
+
+    shots_dir = tmp_path / "shots"  # a PNG per section, marked; the same call replaces its own shots
+    shots = screenshot_sections(report, shots_dir)
+    assert [p.name for p in shots] == ["report_overview.png"] + [f"report_{n}.png" for n in runs]
+    assert all(is_own_png(p) and png_size(p)[0] >= 500 for p in shots)
+    assert screenshot_sections(report, shots_dir) == shots
 
     from playwright.sync_api import sync_playwright
 

@@ -334,7 +334,8 @@ class _Datasets:
 
         sizes = {"train": train, "dev": dev, "test": test}
         splits = {s: load_caption_dataset(path, s, **options) for s in sizes}
-        return write_caption_csv(out, {s: ds.subset(sizes[s]) if sizes[s] else ds for s, ds in splits.items()})
+        return write_caption_csv(out, {s: ds.subset(sizes[s]) if sizes[s] else ds for s, ds in splits.items()},
+                                 source=str(path))
 
 
 datasets = _Datasets()

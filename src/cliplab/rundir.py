@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from cliplab.errors import ConfigError, DataError
-from cliplab.utils import exclusive_lock, read_json_or_none, write_json, write_text
+from cliplab.utils import (exclusive_lock, marked_folder_state, read_json_or_none, temp_name_pattern, write_json,
+                           write_text)
 
 CONFIG = "config.json"  # the settings a run was started with
 RESULTS = "results.json"  # final numbers of a training run
@@ -150,28 +152,33 @@ def run_kind(run_dir: str | Path) -> str:
 # -- a run folder is cliplab's own: made with a marker; a folder of the user's is never written into
 def run_folder_state(run_dir: str | Path) -> str:
     """``missing``, ``empty``, ``run`` (has cliplab's marker), ``legacy`` (a run folder written before the
-    marker: it holds a run record, checkpoint or cliplab-written config) or ``foreign`` (anything else)."""
-    d = Path(run_dir)
-    if not d.exists():
-        return "missing"
-    if not d.is_dir() or d.is_symlink():
-        return "foreign"
-    marker = read_json_or_none(d / RUN_MARKER)
-    if isinstance(marker, dict) and marker.get("format") == "cliplab-run":
-        return "run"
-    names = {p.name for p in d.iterdir()} - {RUN_LOCK}
-    if not names:
-        return "empty"
-    own = {k.record for k in RUN_KINDS.values()} | {CHECKPOINT, METRICS, CAPTION_FIT, SWEEP}
-    if any((d / name).is_file() for name in own & names) or _cliplab_config(d / CONFIG):
-        return "legacy"
-    return "foreign"
+    marker, recognised by the content of its config or record) or ``foreign`` (anything else)."""
+    own = lambda name: name == RUN_LOCK or _OWN_TEMP.fullmatch(name)  # noqa: E731 - a claim or run beside us
+    state = marked_folder_state(run_dir, RUN_MARKER, "cliplab-run", own)
+    if state is not None:
+        return "run" if state == "marked" else state
+    return "legacy" if _older_run(Path(run_dir)) else "foreign"
 
 
-def _cliplab_config(path: Path) -> bool:
-    """A ``config.json`` cliplab wrote (its provenance, or a training config's sections)."""
-    saved = read_json_or_none(path) if path.is_file() else None
-    return isinstance(saved, dict) and ("provenance" in saved or {"model", "data", "train"} <= set(saved))
+_OWN_TEMP = temp_name_pattern(re.escape(RUN_MARKER))  # a marker write cut short
+# records of runs written before the marker: keys that only cliplab's records hold together
+_LEGACY_RECORD_KEYS = {SWEEP: {"base", "runs", "select_metric"}, WISE: {"rows", "provenance"},
+                       ENSEMBLE: {"members", "weights", "provenance"},
+                       SEARCH_QUALITY: {"index", "mode", "metrics", "cutoff", "queries"}}
+
+
+def _older_run(d: Path) -> bool:
+    """A folder cliplab wrote before the marker: a ``config.json`` it wrote (every train, eval, zeroshot,
+    probe, embed and caption run has one) or a record of the kinds without one (sweep, wise, ensemble,
+    search). File names alone are not enough: other tools write ``metrics.json`` or ``results.csv`` too."""
+    saved = read_json_or_none(d / CONFIG) if (d / CONFIG).is_file() else None
+    if isinstance(saved, dict) and ("provenance" in saved or {"model", "data", "train"} <= set(saved)):
+        return True
+    for name, keys in _LEGACY_RECORD_KEYS.items():
+        record = read_json_or_none(d / name) if (d / name).is_file() else None
+        if isinstance(record, dict) and keys <= set(record):
+            return True
+    return False
 
 
 def claim_run_folder(run_dir: str | Path, option: str = "--run-dir") -> Path:
@@ -194,8 +201,9 @@ def claim_run_folder(run_dir: str | Path, option: str = "--run-dir") -> Path:
 
 def run_lock(run_dir: str | Path, command: str):
     """An exclusive lock on a run folder while ``command`` writes it (a second run into it is refused)."""
-    return exclusive_lock(Path(run_dir) / RUN_LOCK, f"{run_dir} is being written by another `{command}` (it "
-                          f"holds {RUN_LOCK}); wait for it to finish, or give another run folder")
+    return exclusive_lock(Path(run_dir) / RUN_LOCK, f"{run_dir} is being written by another cliplab process (it "
+                          f"holds {RUN_LOCK}), so `{command}` did not start; wait for it to finish, or give another "
+                          "run folder")
 
 
 # -- training runs

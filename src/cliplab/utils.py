@@ -100,6 +100,20 @@ def read_json_or_none(path: str | Path) -> Any:
     except (OSError, ValueError):
         return None
 
+def marked_folder_state(folder: str | Path, marker: str, fmt: str, own: Callable[[str], bool]) -> str | None:
+    """How far a folder is cliplab's by its marker file (JSON ``{"format": fmt}``): ``missing``, ``foreign``
+    (not a folder), ``marked``, ``empty`` (nothing but names ``own`` accepts), or None: it holds other files
+    and the caller decides (an older folder of its kind, or a user's)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return "missing"
+    if not folder.is_dir():
+        return "foreign"
+    found = read_json_or_none(folder / marker)
+    if isinstance(found, dict) and found.get("format") == fmt:
+        return "marked"
+    return "empty" if all(own(p.name) for p in folder.iterdir()) else None
+
 def refuse_foreign_file(path: str | Path, is_own: Callable[[Path], bool], option: str) -> None:
     """Before any work: an existing ``path`` may be replaced only when ``is_own`` recognises it as a file
     cliplab wrote (by its marker); anything else is a one-line :class:`~cliplab.errors.DataError`."""

@@ -148,8 +148,10 @@ def duplicates(
                                                                   "line, to this new file (cliplab deletes nothing)"),
 ) -> None:
     """Exact (same content) and near (similar embedding) duplicate groups of an index; nothing is deleted."""
-    from cliplab.serve.duplicates import find_duplicates, write_removal_list
+    from cliplab.serve.duplicates import check_removal_list, find_duplicates, write_removal_list
 
+    if list_file is not None:
+        check_removal_list(list_file)  # before the search
     report = find_duplicates(index_dir, threshold)
     if list_file is not None:
         write_removal_list(list_file, report)

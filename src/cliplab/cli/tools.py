@@ -24,7 +24,7 @@ def report(
     """One self-contained HTML page (metrics, comparisons, figures, galleries) for one or more runs."""
     from cliplab.viz.report import build_report, check_report_outputs, report_pdf, screenshot_sections
 
-    check_report_outputs(out, pdf, screenshots)  # every output new or cliplab's own, before any work
+    check_report_outputs(out, pdf, screenshots, run_dirs)  # every output new or cliplab's own, before any work
     if pdf is not None:
         from cliplab.viz.report import chromium_executable
 

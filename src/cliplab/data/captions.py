@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Literal
 import numpy as np
 
 from cliplab.errors import ConfigError, DataError
-from cliplab.utils import sha256_text, write_text
+from cliplab.utils import refuse_foreign_file, sha256_text, write_text
 
 OnError = Literal["raise", "skip"]
 SPLITS = ("train", "dev", "test", "all")
@@ -459,15 +459,29 @@ def check_disjoint_splits(path: str | Path, splits: dict[str, str], *, image_roo
                                   f"{len(shared)} image(s), e.g. {sorted(shared)[0]}; they must be disjoint")
 
 
-def write_caption_csv(path: str | Path, splits: dict[str, CaptionDataset]) -> Path:
+SUBSET_COLUMN = "cliplab_subset_of"  # the mark of a CSV cliplab wrote: a column naming the source dataset
+
+
+def write_caption_csv(path: str | Path, splits: dict[str, CaptionDataset], source: str = "") -> Path:
     """One ``image,caption,split`` CSV (absolute image paths) holding the given splits: a subset of a dataset
-    that training configs, ``eval`` and the notebook API read like any other (``data.path``)."""
+    that training configs, ``eval`` and the notebook API read like any other (``data.path``). Its extra column
+    ``cliplab_subset_of`` (``source``) marks it as cliplab's: an existing file is replaced only when it
+    carries the mark or already holds exactly these rows."""
     import io
 
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["image", "caption", "split"])
+    writer.writerow(["image", "caption", "split", SUBSET_COLUMN])
     for split, ds in splits.items():
         paths = ds.image_paths()
-        writer.writerows((str(paths[i].resolve()), caption, split) for caption, i in zip(ds.captions, ds.caption_image))
-    return write_text(Path(path), buf.getvalue())
+        writer.writerows((str(paths[i].resolve()), caption, split, source)
+                         for caption, i in zip(ds.captions, ds.caption_image))
+    text = buf.getvalue()
+    legacy = text.replace(f",{SUBSET_COLUMN}\r\n", "\r\n", 1).replace(f",{source}\r\n", "\r\n")
+    refuse_foreign_file(path, lambda p: _is_own_csv(p) or p.read_bytes() == legacy.encode(), "out")
+    return write_text(Path(path), text)
+
+
+def _is_own_csv(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        return SUBSET_COLUMN in next(csv.reader([f.readline()]), [])

@@ -219,6 +219,15 @@ def find_duplicates(index, threshold: float | None = None, neighbours: int = NEI
     return report
 
 
+def check_removal_list(path: str | Path) -> None:
+    """Before the search: the list goes to a new file in an existing folder."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CliplabError(f"{path.parent} is not a folder; give the list a file name in an existing folder")
+    if path.exists() or path.is_symlink():
+        raise CliplabError(f"{path} exists; give a new file name for the list (cliplab never overwrites your files)")
+
+
 def write_removal_list(path: str | Path, report: DuplicateReport) -> Path:
     """Write :meth:`DuplicateReport.suggested_removals` to a new file in an existing folder: written beside it,
     fsynced, then hard-linked into place, so an existing file (even one created meanwhile) is never replaced."""
@@ -228,8 +237,7 @@ def write_removal_list(path: str | Path, report: DuplicateReport) -> Path:
     from cliplab.utils import fsync_dir
 
     path = Path(path)
-    if not path.parent.is_dir():
-        raise CliplabError(f"{path.parent} is not a folder; give the list a file name in an existing folder")
+    check_removal_list(path)
     tmp = path.parent / f".{path.name}.cliplab-{secrets.token_hex(8)}.tmp"
     with open(tmp, "x", encoding="utf-8") as out:
         out.writelines(f"{f}\n" for f in report.suggested_removals())

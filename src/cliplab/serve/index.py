@@ -45,8 +45,8 @@ from cliplab.data.images import FORMAT_EXTENSIONS, SAFE_IMAGE_FORMATS, ImageFile
 from cliplab.embed.index import build_faiss
 from cliplab.errors import ConfigError, DataError
 from cliplab.serve.captions import NO_CAPTIONER, PRECISIONS, PhotoCaptioner, captioner_folder
-from cliplab.utils import (atomic_write, exclusive_lock, fsync_dir, read_json_or_none, sha256_file, temp_name_pattern,
-                           write_json, write_npy)
+from cliplab.utils import (atomic_write, exclusive_lock, fsync_dir, marked_folder_state, read_json_or_none, sha256_file,
+                           temp_name_pattern, write_json, write_npy)
 
 CURRENT = "CURRENT"
 MARKER = "CLIPLAB_INDEX"  # cliplab's mark on a folder it made: only such a folder is written to or cleaned
@@ -823,19 +823,15 @@ def index_folder_state(folder: Path) -> str:
     """``missing``, ``empty``, ``index`` (has cliplab's marker), ``legacy`` (an index written before the
     marker: a ``CURRENT`` naming generation files that exist) or ``foreign`` (anything else)."""
     folder = Path(folder)
-    if not folder.exists():
-        return "missing"
-    if not folder.is_dir():
-        return "foreign"
-    marker = read_json_or_none(folder / MARKER)
-    if isinstance(marker, dict) and marker.get("format") == "cliplab-index":
-        return "index"
+    mine = lambda name: name == LOCK or OWN_TEMP_FILE.fullmatch(name)  # noqa: E731 - a build starting beside us
+    state = marked_folder_state(folder, MARKER, "cliplab-index", mine)
+    if state is not None:
+        return "index" if state == "marked" else state
     current = read_json_or_none(folder / CURRENT)
     if isinstance(current, dict) and all(isinstance(current.get(k), str) and GENERATION_FILE.fullmatch(current[k])
                                          and (folder / current[k]).is_file() for k in ("db", "vectors", "faiss")):
         return "legacy"
-    mine = lambda name: name == LOCK or OWN_TEMP_FILE.fullmatch(name)  # noqa: E731 - a build starting beside us
-    return "empty" if all(mine(p.name) for p in folder.iterdir()) else "foreign"
+    return "foreign"
 
 
 def check_index_folder(folder: Path) -> None:

@@ -12,6 +12,7 @@ import base64
 import html
 import re
 from pathlib import Path
+from typing import Sequence
 
 from cliplab import rundir
 from cliplab.errors import ConfigError
@@ -203,15 +204,17 @@ def is_own_pdf(path: Path) -> bool:
         return PDF_MARK in f.read()
 
 
-def check_report_outputs(out: str | Path, pdf: str | Path | None = None,
-                         screenshots: str | Path | None = None) -> None:
-    """Before any work: the page and the PDF are new or cliplab's own, the screenshots go to a folder (each
-    shot is checked by :func:`screenshot_sections` before the first is written)."""
+def check_report_outputs(out: str | Path, pdf: str | Path | None = None, screenshots: str | Path | None = None,
+                         run_dirs: Sequence[str | Path] = ()) -> None:
+    """Before any work: the page, the PDF and the screenshots of ``run_dirs`` are new or cliplab's own."""
     refuse_foreign_file(out, is_own_report, "--out")
     if pdf is not None:
         refuse_foreign_file(pdf, is_own_pdf, "--pdf")
-    if screenshots is not None and Path(screenshots).exists() and not Path(screenshots).is_dir():
-        raise ConfigError(f"--screenshots {screenshots} is not a folder")
+    if screenshots is not None:
+        if Path(screenshots).exists() and not Path(screenshots).is_dir():
+            raise ConfigError(f"--screenshots {screenshots} is not a folder")
+        for name in ["overview"] + [_slug(Path(d).name) for d in run_dirs]:
+            refuse_foreign_file(Path(screenshots) / f"report_{name}.png", is_own_png, "--screenshots")
 
 
 def build_report(run_dirs: list[str | Path], out: str | Path, title: str = "cliplab report") -> Path:
@@ -226,9 +229,11 @@ def build_report(run_dirs: list[str | Path], out: str | Path, title: str = "clip
         if not d.is_dir():
             raise ConfigError(f"run folder not found: {d}")
         info = describe_run(d)
-        if info["kind"] == "train" and not rundir.plot_file(d, "curves").is_file():
+        ours = rundir.run_folder_state(d) in ("run", "legacy")  # figures are drawn only into cliplab's folders
+        if ours and info["kind"] == "train" and not rundir.plot_file(d, "curves").is_file():
             plot_training(d)
-        if info["kind"] == "sweep" and not list((d / rundir.PLOTS).glob(rundir.plot_file(d, "overlay_{}", "*").name)):
+        if ours and info["kind"] == "sweep" and \
+                not list((d / rundir.PLOTS).glob(rundir.plot_file(d, "overlay_{}", "*").name)):
             plot_sweep(d)
         runs.append((d, info))
     anchors = [f"run-{i}-{_slug(d.name)}" for i, (d, _) in enumerate(runs)]
