@@ -3,6 +3,7 @@ never write one folder at once."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import threading
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from cliplab import rundir
-from cliplab.errors import DataError
+from cliplab.errors import ConfigError, DataError
 
 
 def test_a_new_or_empty_folder_is_claimed_with_the_marker(tmp_path):
@@ -47,7 +48,8 @@ def test_a_folder_of_the_users_is_refused_and_left_untouched(tmp_path):
 
 @pytest.mark.parametrize("name, content", [("metrics.json", '{"loss": 1}'), ("results.csv", "epoch,loss\n"),
                                            ("last.pt", "x"), ("metrics.jsonl", "{}\n"), ("results.json", "{}"),
-                                           ("config.json", '{"model": "yolo"}'), ("sweep.json", '{"runs": 1}')])
+                                           ("config.json", '{"model": "yolo"}'), ("sweep.json", '{"runs": 1}'),
+                                           ("config.json", '{"model": {"depth": 50}, "data": {}, "train": {}}')])
 def test_files_of_the_same_name_from_other_tools_are_not_taken_for_a_run(tmp_path, name, content):
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / name).write_text(content)  # e.g. detectron2's metrics.json, ultralytics' results.csv
@@ -57,10 +59,13 @@ def test_files_of_the_same_name_from_other_tools_are_not_taken_for_a_run(tmp_pat
     assert [p.name for p in (tmp_path / "theirs").iterdir()] == [name]
 
 
+TRAINING = {"model": {"image": {}, "text": {}}, "data": {}, "train": {}}
+
+
 @pytest.mark.parametrize("name, content", [
-    (rundir.CONFIG, '{"model": {}, "data": {}, "train": {}}'),  # a training run, also one cut short
+    (rundir.CONFIG, json.dumps(TRAINING)),  # a training run, also one cut short
     (rundir.CONFIG, '{"x": 1, "provenance": {"cliplab": "0"}}'),  # eval, zeroshot, probe, embed, caption runs
-    (rundir.SWEEP, '{"base": {}, "grid": {}, "runs": [], "select_metric": "rsum"}'),
+    (rundir.SWEEP, json.dumps({"base": TRAINING, "grid": {}, "runs": []})),
     (rundir.WISE, '{"rows": [], "provenance": {}}'),
     (rundir.ENSEMBLE, '{"members": [], "weights": [], "provenance": {}}'),
     (rundir.SEARCH_QUALITY, '{"index": "i", "mode": "hybrid", "metrics": {}, "cutoff": {}, "queries": []}')])
@@ -195,6 +200,8 @@ def test_report_files_are_replaced_only_when_cliplab_wrote_them(tmp_path):
     check_report_outputs(page, screenshots=shots, run_dirs=["runs/other"])
     with pytest.raises(DataError, match="--screenshots .*report_my-run.png exists"):
         check_report_outputs(page, screenshots=shots, run_dirs=["runs/other", "runs/my run"])
+    with pytest.raises(ConfigError, match="two sections would share report_best.png"):
+        check_report_outputs(page, screenshots=shots, run_dirs=["a/best", "b/best"])
 
 
 def test_a_caption_bundle_never_replaces_a_users_file(tmp_path):
@@ -234,8 +241,19 @@ def test_a_caption_subset_csv_never_replaces_a_users_csv(tmp_path, caption_dir):
     assert ds.num_images == 2 and ours.read_text().splitlines()[0] == "image,caption,split,cliplab_subset_of"
     cliplab.datasets.caption_subset(caption_dir / "captions.csv", ours, train=3, dev=1, test=1)  # its own: replaced
     assert cliplab.datasets.captions(ours, "train").num_images == 3
-    older = tmp_path / "older.csv"  # written before the mark: the same rows without the column
-    rows = [line.rsplit(",", 1)[0] for line in ours.read_text().splitlines()]
-    older.write_text("\r\n".join(rows) + "\r\n")
-    cliplab.datasets.caption_subset(caption_dir / "captions.csv", older, train=3, dev=1, test=1)
-    assert older.read_text() == ours.read_text()
+    from cliplab.data.captions import write_caption_csv
+
+    splits = {name: cliplab.datasets.captions(caption_dir / "captions.csv", name) for name in ("train", "test")}
+    for source in ("/data/caps.csv", "/data/my,caps.csv", '/data/a"b.csv'):  # the last two are quoted
+        new = write_caption_csv(tmp_path / "new.csv", splits, source=source)
+        unmarked = io.StringIO()  # as written before the mark: the same rows without the column
+        with open(new, newline="", encoding="utf-8") as f:
+            csv.writer(unmarked).writerows(row[:-1] for row in csv.reader(f))
+        older = tmp_path / "older.csv"
+        older.write_bytes(unmarked.getvalue().replace("train", "tra1n").encode())  # other rows: a user's file
+        with pytest.raises(DataError):
+            write_caption_csv(older, splits, source=source)
+        older.write_bytes(unmarked.getvalue().encode())
+        write_caption_csv(older, splits, source=source)
+        assert older.read_bytes() == new.read_bytes()
+        new.unlink()

@@ -162,9 +162,14 @@ def run_folder_state(run_dir: str | Path) -> str:
 
 _OWN_TEMP = temp_name_pattern(re.escape(RUN_MARKER))  # a marker write cut short
 # records of runs written before the marker: keys that only cliplab's records hold together
-_LEGACY_RECORD_KEYS = {SWEEP: {"base", "runs", "select_metric"}, WISE: {"rows", "provenance"},
-                       ENSEMBLE: {"members", "weights", "provenance"},
+_LEGACY_RECORD_KEYS = {WISE: {"rows", "provenance"}, ENSEMBLE: {"members", "weights", "provenance"},
                        SEARCH_QUALITY: {"index", "mode", "metrics", "cutoff", "queries"}}
+
+
+def _training_config(saved) -> bool:
+    """A training run's settings as cliplab writes them (``RunConfig.to_dict()``)."""
+    return isinstance(saved, dict) and all(isinstance(saved.get(k), dict) for k in ("model", "data", "train")) \
+        and {"image", "text"} <= set(saved["model"])
 
 
 def _older_run(d: Path) -> bool:
@@ -172,7 +177,10 @@ def _older_run(d: Path) -> bool:
     probe, embed and caption run has one) or a record of the kinds without one (sweep, wise, ensemble,
     search). File names alone are not enough: other tools write ``metrics.json`` or ``results.csv`` too."""
     saved = read_json_or_none(d / CONFIG) if (d / CONFIG).is_file() else None
-    if isinstance(saved, dict) and ("provenance" in saved or {"model", "data", "train"} <= set(saved)):
+    if isinstance(saved, dict) and ("provenance" in saved or _training_config(saved)):
+        return True
+    sweep = read_json_or_none(d / SWEEP) if (d / SWEEP).is_file() else None
+    if isinstance(sweep, dict) and "runs" in sweep and _training_config(sweep.get("base")):
         return True
     for name, keys in _LEGACY_RECORD_KEYS.items():
         record = read_json_or_none(d / name) if (d / name).is_file() else None

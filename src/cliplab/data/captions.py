@@ -467,19 +467,22 @@ def write_caption_csv(path: str | Path, splits: dict[str, CaptionDataset], sourc
     that training configs, ``eval`` and the notebook API read like any other (``data.path``). Its extra column
     ``cliplab_subset_of`` (``source``) marks it as cliplab's: an existing file is replaced only when it
     carries the mark or already holds exactly these rows."""
+    rows = []
+    for split, ds in splits.items():
+        paths = ds.image_paths()
+        rows += [(str(paths[i].resolve()), caption, split) for caption, i in zip(ds.captions, ds.caption_image)]
+    text = _csv_text([("image", "caption", "split", SUBSET_COLUMN)] + [(*r, source) for r in rows])
+    legacy = _csv_text([("image", "caption", "split")] + rows)  # the same rows as written before the mark
+    refuse_foreign_file(path, lambda p: _is_own_csv(p) or p.read_bytes() == legacy.encode(), "out")
+    return write_text(Path(path), text)
+
+
+def _csv_text(table: list[tuple]) -> str:
     import io
 
     buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["image", "caption", "split", SUBSET_COLUMN])
-    for split, ds in splits.items():
-        paths = ds.image_paths()
-        writer.writerows((str(paths[i].resolve()), caption, split, source)
-                         for caption, i in zip(ds.captions, ds.caption_image))
-    text = buf.getvalue()
-    legacy = text.replace(f",{SUBSET_COLUMN}\r\n", "\r\n", 1).replace(f",{source}\r\n", "\r\n")
-    refuse_foreign_file(path, lambda p: _is_own_csv(p) or p.read_bytes() == legacy.encode(), "out")
-    return write_text(Path(path), text)
+    csv.writer(buf).writerows(table)
+    return buf.getvalue()
 
 
 def _is_own_csv(path: Path) -> bool:

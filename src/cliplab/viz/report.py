@@ -213,7 +213,12 @@ def check_report_outputs(out: str | Path, pdf: str | Path | None = None, screens
     if screenshots is not None:
         if Path(screenshots).exists() and not Path(screenshots).is_dir():
             raise ConfigError(f"--screenshots {screenshots} is not a folder")
-        for name in ["overview"] + [_slug(Path(d).name) for d in run_dirs]:
+        names = ["overview"] + [_slug(Path(d).name) for d in run_dirs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"--screenshots: two sections would share report_{twice[0]}.png (runs whose folders "
+                              "have the same name); rename one or leave out --screenshots")
+        for name in names:
             refuse_foreign_file(Path(screenshots) / f"report_{name}.png", is_own_png, "--screenshots")
 
 
