@@ -56,6 +56,10 @@ def test_train_command_refuses_a_checkpoint_that_would_run_code(caption_dir, tmp
     marker, run = tmp_path / "marker", tmp_path / "run"
     _plant(run / CHECKPOINT, marker)
     res = cli("train", caption_dir / "captions.csv", "--run-dir", run, "-s", "train.device=cpu")
+    assert res.returncode == 2 and "is not a cliplab run folder" in res.stdout  # a last.pt alone: not even opened
+    assert not marker.exists()
+    (run / rundir.RUN_MARKER).write_text('{"format": "cliplab-run"}')  # a cliplab run whose last.pt was replaced
+    res = cli("train", caption_dir / "captions.csv", "--run-dir", run, "-s", "train.device=cpu")
     assert res.returncode == 2
     assert "refused to load" in res.stdout and str(run / CHECKPOINT) in res.stdout
     assert "Traceback" not in res.stdout + res.stderr
@@ -69,6 +73,7 @@ def test_caption_trainer_refuses_a_checkpoint_that_would_run_code(caption_dir, t
 
     marker, run = tmp_path / "marker", tmp_path / "run"
     _plant(run / CHECKPOINT, marker)
+    (run / rundir.RUN_MARKER).write_text('{"format": "cliplab-run"}')  # a cliplab run whose last.pt was replaced
     cfg = caption_config(caption_dir, tmp_path / "no-lm-needed", tmp_path / "cache")
     with pytest.raises(ConfigError, match=r"last\.pt: refused to load .*--fresh"):
         train_captioner(cfg, run, progress=False, log=lambda m: None)
