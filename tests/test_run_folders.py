@@ -22,10 +22,10 @@ def test_a_new_or_empty_folder_is_claimed_with_the_marker(tmp_path):
     (tmp_path / "cut" / f".{rundir.RUN_MARKER}.cliplab-0123456789abcdef.tmp").write_text("{")
     for d, state in ((tmp_path / "new" / "run", "missing"), (tmp_path / "empty", "empty"), (tmp_path / "cut", "empty")):
         assert rundir.run_folder_state(d) == state
-        assert rundir.claim_run_folder(d) == d
+        assert rundir.claim_run_folder(d, "eval") == d
         assert json.loads((d / rundir.RUN_MARKER).read_text())["format"] == "cliplab-run"
         assert rundir.run_folder_state(d) == "run"
-        rundir.claim_run_folder(d)  # claiming again keeps it
+        rundir.claim_run_folder(d, "eval")  # claiming again keeps it
 
 
 def test_a_folder_of_the_users_is_refused_and_left_untouched(tmp_path):
@@ -35,12 +35,12 @@ def test_a_folder_of_the_users_is_refused_and_left_untouched(tmp_path):
     (home / "notes.md").write_text("mine")
     before = {p.name: p.read_bytes() for p in home.iterdir()}
     with pytest.raises(DataError, match=r"--run-dir .*project is not empty and is not a cliplab run folder"):
-        rundir.claim_run_folder(home)
+        rundir.claim_run_folder(home, "train")
     assert {p.name: p.read_bytes() for p in home.iterdir()} == before
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     with pytest.raises(DataError, match="is not a folder"):
-        rundir.claim_run_folder(a_file, "--out-dir")
+        rundir.claim_run_folder(a_file, "sweep", "--out-dir")
     link = tmp_path / "link"
     link.symlink_to(home)
     assert rundir.run_folder_state(link) == "foreign"
@@ -55,7 +55,7 @@ def test_files_of_the_same_name_from_other_tools_are_not_taken_for_a_run(tmp_pat
     (tmp_path / "theirs" / name).write_text(content)  # e.g. detectron2's metrics.json, ultralytics' results.csv
     assert rundir.run_folder_state(tmp_path / "theirs") == "foreign"
     with pytest.raises(DataError):
-        rundir.claim_run_folder(tmp_path / "theirs")
+        rundir.claim_run_folder(tmp_path / "theirs", "eval")
     assert [p.name for p in (tmp_path / "theirs").iterdir()] == [name]
 
 
@@ -74,12 +74,39 @@ def test_run_folders_from_before_the_marker_are_still_cliplabs(tmp_path, name, c
     (tmp_path / "run" / name).write_text(content)
     (tmp_path / "run" / rundir.RESULTS_MD).write_text("| table |")
     assert rundir.run_folder_state(tmp_path / "run") == "legacy"
-    rundir.claim_run_folder(tmp_path / "run")
+    kind = {rundir.SWEEP: "sweep", rundir.WISE: "wise", rundir.ENSEMBLE: "ensemble",
+            rundir.SEARCH_QUALITY: "search"}.get(name, "train")
+    rundir.claim_run_folder(tmp_path / "run", kind)
     assert rundir.run_folder_state(tmp_path / "run") == "run"
 
 
+def test_a_run_of_one_kind_is_never_written_over_by_another(tmp_path, caption_dir, cli):
+    train = rundir.claim_run_folder(tmp_path / "train", "train")
+    (train / rundir.CONFIG).write_text('{"model": {"image": {}, "text": {}}, "data": {}, "train": {}}')
+    before = (train / rundir.CONFIG).read_bytes()
+    res = cli("eval", "retrieval", caption_dir / "captions.csv", "-m", "conse", "--run-dir", train)
+    assert res.returncode == 2 and "holds a cliplab train run" in res.stdout and "writes eval runs" in res.stdout
+    assert (train / rundir.CONFIG).read_bytes() == before
+    older = tmp_path / "older"  # a finished training run from before the marker: its records say train
+    older.mkdir()
+    for name in (rundir.CONFIG, rundir.RESULTS):
+        (older / name).write_bytes(before)
+    (older / rundir.METRICS).write_text("{}\n")
+    with pytest.raises(DataError, match="holds a cliplab train run"):
+        rundir.claim_run_folder(older, "zeroshot")
+    rundir.claim_run_folder(older, "train")  # the same kind goes on (a resumed or repeated run)
+    assert json.loads((older / rundir.RUN_MARKER).read_text())["kind"] == "train"
+    res = cli("eval", "retrieval", caption_dir / "captions.csv", "-m", "conse", "--split", "all", "--run-dir",
+              tmp_path / "eval")
+    assert res.returncode == 0, res.stdout
+    res = cli("eval", "retrieval", caption_dir / "captions.csv", "-m", "conse", "--split", "all", "--run-dir",
+              tmp_path / "eval")  # the same command again replaces its own record
+    assert res.returncode == 0, res.stdout
+    assert json.loads((tmp_path / "eval" / rundir.RUN_MARKER).read_text())["kind"] == "eval"
+
+
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_writes(tmp_path):
-    rundir.claim_run_folder(tmp_path / "run")
+    rundir.claim_run_folder(tmp_path / "run", "train")
     with rundir.run_lock(tmp_path / "run", "cliplab train"):
         outcome = []
 
@@ -124,7 +151,7 @@ def test_training_runs_and_sweeps_hold_their_folders_lock(tmp_path):
     runs = {"train": lambda d: train_run(RunConfig(), d), "caption": lambda d: train_captioner(CaptionRunConfig(), d),
             "sweep": lambda d: run_sweep("sweep_flickr8k_heads", d)}
     for name, call in runs.items():
-        d = rundir.claim_run_folder(tmp_path / name)
+        d = rundir.claim_run_folder(tmp_path / name, {"caption": "caption", "sweep": "sweep"}.get(name, "train"))
         with rundir.run_lock(d, "another run"):  # as if a second process were writing the folder
             with pytest.raises(DataError, match="is being written by another"):
                 call(d)

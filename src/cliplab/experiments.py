@@ -86,13 +86,18 @@ class _Run(ResultTable):
         return [{self.key_label: name, **{k: v for k, v in r.items() if isinstance(v, (int, float))}}
                 for name, r in getattr(self, "results", {}).items()]
 
+    @classmethod
+    def kind(cls) -> str:
+        """The run kind (:data:`cliplab.rundir.RUN_KINDS`) whose record this class writes."""
+        return next(k.name for k in rundir.RUN_KINDS.values() if k.record == cls.record_file)
+
     def markdown(self) -> str:
         """``results.md``: the results table under the run's title."""
         return f"### {self.title}\n\n" + markdown_table(*classification_rows(self.results, self.key_label))
 
     def write(self, run_dir: str | Path) -> Path:
         """Write ``config.json`` (with provenance), the JSON record and ``results.md`` to ``run_dir``."""
-        self.run_dir = out = rundir.claim_run_folder(run_dir)
+        self.run_dir = out = rundir.claim_run_folder(run_dir, self.kind())
         write_json(out / rundir.CONFIG, {**self.config, "provenance": rundir.provenance()})
         write_json(out / self.record_file, self.to_dict())
         write_text(out / rundir.RESULTS_MD, self.markdown())
@@ -227,9 +232,9 @@ def _check_choices(option: str, values: Sequence[str], choices: Sequence[str]) -
         raise ConfigError(f"{option} must be one of {', '.join(choices)}, not {bad[0]!r}")
 
 
-def _check_outputs(plots: bool, run_dir) -> None:
+def _check_outputs(plots: bool, run_dir, run: type[_Run]) -> None:
     """Before any work: figures need the ``viz`` extra and a folder; the run folder must be new, empty or
-    cliplab's own (it is created with cliplab's marker)."""
+    cliplab's own run of the same kind (it is created with cliplab's marker)."""
     if plots:
         from cliplab.extras import require
 
@@ -237,7 +242,7 @@ def _check_outputs(plots: bool, run_dir) -> None:
         if run_dir is None:
             raise ConfigError("plots are written to the run folder: give run_dir")
     if run_dir is not None:
-        rundir.claim_run_folder(run_dir)
+        rundir.claim_run_folder(run_dir, run.kind())
 
 
 def run_zeroshot(data: DataLike, model, *, split: Optional[str] = None, variants: Sequence[str] = (),
@@ -255,7 +260,7 @@ def run_zeroshot(data: DataLike, model, *, split: Optional[str] = None, variants
     on ``features_model``'s image features (``self_train_*``: its settings, see
     :class:`~cliplab.eval.self_training.SelfTrainingConfig`), scored beside plain zero-shot. ``log`` gets its
     round-by-round lines. Every setting is checked before any image is embedded."""
-    _check_outputs(plots, run_dir)
+    _check_outputs(plots, run_dir, ZeroShotRun)
     _check_choices("--similarity", [similarity], SIMILARITIES)
     for v in variants:
         resolve_templates(v)  # an unknown variant fails before any embedding
@@ -369,7 +374,7 @@ def run_probe(data: DataLike | tuple[LabelledImages, LabelledImages], model, *, 
     side (``["lite0", "efficientnet_lite2@224"]``: ``ARCH[@SIZE]``, see
     :func:`~cliplab.models.factory.image_tower_config`) instead of ``model``'s own (``model`` still gives the
     zero-shot comparison). Every setting is checked before any feature is computed."""
-    _check_outputs(plots, run_dir)
+    _check_outputs(plots, run_dir, ProbeRun)
     _check_choices("--method", methods, PROBE_METHODS)
     resolve_templates(variant)
     if flip_train and (not flip_tta or "torch" in methods):
@@ -526,7 +531,7 @@ def run_retrieval(data, models: Sequence, *, split: str = "test", image_root: Op
     from cliplab.embed.pipeline import encode_dataset
     from cliplab.eval.retrieval import retrieval_metrics
 
-    _check_outputs(plots, run_dir)
+    _check_outputs(plots, run_dir, RetrievalRun)
     _check_choices("--on-error", [on_error], ("raise", "skip"))
     dev = resolve_device(device)
     ds = data if isinstance(data, CaptionDataset) else load_caption_dataset(data, split, image_root=image_root,
@@ -589,7 +594,7 @@ def run_embed(data, image_tower, text_tower, *, split: str = "all",
     from cliplab.models.factory import pretrained_tower
 
     _check_choices("--on-error", [on_error], ("raise", "skip"))
-    _check_outputs(False, run_dir)
+    _check_outputs(False, run_dir, EmbedRun)
     t0 = time.time()
     ds = load_caption_dataset(data, split, image_root=image_root, on_error=on_error)
     feats = tower_features(pretrained_tower(image_tower), pretrained_tower(text_tower), ds,

@@ -189,9 +189,10 @@ def _older_run(d: Path) -> bool:
     return False
 
 
-def claim_run_folder(run_dir: str | Path, option: str = "--run-dir") -> Path:
-    """Refuse (before any work) a run folder that holds anything but a cliplab run; create a new or empty
-    one with cliplab's marker (a run folder keeps its own). Returns the folder."""
+def claim_run_folder(run_dir: str | Path, kind: str, option: str = "--run-dir") -> Path:
+    """Refuse (before any work) a folder that holds anything but a cliplab run of ``kind`` (a name of
+    :data:`RUN_KINDS`: an eval never replaces a training run's files); create a new or empty one with cliplab's
+    marker, which records the kind. Returns the folder."""
     d = Path(run_dir)
     state = run_folder_state(d)
     if state == "foreign":
@@ -199,12 +200,30 @@ def claim_run_folder(run_dir: str | Path, option: str = "--run-dir") -> Path:
             f"is not empty and is not a cliplab run folder (no {RUN_MARKER})"
         raise DataError(f"{option} {d} {what}; nothing was written. Give a new or empty folder: cliplab writes "
                         "only into folders it made")
-    if state != "run":
+    held = _held_kind(d, state)
+    if held is not None and held != kind:
+        raise DataError(f"{option} {d} holds a cliplab {held} run ({RUN_KINDS[held].written_by}) and this command "
+                        f"writes {kind} runs; nothing was written. Give a new or empty folder, so that its files "
+                        "stay as they are")
+    if state != "run" or held is None:
         d.mkdir(parents=True, exist_ok=True)
-        write_json(d / RUN_MARKER, {"format": "cliplab-run", "version": 1,
+        write_json(d / RUN_MARKER, {"format": "cliplab-run", "version": 1, "kind": kind,
                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                     "note": "written by cliplab: this folder holds a cliplab run and its files"})
     return d
+
+
+def _held_kind(d: Path, state: str) -> str | None:
+    """The kind of run a folder holds: its marker's, else (an older folder) the one its records show."""
+    if state == "run":
+        held = read_json_or_none(d / RUN_MARKER).get("kind")
+        return held if held in RUN_KINDS else None
+    if state == "legacy":
+        try:
+            return run_kind(d)
+        except ConfigError:  # a run cut short before its record: any writer may finish it
+            return None
+    return None
 
 
 def run_lock(run_dir: str | Path, command: str):

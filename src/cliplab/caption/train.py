@@ -324,7 +324,7 @@ def consensus_captions(train: CaptionSplit, target: CaptionSplit, k: int) -> dic
 def train_captioner(config: CaptionRunConfig, run_dir: str | Path, *, resume: bool = True, progress: bool = True,
                     log=print) -> dict:
     """Train (resuming ``run_dir`` when it holds a checkpoint of the same config); returns the fit summary."""
-    run_dir = rundir.claim_run_folder(run_dir)  # a folder of the user's is refused before any work
+    run_dir = rundir.claim_run_folder(run_dir, "caption")  # a folder of the user's is refused before any work
     with rundir.run_lock(run_dir, "cliplab caption train"):
         return _train_captioner(config, run_dir, resume, progress, log)
 
@@ -466,7 +466,7 @@ def evaluate_captioner(run_dir: str | Path, *, split: str = "test", beam: int | 
     if not (run_dir / BEST / CONFIG_NAME).is_file():
         raise ConfigError(f"{run_dir}: no trained captioner (no {BEST}/{CONFIG_NAME}); train one with "
                           "`cliplab caption train`")
-    rundir.claim_run_folder(run_dir, "RUN")  # writes go only into a folder cliplab made
+    rundir.claim_run_folder(run_dir, "caption", "RUN")  # writes go only into a folder cliplab made
     config = CaptionRunConfig.from_run(run_dir)
     decode = dataclasses.replace(config.decode, **({"beam": beam} if beam else {}),
                                  **({"rerank_k": rerank_k} if rerank_k is not None else {}))

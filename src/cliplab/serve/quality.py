@@ -177,7 +177,7 @@ def evaluate_search(index_dir: str | Path, queries: str | Path | None = None, *,
     items = index.all_items()
     relevant = _item_ids(index, items, pairs, source)
     if run_dir is not None:
-        rundir.claim_run_folder(run_dir)  # before the queries run: a folder of the user's is refused
+        rundir.claim_run_folder(run_dir, "search")  # before the queries run: a folder of the user's is refused
     model = load_model(index.info["model"], device=str(resolve_device(device)))
     if model.fingerprint() != index.info["model_fingerprint"]:
         raise ConfigError(f"{index.info['model']!r} is not the model {index_dir} was built with; rebuild the index")
@@ -199,7 +199,7 @@ def evaluate_search(index_dir: str | Path, queries: str | Path | None = None, *,
         record["metrics"]["median_rank"] = None
     run = SearchQualityRun(record)
     if run_dir is not None:
-        out = rundir.claim_run_folder(run_dir)
+        out = rundir.claim_run_folder(run_dir, "search")
         write_json(out / rundir.SEARCH_QUALITY, record)
         write_text(out / rundir.RESULTS_MD, run.markdown())
     return run

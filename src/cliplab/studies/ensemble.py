@@ -202,7 +202,7 @@ def choose_ensemble(member_specs: Sequence[str], *, data: str, run_dir: str | Pa
     if test and split == test_split:
         raise ConfigError(f"split {split!r} chooses the weights, so the test evaluation must report another split "
                           "(selection on dev only)")
-    rundir.claim_run_folder(run_dir)  # a folder of the user's is refused before any work
+    rundir.claim_run_folder(run_dir, "ensemble")  # a folder of the user's is refused before any work
     metric = metric or _OBJECTIVES[task].evaluator.primary_metric
     direction = _OBJECTIVES[task].evaluator.direction(metric)  # an unknown metric: refused, naming the valid ones
     objective = _Retrieval(data, split, test_split, image_root) if task == "retrieval" else \
@@ -226,7 +226,7 @@ def choose_ensemble(member_specs: Sequence[str], *, data: str, run_dir: str | Pa
     keep = [i for i, w in enumerate(found.weights) if w > 0]
     log(f"chosen on {split} {metric}: " + ", ".join(f"{member_specs[i]} {found.weights[i]:.3f}" for i in keep)
         + f" ({found.score:.2f}; {found.evaluated} weightings tried)")
-    run_dir = rundir.claim_run_folder(run_dir)
+    run_dir = rundir.claim_run_folder(run_dir, "ensemble")
     result = {"members": [ensemble_member_spec(member_specs[i], run_dir) for i in keep],
               "weights": [found.weights[i] for i in keep], "flip_tta": flip_tta,
               "all_weights": dict(zip(member_specs, found.weights)), "task": task,

@@ -85,7 +85,7 @@ def interpolate_run(initial_spec: str, finetuned_spec: str, alphas: list[float],
         raise ConfigError("alphas must be numbers in [0, 1], e.g. 0,0.25,0.5,0.75,1")
     if space not in ("weights", "outputs"):
         raise ConfigError(f"space must be 'weights' (WiSE-FT) or 'outputs' (score ensemble), not {space!r}")
-    rundir.claim_run_folder(run_dir)  # a folder of the user's is refused before any work
+    rundir.claim_run_folder(run_dir, "wise")  # a folder of the user's is refused before any work
     initial, finetuned = load_model(initial_spec, device=device), load_model(finetuned_spec, device=device)
     keys = mixed_keys(initial, finetuned) if space == "weights" else []
     cache = FeatureCache(cache_dir)
@@ -120,7 +120,7 @@ def interpolate_run(initial_spec: str, finetuned_spec: str, alphas: list[float],
               "ood_caption_set": f"{captions2} ({captions2_split})" if captions2 else None,
               "ood_classification": f"{classify} ({classify_split}, {len(labelled)} images, {templates} prompts)"
               if labelled is not None else None, "rows": rows, "provenance": rundir.provenance()}
-    run_dir = rundir.claim_run_folder(run_dir)
+    run_dir = rundir.claim_run_folder(run_dir, "wise")
     write_json(run_dir / WISE, result)
     write_text(run_dir / rundir.RESULTS_MD, wise_markdown(result))
     if plots:

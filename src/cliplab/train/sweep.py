@@ -126,7 +126,7 @@ def run_sweep(sweep_file: str | Path, out_dir: str | Path, *, progress: bool = T
     names = [run_name(s) if kind == "grid" else _vary_name(s, combos[0]) for s in combos]
     evaluator, metric = base.train.evaluator_class, base.train.select_metric
     direction = evaluator.direction(metric)
-    rundir.claim_run_folder(out_dir, "--out-dir")  # a folder of the user's is refused before any work
+    rundir.claim_run_folder(out_dir, "sweep", "--out-dir")  # a folder of the user's is refused before any work
     with rundir.run_lock(out_dir, "cliplab sweep"):
         write_json(out_dir / SWEEP, {"base": base.to_dict(), kind: grid, "runs": names, "select_metric": metric})
         rows, curves = [], []
