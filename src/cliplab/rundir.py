@@ -189,10 +189,9 @@ def _older_run(d: Path) -> bool:
     return False
 
 
-def claim_run_folder(run_dir: str | Path, kind: str, option: str = "--run-dir") -> Path:
-    """Refuse (before any work) a folder that holds anything but a cliplab run of ``kind`` (a name of
-    :data:`RUN_KINDS`: an eval never replaces a training run's files); create a new or empty one with cliplab's
-    marker, which records the kind. Returns the folder."""
+def check_run_folder(run_dir: str | Path, kind: str, option: str = "--run-dir") -> str:
+    """Refuse (a one-line DataError) a folder that holds anything but a cliplab run of ``kind`` (a name of
+    :data:`RUN_KINDS`: an eval never replaces a training run's files); writes nothing. Returns its state."""
     d = Path(run_dir)
     state = run_folder_state(d)
     if state == "foreign":
@@ -205,7 +204,14 @@ def claim_run_folder(run_dir: str | Path, kind: str, option: str = "--run-dir") 
         raise DataError(f"{option} {d} holds a cliplab {held} run ({RUN_KINDS[held].written_by}) and this command "
                         f"writes {kind} runs; nothing was written. Give a new or empty folder, so that its files "
                         "stay as they are")
-    if state != "run" or held is None:
+    return state
+
+
+def claim_run_folder(run_dir: str | Path, kind: str, option: str = "--run-dir") -> Path:
+    """:func:`check_run_folder`, then create a new or empty folder with cliplab's marker, which records the
+    kind (a marked folder without a kind gets it). Returns the folder."""
+    d = Path(run_dir)
+    if check_run_folder(d, kind, option) != "run" or _held_kind(d, "run") is None:
         d.mkdir(parents=True, exist_ok=True)
         write_json(d / RUN_MARKER, {"format": "cliplab-run", "version": 1, "kind": kind,
                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -100,6 +100,7 @@ def read_json_or_none(path: str | Path) -> Any:
     except (OSError, ValueError):
         return None
 
+
 def marked_folder_state(folder: str | Path, marker: str, fmt: str, own: Callable[[str], bool]) -> str | None:
     """How far a folder is cliplab's by its marker file (JSON ``{"format": fmt}``): ``missing``, ``foreign``
     (not a folder), ``marked``, ``empty`` (nothing but names ``own`` accepts), or None: it holds other files
@@ -114,6 +115,7 @@ def marked_folder_state(folder: str | Path, marker: str, fmt: str, own: Callable
         return "marked"
     return "empty" if all(own(p.name) for p in folder.iterdir()) else None
 
+
 def refuse_foreign_file(path: str | Path, is_own: Callable[[Path], bool], option: str) -> None:
     """Before any work: an existing ``path`` may be replaced only when ``is_own`` recognises it as a file
     cliplab wrote (by its marker); anything else is a one-line :class:`~cliplab.errors.DataError`."""
@@ -123,6 +125,7 @@ def refuse_foreign_file(path: str | Path, is_own: Callable[[Path], bool], option
     if path.is_symlink() or path.exists() and (not path.is_file() or not is_own(path)):
         raise DataError(f"{option} {path} exists and is not a file cliplab wrote; nothing was written. Give a new "
                         "file name (cliplab replaces only its own files)")
+
 
 @contextmanager
 def exclusive_lock(path: str | Path, busy: str) -> Iterator[None]:

@@ -199,7 +199,7 @@ def evaluate_search(index_dir: str | Path, queries: str | Path | None = None, *,
         record["metrics"]["median_rank"] = None
     run = SearchQualityRun(record)
     if run_dir is not None:
-        out = rundir.claim_run_folder(run_dir, "search")
+        out = Path(run_dir)  # claimed before the queries ran
         write_json(out / rundir.SEARCH_QUALITY, record)
         write_text(out / rundir.RESULTS_MD, run.markdown())
     return run

@@ -226,7 +226,7 @@ def choose_ensemble(member_specs: Sequence[str], *, data: str, run_dir: str | Pa
     keep = [i for i, w in enumerate(found.weights) if w > 0]
     log(f"chosen on {split} {metric}: " + ", ".join(f"{member_specs[i]} {found.weights[i]:.3f}" for i in keep)
         + f" ({found.score:.2f}; {found.evaluated} weightings tried)")
-    run_dir = rundir.claim_run_folder(run_dir, "ensemble")
+    run_dir = Path(run_dir)  # claimed before the work
     result = {"members": [ensemble_member_spec(member_specs[i], run_dir) for i in keep],
               "weights": [found.weights[i] for i in keep], "flip_tta": flip_tta,
               "all_weights": dict(zip(member_specs, found.weights)), "task": task,

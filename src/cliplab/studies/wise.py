@@ -120,7 +120,7 @@ def interpolate_run(initial_spec: str, finetuned_spec: str, alphas: list[float],
               "ood_caption_set": f"{captions2} ({captions2_split})" if captions2 else None,
               "ood_classification": f"{classify} ({classify_split}, {len(labelled)} images, {templates} prompts)"
               if labelled is not None else None, "rows": rows, "provenance": rundir.provenance()}
-    run_dir = rundir.claim_run_folder(run_dir, "wise")
+    run_dir = Path(run_dir)  # claimed before the work
     write_json(run_dir / WISE, result)
     write_text(run_dir / rundir.RESULTS_MD, wise_markdown(result))
     if plots:

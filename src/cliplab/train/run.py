@@ -115,8 +115,7 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, pr
     run_dir = Path(run_dir)
     device, dist = _device_and_processes(config)
     if not dist.is_main:  # process 0 claims and locks; the others refuse what it refuses instead of waiting for it
-        if rundir.run_folder_state(run_dir) == "foreign":
-            rundir.claim_run_folder(run_dir, "train")
+        rundir.check_run_folder(run_dir, "train")
         return _train_run(config, run_dir, device, dist, resume, progress, log, track_test, plots, evaluate_test)
     rundir.claim_run_folder(run_dir, "train")  # a folder of the user's is refused before any work
     with rundir.run_lock(run_dir, "cliplab train"):

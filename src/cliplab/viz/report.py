@@ -219,7 +219,12 @@ def check_report_outputs(out: str | Path, pdf: str | Path | None = None, screens
             raise ConfigError(f"--screenshots: two sections would share report_{twice[0]}.png (runs whose folders "
                               "have the same name); rename one or leave out --screenshots")
         for name in names:
-            refuse_foreign_file(Path(screenshots) / f"report_{name}.png", is_own_png, "--screenshots")
+            refuse_foreign_file(screenshot_file(screenshots, name), is_own_png, "--screenshots")
+
+
+def screenshot_file(out_dir: str | Path, section: str) -> Path:
+    """The PNG of one report section (``overview``, or a run's slug) in the screenshots folder."""
+    return Path(out_dir) / f"report_{section}.png"
 
 
 def build_report(run_dirs: list[str | Path], out: str | Path, title: str = "cliplab report") -> Path:
@@ -327,8 +332,8 @@ def screenshot_sections(report: str | Path, out_dir: str | Path, width: int = 14
         page.goto(Path(report).resolve().as_uri())
         page.wait_for_load_state("load")
         sections = page.locator("section[id^=run-]").all()
-        paths = [out_dir / "report_overview.png"] + \
-            [out_dir / f"report_{s.get_attribute('id').split('-', 2)[-1]}.png" for s in sections]
+        paths = [screenshot_file(out_dir, "overview")] + \
+            [screenshot_file(out_dir, s.get_attribute("id").split("-", 2)[-1]) for s in sections]  # run-I-SLUG
         for path in paths:
             refuse_foreign_file(path, is_own_png, "--screenshots")
         bottom = page.evaluate("document.querySelector('#comparison').getBoundingClientRect().bottom + 10")
